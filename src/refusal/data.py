@@ -1,0 +1,166 @@
+"""Instruction sets: the built-in harmful/harmless prompts, user files and Hugging Face datasets.
+
+Every loader returns a plain ``list[str]`` of instructions, validated: empty sets and empty items
+are errors, duplicates are dropped with a warning, over-long items are errors.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from .errors import RefusalError
+from .progress import log
+
+KINDS = ("harmful", "harmless")
+SPLITS = ("train", "val", "test")
+MAX_CHARS = 4000  # longer instructions are almost surely a wrong column or file
+
+
+@dataclass(frozen=True)
+class Prompt:
+    instruction: str
+    category: str
+    split: str
+
+
+def builtin_prompts(kind: str) -> list[Prompt]:
+    """The project's own prompt set ``kind`` ('harmful' or 'harmless') with fixed splits."""
+    if kind not in KINDS:
+        raise RefusalError(f"unknown built-in prompt set {kind!r}; choose one of {', '.join(KINDS)}")
+    text = resources.files("refusal").joinpath("prompts").joinpath(f"{kind}.jsonl").read_text(encoding="utf-8")
+    return [Prompt(**json.loads(line)) for line in text.splitlines() if line.strip()]
+
+
+def load_builtin(kind: str, split: str | None = None) -> list[str]:
+    """Instructions of a built-in set, optionally one split."""
+    if split is not None and split not in SPLITS:
+        raise RefusalError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    return [p.instruction for p in builtin_prompts(kind) if split is None or p.split == split]
+
+
+def load_prompts(source: str, name: str = "prompts") -> list[str]:
+    """Load instructions from a file (.json, .jsonl, .csv, .txt) or ``hf:owner/name[:split][#column]``."""
+    if source.startswith("builtin:"):
+        kind, _, split = source[len("builtin:"):].partition(":")
+        return load_builtin(kind, split or None)
+    if source.startswith("hf:"):
+        items = _load_hf(source)
+    else:
+        items = _load_file(Path(source))
+    return validate_instructions(items, f"{name} ({source})")
+
+
+def validate_instructions(items: list, what: str) -> list[str]:
+    """Check a list of instructions; return it without duplicates (order kept)."""
+    if not items:
+        raise RefusalError(f"{what} is empty; give at least one instruction")
+    seen: set[str] = set()
+    out: list[str] = []
+    duplicates = 0
+    for i, item in enumerate(items, 1):
+        if not isinstance(item, str):
+            raise RefusalError(f"{what}: item {i} is a {type(item).__name__}, not text; give one instruction string per item")
+        text = item.strip()
+        if not text:
+            raise RefusalError(f"{what}: item {i} is empty; remove it or fill it in")
+        if len(text) > MAX_CHARS:
+            raise RefusalError(
+                f"{what}: item {i} has {len(text)} characters (limit {MAX_CHARS}); "
+                "check the column/field you chose, or shorten it"
+            )
+        if text in seen:
+            duplicates += 1
+            continue
+        seen.add(text)
+        out.append(text)
+    if duplicates:
+        log(f"[yellow]warning:[/] {what}: dropped {duplicates} duplicate instruction(s)")
+    return out
+
+
+_TEXT_FIELDS = ("instruction", "prompt", "goal", "text", "question", "behavior")
+
+
+def _pick_field(record: dict, where: str) -> str:
+    for key in _TEXT_FIELDS:
+        if key in record:
+            return record[key]
+    raise RefusalError(
+        f"{where}: no instruction field; name it one of {', '.join(_TEXT_FIELDS)} (fields found: {', '.join(map(str, record))})"
+    )
+
+
+def _load_file(path: Path) -> list:
+    if not path.exists():
+        raise RefusalError(f"prompt file {path} does not exist; check the path")
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RefusalError(f"prompt file {path} is not UTF-8 text ({e}); save it as UTF-8") from None
+    if suffix == ".txt":
+        return [line for line in text.splitlines() if line.strip()]
+    if suffix == ".jsonl":
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RefusalError(f"{path}:{n}: invalid JSON ({e.msg}); one JSON object or string per line") from None
+            records.append(record if isinstance(record, str) else _pick_field(record, f"{path}:{n}"))
+        return records
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RefusalError(f"{path}: invalid JSON ({e.msg} at line {e.lineno}); give a list of strings or objects") from None
+        if not isinstance(data, list):
+            raise RefusalError(f"{path}: expected a JSON list of strings or objects, got {type(data).__name__}")
+        return [r if isinstance(r, str) else _pick_field(r, f"{path}[{i}]") if isinstance(r, dict) else r for i, r in enumerate(data)]
+    if suffix == ".csv":
+        rows = list(csv.DictReader(text.splitlines()))
+        return [_pick_field(row, f"{path}:{i + 2}") for i, row in enumerate(rows)]
+    raise RefusalError(f"prompt file {path}: unknown format {suffix or '(no suffix)'}; use .txt, .json, .jsonl or .csv")
+
+
+def _load_hf(source: str) -> list:
+    spec = source[len("hf:"):]
+    spec, _, column = spec.partition("#")
+    name, _, split = spec.partition(":")
+    if name.count("/") != 1:
+        raise RefusalError(f"{source}: expected hf:owner/name[:split][#column]")
+    try:
+        import datasets
+    except ImportError:
+        raise RefusalError("loading hf: datasets needs the 'datasets' package; pip install 'refusal[datasets]'") from None
+    try:
+        ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as e:  # the hub raises many types; the message is what matters
+        raise RefusalError(f"{source}: could not load the dataset ({type(e).__name__}: {str(e).splitlines()[0]}); check the name and network") from None
+    if column:
+        if column not in ds.column_names:
+            raise RefusalError(f"{source}: no column {column!r}; columns are {', '.join(ds.column_names)}")
+        return list(ds[column])
+    return [_pick_field(row, source) for row in ds]
+
+
+def split_instructions(items: list[str], fractions: tuple[float, float, float] = (0.6, 0.2, 0.2), seed: int = 0) -> dict[str, list[str]]:
+    """Deterministic train/val/test split of a user's instruction list."""
+    order = list(items)
+    random.Random(seed).shuffle(order)
+    n_train = round(len(order) * fractions[0])
+    n_val = round(len(order) * fractions[1])
+    return {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+
+
+def dataset_hash(items: list[str]) -> str:
+    """sha256 of the instruction list, recorded in every artifact."""
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode("utf-8")).hexdigest()

@@ -1,0 +1,59 @@
+"""Activation-space interventions as context managers that always remove their hooks.
+
+``ablate`` erases a direction from the residual stream: projected out of every decoder layer's
+input and out of every attention and MLP output. ``add`` adds the (unnormalised) direction to one
+layer's input at every position. Projections run in float32 and are cast back to the model dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from .directions import unit_vector
+from .errors import RefusalError
+from .hooks import get_hidden, hooked, replace_hidden, retuple, untuple
+from .model import ChatModel
+
+
+def project_out(x: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """x minus its component along ``unit``, computed in float32, returned in x's dtype."""
+    x32 = x.float()
+    u = unit.to(x32.device)
+    return (x32 - (x32 @ u).unsqueeze(-1) * u).to(x.dtype)
+
+
+@contextmanager
+def ablate(chat: ChatModel, direction: torch.Tensor) -> Iterator[None]:
+    """Within the block the model cannot represent ``direction`` in its residual stream."""
+    unit = unit_vector(direction)
+
+    def layer_hook(module, args, kwargs):
+        return replace_hidden(args, kwargs, project_out(get_hidden(args, kwargs), unit))
+
+    def writer_hook(u: torch.Tensor):
+        def hook(module, args, output):
+            return retuple(output, project_out(untuple(output), u))
+        return hook
+
+    pre = [(layer, layer_hook) for layer in chat.layers]
+    post = [(w.module, writer_hook(w.direction(unit))) for w in chat.writers]
+    with hooked(pre=pre, post=post):
+        yield
+
+
+@contextmanager
+def add(chat: ChatModel, direction: torch.Tensor, layer: int, coeff: float = 1.0) -> Iterator[None]:
+    """Within the block ``coeff * direction`` is added to decoder layer ``layer``'s input, all positions."""
+    if not 0 <= layer < chat.n_layers:
+        raise RefusalError(f"layer {layer} is out of range for activation addition; use 0 .. {chat.n_layers - 1}")
+    vector = coeff * direction.detach().float()
+
+    def hook(module, args, kwargs):
+        hidden = get_hidden(args, kwargs)
+        return replace_hidden(args, kwargs, (hidden.float() + vector.to(hidden.device)).to(hidden.dtype))
+
+    with hooked(pre=[(chat.layers[layer], hook)]):
+        yield

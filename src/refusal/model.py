@@ -1,0 +1,330 @@
+"""Model adapter: load a chat model and find what the method needs in it.
+
+``ChatModel`` bundles a ``transformers`` causal LM with its tokenizer and the places the refusal
+direction lives in: the decoder layers (whose inputs are the residual stream), the embeddings,
+and every module that writes into the residual stream (attention and MLP output projections).
+Nothing here is hard-coded per family: layers are found by path suffix, writers by known
+attribute paths, and the post-instruction tokens are derived from the chat template itself.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import RefusalError, UnsupportedModelError
+from .progress import log
+
+SUPPORTED_FAMILIES = "Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text), Phi-3, GPT-2, GPT-NeoX, OLMo 2"
+
+# Where the decoder layers live, by the suffix of their ModuleList's name.
+_LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.language_model.layers", "language_model.model.layers", "model.decoder.layers")
+# Residual-stream writers inside one decoder layer, tried in order.
+_ATTN_OUT = ("self_attn.o_proj", "attn.c_proj", "attention.dense", "self_attention.dense", "attn.out_proj", "self_attn.out_proj")
+_MLP_OUT = ("mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h", "mlp.fc2", "mlp.fc_out", "fc2")
+# Extra embeddings added straight into the residual stream (learned positions).
+_POSITION_EMBEDDINGS = ("wpe", "embed_positions")
+
+REFUSAL_WORDS = ("I", "As", "Sorry", "I'm", "Unfortunately", "My", "Apologies", "While")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Writer:
+    """A module whose output is added to the residual stream.
+
+    ``gain`` is set when a normalisation with elementwise gains sits between the module and the
+    residual add (Gemma 2/3, OLMo 2 "post-norms"): the module's output is then orthogonal to the
+    residual direction u after the norm exactly when it is orthogonal to gain * u before it.
+    """
+
+    module: nn.Module
+    component: str  # "attn" or "mlp"
+    layer: int
+    gain: torch.Tensor | None = None
+
+    def direction(self, unit: torch.Tensor) -> torch.Tensor:
+        """The unit direction to remove from this module's raw output (float32)."""
+        if self.gain is None:
+            return unit
+        u = self.gain.to(unit.device) * unit
+        return u / u.norm().clamp_min(1e-12)
+
+
+@dataclass
+class ChatModel:
+    """A causal LM, its tokenizer and the parts of it the refusal method reads and edits."""
+
+    model: nn.Module
+    tokenizer: object
+    source: str
+    layers: nn.ModuleList
+    embeddings: list[nn.Embedding]
+    writers: list[Writer]
+    chat_template: str | None = None
+    template_kwargs: dict = field(default_factory=lambda: {"enable_thinking": False})
+    _post_ids: list[int] | None = None
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def d_model(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    # ---- chat formatting -------------------------------------------------------------------
+    def format_chat(self, instruction: str) -> str:
+        """The instruction as one user turn plus the assistant generation prompt."""
+        messages = [{"role": "user", "content": instruction}]
+        kwargs = dict(tokenize=False, add_generation_prompt=True, **self.template_kwargs)
+        if self.chat_template is not None:
+            kwargs["chat_template"] = self.chat_template
+        return self.tokenizer.apply_chat_template(messages, **kwargs)
+
+    def encode(self, instruction: str) -> list[int]:
+        """Token ids of the chat-formatted instruction (the template supplies special tokens)."""
+        return self.tokenizer(self.format_chat(instruction), add_special_tokens=False)["input_ids"]
+
+    @property
+    def post_instruction_ids(self) -> list[int]:
+        """Template tokens after the user's instruction, e.g. ``<|im_end|>\\n<|im_start|>assistant\\n``.
+
+        Derived by rendering several different instructions and taking the longest common token
+        suffix: whatever the template appends after any instruction is exactly that suffix.
+        """
+        if self._post_ids is None:
+            probes = ["Say hello", "What is two plus two?", "List three colours."]
+            encoded = [self.encode(p) for p in probes]
+            n = 0
+            while all(len(e) > n for e in encoded) and len({e[-1 - n] for e in encoded}) == 1:
+                n += 1
+            if n == 0:
+                raise RefusalError(
+                    "the chat template appends no tokens after the user's instruction, so there are no "
+                    "post-instruction positions; use a chat model or pass --chat-template FILE"
+                )
+            self._post_ids = encoded[0][-n:]
+        return self._post_ids
+
+    @property
+    def n_post(self) -> int:
+        return len(self.post_instruction_ids)
+
+    def refusal_token_ids(self, words: tuple[str, ...] | list[str] = REFUSAL_WORDS) -> list[int]:
+        """First tokens of typical refusals, as the tokenizer splits them (duplicates and unknowns dropped)."""
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        ids: list[int] = []
+        for word in words:
+            toks = self.tokenizer(word, add_special_tokens=False)["input_ids"]
+            if toks and toks[0] != unk and toks[0] not in ids:
+                ids.append(toks[0])
+        if not ids:
+            raise RefusalError(f"none of the refusal words {list(words)} is a token of this tokenizer; pass --refusal-tokens")
+        return ids
+
+    def batch(self, instructions: list[str]) -> dict[str, torch.Tensor]:
+        """Chat-format, tokenize and left-pad a batch; position ids count real tokens only."""
+        encoded = [self.encode(x) for x in instructions]
+        return self.pad(encoded)
+
+    def pad(self, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Left-pad token id lists into input_ids / attention_mask / position_ids on the model's device."""
+        limit = _max_positions(self.model)
+        longest = max(len(s) for s in sequences)
+        if limit is not None and longest > limit:
+            raise RefusalError(f"a prompt has {longest} tokens, more than the model's {limit}; shorten the instructions")
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+        for i, seq in enumerate(sequences):
+            ids[i, longest - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[i, longest - len(seq):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device), "position_ids": positions.to(self.device)}
+
+    def logits(self, batch: dict[str, torch.Tensor], last_only: bool = True) -> torch.Tensor:
+        """Forward pass without cache; float32 logits (last position only by default)."""
+        with torch.inference_mode():
+            out = self.model(**batch, use_cache=False, logits_to_keep=1 if last_only else 0)
+        logits = out.logits.float()
+        return logits[:, -1] if last_only else logits
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+# ---- locating modules ------------------------------------------------------------------------
+def _get(module: nn.Module, path: str) -> nn.Module | None:
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers: the one ModuleList whose name ends with a known suffix."""
+    override = getattr(model, "refusal_layers_path", None)
+    if override:
+        layers = _get(model, override)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+        raise UnsupportedModelError(f"refusal_layers_path {override!r} is not a ModuleList in {type(model).__name__}")
+    matches = [m for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and any(name == p or name.endswith("." + p) for p in _LAYER_PATHS)]
+    if len(matches) != 1:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not supported: {'no' if not matches else 'more than one'} decoder layer list found "
+            f"(looked for {', '.join(_LAYER_PATHS)}). Supported: {SUPPORTED_FAMILIES}; "
+            "or set model.refusal_layers_path to the dotted path of its layers"
+        )
+    return matches[0]
+
+
+def _norm_gain(norm: nn.Module, d_model: int) -> torch.Tensor:
+    """Elementwise gain of an RMS-style norm, up to scale: its output on the all-ones vector."""
+    weight = next(norm.parameters())
+    with torch.no_grad():
+        gain = norm(torch.ones(1, d_model, dtype=weight.dtype, device=weight.device)).float()[0]
+    return gain.cpu()
+
+
+def find_writers(layers: nn.ModuleList, d_model: int, model_name: str) -> list[Writer]:
+    """Attention and MLP output projections of every layer, with post-norm gains where present."""
+    writers: list[Writer] = []
+    for i, layer in enumerate(layers):
+        # A post-feedforward norm marks the "sandwich" layout (Gemma 2/3, OLMo 2): there the
+        # post_attention_layernorm normalises the attention output before the residual add.
+        sandwich = hasattr(layer, "post_feedforward_layernorm")
+        for component, paths, post in (("attn", _ATTN_OUT, "post_attention_layernorm"), ("mlp", _MLP_OUT, "post_feedforward_layernorm")):
+            module = next((m for m in (_get(layer, p) for p in paths) if m is not None), None)
+            if module is None:
+                raise UnsupportedModelError(
+                    f"{model_name} is not supported: layer {i} ({type(layer).__name__}) has no {component} output projection "
+                    f"(looked for {', '.join(paths)}). Supported: {SUPPORTED_FAMILIES}"
+                )
+            gain = _norm_gain(getattr(layer, post), d_model) if sandwich else None
+            writers.append(Writer(module=module, component=component, layer=i, gain=gain))
+    return writers
+
+
+def find_embeddings(model: nn.Module) -> list[nn.Embedding]:
+    """The token embedding plus any learned position embedding that adds into the residual."""
+    embeddings = [model.get_input_embeddings()]
+    base = getattr(model, getattr(model, "base_model_prefix", ""), model)
+    for name in _POSITION_EMBEDDINGS:
+        module = getattr(base, name, None)
+        if isinstance(module, nn.Embedding) and module.weight.shape[1] == embeddings[0].weight.shape[1]:
+            embeddings.append(module)
+    return embeddings
+
+
+def wrap_model(model: nn.Module, tokenizer, source: str = "<in-memory>", chat_template: str | None = None) -> ChatModel:
+    """Build a ChatModel around an already-loaded model and tokenizer."""
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise RefusalError(f"the tokenizer of {source} has no chat template; pass --chat-template FILE (a Jinja template)")
+    model.eval()
+    layers = find_decoder_layers(model)
+    embeddings = find_embeddings(model)
+    d_model = embeddings[0].weight.shape[1]
+    writers = find_writers(layers, d_model, type(model).__name__)
+    return ChatModel(model=model, tokenizer=tokenizer, source=source, layers=layers, embeddings=embeddings, writers=writers, chat_template=chat_template)
+
+
+# ---- loading ---------------------------------------------------------------------------------
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
+        raise RefusalError(f"unknown device {device!r}; choose auto, cpu, cuda or mps")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype | str:
+    if dtype == "auto":
+        return torch.float32 if device == "cpu" else "auto"
+    if dtype not in DTYPES:
+        raise RefusalError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(
+    source: str,
+    dtype: str = "auto",
+    device: str = "auto",
+    device_map: str | None = None,
+    trust_remote_code: bool = False,
+    chat_template: str | Path | None = None,
+) -> ChatModel:
+    """Load a chat model from a hub id, a local directory or a ``.gguf`` file.
+
+    ``dtype='auto'`` means float32 on CPU (bf16 matmuls are slow there) and the checkpoint's own
+    dtype on accelerators. ``device_map='auto'`` spreads a large model over the available devices.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    template_text = None
+    if chat_template is not None:
+        path = Path(chat_template)
+        if not path.is_file():
+            raise RefusalError(f"chat template file {path} does not exist; give a Jinja template file")
+        template_text = path.read_text(encoding="utf-8")
+
+    path = Path(source).expanduser()
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise RefusalError(f"model file {path} is not a .gguf file; give a model directory, a .gguf file or a hub id")
+        location, kwargs["gguf_file"] = str(path.parent), path.name
+    elif path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").exists() and len(ggufs) == 1:
+            location, kwargs["gguf_file"] = str(path), ggufs[0].name
+        elif not (path / "config.json").exists():
+            raise RefusalError(f"model directory {path} has no config.json (and not exactly one .gguf file); is it a Hugging Face checkpoint?")
+        else:
+            location = str(path)
+    elif source.startswith((".", "/", "~")) or source.endswith(".gguf") or source.count("/") > 1:
+        raise RefusalError(f"model path {source} does not exist; check the path, or give a hub id like Qwen/Qwen2.5-0.5B-Instruct")
+    else:
+        location = source
+
+    log(f"loading [bold]{source}[/] ({device}, {torch_dtype if isinstance(torch_dtype, str) else str(torch_dtype).replace('torch.', '')})")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            location, dtype=torch_dtype, device_map=device_map, **kwargs
+        )
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RefusalError(f"could not load model {source}: {first}") from None
+    if device_map is None:
+        model.to(device)
+    return wrap_model(model, tokenizer, source=source, chat_template=template_text)

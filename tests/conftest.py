@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random-init chat models of several families, built offline in milliseconds."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from refusal.data import load_builtin
+from refusal.model import ChatModel, wrap_model
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<eos>"]
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox", "olmo2"]
+
+
+def build_tokenizer(template: str = CHATML) -> PreTrainedTokenizerFast:
+    words = {"user", "assistant", "system", "I", "As", "Sorry", "cannot", "help", "with", "that", "Sure", "here", "is"}
+    for kind in ("harmful", "harmless"):
+        for text in load_builtin(kind):
+            words.update(re.findall(r"\w+|[^\w\s]", text))
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + sorted(words))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.WordPiece(prefix="##")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>", "<eos>"],
+    )
+    fast.chat_template = template
+    return fast
+
+
+def build_model(family: str, vocab_size: int, tie: bool = False, layers: int = 3, seed: int = 0) -> torch.nn.Module:
+    """A random-init model whose norms have non-uniform gains (uniform gains hide bugs)."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=tie)
+    if family == "gpt2":
+        kw = dict(n_embd=32, n_layer=layers, n_head=2, n_positions=256)
+    else:
+        kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
+                  num_key_value_heads=2, max_position_embeddings=256)
+        if family in ("gemma2", "gemma3_text", "qwen3"):
+            kw["head_dim"] = 16
+        if family == "gpt_neox":
+            kw.pop("num_key_value_heads")
+    config = AutoConfig.for_model(family, **common, **kw)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1:  # norm gains and biases: make them matter
+                param.add_(torch.randn_like(param) * 0.3)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return build_tokenizer()
+
+
+@pytest.fixture(params=FAMILIES)
+def chat(request, tokenizer) -> ChatModel:
+    return wrap_model(build_model(request.param, len(tokenizer)), tokenizer, source=f"tiny-{request.param}")
+
+
+@pytest.fixture
+def llama_chat(tokenizer) -> ChatModel:
+    return wrap_model(build_model("llama", len(tokenizer)), tokenizer, source="tiny-llama")
