@@ -273,6 +273,24 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype | str:
     return DTYPES[dtype]
 
 
+def _load_tokenizer(location: str, kwargs: dict):
+    """AutoTokenizer, except that a plain saved ``tokenizers`` pipeline is loaded as it was saved.
+
+    transformers 5 otherwise rebuilds the family's own tokenizer class from the vocabulary
+    (e.g. a word-level tokenizer saved beside a Qwen2 config comes back as byte-level BPE).
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config_file = Path(location) / "tokenizer_config.json"
+    if "gguf_file" not in kwargs and config_file.is_file():
+        import json
+
+        declared = json.loads(config_file.read_text(encoding="utf-8")).get("tokenizer_class")
+        if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(location)
+    return AutoTokenizer.from_pretrained(location, **kwargs)
+
+
 def load_model(
     source: str,
     dtype: str = "auto",
@@ -286,7 +304,7 @@ def load_model(
     ``dtype='auto'`` means float32 on CPU (bf16 matmuls are slow there) and the checkpoint's own
     dtype on accelerators. ``device_map='auto'`` spreads a large model over the available devices.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
@@ -318,7 +336,7 @@ def load_model(
 
     log(f"loading [bold]{source}[/] ({device}, {torch_dtype if isinstance(torch_dtype, str) else str(torch_dtype).replace('torch.', '')})")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        tokenizer = _load_tokenizer(location, kwargs)
         model = AutoModelForCausalLM.from_pretrained(
             location, dtype=torch_dtype, device_map=device_map, **kwargs
         )

@@ -15,7 +15,12 @@ console = Console(stderr=True)
 
 
 def set_quiet(quiet: bool) -> None:
+    """Silence our status lines and bars, and transformers' loading/saving bars with them."""
     _state["quiet"] = quiet
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def is_quiet() -> bool:

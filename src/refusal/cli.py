@@ -1,0 +1,246 @@
+"""Command line: a thin layer over ``refusal.pipeline``. Errors print one line and exit 1."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import RefusalError
+from .progress import console, log, set_quiet
+from .selection import SelectionConfig
+
+
+def _int_list(text: str) -> list[int]:
+    """'8-12,15' -> [8, 9, 10, 11, 12, 15]; '-1,-2' -> [-1, -2]."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                lo, hi = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
+                out.extend(range(int(lo), int(hi) + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of integers like '8-12,15' or '-1,-2'") from None
+    return out
+
+
+def _model_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required, help="hub id, local checkpoint directory or .gguf file")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--device-map", default=None, choices=["auto"], help="spread a large model over devices")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code (off by default)")
+    p.add_argument("--chat-template", default=None, metavar="FILE", help="Jinja chat template for tokenizers without one")
+
+
+def _data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--harmful", default="builtin", help="'builtin', a .txt/.json/.jsonl/.csv file or hf:owner/name[:split][#column]")
+    p.add_argument("--harmless", default="builtin", help="as --harmful")
+    p.add_argument("--n-train", type=int, default=None, help="train prompts per class (default: the whole split)")
+    p.add_argument("--n-val", type=int, default=32, help="validation prompts per class for selection")
+    p.add_argument("--n-test", type=int, default=32, help="test prompts per class for the before/after check")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--refusal-tokens", default=None, help="comma-separated words whose first token counts as refusal (default: I,As,Sorry,...)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _selection_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layers", type=_int_list, default=None, help="candidate layers, e.g. '8-18' (default: all not pruned)")
+    p.add_argument("--positions", type=_int_list, default=None, help="candidate positions, e.g. '-1,-2' (default: all post-instruction)")
+    p.add_argument("--prune-layer-fraction", type=float, default=0.2, help="skip candidates in this last fraction of layers")
+    p.add_argument("--kl-threshold", type=float, default=0.1)
+    p.add_argument("--induce-threshold", type=float, default=0.0)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="refusal", description="Find, select, apply and export the refusal direction of a chat model.")
+    parser.add_argument("--version", action="version", version=f"refusal {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="extract -> select -> export -> before/after check")
+    _model_options(p); _data_options(p); _selection_options(p); _common(p)
+    p.add_argument("--out", required=True, type=Path, help="run directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run / exported model")
+    p.add_argument("--no-export", action="store_true", help="skip writing RUN/model")
+
+    p = sub.add_parser("extract", help="difference-in-means candidate directions -> RUN/candidates.safetensors")
+    _model_options(p); _data_options(p); _selection_options(p); _common(p)
+    p.add_argument("--out", required=True, type=Path, help="run directory")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("select", help="score candidates, choose one -> RUN/selection.json, RUN/direction.safetensors")
+    p.add_argument("--run", required=True, type=Path)
+    _selection_options(p); _common(p)
+
+    p = sub.add_parser("export", help="orthogonalize the weights along RUN's direction and save a checkpoint")
+    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="directory for the checkpoint")
+    p.add_argument("--overwrite", action="store_true")
+    _common(p)
+
+    p = sub.add_parser("generate", help="complete prompts, optionally with RUN's direction ablated or added")
+    _model_options(p)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--ablate", type=Path, metavar="RUN", help="ablate RUN's direction")
+    group.add_argument("--add", type=Path, metavar="RUN", help="add RUN's direction at its layer")
+    p.add_argument("--coeff", type=float, default=1.0, help="scale of the added direction")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("prompt", nargs="+")
+    _common(p)
+    return parser
+
+
+def _run_config(args: argparse.Namespace):
+    from .model import REFUSAL_WORDS
+    from .pipeline import RunConfig
+
+    words = [w.strip() for w in args.refusal_tokens.split(",") if w.strip()] if args.refusal_tokens else list(REFUSAL_WORDS)
+    config = RunConfig(
+        model=args.model, harmful=args.harmful, harmless=args.harmless, n_train=args.n_train, n_val=args.n_val,
+        n_test=args.n_test, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, refusal_words=words,
+        dtype=args.dtype, device=args.device, device_map=args.device_map, trust_remote_code=args.trust_remote_code,
+        chat_template=str(Path(args.chat_template).resolve()) if args.chat_template else None, seed=args.seed,
+        selection=_selection_config(args, SelectionConfig(batch_size=args.batch_size)),
+    )
+    config.validate()
+    return config
+
+
+def _selection_config(args: argparse.Namespace, base: SelectionConfig) -> SelectionConfig:
+    return SelectionConfig(
+        layers=args.layers if args.layers is not None else base.layers,
+        positions=args.positions if args.positions is not None else base.positions,
+        prune_layer_fraction=args.prune_layer_fraction, kl_threshold=args.kl_threshold,
+        induce_threshold=args.induce_threshold, batch_size=base.batch_size,
+    )
+
+
+def _print_rates(results: dict) -> None:
+    rates = results["rates"]
+    console.print("\n[bold]refusal rate on the test split[/] (substring judge)")
+    for kind in ("harmful", "harmless"):
+        before, after = rates[f"{kind}_original"], rates[f"{kind}_ablated"]
+        console.print(f"  {kind:9s} before {before['refused']:3d}/{before['total']:<3d} ({before['rate']:6.1%})   "
+                      f"after ablation {after['refused']:3d}/{after['total']:<3d} ({after['rate']:6.1%})", highlight=False)
+
+
+def cmd_run(args: argparse.Namespace) -> dict:
+    from . import pipeline
+
+    config = _run_config(args)
+    start = time.perf_counter()
+    if not args.no_export:
+        from .export import check_target
+
+        check_target(args.out / "model", config.model, args.overwrite)
+    run = pipeline.Run.create(args.out, config, overwrite=args.overwrite)
+    chat = run.load_model()
+    if not (run.path / "candidates.safetensors").exists():
+        pipeline.extract(run, chat)
+    pipeline.select(run, chat)
+    if not args.no_export:
+        pipeline.export(run, chat, run.path / "model", overwrite=args.overwrite)
+    results = pipeline.evaluate_quick(run, chat)
+    run.record_time("total", time.perf_counter() - start)
+    if not args.quiet:
+        _print_rates(results)
+    return pipeline.summary(run)
+
+
+def cmd_extract(args: argparse.Namespace) -> dict:
+    from . import pipeline
+
+    config = _run_config(args)
+    run = pipeline.Run.create(args.out, config, overwrite=args.overwrite)
+    pipeline.extract(run, run.load_model())
+    return pipeline.summary(run)
+
+
+def cmd_select(args: argparse.Namespace) -> dict:
+    from . import pipeline
+
+    run = pipeline.Run(args.run)
+    config = run.config
+    config.selection = _selection_config(args, config.selection)
+    info = run.info
+    info["config"] = config.to_dict()
+    pipeline.write_json(run.path / "run.json", info)
+    pipeline.select(run, run.load_model())
+    return pipeline.summary(run)
+
+
+def cmd_export(args: argparse.Namespace) -> dict:
+    from . import pipeline
+    from .directions import Direction
+    from .export import check_target
+
+    run = pipeline.Run(args.run)
+    check_target(args.out, run.config.model, args.overwrite)
+    Direction.load(run.path / "direction.safetensors")  # fail before loading the model
+    info = pipeline.export(run, run.load_model(), args.out, overwrite=args.overwrite)
+    return {"out": str(args.out), "fidelity_max_abs_diff": info.get("fidelity_max_abs_diff")}
+
+
+def cmd_generate(args: argparse.Namespace) -> dict:
+    from contextlib import nullcontext
+
+    from .directions import Direction
+    from .generation import generate
+    from .interventions import ablate, add
+    from .model import load_model
+
+    direction = None
+    if args.ablate or args.add:
+        direction = Direction.load((args.ablate or args.add) / "direction.safetensors")
+    chat = load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map,
+                      trust_remote_code=args.trust_remote_code, chat_template=args.chat_template)
+    if args.ablate:
+        context = ablate(chat, direction.vector)
+    elif args.add:
+        context = add(chat, direction.vector, direction.layer, args.coeff)
+    else:
+        context = nullcontext()
+    with context:
+        completions = generate(chat, args.prompt, args.max_new_tokens, batch_size=8)
+    if not args.json:
+        for prompt, completion in zip(args.prompt, completions):
+            print(f"> {prompt}\n{completion}\n")
+    return {"completions": [{"prompt": p, "completion": c} for p, c in zip(args.prompt, completions)]}
+
+
+COMMANDS = {"run": cmd_run, "extract": cmd_extract, "select": cmd_select, "export": cmd_export, "generate": cmd_generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    set_quiet(args.quiet or args.json)
+    try:
+        result = COMMANDS[args.command](args)
+    except RefusalError as e:
+        print(f"refusal: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("refusal: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        where = result.get("run") or result.get("out")
+        log(f"[green]done[/]{': ' + where if where else ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
