@@ -136,17 +136,26 @@ def _print_rates(results: dict) -> None:
                       f"after ablation {after['refused']:3d}/{after['total']:<3d} ({after['rate']:6.1%})", highlight=False)
 
 
-def cmd_run(args: argparse.Namespace) -> dict:
+def _start_run(args: argparse.Namespace):
+    """Validate everything (config, data, model) before the run directory is touched."""
     from . import pipeline
 
     config = _run_config(args)
-    start = time.perf_counter()
-    if not args.no_export:
+    if hasattr(args, "no_export") and not args.no_export:
         from .export import check_target
 
         check_target(args.out / "model", config.model, args.overwrite)
-    run = pipeline.Run.create(args.out, config, overwrite=args.overwrite)
-    chat = run.load_model()
+    pipeline.Run.check(args.out, config, args.overwrite)
+    pipeline.run_data(config)
+    chat = pipeline.load_run_model(config)
+    return pipeline.Run.create(args.out, config, overwrite=args.overwrite), chat
+
+
+def cmd_run(args: argparse.Namespace) -> dict:
+    from . import pipeline
+
+    start = time.perf_counter()
+    run, chat = _start_run(args)
     if not (run.path / "candidates.safetensors").exists():
         pipeline.extract(run, chat)
     pipeline.select(run, chat)
@@ -154,7 +163,7 @@ def cmd_run(args: argparse.Namespace) -> dict:
         pipeline.export(run, chat, run.path / "model", overwrite=args.overwrite)
     results = pipeline.evaluate_quick(run, chat)
     run.record_time("total", time.perf_counter() - start)
-    if not args.quiet:
+    if not args.quiet and not args.json:
         _print_rates(results)
     return pipeline.summary(run)
 
@@ -162,9 +171,8 @@ def cmd_run(args: argparse.Namespace) -> dict:
 def cmd_extract(args: argparse.Namespace) -> dict:
     from . import pipeline
 
-    config = _run_config(args)
-    run = pipeline.Run.create(args.out, config, overwrite=args.overwrite)
-    pipeline.extract(run, run.load_model())
+    run, chat = _start_run(args)
+    pipeline.extract(run, chat)
     return pipeline.summary(run)
 
 
@@ -234,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("refusal: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        set_quiet(False)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

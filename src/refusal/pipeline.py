@@ -35,6 +35,7 @@ from .progress import log
 from .selection import SelectionConfig, score_candidates, select_direction
 
 RUN_FORMAT = "1"
+ARTIFACTS = ("run.json", "candidates.safetensors", "selection.json", "selection.partial.jsonl", "direction.safetensors", "evaluation.json")
 
 
 @dataclass
@@ -163,32 +164,42 @@ class Run:
     def config(self) -> RunConfig:
         return RunConfig.from_dict(self.info["config"])
 
-    @classmethod
-    def create(cls, path: Path, config: RunConfig, overwrite: bool = False) -> "Run":
-        """Start a run directory, or reopen one with the same config (to resume)."""
+    @staticmethod
+    def check(path: Path, config: RunConfig, overwrite: bool = False) -> None:
+        """Raise if ``path`` cannot hold a run with ``config`` (no side effects)."""
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise RefusalError(f"run directory {path} is a file; choose a directory path")
-        run = cls(path)
+        if overwrite or not path.is_dir():
+            return
         if (path / "run.json").exists():
-            old = run.info.get("config")
-            if old == config.to_dict():
-                log(f"resuming run in {path}")
-                return run
-            if not overwrite:
+            if Run(path).info.get("config") != config.to_dict():
                 raise RefusalError(f"run directory {path} holds a run with another config; choose another --out or pass --overwrite")
-        elif path.is_dir() and any(path.iterdir()) and not overwrite:
+        elif any(path.iterdir()):
             raise RefusalError(f"run directory {path} is not empty; choose another --out or pass --overwrite")
+
+    @classmethod
+    def create(cls, path: Path, config: RunConfig, overwrite: bool = False) -> "Run":
+        """Start a run directory, or reopen one with the same config (to resume)."""
+        cls.check(path, config, overwrite)
+        path = Path(path)
+        run = cls(path)
+        if (path / "run.json").exists() and run.info.get("config") == config.to_dict():
+            log(f"resuming run in {path}")
+            return run
         if overwrite and path.is_dir():
-            for name in ("run.json", "candidates.safetensors", "selection.json", "selection.partial.jsonl", "direction.safetensors", "evaluation.json"):
+            for name in ARTIFACTS:
                 (path / name).unlink(missing_ok=True)
         path.mkdir(parents=True, exist_ok=True)
         write_json(path / "run.json", {"format_version": RUN_FORMAT, "created": _timestamp(), "environment": environment(), "config": config.to_dict()})
         return run
 
-    def load_model(self, config: RunConfig | None = None) -> ChatModel:
-        c = config or self.config
-        return load_model(c.model, dtype=c.dtype, device=c.device, device_map=c.device_map, trust_remote_code=c.trust_remote_code, chat_template=c.chat_template)
+    def load_model(self) -> ChatModel:
+        return load_run_model(self.config)
+
+
+def load_run_model(c: RunConfig) -> ChatModel:
+    return load_model(c.model, dtype=c.dtype, device=c.device, device_map=c.device_map, trust_remote_code=c.trust_remote_code, chat_template=c.chat_template)
 
 
 def _model_info(chat: ChatModel, config: RunConfig) -> dict:

@@ -17,10 +17,9 @@ console = Console(stderr=True)
 def set_quiet(quiet: bool) -> None:
     """Silence our status lines and bars, and transformers' loading/saving bars with them."""
     _state["quiet"] = quiet
-    if quiet:
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar() if quiet else hf_logging.enable_progress_bar()
 
 
 def is_quiet() -> bool:
@@ -30,7 +29,7 @@ def is_quiet() -> bool:
 def log(message: str) -> None:
     """Print a status line to stderr unless quiet."""
     if not _state["quiet"]:
-        console.print(message, highlight=False)
+        console.print(message, highlight=False, soft_wrap=True)
 
 
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
