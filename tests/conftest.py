@@ -9,6 +9,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from transformers.utils import logging as hf_logging
+
 from refusal.data import load_builtin
 from refusal.model import ChatModel, wrap_model
 
@@ -17,6 +19,8 @@ CHATML = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<eos>"]
+
+hf_logging.disable_progress_bar()  # keep captured stderr to what refusal prints
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox", "olmo2"]
 

@@ -83,6 +83,7 @@ def test_rerun_resumes_instead_of_redoing(model_dir, tmp_path, capsys):
 
 
 def one_line_error(capsys, argv, pattern):
+    capsys.readouterr()
     code = main(argv)
     err = capsys.readouterr().err.strip()
     assert code == 1

@@ -233,7 +233,7 @@ COMMANDS = {"run": cmd_run, "extract": cmd_extract, "select": cmd_select, "expor
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    set_quiet(args.quiet or args.json)
+    previous = set_quiet(args.quiet or args.json)
     try:
         result = COMMANDS[args.command](args)
     except RefusalError as e:
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         print("refusal: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     finally:
-        set_quiet(False)
+        set_quiet(previous)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -14,12 +14,21 @@ _state = {"quiet": False}
 console = Console(stderr=True)
 
 
-def set_quiet(quiet: bool) -> None:
-    """Silence our status lines and bars, and transformers' loading/saving bars with them."""
-    _state["quiet"] = quiet
+def set_quiet(quiet: bool) -> bool:
+    """Silence (or restore) our status lines and bars, and transformers' bars with them.
+
+    Returns the previous setting, so a caller can put it back.
+    """
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar() if quiet else hf_logging.enable_progress_bar()
+    previous = _state["quiet"]
+    _state["quiet"] = quiet
+    if quiet and not previous:
+        _state["hf_bars"] = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+    elif previous and not quiet and _state.get("hf_bars"):
+        hf_logging.enable_progress_bar()
+    return previous
 
 
 def is_quiet() -> bool:
