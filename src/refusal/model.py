@@ -273,6 +273,18 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype | str:
     return DTYPES[dtype]
 
 
+def mark_dequantized(model: nn.Module) -> None:
+    """Clear the GGUF 'quantized' flag: transformers has already dequantized the weights to floats.
+
+    Without this, ``save_pretrained`` refuses to write the (plain float) model.
+    """
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
 def _load_tokenizer(location: str, kwargs: dict):
     """AutoTokenizer, except that a plain saved ``tokenizers`` pipeline is loaded as it was saved.
 
@@ -343,6 +355,8 @@ def load_model(
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RefusalError(f"could not load model {source}: {first}") from None
+    if "gguf_file" in kwargs:
+        mark_dequantized(model)
     if device_map is None:
         model.to(device)
     return wrap_model(model, tokenizer, source=source, chat_template=template_text)
