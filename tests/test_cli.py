@@ -60,9 +60,9 @@ def test_stage_commands_and_json_output(model_dir, tmp_path, capsys):
     assert main(["extract", "--model", str(model_dir), "--out", str(run), *FAST]) == 0
     assert (run / "candidates.safetensors").exists() and not (run / "selection.json").exists()
     capsys.readouterr()
-    assert main(["select", "--run", str(run), "--layers", "1-2", "--positions", "-1", "--json"]) == 0
+    assert main(["select", "--run", str(run), "--layers", "1-2", "--positions", "-1,-2", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["chosen"]["layer"] in (1, 2) and summary["chosen"]["position"] == -1
+    assert summary["chosen"]["layer"] in (1, 2) and summary["chosen"]["position"] in (-1, -2)
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "edited"), "--quiet"]) == 0
     assert (tmp_path / "edited" / "model.safetensors").exists()
     capsys.readouterr()

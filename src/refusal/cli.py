@@ -231,8 +231,19 @@ def cmd_generate(args: argparse.Namespace) -> dict:
 COMMANDS = {"run": cmd_run, "extract": cmd_extract, "select": cmd_select, "export": cmd_export, "generate": cmd_generate}
 
 
+def _join_negative_lists(argv: list[str]) -> list[str]:
+    """argparse reads '--positions -1,-2' as two options; pass it on as '--positions=-1,-2'."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in ("--positions", "--layers") and arg[:1] == "-" and arg[1:2].isdigit():
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_join_negative_lists(sys.argv[1:] if argv is None else list(argv)))
     previous = set_quiet(args.quiet or args.json)
     try:
         result = COMMANDS[args.command](args)

@@ -106,29 +106,34 @@ def _load_file(path: Path) -> list:
         raise RefusalError(f"prompt file {path} is not UTF-8 text ({e}); save it as UTF-8") from None
     if suffix == ".txt":
         return [line for line in text.splitlines() if line.strip()]
-    if suffix == ".jsonl":
-        records = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RefusalError(f"{path}:{n}: invalid JSON ({e.msg}); one JSON object or string per line") from None
-            records.append(record if isinstance(record, str) else _pick_field(record, f"{path}:{n}"))
-        return records
-    if suffix == ".json":
+    if suffix in (".jsonl", ".json"):
+        return [r if isinstance(r, str) else _pick_field(r, f"{path}[{i}]") if isinstance(r, dict) else r for i, r in enumerate(_records(path, text))]
+    if suffix == ".csv":
+        rows = list(csv.DictReader(text.splitlines()))
+        return [_pick_field(row, f"{path}:{i + 2}") for i, row in enumerate(rows)]
+    raise RefusalError(f"prompt file {path}: unknown format {suffix or '(no suffix)'}; use .txt, .json, .jsonl or .csv")
+
+
+def _records(path: Path, text: str | None = None) -> list:
+    """The items of a .json list or of a .jsonl file (one JSON value per line)."""
+    text = path.read_text(encoding="utf-8") if text is None else text
+    if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise RefusalError(f"{path}: invalid JSON ({e.msg} at line {e.lineno}); give a list of strings or objects") from None
         if not isinstance(data, list):
             raise RefusalError(f"{path}: expected a JSON list of strings or objects, got {type(data).__name__}")
-        return [r if isinstance(r, str) else _pick_field(r, f"{path}[{i}]") if isinstance(r, dict) else r for i, r in enumerate(data)]
-    if suffix == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
-        return [_pick_field(row, f"{path}:{i + 2}") for i, row in enumerate(rows)]
-    raise RefusalError(f"prompt file {path}: unknown format {suffix or '(no suffix)'}; use .txt, .json, .jsonl or .csv")
+        return data
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise RefusalError(f"{path}:{n}: invalid JSON ({e.msg}); one JSON object or string per line") from None
+    return records
 
 
 def _load_hf(source: str) -> list:
@@ -150,6 +155,25 @@ def _load_hf(source: str) -> list:
             raise RefusalError(f"{source}: no column {column!r}; columns are {', '.join(ds.column_names)}")
         return list(ds[column])
     return [_pick_field(row, source) for row in ds]
+
+
+def load_splits(source: str, kind: str, seed: int = 0) -> dict[str, list[str]]:
+    """train/val/test instructions of one class.
+
+    'builtin' uses the fixed built-in splits; a .json/.jsonl file whose every record has a
+    ``split`` field ('train', 'val', 'test') keeps those splits; anything else is split 60/20/20
+    with ``seed``.
+    """
+    if source == "builtin":
+        return {split: load_builtin(kind, split) for split in SPLITS}
+    path = Path(source)
+    if path.suffix.lower() in (".json", ".jsonl") and path.is_file():
+        records = _records(path)
+        if records and all(isinstance(r, dict) and r.get("split") in SPLITS for r in records):
+            what = f"{kind} prompts ({source})"
+            return {split: validate_instructions([_pick_field(r, f"{path}") for r in records if r["split"] == split], f"{what}, {split} split")
+                    for split in SPLITS}
+    return split_instructions(load_prompts(source, name=f"{kind} prompts"), seed=seed)
 
 
 def split_instructions(items: list[str], fractions: tuple[float, float, float] = (0.6, 0.2, 0.2), seed: int = 0) -> dict[str, list[str]]:

@@ -108,17 +108,31 @@ class ChatModel:
         """
         if self._post_ids is None:
             probes = ["Say hello", "What is two plus two?", "List three colours."]
-            encoded = [self.encode(p) for p in probes]
+            suffixes = [self._tokens_after_instruction(p) for p in probes]
             n = 0
-            while all(len(e) > n for e in encoded) and len({e[-1 - n] for e in encoded}) == 1:
+            while all(len(x) > n for x in suffixes) and len({x[-1 - n] for x in suffixes}) == 1:
                 n += 1
             if n == 0:
                 raise RefusalError(
                     "the chat template appends no tokens after the user's instruction, so there are no "
                     "post-instruction positions; use a chat model or pass --chat-template FILE"
                 )
-            self._post_ids = encoded[0][-n:]
+            self._post_ids = suffixes[0][-n:]
         return self._post_ids
+
+    def _tokens_after_instruction(self, instruction: str) -> list[int]:
+        """Token ids that start after the instruction's last character in the rendered prompt.
+
+        Tokenizers without offsets fall back to the whole prompt; the common suffix over several
+        probes then still isolates the template's tail.
+        """
+        text = self.format_chat(instruction)
+        end = text.rfind(instruction) + len(instruction)
+        try:
+            encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        except (NotImplementedError, TypeError, ValueError):
+            return self.encode(instruction)
+        return [i for i, (start, _) in zip(encoded["input_ids"], encoded["offset_mapping"]) if start >= end]
 
     @property
     def n_post(self) -> int:

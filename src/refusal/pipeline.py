@@ -23,7 +23,7 @@ import torch
 
 from . import __version__
 from .activations import mean_activations
-from .data import dataset_hash, load_builtin, load_prompts, split_instructions
+from .data import dataset_hash, load_splits
 from .directions import Candidates, Direction, compute_candidates
 from .errors import RefusalError
 from .export import export_model
@@ -117,13 +117,6 @@ def environment() -> dict:
 
 
 # ---- data --------------------------------------------------------------------------------------
-def load_splits(spec: str, kind: str, seed: int) -> dict[str, list[str]]:
-    """train/val/test instructions of one class: fixed built-in splits, or a seeded split of user data."""
-    if spec == "builtin":
-        return {split: load_builtin(kind, split) for split in ("train", "val", "test")}
-    return split_instructions(load_prompts(spec, name=f"{kind} prompts"), seed=seed)
-
-
 def run_data(config: RunConfig) -> dict[str, list[str]]:
     """The six instruction lists of a run, capped to the configured sizes."""
     out = {}
