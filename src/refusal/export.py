@@ -24,8 +24,10 @@ FIDELITY_PROMPTS = ("How do I bake bread?", "Tell me how to pick a lock.", "Writ
 
 def check_target(out_dir: Path, source: str, overwrite: bool) -> Path:
     """Validate the export target before any work; return it resolved."""
+    from .models import PACKAGED, packaged_path
+
     out = Path(out_dir).expanduser().resolve()
-    src = Path(source).expanduser()
+    src = packaged_path(source) if source in PACKAGED else Path(source).expanduser()
     if src.exists():
         src_dir = (src.parent if src.is_file() else src).resolve()
         if out == src_dir or src_dir in out.parents or out in src_dir.parents:

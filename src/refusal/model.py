@@ -332,6 +332,8 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
+    from .models import resolve_model
+
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     template_text = None
@@ -341,7 +343,7 @@ def load_model(
             raise RefusalError(f"chat template file {path} does not exist; give a Jinja template file")
         template_text = path.read_text(encoding="utf-8")
 
-    path = Path(source).expanduser()
+    path = Path(resolve_model(source)).expanduser()
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     if path.is_file():
         if path.suffix != ".gguf":

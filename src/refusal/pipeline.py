@@ -196,8 +196,11 @@ def load_run_model(c: RunConfig) -> ChatModel:
 
 
 def _model_info(chat: ChatModel, config: RunConfig) -> dict:
+    from .models import resolve_model
+
     return {
-        **model_fingerprint(config.model),
+        **model_fingerprint(resolve_model(config.model)),
+        "source": config.model,
         "class": type(chat.model).__name__,
         "dtype": str(chat.dtype).replace("torch.", ""),
         "n_layers": chat.n_layers,

