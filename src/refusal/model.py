@@ -29,7 +29,7 @@ _MLP_OUT = ("mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h", "mlp.fc2", "mlp.
 # Extra embeddings added straight into the residual stream (learned positions).
 _POSITION_EMBEDDINGS = ("wpe", "embed_positions")
 
-REFUSAL_WORDS = ("I", "As", "Sorry", "I'm", "Unfortunately", "My", "Apologies", "While")
+REFUSAL_WORDS = ("I", "As", "Sorry", "I'm", "Unfortunately", "Apologies")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -139,12 +139,20 @@ class ChatModel:
         return len(self.post_instruction_ids)
 
     def refusal_token_ids(self, words: tuple[str, ...] | list[str] = REFUSAL_WORDS) -> list[int]:
-        """First tokens of typical refusals, as the tokenizer splits them (duplicates and unknowns dropped)."""
+        """First tokens of typical refusals, as this tokenizer splits them.
+
+        A word counts only if its first token is the whole word or ends at a non-letter
+        ("I" of "I'm"): a fragment like "Ap" of "Apologies" would also start ordinary answers.
+        Duplicates and unknown tokens are dropped.
+        """
         unk = getattr(self.tokenizer, "unk_token_id", None)
         ids: list[int] = []
         for word in words:
             toks = self.tokenizer(word, add_special_tokens=False)["input_ids"]
-            if toks and toks[0] != unk and toks[0] not in ids:
+            if not toks or toks[0] == unk or toks[0] in ids:
+                continue
+            piece = self.tokenizer.decode([toks[0]]).strip()
+            if piece == word or (piece and word.startswith(piece) and not word[len(piece)].isalpha()):
                 ids.append(toks[0])
         if not ids:
             raise RefusalError(f"none of the refusal words {list(words)} is a token of this tokenizer; pass --refusal-tokens")
