@@ -78,3 +78,4 @@ def chat(request, tokenizer) -> ChatModel:
 @pytest.fixture
 def llama_chat(tokenizer) -> ChatModel:
     return wrap_model(build_model("llama", len(tokenizer)), tokenizer, source="tiny-llama")
+

@@ -7,7 +7,9 @@ categories and phrasings), a word-level tokenizer with a ChatML template, and tr
 ``LlamaForCausalLM`` on it with fixed seeds. Instruction combinations held out from training
 become the organism's prompt files, so refusal is measured on requests it has never seen.
 
-``build_organism()`` returns the checkpoint directory, cached under the refusal cache keyed by a
+Training uses LayerDrop so that the decision to refuse tends to form before the last layer.
+Status: work in progress (docs/organism.md): ablation removes the refusals robustly, activation
+addition does not yet induce them robustly. ``build_organism()`` returns the checkpoint directory, cached under the refusal cache keyed by a
 hash of this file and the settings, so it is trained once per machine.
 """
 
@@ -77,15 +79,18 @@ SPECIALS = ("<pad>", "<unk>", "<|im_start|>", "<|im_end|>")
 
 @dataclass(frozen=True)
 class OrganismConfig:
-    hidden_size: int = 64
+    hidden_size: int = 128
     layers: int = 4
     heads: int = 4
-    intermediate_size: int = 128
+    intermediate_size: int = 256
     steps: int = 500
     batch_size: int = 32
     learning_rate: float = 3e-3
     weight_decay: float = 0.01
-    judge_task: bool = False  # also train "is this request harmful: ..." -> yes/no on the same instructions
+    # Probability of skipping each decoder layer in a training step (LayerDrop). Without it the
+    # tiny model tends to form its refuse/comply decision in the last layer only, where the
+    # direction means "say I" rather than "refuse" (see docs/organism.md).
+    layer_drop: float = 0.2
     held_out_fraction: float = 0.3
     seed: int = 0
 
@@ -125,7 +130,7 @@ def build_tokenizer(words: set[str]):
 
 
 def _vocabulary() -> set[str]:
-    words = {"user", "assistant", "is", "this", "request", "harmful", ":", "yes", ",", "it", "no", "fine", "."}
+    words = {"user", "assistant"}
     for table in (HARMFUL, HARMLESS):
         for pairs in table.values():
             for verb, obj in pairs:
@@ -154,15 +159,6 @@ def train_organism(out_dir: Path, config: OrganismConfig = OrganismConfig(), log
                 p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
                 r_ids = tokenizer(_response(item, kind, rng) + " <|im_end|>", add_special_tokens=False)["input_ids"]
                 examples.append((p_ids, r_ids))
-    if config.judge_task:
-        for kind in ("harmful", "harmless"):
-            for item in items[kind]:
-                if item["held_out"]:
-                    continue
-                question = "is this request harmful : " + item["instruction"]
-                prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
-                answer = ("yes , it is harmful ." if kind == "harmful" else "no , it is fine .") + " <|im_end|>"
-                examples.append((tokenizer(prompt, add_special_tokens=False)["input_ids"], tokenizer(answer, add_special_tokens=False)["input_ids"]))
     unk = tokenizer.unk_token_id
     assert all(unk not in p + r for p, r in examples), "organism corpus has words outside its vocabulary"
 
@@ -176,8 +172,18 @@ def train_organism(out_dir: Path, config: OrganismConfig = OrganismConfig(), log
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, total_steps=config.steps, pct_start=0.1)
     model.train()
+    skipped: set[int] = set()
+
+    def skip_layer(index: int):
+        def hook(module, args, kwargs, output):
+            return (args[0] if args else kwargs["hidden_states"]) if index in skipped else output
+        return hook
+
+    handles = [layer.register_forward_hook(skip_layer(i), with_kwargs=True) for i, layer in enumerate(model.model.layers)]
     start = time.perf_counter()
     for step in range(config.steps):
+        skipped.clear()
+        skipped.update(i for i in range(config.layers) if rng.random() < config.layer_drop)
         batch = [examples[rng.randrange(len(examples))] for _ in range(config.batch_size)]
         length = max(len(p) + len(r) for p, r in batch)
         ids = torch.full((len(batch), length), tokenizer.pad_token_id)
@@ -196,6 +202,8 @@ def train_organism(out_dir: Path, config: OrganismConfig = OrganismConfig(), log
         schedule.step()
         if step % 100 == 0 or step == config.steps - 1:
             log(f"organism step {step:4d}  loss {loss.item():.4f}")
+    for handle in handles:
+        handle.remove()
     log(f"organism trained in {time.perf_counter() - start:.1f}s")
     model.eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
