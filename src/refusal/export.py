@@ -101,12 +101,8 @@ def export_model(
 
 
 def _save(chat: ChatModel, path: Path) -> None:
-    model = chat.model
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None and getattr(model.config, "quantization_config", None) is None and getattr(model, "is_quantized", False):
-        pass
     try:
-        model.save_pretrained(str(path), safe_serialization=True)
+        chat.model.save_pretrained(str(path), safe_serialization=True)
     except (ValueError, NotImplementedError) as e:
         raise RefusalError(f"could not save the edited model: {str(e).splitlines()[0]}") from None
     chat.tokenizer.save_pretrained(str(path))

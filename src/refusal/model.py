@@ -9,7 +9,6 @@ attribute paths, and the post-instruction tokens are derived from the chat templ
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 

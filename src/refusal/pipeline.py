@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -281,10 +281,7 @@ def evaluate_quick(run: Run, chat: ChatModel) -> dict:
     for condition in ("original", "ablated"):
         for kind in ("harmful", "harmless"):
             prompts = data[f"{kind}_test"]
-            if condition == "ablated":
-                with ablate(chat, direction.vector):
-                    completions = generate(chat, prompts, config.max_new_tokens, config.batch_size, f"{kind} ({condition})")
-            else:
+            with ablate(chat, direction.vector) if condition == "ablated" else nullcontext():
                 completions = generate(chat, prompts, config.max_new_tokens, config.batch_size, f"{kind} ({condition})")
             refused, total = refusal_rate(completions)
             results["rates"][f"{kind}_{condition}"] = {"refused": refused, "total": total, "rate": refused / total}

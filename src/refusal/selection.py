@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from .directions import Candidates
 from .errors import RefusalError
@@ -164,12 +162,3 @@ def _append_cache(path: Path | None, fingerprint: str, record: dict) -> None:
     entry = {"fingerprint": fingerprint, **_public(record)}
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(entry) + "\n")
-
-
-def config_dict(config: SelectionConfig) -> dict:
-    return asdict(config)
-
-
-def baseline_scores(chat: ChatModel, instructions: list[str], refusal_ids: list[int], batch_size: int = 16) -> torch.Tensor:
-    """Refusal scores of the unedited model (per prompt)."""
-    return refusal_score(last_logits(chat, prepare_batches(chat, instructions, batch_size)), refusal_ids)
