@@ -59,6 +59,9 @@ def test_stage_commands_and_json_output(model_dir, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["extract", "--model", str(model_dir), "--out", str(run), *FAST]) == 0
     assert (run / "candidates.safetensors").exists() and not (run / "selection.json").exists()
+    before = (run / "run.json").read_text()
+    one_line_error(capsys, ["select", "--run", str(run), "--layers", "7"], "layer 7 is out of range")
+    assert (run / "run.json").read_text() == before
     capsys.readouterr()
     assert main(["select", "--run", str(run), "--layers", "1-2", "--positions", "-1,-2", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)

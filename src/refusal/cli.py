@@ -186,12 +186,14 @@ def cmd_extract(args: argparse.Namespace) -> dict:
 def cmd_select(args: argparse.Namespace) -> dict:
     from . import pipeline
 
+    from .directions import Candidates
+
     run = pipeline.Run(args.run)
     config = run.config
     config.selection = _selection_config(args, config.selection)
-    info = run.info
-    info["config"] = config.to_dict()
-    pipeline.write_json(run.path / "run.json", info)
+    candidates = Candidates.load(run.path / "candidates.safetensors")
+    config.selection.validate(candidates.n_layers, candidates.n_post)  # before run.json changes
+    run.update(config=config.to_dict())
     pipeline.select(run, run.load_model())
     return pipeline.summary(run)
 
