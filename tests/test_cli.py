@@ -85,6 +85,12 @@ def test_rerun_resumes_instead_of_redoing(model_dir, tmp_path, capsys):
     assert (run / "evaluation.json").exists()
 
 
+def test_rerun_of_a_finished_run_keeps_its_export(finished_run, model_dir):
+    stamp = (finished_run / "model" / "model.safetensors").stat().st_mtime_ns
+    assert main(["run", "--model", str(model_dir), "--out", str(finished_run), *FAST]) == 0
+    assert (finished_run / "model" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
 def one_line_error(capsys, argv, pattern):
     capsys.readouterr()
     code = main(argv)

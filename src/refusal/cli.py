@@ -144,29 +144,42 @@ def _print_rates(results: dict) -> None:
 
 
 def _start_run(args: argparse.Namespace):
-    """Validate everything (config, data, model) before the run directory is touched."""
+    """Validate everything (config, data, model) before the run directory is touched.
+
+    Returns the run, the loaded model, and whether this run's model was already exported.
+    """
     from . import pipeline
 
     config = _run_config(args)
-    if hasattr(args, "no_export") and not args.no_export:
+    exported = not args.overwrite and _finished_export(args.out, config)
+    if hasattr(args, "no_export") and not args.no_export and not exported:
         from .export import check_target
 
         check_target(args.out / "model", config.model, args.overwrite)
     pipeline.Run.check(args.out, config, args.overwrite)
     pipeline.run_data(config)
     chat = pipeline.load_run_model(config)
-    return pipeline.Run.create(args.out, config, overwrite=args.overwrite), chat
+    return pipeline.Run.create(args.out, config, overwrite=args.overwrite), chat, exported
+
+
+def _finished_export(out: Path, config) -> bool:
+    """True when ``out`` holds a run with this config whose model was already exported (resume)."""
+    from . import pipeline
+
+    if not (out / "model" / "refusal.json").is_file() or not (out / "run.json").is_file():
+        return False
+    return pipeline.Run(out).info.get("config") == config.to_dict()
 
 
 def cmd_run(args: argparse.Namespace) -> dict:
     from . import pipeline
 
     start = time.perf_counter()
-    run, chat = _start_run(args)
+    run, chat, exported = _start_run(args)
     if not (run.path / "candidates.safetensors").exists():
         pipeline.extract(run, chat)
     pipeline.select(run, chat)
-    if not args.no_export:
+    if not args.no_export and not exported:
         pipeline.export(run, chat, run.path / "model", overwrite=args.overwrite)
     results = pipeline.evaluate_quick(run, chat)
     run.record_time("total", time.perf_counter() - start)
@@ -178,7 +191,7 @@ def cmd_run(args: argparse.Namespace) -> dict:
 def cmd_extract(args: argparse.Namespace) -> dict:
     from . import pipeline
 
-    run, chat = _start_run(args)
+    run, chat, _ = _start_run(args)
     pipeline.extract(run, chat)
     return pipeline.summary(run)
 
