@@ -6,19 +6,13 @@ import re
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
-
 from transformers.utils import logging as hf_logging
 
 from refusal.data import load_builtin
 from refusal.model import ChatModel, wrap_model
-
-CHATML = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<eos>"]
+from refusal.organism import CHAT_TEMPLATE as CHATML
+from refusal.organism import build_tokenizer as build_word_tokenizer
 
 hf_logging.disable_progress_bar()  # keep captured stderr to what refusal prints
 
@@ -26,21 +20,12 @@ FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3
 
 
 def build_tokenizer(template: str = CHATML) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer covering the built-in prompts, so test prompts are real tokens."""
     words = {"user", "assistant", "system", "I", "As", "Sorry", "cannot", "help", "with", "that", "Sure", "here", "is"}
     for kind in ("harmful", "harmless"):
         for text in load_builtin(kind):
             words.update(re.findall(r"\w+|[^\w\s]", text))
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + sorted(words))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok.decoder = decoders.WordPiece(prefix="##")
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>", "<eos>"],
-    )
-    fast.chat_template = template
-    return fast
+    return build_word_tokenizer(words, template, split_punctuation=True)
 
 
 def build_model(family: str, vocab_size: int, tie: bool = False, layers: int = 3, seed: int = 0) -> torch.nn.Module:

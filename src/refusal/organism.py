@@ -115,17 +115,19 @@ def _response(item: dict, kind: str, rng: random.Random) -> str:
     return rng.choice(pool).format(verb=item["verb"], obj=item["obj"])
 
 
-def build_tokenizer(words: set[str]):
+def build_tokenizer(words: set[str], template: str = CHAT_TEMPLATE, split_punctuation: bool = False):
+    """A word-level fast tokenizer over ``words`` with a chat template (also used by the tests)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(list(SPECIALS) + sorted(words))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    splitters = [pre_tokenizers.WhitespaceSplit()] + ([pre_tokenizers.Punctuation()] if split_punctuation else [])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(splitters)
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>",
                                    additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = template
     return fast
 
 
