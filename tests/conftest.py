@@ -64,3 +64,11 @@ def chat(request, tokenizer) -> ChatModel:
 def llama_chat(tokenizer) -> ChatModel:
     return wrap_model(build_model("llama", len(tokenizer)), tokenizer, source="tiny-llama")
 
+
+
+@pytest.fixture(scope="session")
+def organism_dir():
+    """The trained model organism (refusal.organism): trained once per machine (~40 s), then cached."""
+    from refusal.organism import build_organism
+
+    return build_organism(log=lambda *a: None)
