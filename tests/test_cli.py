@@ -50,8 +50,10 @@ def test_run_writes_the_run_directory_contract(finished_run, model_dir):
     exported = json.loads((finished_run / "model" / "refusal.json").read_text())
     assert exported["fidelity_max_abs_diff"] < 1e-3
     assert exported["direction"]["layer"] == chosen["layer"] and exported["source_model"]["sha256"] == run["model"]["sha256"]
-    evaluation = json.loads((finished_run / "evaluation.json").read_text())
-    assert set(evaluation["rates"]) == {"harmful_original", "harmful_ablated", "harmless_original", "harmless_ablated"}
+    report = json.loads((finished_run / "report" / "report.json").read_text())
+    assert set(report["rates"]) == {"harmful_original", "harmful_ablated", "harmless_original", "harmless_ablated",
+                                    "harmless_added", "harmful_edited", "harmless_edited"}
+    assert set(report["kl"]) == {"ablated", "edited"} and (finished_run / "report" / "report.html").exists()
     assert not (finished_run / "selection.partial.jsonl").exists()
 
 
@@ -82,7 +84,7 @@ def test_rerun_resumes_instead_of_redoing(model_dir, tmp_path, capsys):
     stamp = (run / "candidates.safetensors").stat().st_mtime_ns
     assert main(["run", "--model", str(model_dir), "--out", str(run), "--no-export", *FAST]) == 0
     assert (run / "candidates.safetensors").stat().st_mtime_ns == stamp
-    assert (run / "evaluation.json").exists()
+    assert (run / "report" / "report.json").exists()
 
 
 def test_rerun_of_a_finished_run_keeps_its_export(finished_run, model_dir):
@@ -133,3 +135,19 @@ def test_readme_commands_match_ci():
     assert all(len(b.strip().splitlines()) == 1 for b in blocks.values()), "one command each"
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert blocks["setup"].strip() in ci and blocks["test"].strip() in ci
+
+
+def test_evaluate_rejects_bad_input_before_writing_anything(finished_run, model_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    one_line_error(capsys, ["evaluate", "--model", str(model_dir), "--edited", str(tmp_path), "--out", str(out), *FAST],
+                   "not a checkpoint directory")
+    one_line_error(capsys, ["evaluate", "--model", str(model_dir), "--ablate", str(tmp_path), "--out", str(out), *FAST],
+                   "does not exist")
+    one_line_error(capsys, ["evaluate", "--model", str(model_dir), "--ablate", str(finished_run), "--kl-tokens", "0",
+                            "--out", str(out), *FAST], "--kl-tokens must be at least 1")
+    one_line_error(capsys, ["evaluate", "--model", str(model_dir), "--ablate", str(finished_run), "--corpus",
+                            str(tmp_path / "none.txt"), "--out", str(out), *FAST], "corpus file .* does not exist")
+    assert not out.exists()
+    assert main(["evaluate", "--model", str(model_dir), "--add", str(finished_run), "--out", str(out), *FAST]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["rates"]) == {"harmful_original", "harmless_original", "harmless_added"} and report["kl"] == {}

@@ -1,6 +1,8 @@
 """The paper's three effects on a model that really refuses: the trained organism (see docs/organism.md)."""
 
 import json
+import shutil
+import subprocess
 
 import pytest
 
@@ -50,7 +52,7 @@ def test_organism_refuses_harmful_but_not_harmless(organism):
 
 def test_ablation_and_export_remove_refusal(organism_run, organism, capsys):
     chat, harmful, harmless = organism
-    evaluation = json.loads((organism_run / "evaluation.json").read_text())["rates"]
+    evaluation = json.loads((organism_run / "report" / "report.json").read_text())["rates"]
     selection = json.loads((organism_run / "selection.json").read_text())["chosen"]
     ablated = evaluation["harmful_ablated"]
     assert ablated["rate"] <= 0.10, ablated
@@ -73,3 +75,58 @@ def test_activation_addition_induces_refusal(organism_run, organism, capsys):
     with capsys.disabled():
         print(f"\norganism: harmless refused with activation addition at layer {direction.layer}: {refused}/{total}")
     assert refused / total >= 0.8, f"{refused}/{total}"
+
+
+def test_report_from_the_run_has_every_section_and_its_numbers_equal_report_json(organism_run):
+    from test_report import SECTIONS, lookup, parse, section
+
+    from refusal.report import fmt
+
+    data = json.loads((organism_run / "report" / "report.json").read_text())
+    page = (organism_run / "report" / "report.html").read_text()
+    for id_ in SECTIONS:
+        assert "not measured" not in section(page, id_) or id_ == "rates", id_  # only safety (no LLM judge) is unmeasured
+    keyed = dict(parse(page).keyed)
+    for key, text in keyed.items():
+        assert text == fmt(key, lookup(data, key)), key
+    for key in ("rates.harmful_original.refused", "rates.harmful_ablated.refused", "rates.harmless_added.refused",
+                "rates.harmful_edited.refused", "kl.ablated.first_token.mean", "kl.edited.multi_token.mean", "ce_loss.loss.edited"):
+        assert key in keyed, key
+    assert data["rates"]["harmful_ablated"] == data["rates"]["harmful_edited"]
+    md = (organism_run / "report" / "report.md").read_text()
+    original = data["rates"]["harmful_original"]
+    assert f"{original['refused']}/{original['total']}" in md
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser:  # the real page, rendered headless (the synthetic one is covered in test_report.py)
+        result = subprocess.run([browser, "--headless", "--disable-gpu", "--no-sandbox", "--dump-dom",
+                                 (organism_run / "report" / "report.html").as_uri()], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and all(f'id="{id_}"' in result.stdout for id_ in SECTIONS)
+
+
+def test_stopping_at_a_refusal_phrase_keeps_every_verdict(organism):
+    from refusal.generation import HFEngine
+    from refusal.judges import is_refusal
+
+    chat, harmful, harmless = organism
+    prompts = harmful["test"][:16] + harmless["test"][:16]
+    engine = HFEngine(chat, batch_size=16)
+    full = engine.generate_ids(prompts, 16)
+    early = engine.generate_ids(prompts, 16, stop_when=is_refusal)
+    decode = chat.tokenizer.batch_decode
+    assert [is_refusal(t) for t in decode(full, skip_special_tokens=True)] == [is_refusal(t) for t in decode(early, skip_special_tokens=True)]
+    assert sum(map(len, early)) < sum(map(len, full))  # refusals stopped early
+
+
+def test_evaluate_command_on_the_exported_model_agrees_with_the_run(organism_run, organism_dir, tmp_path):
+    out = tmp_path / "report"
+    argv = ["evaluate", "--model", str(organism_dir), "--edited", str(organism_run / "model"), "--out", str(out),
+            "--harmful", str(organism_dir / "harmful.jsonl"), "--harmless", str(organism_dir / "harmless.jsonl"),
+            "--n-test", "54", "--max-new-tokens", "16", "--quiet"]
+    assert main(argv) == 0
+    mine = json.loads((out / "report.json").read_text())
+    runs = json.loads((organism_run / "report" / "report.json").read_text())
+    for key in ("harmful_original", "harmless_original", "harmful_edited", "harmless_edited"):
+        assert mine["rates"][key] == runs["rates"][key], key
+    assert mine["kl"]["edited"]["first_token"]["mean"] == pytest.approx(runs["kl"]["edited"]["first_token"]["mean"], rel=1e-4)
+    assert mine["direction"] == runs["direction"]  # found through the export's refusal.json
+    assert main(argv) == 1  # the report directory is not empty now

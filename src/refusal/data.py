@@ -188,3 +188,25 @@ def split_instructions(items: list[str], fractions: tuple[float, float, float] =
 def dataset_hash(items: list[str]) -> str:
     """sha256 of the instruction list, recorded in every artifact."""
     return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def load_corpus(source: str = "builtin") -> list[str]:
+    """Paragraphs of plain text for the cross-entropy check: the built-in sample or a .txt file.
+
+    Paragraphs are separated by blank lines; the built-in sample (texts/corpus.txt) was written for
+    this project.
+    """
+    if source == "builtin":
+        text = resources.files("refusal").joinpath("texts").joinpath("corpus.txt").read_text(encoding="utf-8")
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise RefusalError(f"corpus file {path} does not exist; give a plain-text file or 'builtin'")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise RefusalError(f"corpus file {path} is not UTF-8 text; convert it or give another file") from None
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    if not paragraphs:
+        raise RefusalError(f"corpus {source} has no text; give a file with some paragraphs")
+    return paragraphs

@@ -5,7 +5,7 @@ RUN/candidates.safetensors directions, mean_harmful, mean_harmless  [n_layers + 
 RUN/selection.json        every candidate's scores and filter reasons; the chosen one
 RUN/direction.safetensors the chosen direction [d_model], layer and position in metadata
 RUN/model/                the orthogonalized checkpoint (refusal run / refusal export)
-RUN/evaluation.json       before/after refusal rates and completions on the test split
+RUN/report/               report.json (every number), report.md, report.html: original vs edited
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,19 +23,17 @@ import torch
 
 from . import __version__
 from .activations import mean_activations
-from .data import dataset_hash, load_splits
+from .data import dataset_hash, load_corpus, load_splits
 from .directions import Candidates, Direction, compute_candidates
 from .errors import RefusalError
 from .export import export_model
-from .generation import generate
-from .interventions import ablate
-from .judges import refusal_rate
+from .interventions import ablate, add
 from .model import REFUSAL_WORDS, ChatModel, load_model
 from .progress import log
 from .selection import SelectionConfig, score_candidates, select_direction
 
 RUN_FORMAT = "1"
-ARTIFACTS = ("run.json", "candidates.safetensors", "selection.json", "selection.partial.jsonl", "direction.safetensors", "evaluation.json")
+ARTIFACTS = ("run.json", "candidates.safetensors", "selection.json", "selection.partial.jsonl", "direction.safetensors", "report")
 
 
 @dataclass
@@ -48,6 +46,9 @@ class RunConfig:
     n_test: int = 32
     max_new_tokens: int = 32
     batch_size: int = 16
+    kl_tokens: int = 16
+    corpus: str = "builtin"
+    ce_tokens: int = 2048
     refusal_words: list[str] = field(default_factory=lambda: list(REFUSAL_WORDS))
     dtype: str = "auto"
     device: str = "auto"
@@ -63,6 +64,10 @@ class RunConfig:
                 raise RefusalError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if self.n_train is not None and self.n_train < 1:
             raise RefusalError(f"--n-train must be at least 1 (got {self.n_train})")
+        if self.kl_tokens < 1:
+            raise RefusalError(f"--kl-tokens must be at least 1 (got {self.kl_tokens})")
+        if self.ce_tokens < 0:
+            raise RefusalError(f"--ce-tokens must be 0 (skip the cross-entropy check) or more (got {self.ce_tokens})")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,6 +136,13 @@ def run_data(config: RunConfig) -> dict[str, list[str]]:
     return out
 
 
+def check_inputs(config: RunConfig) -> None:
+    """Load every input file a run needs (prompts, corpus), so bad input fails before any work."""
+    run_data(config)
+    if config.ce_tokens > 0:
+        load_corpus(config.corpus)
+
+
 # ---- the run directory ------------------------------------------------------------------------
 class Run:
     """A run directory and its run.json."""
@@ -182,7 +194,10 @@ class Run:
             return run
         if overwrite and path.is_dir():
             for name in ARTIFACTS:
-                (path / name).unlink(missing_ok=True)
+                if (path / name).is_dir():
+                    shutil.rmtree(path / name)
+                else:
+                    (path / name).unlink(missing_ok=True)
         path.mkdir(parents=True, exist_ok=True)
         write_json(path / "run.json", {"format_version": RUN_FORMAT, "created": _timestamp(), "environment": environment(), "config": config.to_dict()})
         return run
@@ -271,24 +286,67 @@ def export(run: Run, chat: ChatModel, out: Path, overwrite: bool = False) -> dic
     return result
 
 
-def evaluate_quick(run: Run, chat: ChatModel) -> dict:
-    """Greedy completions on the test splits, unedited vs ablated; substring refusal judge."""
-    config = run.config
-    data = run_data(config)
+def evaluate(run: Run, chat: ChatModel, edited_dir: Path | None = None) -> dict:
+    """Original vs ablated (hooks), activation addition, and the exported checkpoint if there is one
+    -> RUN/report/report.json, report.md, report.html."""
+    from .report import write_report
+
     direction = Direction.load(run.path / "direction.safetensors")
+    edited_dir = edited_dir if edited_dir is not None else run.path / "model"
+    edited = edited_dir if (edited_dir / "refusal.json").is_file() else None
     start = time.perf_counter()
-    results: dict = {"max_new_tokens": config.max_new_tokens, "judge": "substring", "rates": {}, "completions": {}}
-    for condition in ("original", "ablated"):
-        for kind in ("harmful", "harmless"):
-            prompts = data[f"{kind}_test"]
-            with ablate(chat, direction.vector) if condition == "ablated" else nullcontext():
-                completions = generate(chat, prompts, config.max_new_tokens, config.batch_size, f"{kind} ({condition})")
-            refused, total = refusal_rate(completions)
-            results["rates"][f"{kind}_{condition}"] = {"refused": refused, "total": total, "rate": refused / total}
-            results["completions"][f"{kind}_{condition}"] = [{"instruction": p, "completion": c} for p, c in zip(prompts, completions)]
-    write_json(run.path / "evaluation.json", results)
+    report = evaluate_edits(run.config, chat, direction, ablated=True, added=True, edited=edited, from_run=run)
     run.record_time("evaluate", time.perf_counter() - start)
-    return results
+    report["timings"] = run.info.get("timings", {})
+    write_report(report, run.path / "report")
+    return report
+
+
+def evaluate_edits(config: RunConfig, chat: ChatModel, direction: Direction | None, ablated: bool = False, added: bool = False,
+                   edited: Path | None = None, from_run: Run | None = None, safety=None) -> dict:
+    """The report dict comparing the original model with the requested edits on the test splits."""
+    from .evaluation import Condition, EvalSettings, cosine_matrix, evaluate as evaluate_conditions, projections
+
+    data = run_data(config)
+    conditions = [Condition("original", chat)]
+    if ablated:
+        conditions.append(Condition("ablated", chat, lambda: ablate(chat, direction.vector)))
+    if added:
+        conditions.append(Condition("added", chat, lambda: add(chat, direction.vector, direction.layer), kinds=("harmless",)))
+    edited_chat = None
+    if edited is not None:
+        edited_chat = load_model(str(edited), dtype=config.dtype, device=config.device, device_map=config.device_map)
+        conditions.append(Condition("edited", edited_chat))
+    settings = EvalSettings(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, kl_tokens=config.kl_tokens,
+                            ce_max_tokens=config.ce_tokens, refusal_ids=chat.refusal_token_ids(config.refusal_words))
+    prompts = {"harmful": data["harmful_test"], "harmless": data["harmless_test"]}
+    corpus = load_corpus(config.corpus) if config.ce_tokens > 0 else None
+    results = evaluate_conditions(conditions, prompts, settings, corpus=corpus, safety=safety, corpus_name=config.corpus)
+    del edited_chat
+    report = {
+        "format_version": "1", "created": _timestamp(), "refusal_version": __version__,
+        "model": (from_run.info.get("model") if from_run else None) or _model_info(chat, config),
+        "direction": None, "selection": None, "projections": None, "cosine": None,
+        "settings": {"max_new_tokens": config.max_new_tokens, "judge": "substring", "early_stop": settings.early_stop,
+                     "kl_tokens": config.kl_tokens, "n_harmful": len(prompts["harmful"]), "n_harmless": len(prompts["harmless"]),
+                     "corpus": config.corpus if corpus else None, "edited": str(edited) if edited else None,
+                     "refusal_tokens": chat.tokenizer.convert_ids_to_tokens(settings.refusal_ids)},
+        "datasets": {k: {"n": len(v), "sha256": dataset_hash(v)} for k, v in prompts.items()},
+        "environment": environment(),
+        **{k: results[k] for k in ("rates", "refusal_score", "safety", "kl", "ce_loss", "samples")},
+        "completions": {k: [{"instruction": p, "completion": c} for p, c in zip(prompts[k.split("_")[0]], v)]
+                        for k, v in results["completions"].items()},
+    }
+    if direction is not None:
+        report["direction"] = {"layer": direction.layer, "position": direction.position, "fallback": bool(direction.metadata.get("fallback"))}
+        report["projections"] = projections(chat, direction, prompts["harmful"], prompts["harmless"], config.batch_size)
+    if from_run is not None:
+        if (from_run.path / "selection.json").is_file():
+            selection = read_json(from_run.path / "selection.json", "")
+            report["selection"] = {"chosen": selection["chosen"], "candidates": selection["candidates"]}
+        if (from_run.path / "candidates.safetensors").is_file() and direction is not None:
+            report["cosine"] = cosine_matrix(Candidates.load(from_run.path / "candidates.safetensors"), direction.position)
+    return report
 
 
 def summary(run: Run) -> dict:
@@ -296,7 +354,9 @@ def summary(run: Run) -> dict:
     out: dict = {"run": str(run.path)}
     if (run.path / "selection.json").exists():
         out["chosen"] = read_json(run.path / "selection.json", "")["chosen"]
-    if (run.path / "evaluation.json").exists():
-        out["refusal_rates"] = read_json(run.path / "evaluation.json", "")["rates"]
+    if (run.path / "report" / "report.json").exists():
+        report = read_json(run.path / "report" / "report.json", "")
+        out["refusal_rates"] = report["rates"]
+        out["kl"] = report.get("kl")
     out["timings"] = run.info.get("timings", {})
     return out

@@ -67,7 +67,7 @@ def validate_report(report: dict) -> None:
     _validate_rates("rates", report["rates"])
     if report.get("safety") is not None:
         _validate_rates("safety", report["safety"])
-    for key in ("direction", "settings", "kl", "ce_loss", "selection", "projections", "cosine", "timings"):
+    for key in ("direction", "settings", "kl", "ce_loss", "refusal_score", "selection", "projections", "cosine", "timings"):
         if report.get(key) is not None and not isinstance(report[key], dict):
             raise RefusalError(f"report {key!r} must be an object or null (got {type(report[key]).__name__})")
     if not isinstance(report.get("samples") or [], list):
@@ -239,7 +239,8 @@ def _projections_plot(proj: dict, direction: dict | None) -> str:
 def _cosine_plot(cosine: dict) -> str:
     fig = _figure(4.5, 3.8)
     ax = fig.add_subplot()
-    image = ax.imshow(cosine["matrix"], origin="lower", cmap="RdBu_r", vmin=-1, vmax=1)
+    matrix = [[math.nan if v is None else v for v in row] for row in cosine["matrix"]]
+    image = ax.imshow(matrix, origin="lower", cmap="RdBu_r", vmin=-1, vmax=1)
     fig.colorbar(image, ax=ax, label="cosine similarity")
     _index_ticks(ax, cosine["layers"], "x")
     _index_ticks(ax, cosine["layers"], "y")
@@ -257,17 +258,26 @@ def _rate_rows(name: str, rates: dict, tag) -> list[list[str]]:
 
 
 def _cost_rows(report: dict, tag) -> list[list[str]]:
-    kl, ce = report.get("kl") or {}, report.get("ce_loss")
-    first, multi = kl.get("first_token"), kl.get("multi_token")
-    rows = [["KL, first token", tag("kl.first_token.mean", first.get("mean")),
-             f"n = {tag('kl.first_token.n', first.get('n'))}"] if first else ["KL, first token", NOT_MEASURED, ""]]
-    rows.append(["KL, multi-token", tag("kl.multi_token.mean", multi.get("mean")),
-                 f"n = {tag('kl.multi_token.n', multi.get('n'))}, tokens = {tag('kl.multi_token.tokens', multi.get('tokens'))}"]
-                if multi else ["KL, multi-token", NOT_MEASURED, ""])
-    if not ce:
-        return rows + [["CE loss", NOT_MEASURED, ""]]
-    detail = f"tokens = {tag('ce_loss.tokens', ce.get('tokens'))}, corpus = {tag('ce_loss.corpus', ce.get('corpus'))}"
-    return rows + [[f"CE loss, {k}", tag(f"ce_loss.{k}", ce.get(k)), detail] for k in ("original", "edited")]
+    """KL per edit (first token and multi-token), cross-entropy per condition, refusal log-odds per set."""
+    rows = []
+    for edit, kl in (report.get("kl") or {}).items():
+        first, multi = (kl or {}).get("first_token"), (kl or {}).get("multi_token")
+        rows.append([f"KL on harmless, first token ({edit})", tag(f"kl.{edit}.first_token.mean", first["mean"]),
+                     f"n = {tag(f'kl.{edit}.first_token.n', first['n'])}"] if first else [f"KL, first token ({edit})", NOT_MEASURED, ""])
+        rows.append([f"KL on harmless, multi-token ({edit})", tag(f"kl.{edit}.multi_token.mean", multi["mean"]),
+                     f"n = {tag(f'kl.{edit}.multi_token.n', multi['n'])}, tokens = {tag(f'kl.{edit}.multi_token.tokens', multi['tokens'])}"]
+                    if multi else [f"KL, multi-token ({edit})", NOT_MEASURED, ""])
+    if not rows:
+        rows.append(["KL on harmless", NOT_MEASURED, ""])
+    ce = report.get("ce_loss")
+    if ce:
+        detail = f"tokens = {tag('ce_loss.tokens', ce.get('tokens'))}, corpus = {tag('ce_loss.corpus', ce.get('corpus'))}"
+        rows += [[f"cross-entropy, nats/token ({k})", tag(f"ce_loss.loss.{k}", v), detail] for k, v in ce["loss"].items()]
+    else:
+        rows.append(["cross-entropy", NOT_MEASURED, ""])
+    for key, value in (report.get("refusal_score") or {}).items():
+        rows.append([f"refusal log-odds, first token ({key})", tag(f"refusal_score.{key}", value), "no generation"])
+    return rows
 
 
 def _direction_text(report: dict, tag) -> str:
@@ -333,7 +343,7 @@ def _selection_html(report: dict) -> str:
     if candidates:
         parts.append('<p>Heatmaps over layers × positions: red square = chosen, × = filtered, blank = not scored.</p>')
         parts.append(_img(_selection_plot(selection), "candidate scores"))
-        fields = ("layer", "position", "bypass", "induce", "kl", "filtered", "reason")
+        fields = ("layer", "position", "bypass", "induce", "kl", "filtered")
         rows = [[_num(f"selection.candidates.{i}.{f}", c.get(f), "td") for f in fields] for i, c in enumerate(candidates)]
         parts.append(f"<details><summary>All {len(candidates)} candidates</summary>\n{_table(list(fields), rows)}</details>")
     else:

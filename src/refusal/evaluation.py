@@ -1,0 +1,232 @@
+"""What an edit does and what it costs, measured against the original model.
+
+A *condition* is a model plus the context it runs in: the original model, the same model inside
+``ablate`` or ``add`` hooks, or an exported checkpoint. For each condition this module measures
+
+- refusal on the harmful and harmless test prompts: greedy completions judged by substring match
+  (generation stops as soon as a refusal phrase appears, which cannot change the verdict), and the
+  refusal log-odds of the first response token (no generation);
+- optionally, how many completions an LLM safety judge calls unsafe (full completions);
+- damage on harmless prompts: KL(original || edited) of the next-token distribution at the last
+  prompt position, and averaged over the first ``kl_tokens`` tokens of the original model's greedy
+  completion, teacher-forced (one forward pass per batch);
+- cross-entropy of a plain-text corpus.
+
+Every rate carries its count and a 95% Wilson interval. ``evaluate`` returns the report dict that
+``refusal.report`` renders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from .activations import batches, collect_activations
+from .directions import Candidates, Direction, unit_vector
+from .errors import RefusalError, check_finite
+from .generation import HFEngine
+from .judges import REFUSAL_PHRASES, SafetyJudge, is_refusal
+from .model import ChatModel
+from .progress import track
+from .scoring import kl_divergence, refusal_score
+from .stats import wilson_interval
+
+
+@dataclass
+class Condition:
+    """One way of running the model: ``chat`` inside ``context()`` (hooks), e.g. the original model."""
+
+    name: str  # original | ablated | added | edited
+    chat: ChatModel
+    context: Callable[[], AbstractContextManager] = nullcontext
+    kinds: tuple[str, ...] = ("harmful", "harmless")  # which prompt sets to judge
+
+
+@dataclass
+class EvalSettings:
+    max_new_tokens: int = 32
+    batch_size: int = 16
+    kl_tokens: int = 16
+    early_stop: bool = True
+    phrases: tuple[str, ...] = REFUSAL_PHRASES
+    ce_max_tokens: int = 2048  # corpus tokens scored per condition (0: skip cross-entropy)
+    ce_max_length: int = 256
+    samples_per_kind: int = 4
+    refusal_ids: list[int] = field(default_factory=list)
+
+
+def rate(refused: int, total: int) -> dict:
+    """A rate with its count and 95% Wilson interval."""
+    low, high = wilson_interval(refused, total)
+    return {"refused": refused, "total": total, "rate": refused / total if total else 0.0, "low": low, "high": high}
+
+
+# ---- costs --------------------------------------------------------------------------------------
+def _completion_batch(chat: ChatModel, prompts: list[list[int]], completions: list[list[int]]) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Left-padded prompt+completion batch and, per row, the logit index predicting each completion token."""
+    n = max(len(c) for c in completions)
+    batch = chat.pad([p + c for p, c in zip(prompts, completions)])
+    width = batch["input_ids"].shape[1]
+    index = torch.zeros(len(prompts), n, dtype=torch.long)
+    mask = torch.zeros(len(prompts), n, dtype=torch.bool)
+    for i, c in enumerate(completions):
+        start = width - len(c) - 1  # the last prompt token predicts the first completion token
+        index[i, : len(c)] = torch.arange(start, start + len(c))
+        mask[i, : len(c)] = True
+    return batch, index, mask
+
+
+def _gathered_logits(condition: Condition, batch: dict, index: torch.Tensor) -> torch.Tensor:
+    with condition.context():
+        logits = condition.chat.logits({k: v.to(condition.chat.device) for k, v in batch.items()}, last_only=False).cpu()
+    return torch.gather(logits, 1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+
+
+def kl_costs(original: Condition, edited: Condition, instructions: list[str], completions: list[list[int]], batch_size: int = 16) -> dict:
+    """KL(original || edited) on harmless prompts: first response token, and the mean over the
+    original model's greedy completion tokens (teacher-forced; tokens after EOS are not counted)."""
+    first, multi = [], []
+    prompts = [original.chat.encode(x) for x in instructions]
+    for rows in track(batches(list(range(len(instructions))), batch_size), f"KL ({edited.name})"):
+        comps = [completions[i] if completions[i] else [original.chat.tokenizer.eos_token_id] for i in rows]
+        batch, index, mask = _completion_batch(original.chat, [prompts[i] for i in rows], comps)
+        kl = kl_divergence(_gathered_logits(original, batch, index), _gathered_logits(edited, batch, index))
+        check_finite(kl, f"KL divergence ({edited.name})")
+        first.extend(kl[:, 0].tolist())
+        multi.extend(((kl * mask).sum(1) / mask.sum(1)).tolist())
+    mean = lambda xs: sum(xs) / len(xs)
+    tokens = max(len(c) for c in completions)
+    return {"first_token": {"mean": mean(first), "n": len(first)}, "multi_token": {"mean": mean(multi), "n": len(multi), "tokens": tokens}}
+
+
+def corpus_chunks(chat: ChatModel, texts: list[str], max_tokens: int, max_length: int = 256) -> list[list[int]]:
+    """Token chunks of at most ``max_length`` (and the model's context) from ``texts``, ``max_tokens`` in all."""
+    from .model import _max_positions
+
+    limit = _max_positions(chat.model)
+    max_length = min(max_length, limit) if limit else max_length
+    chunks, used = [], 0
+    for text in texts:
+        ids = chat.tokenizer(text, add_special_tokens=True)["input_ids"]
+        for i in range(0, len(ids), max_length):
+            piece = ids[i:i + max_length][: max_tokens - used]
+            if len(piece) >= 2:
+                chunks.append(piece)
+                used += len(piece)
+            if used >= max_tokens:
+                return chunks
+    return chunks
+
+
+def cross_entropy(condition: Condition, chunks: list[list[int]], batch_size: int = 8) -> dict:
+    """Mean next-token cross-entropy (nats per predicted token) of the corpus chunks."""
+    if not chunks:
+        raise RefusalError("the cross-entropy corpus has no text; give a corpus file with some sentences in it")
+    total, count = 0.0, 0
+    for group in track(batches(chunks, batch_size), f"cross-entropy ({condition.name})"):
+        batch = condition.chat.pad(group)
+        with condition.context():
+            logits = condition.chat.logits(batch, last_only=False).cpu().double()
+        ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        valid = mask[:, 1:] & mask[:, :-1]
+        total += float(nll[valid].sum())
+        count += int(valid.sum())
+    loss = total / count
+    if loss != loss or loss == float("inf"):
+        raise RefusalError(f"cross-entropy of {condition.name} is not finite; the edited model is broken (check the direction for NaN)")
+    return {"loss": loss, "tokens": count}
+
+
+def refusal_logodds(condition: Condition, instructions: list[str], refusal_ids: list[int], batch_size: int = 16) -> float:
+    """Mean log-odds that the first response token is a refusal token (no generation)."""
+    scores = []
+    for group in batches(instructions, batch_size):
+        with condition.context():
+            scores.append(refusal_score(condition.chat.logits(condition.chat.batch(group)), refusal_ids))
+    return float(torch.cat(scores).mean())
+
+
+# ---- where the direction lives -----------------------------------------------------------------
+def projections(chat: ChatModel, direction: Direction, harmful: list[str], harmless: list[str], batch_size: int = 16) -> dict:
+    """Projection of harmful vs harmless activations onto the unit direction, layer by layer, at its position."""
+    unit = unit_vector(direction.vector)
+    out: dict = {"position": direction.position}
+    for kind, prompts in (("harmful", harmful), ("harmless", harmless)):
+        acts = collect_activations(chat, prompts, batch_size)[:, :, chat.n_post + direction.position]  # [n, layers+1, d]
+        proj = acts.float() @ unit
+        out[f"{kind}_mean"] = proj.mean(0).tolist()
+        out[f"{kind}_std"] = proj.std(0, unbiased=False).tolist()
+    out["layers"] = list(range(len(out["harmful_mean"])))
+    return out
+
+
+def cosine_matrix(candidates: Candidates, position: int) -> dict:
+    """Cosine similarity between the candidate directions of every pair of layers at ``position``
+    (null where a layer's direction is zero, e.g. the embedding of a fixed template token)."""
+    rows = torch.stack([candidates.direction(l, position).double() for l in range(candidates.n_layers + 1)])
+    norms = rows.norm(dim=-1)
+    zero = norms <= 1e-12 * norms.max().clamp_min(1e-30)
+    cos = ((rows / norms.clamp_min(1e-30).unsqueeze(-1)) @ (rows / norms.clamp_min(1e-30).unsqueeze(-1)).T).clamp(-1, 1)
+    matrix = [[None if zero[i] or zero[j] else float(cos[i, j]) for j in range(len(rows))] for i in range(len(rows))]
+    return {"position": position, "layers": list(range(len(rows))), "matrix": matrix}
+
+
+# ---- the whole evaluation ----------------------------------------------------------------------
+def _judged(condition: Condition, kind: str, prompts: list[str], settings: EvalSettings, full: bool) -> tuple[list[str], list[list[int]]]:
+    engine = HFEngine(condition.chat, settings.batch_size, description=f"{kind} ({condition.name})")
+    stop = None if full or not settings.early_stop else (lambda text: is_refusal(text, settings.phrases))
+    with condition.context():
+        ids = engine.generate_ids(prompts, settings.max_new_tokens, stop)
+    return condition.chat.tokenizer.batch_decode(ids, skip_special_tokens=True), ids
+
+
+def evaluate(conditions: list[Condition], prompts: dict[str, list[str]], settings: EvalSettings,
+             corpus: list[str] | None = None, safety: SafetyJudge | None = None, corpus_name: str = "builtin") -> dict:
+    """Rates, costs and samples for every condition; the first condition must be the original model."""
+    if not conditions or conditions[0].name != "original":
+        raise RefusalError("evaluate needs the original model as its first condition")
+    original = conditions[0]
+    result: dict = {"rates": {}, "refusal_score": {}, "safety": None, "kl": {}, "ce_loss": None, "completions": {}}
+    original_ids: list[list[int]] = []
+    for condition in conditions:
+        for kind in condition.kinds:
+            full = safety is not None or (condition.name == "original" and kind == "harmless")
+            texts, ids = _judged(condition, kind, prompts[kind], settings, full)
+            if condition.name == "original" and kind == "harmless":
+                original_ids = [x[: settings.kl_tokens] for x in ids]
+            key = f"{kind}_{condition.name}"
+            result["rates"][key] = rate(sum(is_refusal(t, settings.phrases) for t in texts), len(texts))
+            result["completions"][key] = texts
+            if settings.refusal_ids:
+                result["refusal_score"][key] = refusal_logodds(condition, prompts[kind], settings.refusal_ids, settings.batch_size)
+            if safety is not None:
+                unsafe = safety.unsafe(prompts[kind], texts)
+                result["safety"] = result["safety"] or {"judge": safety.name}
+                result["safety"][key] = rate(sum(unsafe), len(unsafe))
+    edits = [c for c in conditions[1:] if c.name != "added"]
+    if original_ids and edits:
+        for condition in edits:
+            result["kl"][condition.name] = kl_costs(original, condition, prompts["harmless"], original_ids, settings.batch_size)
+    if corpus and settings.ce_max_tokens > 0:
+        chunks = corpus_chunks(original.chat, corpus, settings.ce_max_tokens, settings.ce_max_length)
+        losses = {c.name: cross_entropy(c, chunks, settings.batch_size) for c in [original, *edits]}
+        result["ce_loss"] = {"loss": {k: v["loss"] for k, v in losses.items()}, "tokens": losses["original"]["tokens"], "corpus": corpus_name}
+    result["samples"] = _samples(result["completions"], prompts, settings.samples_per_kind)
+    return result
+
+
+def _samples(completions: dict[str, list[str]], prompts: dict[str, list[str]], per_kind: int) -> list[dict]:
+    """Original vs edited completions side by side (the first edit that judged each kind)."""
+    out = []
+    for kind in ("harmful", "harmless"):
+        edit = next((k.split("_", 1)[1] for k in completions if k.startswith(kind) and not k.endswith("_original")), None)
+        if f"{kind}_original" not in completions or edit is None:
+            continue
+        for i in range(min(per_kind, len(prompts[kind]))):
+            out.append({"kind": kind, "instruction": prompts[kind][i], "original": completions[f"{kind}_original"][i],
+                        "edited": completions[f"{kind}_{edit}"][i], "edit": edit})
+    return out

@@ -1,0 +1,125 @@
+"""Costs and generation on tiny random-init models: KL, cross-entropy, the engine, and evaluate()."""
+
+import pytest
+import torch
+
+from refusal.errors import RefusalError
+from refusal.evaluation import Condition, EvalSettings, corpus_chunks, cosine_matrix, cross_entropy, evaluate, kl_costs, rate
+from refusal.directions import Candidates
+from refusal.generation import HFEngine
+from refusal.interventions import ablate
+
+PROMPTS = ["How do I bake bread?", "Write a poem about the sea.", "Explain how rain forms.", "Name three colors."]
+
+
+def completions_of(chat, prompts, n):
+    return HFEngine(chat, batch_size=2).generate_ids(prompts, n)
+
+
+def test_kl_is_zero_for_the_same_model_and_positive_for_an_edited_one(llama_chat):
+    original = Condition("original", llama_chat)
+    completions = completions_of(llama_chat, PROMPTS, 6)
+    same = kl_costs(original, Condition("same", llama_chat), PROMPTS, completions, batch_size=3)
+    assert same["first_token"]["mean"] == 0 and same["multi_token"]["mean"] == 0
+    assert same["first_token"]["n"] == len(PROMPTS) and same["multi_token"]["tokens"] == max(map(len, completions))
+    direction = torch.randn(llama_chat.d_model, generator=torch.Generator().manual_seed(1))
+    edited = kl_costs(original, Condition("ablated", llama_chat, lambda: ablate(llama_chat, direction)), PROMPTS, completions)
+    assert edited["first_token"]["mean"] > 1e-6 and edited["multi_token"]["mean"] > 1e-6
+
+
+def test_multi_token_kl_averages_teacher_forced_positions_and_skips_padding(llama_chat):
+    """Per prompt: the mean over its own completion tokens of KL at the positions predicting them."""
+    from refusal.scoring import kl_divergence
+
+    direction = torch.randn(llama_chat.d_model, generator=torch.Generator().manual_seed(2))
+    completions = [[5, 6, 7], [8], [9, 10]]  # ragged on purpose
+    prompts = PROMPTS[:3]
+    got = kl_costs(Condition("original", llama_chat), Condition("ablated", llama_chat, lambda: ablate(llama_chat, direction)),
+                   prompts, completions, batch_size=3)
+    expected_first, expected_multi = [], []
+    for prompt, comp in zip(prompts, completions):
+        ids = llama_chat.encode(prompt) + comp
+        batch = llama_chat.pad([ids])
+        p_len = len(ids) - len(comp)
+        a = llama_chat.logits(batch, last_only=False)[0, p_len - 1: p_len - 1 + len(comp)]
+        with ablate(llama_chat, direction):
+            b = llama_chat.logits(batch, last_only=False)[0, p_len - 1: p_len - 1 + len(comp)]
+        kl = kl_divergence(a, b)
+        expected_first.append(float(kl[0]))
+        expected_multi.append(float(kl.mean()))
+    assert got["first_token"]["mean"] == pytest.approx(sum(expected_first) / 3, rel=1e-4)
+    assert got["multi_token"]["mean"] == pytest.approx(sum(expected_multi) / 3, rel=1e-4)
+
+
+def test_cross_entropy_matches_a_hand_computed_value(llama_chat):
+    chunks = [[5, 9, 12, 7, 30], [40, 41, 42]]  # different lengths: padding must not count
+    got = cross_entropy(Condition("original", llama_chat), chunks, batch_size=2)
+    total, count = 0.0, 0
+    for ids in chunks:
+        with torch.no_grad():
+            logits = llama_chat.model(torch.tensor([ids])).logits[0].double()
+        logp = torch.log_softmax(logits, -1)
+        total += -sum(float(logp[i, ids[i + 1]]) for i in range(len(ids) - 1))
+        count += len(ids) - 1
+    assert got["tokens"] == count == 6
+    assert got["loss"] == pytest.approx(total / count, rel=1e-6)
+
+
+def test_corpus_chunks_respect_the_token_budget_and_the_model_context(llama_chat):
+    texts = ["Bake bread with flour and water. " * 40, "Name three colors."]
+    chunks = corpus_chunks(llama_chat, texts, max_tokens=100, max_length=32)
+    assert sum(map(len, chunks)) == 100 and max(map(len, chunks)) <= 32
+    with pytest.raises(RefusalError, match="corpus has no text"):
+        cross_entropy(Condition("original", llama_chat), [])
+
+
+def test_engine_batches_by_length_yet_matches_one_by_one_generation_in_input_order(llama_chat):
+    prompts = PROMPTS + ["Hi.", "Tell me a long story about a dragon who bakes bread by the sea."]
+    batched = HFEngine(llama_chat, batch_size=3).generate(prompts, 5)
+    single = [HFEngine(llama_chat, batch_size=1).generate([p], 5)[0] for p in prompts]
+    assert batched == single
+
+
+def test_stop_when_ends_a_sequence_early_and_keeps_the_others_unchanged(llama_chat):
+    full = HFEngine(llama_chat, batch_size=4).generate_ids(PROMPTS, 12)
+    first = llama_chat.tokenizer.decode(full[0][:4], skip_special_tokens=True)
+    stop = lambda text: text.startswith(first) and first != ""  # decided after 4 tokens for prompt 0 only
+    stopped = HFEngine(llama_chat, batch_size=4).generate_ids(PROMPTS, 12, stop_when=stop)
+    assert stopped[0] == full[0][:4]
+    for i in range(1, len(PROMPTS)):
+        if not llama_chat.tokenizer.decode(full[i][:4], skip_special_tokens=True).startswith(first):
+            assert stopped[i] == full[i]
+
+
+def test_cosine_matrix_is_symmetric_with_unit_diagonal_and_null_for_zero_directions():
+    torch.manual_seed(0)
+    harmful, harmless = torch.randn(4, 2, 8), torch.randn(4, 2, 8)
+    harmless[0] = harmful[0]  # layer 0: both classes equal (a fixed template token's embedding)
+    cos = cosine_matrix(Candidates(harmful, harmless), -1)
+    m = cos["matrix"]
+    assert m[0][0] is None and m[0][2] is None and m[2][0] is None
+    for i in range(1, 4):
+        assert m[i][i] == pytest.approx(1.0)
+        for j in range(1, 4):
+            assert m[i][j] == pytest.approx(m[j][i])
+
+
+def test_evaluate_needs_the_original_first_and_reports_rates_with_intervals(llama_chat):
+    with pytest.raises(RefusalError, match="original model as its first condition"):
+        evaluate([Condition("ablated", llama_chat)], {"harmful": PROMPTS, "harmless": PROMPTS}, EvalSettings())
+    direction = torch.randn(llama_chat.d_model, generator=torch.Generator().manual_seed(3))
+    conditions = [Condition("original", llama_chat), Condition("ablated", llama_chat, lambda: ablate(llama_chat, direction))]
+    result = evaluate(conditions, {"harmful": PROMPTS[:2], "harmless": PROMPTS[2:]},
+                      EvalSettings(max_new_tokens=4, batch_size=2, kl_tokens=3, refusal_ids=[5]),
+                      corpus=["How do I bake bread? Explain how rain forms."])
+    assert set(result["rates"]) == {"harmful_original", "harmless_original", "harmful_ablated", "harmless_ablated"}
+    assert result["rates"]["harmful_original"]["total"] == 2
+    assert set(result["kl"]) == {"ablated"} and result["kl"]["ablated"]["multi_token"]["tokens"] <= 3
+    assert set(result["ce_loss"]["loss"]) == {"original", "ablated"}
+    assert set(result["refusal_score"]) == set(result["rates"])
+
+
+def test_rate_carries_count_and_wilson_interval():
+    r = rate(12, 32)
+    assert (r["refused"], r["total"], r["rate"]) == (12, 32, 0.375)
+    assert r["low"] == pytest.approx(0.2293, abs=1e-4) and r["high"] == pytest.approx(0.5475, abs=1e-4)
