@@ -3,9 +3,10 @@
     python benchmarks/real_model.py [--layers 8-18] [--positions -1,-2] [--n-test 32]
 
 Prints, for each stage, wall time and the process's peak RSS so far; the chosen layer/position;
-refusal rates (substring judge, with counts and 95% Wilson intervals) before and after ablation,
-with activation addition, and for the exported checkpoint; and the first-token KL on harmless
-prompts. Not a test: it only measures.
+the report's refusal rates (substring judge, with counts and 95% Wilson intervals): original,
+ablated, activation addition and the exported checkpoint, next to an independent full-length
+recount; KL on harmless prompts (first token and multi-token) and cross-entropy on the built-in
+corpus. Not a test: it only measures.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from refusal.generation import generate
 from refusal.interventions import ablate, add
 from refusal.judges import refusal_rate
 from refusal.model import load_model
-from refusal.pipeline import Run, RunConfig, evaluate_quick, export, extract, run_data, select
+from refusal.directions import Direction
+from refusal.pipeline import Run, RunConfig, evaluate, export, extract, run_data, select
 from refusal.progress import set_quiet
-from refusal.scoring import kl_divergence, last_logits, prepare_batches
 from refusal.selection import SelectionConfig
 from refusal.stats import format_rate
 
@@ -63,42 +64,39 @@ def main() -> None:
     stage("extract", lambda: extract(run, chat))
     selection = stage("select", lambda: select(run, chat))
     stage("export + fidelity", lambda: export(run, chat, out / "model", overwrite=True))
-    results = stage("generate (orig/ablated)", lambda: evaluate_quick(run, chat))
+    report = stage("evaluate (report)", lambda: evaluate(run, chat))
 
+    # An independent recount: full-length generation (no early stop) with the plain helper, so the
+    # report's numbers can be checked against a second path through the code.
     data = run_data(config)
-    from refusal.directions import Direction
-
     direction = Direction.load(out / "direction.safetensors")
 
-    def addition():
-        with add(chat, direction.vector, direction.layer):
-            return refusal_rate(generate(chat, data["harmless_test"], config.max_new_tokens, config.batch_size))
-
-    added = stage("generate (addition)", addition)
-
-    def first_token_kl():
-        batches = prepare_batches(chat, data["harmless_test"], config.batch_size)
-        base = last_logits(chat, batches)
+    def recount():
+        counts = {"harmful_original": refusal_rate(generate(chat, data["harmful_test"], config.max_new_tokens, config.batch_size))}
         with ablate(chat, direction.vector):
-            return kl_divergence(base, last_logits(chat, batches)).mean().item()
+            counts["harmful_ablated"] = refusal_rate(generate(chat, data["harmful_test"], config.max_new_tokens, config.batch_size))
+        with add(chat, direction.vector, direction.layer):
+            counts["harmless_added"] = refusal_rate(generate(chat, data["harmless_test"], config.max_new_tokens, config.batch_size))
+        return counts
 
-    kl = stage("KL (harmless)", first_token_kl)
-    edited = load_model(str(out / "model"), device="cpu")
-    exported = stage("generate (exported)", lambda: refusal_rate(generate(edited, data["harmful_test"], config.max_new_tokens, config.batch_size)))
+    counts = stage("recount (full length)", recount)
 
     chosen = selection["chosen"]
-    rates = results["rates"]
+    rates = report["rates"]
     print()
     print(f"model {args.model}: {chat.n_layers} layers, d_model {chat.d_model}; candidates layers {args.layers[0]}-{args.layers[-1]}, positions {args.positions}")
     print(f"chosen: layer {chosen['layer']}, position {chosen['position']}, bypass {chosen['bypass']:.2f}, induce {chosen['induce']:.2f}, "
           f"kl {chosen['kl']:.3f}{' (FALLBACK: no candidate passed the filters)' if chosen['fallback'] else ''}")
-    print(f"harmful refused, original        {format_rate(rates['harmful_original']['refused'], rates['harmful_original']['total'])}")
-    print(f"harmful refused, ablated (hooks) {format_rate(rates['harmful_ablated']['refused'], rates['harmful_ablated']['total'])}")
-    print(f"harmful refused, exported model  {format_rate(*exported)}")
-    print(f"harmless refused, original       {format_rate(rates['harmless_original']['refused'], rates['harmless_original']['total'])}")
-    print(f"harmless refused, ablated        {format_rate(rates['harmless_ablated']['refused'], rates['harmless_ablated']['total'])}")
-    print(f"harmless refused, addition       {format_rate(*added)}")
-    print(f"first-token KL on harmless test prompts under ablation: {kl:.3f}")
+    print("refusal rates from RUN/report/report.json (substring judge, early stop), 95% Wilson intervals:")
+    for key, r in rates.items():
+        extra = f"   recount without early stop: {counts[key][0]}/{counts[key][1]}" if key in counts else ""
+        print(f"  {key:18s} {format_rate(r['refused'], r['total'])}{extra}")
+    for name, kl in report["kl"].items():
+        print(f"KL on harmless test prompts ({name}): first token {kl['first_token']['mean']:.4f}, "
+              f"mean over the first {kl['multi_token']['tokens']} completion tokens {kl['multi_token']['mean']:.4f}")
+    ce = report["ce_loss"]
+    print(f"cross-entropy on {ce['tokens']} tokens of the built-in corpus (nats/token): "
+          + ", ".join(f"{k} {v:.4f}" for k, v in ce["loss"].items()))
     print(f"total {sum(r[1] for r in rows):.0f} s, peak RSS {peak_rss_gb():.2f} GB; run directory {out}")
 
 
