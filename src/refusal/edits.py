@@ -43,11 +43,11 @@ class Kernel:
 
     peak: float = 1.0
     centre: float = 0.0
-    width: float = math.inf  # inf: flat, every layer at ``peak``
+    width: float | None = None  # None: flat, every layer at ``peak``
     floor: float = 0.0
 
     def strengths(self, n_layers: int) -> list[float]:
-        if math.isinf(self.width):
+        if self.width is None:
             return [self.peak] * n_layers
         return [self.floor + (self.peak - self.floor) * math.exp(-0.5 * ((i - self.centre) / max(self.width, 1e-6)) ** 2)
                 for i in range(n_layers)]

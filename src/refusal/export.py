@@ -39,14 +39,18 @@ def check_target(out_dir: Path, source: str, overwrite: bool) -> Path:
     return out
 
 
-def fidelity_check(chat: ChatModel, exported_dir: Path, direction: torch.Tensor, tolerance: float | None = None) -> float:
-    """Max |logit difference| between the exported checkpoint and hooked ablation; raise if too large."""
+def fidelity_check(chat: ChatModel, exported_dir: Path, direction: torch.Tensor | None, tolerance: float | None = None,
+                   expected: torch.Tensor | None = None) -> float:
+    """Max |logit difference| between the exported checkpoint and hooked ablation (or ``expected``,
+    the logits of the edited model in memory, for edits without a hook equivalent); raise if too large."""
     from transformers import AutoModelForCausalLM
 
     exported = AutoModelForCausalLM.from_pretrained(str(exported_dir), dtype=chat.dtype).to(chat.device).eval()
     batch = chat.batch(list(FIDELITY_PROMPTS))
-    with ablate(chat, direction):
-        expected = chat.logits(batch, last_only=False)
+    reference = "the edited model in memory" if expected is not None else "hooked ablation"
+    if expected is None:
+        with ablate(chat, direction):
+            expected = chat.logits(batch, last_only=False)
     with torch.inference_mode():
         got = exported(**batch, use_cache=False).logits.float()
     mask = batch["attention_mask"].bool()
@@ -57,7 +61,7 @@ def fidelity_check(chat: ChatModel, exported_dir: Path, direction: torch.Tensor,
     del exported
     if not diff <= tolerance:  # also catches NaN
         raise FidelityError(
-            f"fidelity check failed: exported logits differ from hooked ablation by {diff:.3g} "
+            f"fidelity check failed: exported logits differ from {reference} by {diff:.3g} "
             f"(tolerance {tolerance:.3g}, logit scale {scale:.3g}); the export was not written. "
             "Please report this with the model id"
         )
@@ -72,19 +76,27 @@ def export_model(
     metadata: dict | None = None,
     overwrite: bool = False,
     check: bool = True,
+    edit=None,
 ) -> dict:
-    """Write the orthogonalized model to ``out_dir``; return the metadata written to refusal.json."""
+    """Write the orthogonalized model to ``out_dir``; return the metadata written to refusal.json.
+
+    ``edit``, if given, is a context-manager factory that edits the weights instead (a search trial);
+    the fidelity check then compares the reloaded checkpoint with the edited model in memory.
+    """
     out = check_target(out_dir, chat.source, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        with orthogonalized(chat, direction):
+        expected = None
+        with edit() if edit is not None else orthogonalized(chat, direction):
             _save(chat, tmp)
+            if edit is not None and check:
+                expected = chat.logits(chat.batch(list(FIDELITY_PROMPTS)), last_only=False)
         info = dict(metadata or {})
         if check:
-            info["fidelity_max_abs_diff"] = fidelity_check(chat, tmp, direction)
+            info["fidelity_max_abs_diff"] = fidelity_check(chat, tmp, direction, expected=expected)
         (tmp / "refusal.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         if out.exists():
             trash = out.parent / f".{out.name}.old-{os.getpid()}"

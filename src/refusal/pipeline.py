@@ -360,3 +360,91 @@ def summary(run: Run) -> dict:
         out["kl"] = report.get("kl")
     out["timings"] = run.info.get("timings", {})
     return out
+
+
+# ---- search (docs/search.md) ---------------------------------------------------------------------
+def search(run: Run, chat: ChatModel, search_config) -> dict:
+    """Optuna search over parametrised edits -> RUN/search.journal (the study) and RUN/search.json."""
+    from .judges import REFUSAL_PHRASES, is_refusal
+    from .generation import HFEngine
+    from .search import Objectives, choose, confirm_points, paper_params, pareto_front, points_to_confirm, run_trials
+
+    config = run.config
+    data = run_data(config)
+    candidates = Candidates.load(run.path / "candidates.safetensors")
+    timings: dict = {}
+    if (run.path / "selection.json").is_file():
+        chosen = read_json(run.path / "selection.json", "")["chosen"]
+        paper, paper_note = paper_params(chosen["layer"], chosen["position"]), "the paper's selection (selection.json)"
+    else:
+        layer = max(1, int(search_config.max_layer_fraction * candidates.n_layers))
+        paper, paper_note = paper_params(layer, search_config.positions[0]), f"strength 1 at layer {layer} (no selection.json)"
+    start = time.perf_counter()
+    refusal_ids = chat.refusal_token_ids(config.refusal_words)
+    objectives = Objectives(chat, data["harmful_val"], data["harmless_val"], refusal_ids, search_config)
+    timings["cache_original"] = round(time.perf_counter() - start, 2)
+    start = time.perf_counter()
+
+    def progress(n: int, values: dict) -> None:
+        log(f"trial {n:3d}: refusal {values['refusal']:7.3f}  KL {values['kl']:.4f}  (multi-token {values['kl_multi']:.4f})")
+
+    records = run_trials(chat, candidates, objectives, search_config, str(run.path / "search.journal"), paper, on_trial=progress)
+    timings["trials"] = round(time.perf_counter() - start, 2)
+    front = pareto_front(records)
+    start = time.perf_counter()
+    original = HFEngine(chat, config.batch_size, description="original (harmless val)").generate(data["harmless_val"], config.max_new_tokens, is_refusal)
+    harmless_original = sum(is_refusal(t) for t in original)
+    confirmed = confirm_points(chat, candidates, points_to_confirm(front, search_config), data["harmful_val"], data["harmless_val"],
+                               config.max_new_tokens, config.batch_size, REFUSAL_PHRASES)
+    chosen, rule = choose(confirmed, search_config, harmless_original)
+    timings["confirm"] = round(time.perf_counter() - start, 2)
+    result = {
+        "format_version": RUN_FORMAT, "created": _timestamp(), "config": search_config.to_dict(),
+        "objectives": {"refusal": "mean over harmful val prompts of the max refusal log-odds over the first "
+                                  f"{search_config.refusal_positions} response positions (teacher-forced)",
+                       "kl": "first-token KL on harmless val prompts", "kl_multi": f"KL averaged over {search_config.kl_tokens} tokens"},
+        "paper_trial": {"trial": records[0]["trial"] if records else None, "what": paper_note},
+        "harmless_original_refused": harmless_original, "n_val": {"harmful": len(data["harmful_val"]), "harmless": len(data["harmless_val"])},
+        "trials": records, "front": [p["trial"] for p in front], "confirmed": confirmed,
+        "chosen": {"trial": chosen["trial"], "rule": rule}, "timings": timings,
+    }
+    write_json(run.path / "search.json", result)
+    for stage_name, seconds in timings.items():
+        run.record_time(f"search_{stage_name}", seconds)
+    return result
+
+
+def export_trial(run: Run, chat: ChatModel, trial: int, out: Path, overwrite: bool = False) -> dict:
+    """Export one search trial's edit as a checkpoint (fidelity-checked against the edit in memory)."""
+    from .edits import EditParams, WeightEditor, source_direction
+
+    search_info = read_json(run.path / "search.json", "run `refusal search` first")
+    record = next((t for t in search_info["trials"] if t["trial"] == trial), None)
+    if record is None:
+        known = ", ".join(str(t) for t in search_info.get("front", []))
+        raise RefusalError(f"trial {trial} is not a finished trial of {run.path}; front trials: {known}")
+    params = EditParams.from_dict(record["params"])
+    candidates = Candidates.load(run.path / "candidates.safetensors")
+    unit = source_direction(candidates, params)
+    editor = WeightEditor(chat)
+    start = time.perf_counter()
+    metadata = {
+        "refusal_version": __version__, "created": _timestamp(), "source_model": run.info.get("model", {"source": run.config.model}),
+        "search_trial": {"trial": trial, "params": record["params"], "refusal": record["refusal"], "kl": record["kl"]},
+        "datasets": run.info.get("datasets", {}), "run": str(run.path.resolve()), "environment": environment(),
+    }
+    try:
+        result = export_model(chat, unit, out, metadata, overwrite=overwrite, edit=lambda: editor.trial(unit, params))
+    finally:
+        editor.close()
+    run.record_time("export", time.perf_counter() - start)
+    return result
+
+
+def search_summary(result: dict) -> dict:
+    """The part of search.json the report shows: every trial's objectives, the front, the confirmations."""
+    return {
+        "trials": [{k: t[k] for k in ("trial", "refusal", "kl", "kl_multi")} for t in result["trials"]],
+        "front": result["front"], "chosen": result["chosen"], "paper_trial": result["paper_trial"],
+        "confirmed": [{"trial": p["trial"], "refusal": p["refusal"], "kl": p["kl"], **p["confirmed"]} for p in result["confirmed"]],
+    }

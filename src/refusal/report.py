@@ -67,7 +67,7 @@ def validate_report(report: dict) -> None:
     _validate_rates("rates", report["rates"])
     if report.get("safety") is not None:
         _validate_rates("safety", report["safety"])
-    for key in ("direction", "settings", "kl", "ce_loss", "refusal_score", "selection", "projections", "cosine", "timings"):
+    for key in ("direction", "settings", "kl", "ce_loss", "refusal_score", "selection", "projections", "cosine", "timings", "search"):
         if report.get(key) is not None and not isinstance(report[key], dict):
             raise RefusalError(f"report {key!r} must be an object or null (got {type(report[key]).__name__})")
     if not isinstance(report.get("samples") or [], list):
@@ -383,11 +383,40 @@ def render_html(report: dict) -> str:
         _section("cosine", "Cosine similarity between the layers' candidate directions",
                  _img(_cosine_plot(cosine), "cosine similarity") if cosine else _missing("cosine similarity")),
         _section("samples", "Sample completions", _samples_html(report)),
+        _section("search", "Search: refusal score vs KL", _search_html(report)),
         _section("metadata", "Metadata", _metadata_html(report)),
     ]
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>Refusal report: {source}</title>\n'
             f"<style>{CSS}</style>\n</head>\n<body>\n<h1>Refusal report: {source}</h1>\n<p>Direction: "
             f"{_direction_text(report, _num)}. Created {_esc(report['created'])}.</p>\n{''.join(sections)}</body>\n</html>\n")
+
+
+def _search_plot(search: dict) -> str:
+    fig = _figure(6.0, 3.8)
+    ax = fig.add_subplot()
+    trials = {t["trial"]: t for t in search["trials"]}
+    ax.scatter([t["kl"] for t in trials.values()], [t["refusal"] for t in trials.values()], s=12, color="0.6", label="trial")
+    front = [trials[n] for n in search["front"] if n in trials]
+    ax.plot([t["kl"] for t in front], [t["refusal"] for t in front], "o-", color=COLORS["harmless"], ms=4, label="Pareto front")
+    for key, marker, label in (("paper_trial", "s", "paper's edit"), ("chosen", "*", "chosen")):
+        number = (search.get(key) or {}).get("trial")
+        if number in trials:
+            ax.scatter([trials[number]["kl"]], [trials[number]["refusal"]], marker=marker, s=90, color=COLORS["harmful"], label=label, zorder=3)
+    ax.set_xscale("symlog", linthresh=1e-3)
+    ax.set(xlabel="first-token KL on harmless prompts", ylabel="refusal score (log-odds)")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _search_html(report: dict) -> str:
+    search = report.get("search")
+    if not search:
+        return _missing("search (run `refusal search`)")
+    fields = ("trial", "refusal", "kl", "harmful_refused", "harmful_total", "harmless_refused", "harmless_total")
+    rows = [[_num(f"search.confirmed.{i}.{f}", p.get(f), "td") for f in fields] for i, p in enumerate(search.get("confirmed") or [])]
+    chosen = search.get("chosen") or {}
+    return (_img(_search_plot(search), "search trials") + f"<p>Chosen: trial {_num('search.chosen.trial', chosen.get('trial'))} "
+            f"({_esc(chosen.get('rule', ''))}). Confirmed front points (generation on validation prompts):</p>" + _table(list(fields), rows))
 
 
 # ---- Markdown ----------------------------------------------------------------------------------
@@ -419,6 +448,11 @@ def render_markdown(report: dict, samples_per_kind: int = 2, max_chars: int = 16
         lines += ["", f"## Unsafe rates (judge: {_md(safety.get('judge', '?'))})", "",
                   *_md_table(RATE_HEADER, _rate_rows("safety", safety, _plain))]
     lines += ["", "## Costs", "", *_md_table(COST_HEADER, _cost_rows(report, _plain))]
+    if search := report.get("search"):
+        fields = ("trial", "refusal", "kl", "harmful_refused", "harmful_total", "harmless_refused", "harmless_total")
+        rows = [[_plain(f"search.confirmed.{i}.{f}", p.get(f)) for f in fields] for i, p in enumerate(search.get("confirmed") or [])]
+        lines += ["", f"## Search (chosen: trial {_md((search.get('chosen') or {}).get('trial'))}; "
+                  f"paper's edit: trial {_md((search.get('paper_trial') or {}).get('trial'))})", "", *_md_table(list(fields), rows)]
     if timings := report.get("timings"):
         rows = [[_md(k), _plain(f"timings.{k}", v)] for k, v in timings.items()]
         lines += ["", "## Timings", "", *_md_table(["stage", "seconds"], rows)]

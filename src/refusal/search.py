@@ -1,0 +1,249 @@
+"""Search for the best refusals-vs-damage trade-off without generating text (docs/search.md).
+
+Each trial is an ``EditParams`` (source layer, strength kernels, variant) applied to the loaded
+model by ``WeightEditor`` and reverted afterwards. Two objectives, both from one teacher-forced
+forward pass per batch, with the original model's outputs cached once:
+
+- refusal: for each harmful validation prompt, the refusal log-odds at each of the first
+  ``refusal_positions`` response positions, teacher-forced on the original model's greedy prefix;
+  the prompt's score is the largest of them (a refusal may start a few tokens in); mean over prompts.
+- damage: KL(original || edited) on harmless validation prompts at the last prompt position
+  (first-token KL, the objective) and averaged over the first ``kl_tokens`` tokens of the original
+  model's greedy completion (multi-token KL, recorded).
+
+Optuna (multi-objective TPE, the ``search`` extra) proposes trials; its journal lives in the run
+directory so the same command resumes the study. The paper's edit (the selected direction, strength
+1 everywhere) is always the first trial, so the front can be compared with it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .activations import batches
+from .directions import Candidates
+from .edits import VARIANTS, EditParams, Kernel, WeightEditor, source_direction
+from .errors import RefusalError, check_finite
+from .generation import HFEngine
+from .model import ChatModel
+from .progress import log
+from .scoring import kl_divergence, refusal_score
+
+
+@dataclass
+class SearchConfig:
+    trials: int = 60
+    time_budget: float | None = 15 * 60.0  # seconds for the trials; None: no limit
+    seed: int = 0
+    refusal_positions: int = 3
+    kl_tokens: int = 8
+    variants: tuple[str, ...] = VARIANTS
+    positions: tuple[int, ...] = (-1,)
+    min_layer_fraction: float = 0.25  # source layers searched: this fraction .. 1 - prune fraction
+    max_layer_fraction: float = 0.8
+    kl_threshold: float = 0.05  # the choice rule: fewest confirmed refusals with first-token KL under this
+    confirm: int = 6  # front points confirmed by generation
+    batch_size: int = 16
+
+    def validate(self) -> None:
+        if self.trials < 1:
+            raise RefusalError(f"--trials must be at least 1 (got {self.trials})")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise RefusalError(f"--time-budget must be positive (got {self.time_budget:g} s)")
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown or not self.variants:
+            raise RefusalError(f"unknown edit variant {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
+        if not 0 <= self.min_layer_fraction < self.max_layer_fraction <= 1:
+            raise RefusalError("the searched layer range is empty; need 0 <= min layer fraction < max layer fraction <= 1")
+        if self.refusal_positions < 1 or self.kl_tokens < 1 or self.confirm < 1:
+            raise RefusalError("--refusal-positions, --kl-tokens and --confirm must be at least 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_duration(text: str) -> float:
+    """'20m', '90s', '1h', '300' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        value = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
+    except ValueError:
+        raise RefusalError(f"time budget {text!r} is not a duration like '20m', '90s' or '1h'") from None
+    if not value > 0:
+        raise RefusalError(f"time budget {text!r} must be positive")
+    return value
+
+
+# ---- objectives --------------------------------------------------------------------------------
+def _teacher_forced(chat: ChatModel, prompts: list[list[int]], continuations: list[list[int]], n: int) -> list[tuple[dict, torch.Tensor, torch.Tensor]]:
+    """Batches of prompt+continuation with, per row, the logit indices predicting the first n
+    continuation tokens (the first index is the last prompt token) and a validity mask."""
+    out = []
+    for rows in batches(list(range(len(prompts))), 16):
+        conts = [continuations[i][: n - 1] for i in rows]  # n predictions need n - 1 continuation tokens
+        batch = chat.pad([prompts[i] + c for i, c in zip(rows, conts)])
+        width = batch["input_ids"].shape[1]
+        index = torch.zeros(len(rows), n, dtype=torch.long)
+        mask = torch.zeros(len(rows), n, dtype=torch.bool)
+        for j, c in enumerate(conts):
+            start = width - len(c) - 1
+            index[j, : len(c) + 1] = torch.arange(start, start + len(c) + 1)
+            index[j, len(c) + 1:] = width - 1
+            mask[j, : len(c) + 1] = True
+        out.append((batch, index, mask))
+    return out
+
+
+def _gather(chat: ChatModel, batch: dict, index: torch.Tensor) -> torch.Tensor:
+    logits = chat.logits(batch, last_only=False).cpu()
+    return torch.gather(logits, 1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+
+
+class Objectives:
+    """The original model's prefixes and logits, cached once; ``measure`` scores the current weights."""
+
+    def __init__(self, chat: ChatModel, harmful: list[str], harmless: list[str], refusal_ids: list[int], config: SearchConfig):
+        self.chat, self.refusal_ids = chat, refusal_ids
+        engine = HFEngine(chat, config.batch_size, description="original prefixes")
+        n_prefix = max(config.refusal_positions, config.kl_tokens)
+        prefixes = engine.generate_ids(harmful + harmless, n_prefix)
+        enc = [chat.encode(x) for x in harmful + harmless]
+        self.harmful = _teacher_forced(chat, enc[: len(harmful)], prefixes[: len(harmful)], config.refusal_positions)
+        self.harmless = _teacher_forced(chat, enc[len(harmful):], prefixes[len(harmful):], config.kl_tokens)
+        self.reference = [torch.log_softmax(_gather(chat, b, i).double(), -1).float() for b, i, _ in self.harmless]
+
+    def measure(self) -> dict:
+        """Refusal score on harmful prompts and KL on harmless ones, for the model as it is now."""
+        scores = []
+        for batch, index, mask in self.harmful:
+            s = refusal_score(_gather(self.chat, batch, index), self.refusal_ids)
+            scores.append(s.masked_fill(~mask, -math.inf).max(1).values)
+        first, multi = [], []
+        for (batch, index, mask), ref in zip(self.harmless, self.reference):
+            kl = kl_divergence(ref, _gather(self.chat, batch, index))
+            first.extend(kl[:, 0].tolist())
+            multi.extend(((kl * mask).sum(1) / mask.sum(1)).tolist())
+        values = torch.tensor([torch.cat(scores).mean().item(), sum(first) / len(first), sum(multi) / len(multi)])
+        check_finite(values, "search objectives")
+        return {"refusal": float(values[0]), "kl": float(values[1]), "kl_multi": float(values[2])}
+
+
+# ---- the search space --------------------------------------------------------------------------
+def suggest(trial, n_layers: int, n_post: int, config: SearchConfig) -> EditParams:
+    """One point of the search space (docs/search.md)."""
+    low, high = config.min_layer_fraction * n_layers, config.max_layer_fraction * n_layers
+    kernels = {}
+    for part in ("attn", "mlp"):
+        peak = trial.suggest_float(f"{part}_peak", 0.0, 1.5)
+        kernels[part] = Kernel(peak=peak, centre=trial.suggest_float(f"{part}_centre", 0.0, n_layers - 1),
+                               width=trial.suggest_float(f"{part}_width", 1.0, float(n_layers)),
+                               floor=trial.suggest_float(f"{part}_floor_fraction", 0.0, 1.0) * peak)
+    position = trial.suggest_categorical("position", list(config.positions)) if len(config.positions) > 1 else config.positions[0]
+    variant = trial.suggest_categorical("variant", list(config.variants)) if len(config.variants) > 1 else config.variants[0]
+    return EditParams(layer=trial.suggest_float("layer", low, high), position=position, attn=kernels["attn"],
+                      mlp=kernels["mlp"], variant=variant)
+
+
+def paper_params(layer: int, position: int) -> EditParams:
+    """The paper's edit in this space: one direction, strength 1 for every writer."""
+    return EditParams(layer=float(layer), position=position, attn=Kernel(1.0), mlp=Kernel(1.0), variant="projection")
+
+
+def pareto_front(records: list[dict]) -> list[dict]:
+    """Records not dominated on (refusal, kl), sorted by kl."""
+    front = [r for r in records if not any(o["refusal"] <= r["refusal"] and o["kl"] <= r["kl"] and
+                                           (o["refusal"] < r["refusal"] or o["kl"] < r["kl"]) for o in records)]
+    return sorted(front, key=lambda r: (r["kl"], r["refusal"]))
+
+
+def run_trials(chat: ChatModel, candidates: Candidates, objectives: Objectives, config: SearchConfig, storage: str,
+               paper: EditParams, on_trial=None) -> list[dict]:
+    """Run (or resume) the study in ``storage`` until ``config.trials`` trials exist or the budget ends."""
+    try:
+        import optuna
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+    except ImportError:
+        raise RefusalError("the search needs optuna; install it with: pip install 'refusal[search]'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name="refusal-search", storage=JournalStorage(JournalFileBackend(storage)), load_if_exists=True,
+        directions=["minimize", "minimize"], sampler=optuna.samplers.TPESampler(seed=config.seed, multivariate=True, n_startup_trials=10),
+    )
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not study.trials:
+        study.enqueue_trial({"layer": paper.layer, "position": paper.position, "variant": "projection",
+                             "attn_peak": 1.0, "attn_centre": 0.0, "attn_width": float(candidates.n_layers), "attn_floor_fraction": 1.0,
+                             "mlp_peak": 1.0, "mlp_centre": 0.0, "mlp_width": float(candidates.n_layers), "mlp_floor_fraction": 1.0})
+    start = time.perf_counter()
+    editor = WeightEditor(chat)
+    try:
+        while len(done) < config.trials:
+            if config.time_budget is not None and time.perf_counter() - start > config.time_budget:
+                log(f"time budget reached after {len(done)} trials; keeping the best points so far")
+                break
+            trial = study.ask()
+            params = suggest(trial, candidates.n_layers, candidates.n_post, config)
+            if trial.number == 0:
+                params = paper  # exactly the paper's edit (the kernel above is flat at 1 anyway)
+            t0 = time.perf_counter()
+            with editor.trial(source_direction(candidates, params), params):
+                values = objectives.measure()
+            trial.set_user_attr("params", params.to_dict())
+            trial.set_user_attr("kl_multi", values["kl_multi"])
+            trial.set_user_attr("seconds", round(time.perf_counter() - t0, 3))
+            study.tell(trial, [values["refusal"], values["kl"]])
+            done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+            if on_trial:
+                on_trial(len(done), values)
+    finally:
+        editor.close()
+    return [{"trial": t.number, "refusal": t.values[0], "kl": t.values[1], "kl_multi": t.user_attrs["kl_multi"],
+             "seconds": t.user_attrs["seconds"], "params": t.user_attrs["params"]}
+            for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+# ---- confirmation and choice -------------------------------------------------------------------
+def confirm_points(chat: ChatModel, candidates: Candidates, points: list[dict], harmful: list[str], harmless: list[str],
+                   max_new_tokens: int, batch_size: int, phrases) -> list[dict]:
+    """Greedy generation + substring judge for each point (harmful and harmless prompts)."""
+    from .judges import is_refusal
+
+    engine = HFEngine(chat, batch_size, description="confirming")
+    stop = lambda text: is_refusal(text, phrases)
+    out = []
+    with WeightEditor(chat) as editor:
+        for point in points:
+            params = EditParams.from_dict(point["params"])
+            with editor.trial(source_direction(candidates, params), params):
+                counts = {kind: sum(is_refusal(t, phrases) for t in engine.generate(prompts, max_new_tokens, stop))
+                          for kind, prompts in (("harmful", harmful), ("harmless", harmless))}
+            out.append({**point, "confirmed": {"harmful_refused": counts["harmful"], "harmful_total": len(harmful),
+                                               "harmless_refused": counts["harmless"], "harmless_total": len(harmless)}})
+    return out
+
+
+def points_to_confirm(front: list[dict], config: SearchConfig) -> list[dict]:
+    """Front points under the KL threshold with the lowest refusal scores, then the lowest-KL rest."""
+    under = sorted((p for p in front if p["kl"] <= config.kl_threshold), key=lambda p: p["refusal"])
+    rest = [p for p in front if p["kl"] > config.kl_threshold]
+    return (under[: config.confirm] + rest)[: config.confirm]
+
+
+def choose(confirmed: list[dict], config: SearchConfig, harmless_original: int) -> tuple[dict, str]:
+    """The default choice: fewest confirmed harmful refusals with first-token KL under the threshold
+    and no more harmless refusals than the original model; ties go to the lower KL."""
+    if not confirmed:
+        raise RefusalError("the search front is empty: no trial finished; raise --trials or --time-budget")
+    key = lambda p: (p["confirmed"]["harmful_refused"], p["kl"])
+    ok = [p for p in confirmed if p["kl"] <= config.kl_threshold and p["confirmed"]["harmless_refused"] <= harmless_original]
+    if ok:
+        return min(ok, key=key), f"fewest confirmed refusals with KL <= {config.kl_threshold} and harmless refusals <= original"
+    under = [p for p in confirmed if p["kl"] <= config.kl_threshold]
+    if under:
+        return min(under, key=key), f"fewest confirmed refusals with KL <= {config.kl_threshold} (every such point refuses more harmless prompts than the original)"
+    return min(confirmed, key=lambda p: (p["kl"], p["confirmed"]["harmful_refused"])), f"no confirmed point has KL <= {config.kl_threshold}: lowest KL"

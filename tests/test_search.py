@@ -1,0 +1,93 @@
+"""The search on the model organism: better than the paper's point, resumable, bounded, exportable."""
+
+import json
+
+import pytest
+
+from refusal.cli import main
+from refusal.errors import RefusalError
+from refusal.pipeline import Run, RunConfig, export_trial, extract, search, select
+from refusal.search import SearchConfig, choose, parse_duration
+
+
+@pytest.fixture(scope="module")
+def organism_search_run(organism_dir, tmp_path_factory):
+    """extract + the paper's selection + a 24-trial search, on the organism (about 30 s)."""
+    from refusal.model import load_model
+    from refusal.progress import set_quiet
+
+    previous = set_quiet(True)
+    try:
+        config = RunConfig(model=str(organism_dir), harmful=str(organism_dir / "harmful.jsonl"),
+                           harmless=str(organism_dir / "harmless.jsonl"), n_val=32, n_test=54, max_new_tokens=16)
+        run = Run.create(tmp_path_factory.mktemp("search") / "run", config)
+        chat = load_model(str(organism_dir), device="cpu")
+        extract(run, chat)
+        select(run, chat)
+        result = search(run, chat, SearchConfig(trials=24, time_budget=None, confirm=4))
+    finally:
+        set_quiet(previous)
+    return run, chat, result
+
+
+def test_search_beats_the_papers_point(organism_search_run):
+    run, chat, result = organism_search_run
+    trials = {t["trial"]: t for t in result["trials"]}
+    paper = trials[result["paper_trial"]["trial"]]
+    assert result["paper_trial"]["what"].startswith("the paper's selection")
+    chosen = next(p for p in result["confirmed"] if p["trial"] == result["chosen"]["trial"])
+    c = chosen["confirmed"]
+    print(f"\norganism search: paper point KL {paper['kl']:.4f}; chosen trial {chosen['trial']}: KL {chosen['kl']:.4f}, "
+          f"harmful refused {c['harmful_refused']}/{c['harmful_total']}, harmless {c['harmless_refused']}/{c['harmless_total']}")
+    assert c["harmful_refused"] <= 0.1 * c["harmful_total"]  # >= 90% of the organism's refusals removed
+    assert chosen["kl"] < paper["kl"]
+    assert c["harmless_refused"] <= result["harmless_original_refused"]
+    saved = json.loads((run.path / "search.json").read_text())
+    assert len(saved["trials"]) == 24 and set(saved["front"]) <= set(trials)
+
+
+def test_resumed_search_continues_the_same_study(organism_search_run):
+    run, chat, first = organism_search_run
+    more = search(run, chat, SearchConfig(trials=27, time_budget=None, confirm=2))
+    numbers = [t["trial"] for t in more["trials"]]
+    assert len(numbers) == 27 and len(set(numbers)) == 27
+    before = {t["trial"]: (t["refusal"], t["kl"], t["params"]) for t in first["trials"]}
+    after = {t["trial"]: (t["refusal"], t["kl"], t["params"]) for t in more["trials"]}
+    assert all(after[n] == before[n] for n in before)  # earlier trials kept, none repeated
+
+
+def test_time_budget_stops_cleanly_with_the_best_point_so_far(organism_dir, tmp_path):
+    out = tmp_path / "run"
+    argv = ["search", "--model", str(organism_dir), "--harmful", str(organism_dir / "harmful.jsonl"),
+            "--harmless", str(organism_dir / "harmless.jsonl"), "--out", str(out), "--n-val", "16", "--n-test", "16",
+            "--max-new-tokens", "12", "--trials", "50", "--time-budget", "0.5s", "--confirm", "2", "--quiet"]
+    assert main(argv) == 0
+    result = json.loads((out / "search.json").read_text())
+    assert 1 <= len(result["trials"]) < 50 and result["chosen"]["trial"] in result["front"]
+    info = json.loads((out / "model" / "refusal.json").read_text())
+    assert info["search_trial"]["trial"] == result["chosen"]["trial"] and info["fidelity_max_abs_diff"] < 1e-3
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["search"]["chosen"] == result["chosen"] and "harmful_edited" in report["rates"]
+    assert 'id="search"' in (out / "report" / "report.html").read_text()
+
+
+def test_export_any_trial_of_the_front(organism_search_run, tmp_path):
+    run, chat, result = organism_search_run
+    trial = result["front"][-1]
+    assert main(["export", "--run", str(run.path), "--trial", str(trial), "--out", str(tmp_path / "m"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "m" / "refusal.json").read_text())["search_trial"]["trial"] == trial
+    assert main(["export", "--run", str(run.path), "--trial", "999", "--out", str(tmp_path / "n"), "--quiet"]) == 1
+    assert not (tmp_path / "n").exists()
+
+
+def test_bad_search_options_are_clear_errors(organism_dir, tmp_path, capsys):
+    base = ["search", "--model", str(organism_dir), "--out", str(tmp_path / "run"), "--quiet"]
+    for extra, message in ((["--time-budget=-5m"], "must be positive"), (["--time-budget", "soon"], "not a duration"),
+                           (["--variants", "sideways"], "unknown edit variant sideways"), (["--trials", "0"], "--trials must be at least 1")):
+        capsys.readouterr()
+        assert main(base + extra) == 1
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(RefusalError, match="front is empty"):
+        choose([], SearchConfig(), 0)
+    assert parse_duration("20m") == 1200 and parse_duration("90s") == 90 and parse_duration("1h") == 3600
