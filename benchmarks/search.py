@@ -1,0 +1,111 @@
+"""The search against the paper's selection, side by side on the same prompts (default model).
+
+    python benchmarks/search.py [--model demo] [--layers 8-18] [--positions -1] [--time-budget 12m]
+
+Stages: extract; the paper's selection (this project's implementation, restricted to --layers and
+--positions); the search (trial 0 is the paper's edit); then, on the built-in *test* split, for the
+unedited model, the paper's point and the search's choice: harmful and harmless refusals (substring
+judge, counts and 95% Wilson intervals), first-token and multi-token KL on harmless prompts. Prints
+wall time and peak RSS per stage. Not a test: it only measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from refusal.cli import _int_list, _join_negative_lists
+from refusal.directions import Candidates
+from refusal.edits import EditParams, WeightEditor, source_direction
+from refusal.evaluation import Condition, EvalSettings, evaluate
+from refusal.model import load_model
+from refusal.pipeline import Run, RunConfig, extract, run_data, search, select
+from refusal.progress import set_quiet
+from refusal.search import SearchConfig, parse_duration
+from refusal.selection import SelectionConfig
+from refusal.stats import format_rate
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--layers", type=_int_list, default=_int_list("8-18"))
+    parser.add_argument("--positions", type=_int_list, default=[-1])
+    parser.add_argument("--n-val", type=int, default=32)
+    parser.add_argument("--n-test", type=int, default=32)
+    parser.add_argument("--trials", type=int, default=200)
+    parser.add_argument("--time-budget", default="12m")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(_join_negative_lists(sys.argv[1:]))
+    set_quiet(True)
+    out = args.out or Path(tempfile.mkdtemp(prefix="refusal-search-")) / "run"
+    config = RunConfig(model=args.model, n_train=128, n_val=args.n_val, n_test=args.n_test,
+                       selection=SelectionConfig(layers=args.layers, positions=args.positions))
+    rows = []
+
+    def stage(name, fn):
+        start = time.perf_counter()
+        value = fn()
+        rows.append((name, time.perf_counter() - start, peak_rss_gb()))
+        print(f"{name:24s} {rows[-1][1]:8.1f} s   peak RSS {rows[-1][2]:5.2f} GB", flush=True)
+        return value
+
+    chat = stage("load model", lambda: load_model(args.model, device="cpu"))
+    run = Run.create(out, config, overwrite=True)
+    stage("extract", lambda: extract(run, chat))
+    stage("paper selection", lambda: select(run, chat))
+    search_config = SearchConfig(trials=args.trials, time_budget=parse_duration(args.time_budget))
+    result = stage("search (trials+confirm)", lambda: search(run, chat, search_config))
+
+    trials = {t["trial"]: t for t in result["trials"]}
+    paper, chosen = trials[result["paper_trial"]["trial"]], trials[result["chosen"]["trial"]]
+    candidates = Candidates.load(run.path / "candidates.safetensors")
+    data = run_data(config)
+    editor = WeightEditor(chat)
+
+    def edited(record):
+        params = EditParams.from_dict(record["params"])
+        unit = source_direction(candidates, params)
+        return lambda: editor.trial(unit, params)
+
+    conditions = [Condition("original", chat), Condition("paper", chat, edited(paper)), Condition("search", chat, edited(chosen))]
+    test = stage("test-split evaluation", lambda: evaluate(conditions, {"harmful": data["harmful_test"], "harmless": data["harmless_test"]},
+                                                          EvalSettings(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                                                                       kl_tokens=16, ce_max_tokens=0)))
+    editor.close()
+
+    print()
+    print(f"model {args.model}; paper selection over layers {args.layers[0]}-{args.layers[-1]}, positions {args.positions}; "
+          f"{len(trials)} search trials on {args.n_val}+{args.n_val} validation prompts; test split {args.n_test}+{args.n_test}")
+    confirmed = {p["trial"]: p["confirmed"] for p in result["confirmed"]}
+    print("\nfront (validation): trial, refusal score, first-token KL, multi-token KL, confirmed harmful/harmless refused")
+    for n in result["front"]:
+        t, c = trials[n], confirmed.get(n)
+        note = " <- chosen" if n == chosen["trial"] else ""
+        counts = f"{c['harmful_refused']}/{c['harmful_total']}, {c['harmless_refused']}/{c['harmless_total']}" if c else "-"
+        print(f"  {n:4d} {t['refusal']:8.3f} {t['kl']:8.4f} {t['kl_multi']:8.4f}  {counts}{note}")
+    print(f"  paper's edit (trial {paper['trial']}): refusal {paper['refusal']:.3f}, KL {paper['kl']:.4f}, multi-token {paper['kl_multi']:.4f}")
+    print(f"  chosen params: {chosen['params']}")
+    print("\ntest split                      harmful refused                 harmless refused               KL first   KL multi")
+    for name in ("original", "paper", "search"):
+        h, l = test["rates"][f"harmful_{name}"], test["rates"][f"harmless_{name}"]
+        kl = test["kl"].get(name)
+        kls = f"{kl['first_token']['mean']:9.4f}  {kl['multi_token']['mean']:9.4f}" if kl else "        -          -"
+        print(f"  {name:10s} {format_rate(h['refused'], h['total']):>32s} {format_rate(l['refused'], l['total']):>32s} {kls}")
+    search_seconds = sum(r[1] for r in rows if r[0] in ("extract", "search (trials+confirm)"))
+    print(f"\nextract + search: {search_seconds:.0f} s; total {sum(r[1] for r in rows):.0f} s; peak RSS {peak_rss_gb():.2f} GB; run {out}")
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()
