@@ -94,10 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p); _data_options(p); _common(p)
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<model name>-search)")
     p.add_argument("--trials", type=int, default=60, help="finished trials to reach (a resumed study counts its earlier ones)")
-    p.add_argument("--time-budget", default="15m", help="stop starting trials after this long, e.g. 20m, 90s, 1h; 'none' for no limit")
+    p.add_argument("--time-budget", default="12m", help="stop starting trials after this long, e.g. 20m, 90s, 1h; 'none' for no limit")
     p.add_argument("--variants", default="projection,norm_preserving,biprojected", help="edit variants to search")
     p.add_argument("--max-kl", type=float, default=0.05, help="choice rule: fewest confirmed refusals with first-token KL under this")
-    p.add_argument("--confirm", type=int, default=6, help="front points confirmed by generation")
+    p.add_argument("--confirm", type=int, default=4, help="front points confirmed by generation")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--no-export", action="store_true", help="skip writing RUN/model")
 

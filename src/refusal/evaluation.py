@@ -121,7 +121,7 @@ def corpus_chunks(chat: ChatModel, texts: list[str], max_tokens: int, max_length
     return chunks
 
 
-def cross_entropy(condition: Condition, chunks: list[list[int]], batch_size: int = 8) -> dict:
+def cross_entropy(condition: Condition, chunks: list[list[int]], batch_size: int = 4) -> dict:
     """Mean next-token cross-entropy (nats per predicted token) of the corpus chunks."""
     if not chunks:
         raise RefusalError("the cross-entropy corpus has no text; give a corpus file with some sentences in it")
@@ -129,11 +129,11 @@ def cross_entropy(condition: Condition, chunks: list[list[int]], batch_size: int
     for group in track(batches(chunks, batch_size), f"cross-entropy ({condition.name})"):
         batch = condition.chat.pad(group)
         with condition.context():
-            logits = condition.chat.logits(batch, last_only=False).cpu().double()
+            logits = condition.chat.logits(batch, last_only=False).cpu()
         ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
         valid = mask[:, 1:] & mask[:, :-1]
-        total += float(nll[valid].sum())
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1][valid], ids[:, 1:][valid], reduction="none")  # float32 per token
+        total += float(nll.double().sum())
         count += int(valid.sum())
     loss = total / count
     if loss != loss or loss == float("inf"):
@@ -213,7 +213,7 @@ def evaluate(conditions: list[Condition], prompts: dict[str, list[str]], setting
             result["kl"][condition.name] = kl_costs(original, condition, prompts["harmless"], original_ids, settings.batch_size)
     if corpus and settings.ce_max_tokens > 0:
         chunks = corpus_chunks(original.chat, corpus, settings.ce_max_tokens, settings.ce_max_length)
-        losses = {c.name: cross_entropy(c, chunks, settings.batch_size) for c in [original, *edits]}
+        losses = {c.name: cross_entropy(c, chunks) for c in [original, *edits]}
         result["ce_loss"] = {"loss": {k: v["loss"] for k, v in losses.items()}, "tokens": losses["original"]["tokens"], "corpus": corpus_name}
     result["samples"] = _samples(result["completions"], prompts, settings.samples_per_kind)
     return result

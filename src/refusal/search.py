@@ -37,7 +37,7 @@ from .scoring import kl_divergence, refusal_score
 @dataclass
 class SearchConfig:
     trials: int = 60
-    time_budget: float | None = 15 * 60.0  # seconds for the trials; None: no limit
+    time_budget: float | None = 12 * 60.0  # seconds for the trials; None: no limit
     seed: int = 0
     refusal_positions: int = 3
     kl_tokens: int = 8
@@ -46,7 +46,7 @@ class SearchConfig:
     min_layer_fraction: float = 0.25  # source layers searched: this fraction .. 1 - prune fraction
     max_layer_fraction: float = 0.8
     kl_threshold: float = 0.05  # the choice rule: fewest confirmed refusals with first-token KL under this
-    confirm: int = 6  # front points confirmed by generation
+    confirm: int = 4  # front points confirmed by generation
     batch_size: int = 16
 
     def validate(self) -> None:
