@@ -151,3 +151,9 @@ def test_evaluate_rejects_bad_input_before_writing_anything(finished_run, model_
     assert main(["evaluate", "--model", str(model_dir), "--add", str(finished_run), "--out", str(out), *FAST]) == 0
     report = json.loads((out / "report.json").read_text())
     assert set(report["rates"]) == {"harmful_original", "harmless_original", "harmless_added"} and report["kl"] == {}
+
+
+def test_run_without_out_writes_to_runs_named_after_the_model(model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--model", str(model_dir), "--no-export", *FAST]) == 0
+    assert (tmp_path / "runs" / model_dir.name / "report" / "report.json").is_file()
