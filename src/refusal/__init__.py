@@ -2,7 +2,7 @@
 
 The public API mirrors the pipeline: load a model, compute candidate directions from harmful and
 harmless instructions, select one, then ablate/add it with hooks or orthogonalize the weights and
-export a checkpoint.
+export a checkpoint; evaluate an edit against the original; apply parametrised edits and revert them.
 """
 
 __version__ = "0.1.0"
@@ -11,8 +11,10 @@ from .activations import collect_activations, mean_activations
 from .data import load_builtin, load_prompts
 from .directions import Candidates, Direction, compute_candidates
 from .errors import FidelityError, RefusalError, UnsupportedModelError
+from .edits import EditParams, Kernel, WeightEditor
+from .evaluation import Condition, EvalSettings, evaluate
 from .export import export_model, fidelity_check
-from .generation import generate
+from .generation import HFEngine, generate
 from .interventions import ablate, add
 from .judges import is_refusal
 from .model import ChatModel, load_model, wrap_model
@@ -21,7 +23,8 @@ from .selection import SelectionConfig, score_candidates, select_direction
 from .weights import orthogonalize_weights, orthogonalized
 
 __all__ = [
-    "Candidates", "ChatModel", "Direction", "FidelityError", "RefusalError", "SelectionConfig", "UnsupportedModelError",
+    "Candidates", "ChatModel", "Condition", "Direction", "EditParams", "EvalSettings", "FidelityError", "HFEngine", "Kernel",
+    "WeightEditor", "evaluate", "RefusalError", "SelectionConfig", "UnsupportedModelError",
     "ablate", "add", "collect_activations", "compute_candidates", "export_model", "fidelity_check", "generate", "is_refusal",
     "kl_divergence", "load_builtin", "load_model", "load_prompts", "mean_activations", "orthogonalize_weights", "orthogonalized",
     "refusal_score", "score_candidates", "select_direction", "wrap_model",
