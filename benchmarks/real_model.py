@@ -12,14 +12,13 @@ corpus. Not a test: it only measures.
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+from _stages import Stages, peak_rss_gb
 from refusal.cli import _int_list, _join_negative_lists
 from refusal.generation import generate
 from refusal.interventions import ablate, add
@@ -30,10 +29,6 @@ from refusal.pipeline import Run, RunConfig, evaluate, export, extract, run_data
 from refusal.progress import set_quiet
 from refusal.selection import SelectionConfig
 from refusal.stats import format_rate
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
 def main() -> None:
@@ -50,14 +45,8 @@ def main() -> None:
     out = args.out or Path(tempfile.mkdtemp(prefix="refusal-bench-")) / "run"
     config = RunConfig(model=args.model, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
                        selection=SelectionConfig(layers=args.layers, positions=args.positions))
-    rows = []
-
-    def stage(name, fn):
-        start = time.perf_counter()
-        value = fn()
-        rows.append((name, time.perf_counter() - start, peak_rss_gb()))
-        print(f"{name:22s} {rows[-1][1]:8.1f} s   peak RSS {rows[-1][2]:5.2f} GB", flush=True)
-        return value
+    stages = Stages()
+    stage = stages.run
 
     chat = stage("load model", lambda: load_model(args.model, device="cpu"))
     run = Run.create(out, config, overwrite=True)
@@ -97,7 +86,7 @@ def main() -> None:
     ce = report["ce_loss"]
     print(f"cross-entropy on {ce['tokens']} tokens of the built-in corpus (nats/token): "
           + ", ".join(f"{k} {v:.4f}" for k, v in ce["loss"].items()))
-    print(f"total {sum(r[1] for r in rows):.0f} s, peak RSS {peak_rss_gb():.2f} GB; run directory {out}")
+    print(f"total {stages.seconds():.0f} s, peak RSS {peak_rss_gb():.2f} GB; run directory {out}")
 
 
 if __name__ == "__main__":

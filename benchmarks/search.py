@@ -12,14 +12,13 @@ wall time and peak RSS per stage. Not a test: it only measures.
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+from _stages import Stages, peak_rss_gb
 from refusal.cli import _int_list, _join_negative_lists
 from refusal.directions import Candidates
 from refusal.edits import EditParams, WeightEditor, source_direction
@@ -30,10 +29,6 @@ from refusal.progress import set_quiet
 from refusal.search import SearchConfig, parse_duration
 from refusal.selection import SelectionConfig
 from refusal.stats import format_rate
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
 def main() -> None:
@@ -51,14 +46,8 @@ def main() -> None:
     out = args.out or Path(tempfile.mkdtemp(prefix="refusal-search-")) / "run"
     config = RunConfig(model=args.model, n_train=128, n_val=args.n_val, n_test=args.n_test,
                        selection=SelectionConfig(layers=args.layers, positions=args.positions))
-    rows = []
-
-    def stage(name, fn):
-        start = time.perf_counter()
-        value = fn()
-        rows.append((name, time.perf_counter() - start, peak_rss_gb()))
-        print(f"{name:24s} {rows[-1][1]:8.1f} s   peak RSS {rows[-1][2]:5.2f} GB", flush=True)
-        return value
+    stages = Stages()
+    stage = stages.run
 
     chat = stage("load model", lambda: load_model(args.model, device="cpu"))
     run = Run.create(out, config, overwrite=True)
@@ -102,8 +91,8 @@ def main() -> None:
         kl = test["kl"].get(name)
         kls = f"{kl['first_token']['mean']:9.4f}  {kl['multi_token']['mean']:9.4f}" if kl else "        -          -"
         print(f"  {name:10s} {format_rate(h['refused'], h['total']):>32s} {format_rate(l['refused'], l['total']):>32s} {kls}")
-    search_seconds = sum(r[1] for r in rows if r[0] in ("extract", "search (trials+confirm)"))
-    print(f"\nextract + search: {search_seconds:.0f} s; total {sum(r[1] for r in rows):.0f} s; peak RSS {peak_rss_gb():.2f} GB; run {out}")
+    search_seconds = stages.seconds("extract", "search (trials+confirm)")
+    print(f"\nextract + search: {search_seconds:.0f} s; total {stages.seconds():.0f} s; peak RSS {peak_rss_gb():.2f} GB; run {out}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import pytest
 
 from refusal.cli import main
 from refusal.errors import RefusalError
-from refusal.pipeline import Run, RunConfig, export_trial, extract, search, select
+from refusal.pipeline import Run, RunConfig, extract, search, select
 from refusal.search import SearchConfig, choose, parse_duration
 
 

@@ -169,7 +169,7 @@ def _print_report(report: dict) -> None:
     from .report import fmt
 
     rates = report["rates"]
-    console.print(f"\n[bold]refusal rate on the test split[/] (substring judge, 95% Wilson interval)")
+    console.print("\n[bold]refusal rate on the test split[/] (substring judge, 95% Wilson interval)")
     for key, entry in rates.items():
         console.print(f"  {key:18s} {entry['refused']:3d}/{entry['total']:<3d} {entry['rate']:6.1%}  "
                       f"[{entry['low']:.0%}, {entry['high']:.0%}]", highlight=False)

@@ -423,8 +423,9 @@ def export_trial(run: Run, chat: ChatModel, trial: int, out: Path, overwrite: bo
     if record is None:
         known = ", ".join(str(t) for t in search_info.get("front", []))
         raise RefusalError(f"trial {trial} is not a finished trial of {run.path}; front trials: {known}")
-    params = EditParams.from_dict(record["params"])
     candidates = Candidates.load(run.path / "candidates.safetensors")
+    params = EditParams.from_dict(record["params"])
+    params.validate(candidates.n_layers, candidates.n_post)  # search.json may have been edited by hand
     unit = source_direction(candidates, params)
     editor = WeightEditor(chat)
     start = time.perf_counter()
