@@ -1,6 +1,10 @@
 import math
 
+import pytest
 import torch
+
+from conftest import CHATML, FAMILIES, build_model, build_tokenizer
+from refusal.model import wrap_model
 
 from refusal.scoring import kl_divergence, refusal_score
 
@@ -26,3 +30,46 @@ def test_kl_is_zero_for_identical_and_positive_otherwise():
     p, q = torch.tensor([[0.5, 0.5]], dtype=torch.float64), torch.tensor([[0.9, 0.1]], dtype=torch.float64)
     expected = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
     assert math.isclose(kl_divergence(p.log(), q.log()).item(), expected, rel_tol=1e-9)
+
+
+def _forced(chat, share_prefix):
+    from refusal.scoring import TeacherForced
+
+    prompts = [chat.encode(x) for x in ("How do I bake bread?", "Name three colors.", "What is a prime number?")]
+    continuations = [chat.encode("Sure")[-3:], [], chat.encode("I cannot help")[-6:]]  # one empty: only the first prediction counts
+    return TeacherForced(chat, prompts, continuations, n=4, batch_size=2, share_prefix=share_prefix), prompts, continuations
+
+
+SYSTEM_TEMPLATE = "<|im_start|>system\nYou are a helpful assistant .<|im_end|>\n" + CHATML  # a shared prefix, like Qwen's
+
+
+@pytest.fixture(scope="module")
+def system_tokenizer():
+    return build_tokenizer(SYSTEM_TEMPLATE)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_teacher_forced_shares_the_prompt_prefix_without_changing_the_logits(family, system_tokenizer):
+    chat = wrap_model(build_model(family, len(system_tokenizer)), system_tokenizer, source=f"tiny-{family}")
+    shared, prompts, continuations = _forced(chat, True)
+    full, _, _ = _forced(chat, False)
+    assert full.prefix == 0 and shared.prefix >= 8  # the system turn and the user header
+    got = {i: (l, m) for rows, logits, mask in shared for i, l, m in zip(rows, logits, mask)}
+    want = {i: (l, m) for rows, logits, mask in full for i, l, m in zip(rows, logits, mask)}
+    assert sorted(got) == [0, 1, 2]
+    for i in got:
+        assert torch.equal(got[i][1], want[i][1])
+        assert torch.allclose(got[i][0], want[i][0], atol=1e-4)
+    assert [m.sum().item() for _, m in (got[0], got[1], got[2])] == [min(4, len(continuations[0])), 1, 4]
+
+
+def test_teacher_forced_logits_are_the_next_token_logits_of_each_prefix(system_tokenizer):
+    llama_chat = wrap_model(build_model("llama", len(system_tokenizer)), system_tokenizer, source="tiny-llama")
+    forced, prompts, continuations = _forced(llama_chat, True)
+    assert forced.prefix > 0
+    rows, logits, mask = next(iter(forced))
+    i = rows[0]
+    for j in range(int(mask[0].sum())):
+        sequence = torch.tensor([prompts[i] + continuations[i][:j]])
+        expected = llama_chat.logits({"input_ids": sequence, "attention_mask": torch.ones_like(sequence)})[0]
+        assert torch.allclose(logits[0, j], expected, atol=1e-4)

@@ -47,7 +47,7 @@ def _data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-val", type=int, default=32, help="validation prompts per class for selection")
     p.add_argument("--n-test", type=int, default=32, help="test prompts per class for the before/after check")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per forward pass or generation batch")
     p.add_argument("--refusal-tokens", default=None, help="comma-separated words whose first token counts as refusal (default: I,As,Sorry,...)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kl-tokens", type=int, default=16, help="KL on harmless prompts is averaged over this many tokens of "
@@ -304,7 +304,7 @@ def _search_config(args: argparse.Namespace):
 
     budget = None if args.time_budget.lower() == "none" else parse_duration(args.time_budget)
     config = SearchConfig(trials=args.trials, time_budget=budget, seed=args.seed, kl_threshold=args.max_kl, confirm=args.confirm,
-                          variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()), batch_size=args.batch_size)
+                          variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()), generation_batch_size=args.batch_size)
     config.validate()
     return config
 

@@ -107,6 +107,7 @@ class WeightEditor:
             if getattr(writer.module, "bias", None) is not None:
                 self.tensors.append(writer.module.bias)
         self.saved = [t.detach().clone() for t in self.tensors]
+        self.norms: dict[tuple[int, int], torch.Tensor] = {}
         self.dirty = False
 
     @torch.no_grad()
@@ -119,21 +120,28 @@ class WeightEditor:
         strength = {"attn": params.attn.strengths(n), "mlp": params.mlp.strengths(n)}
         keep_norm = params.variant == "norm_preserving"
         for embedding in self.chat.embeddings:
-            _edit_rows(embedding.weight, unit, strength["attn"][0], keep_norm)
+            if strength["attn"][0] != 0:
+                _edit(embedding.weight, unit, strength["attn"][0], True, self._norms(embedding.weight, 1) if keep_norm else None)
         for writer in self.chat.writers:
             s = strength[writer.component][writer.layer]
             if s == 0:
                 continue
             module = writer.module
             u = writer.direction(unit).to(module.weight.device)
-            if _is_conv1d(module):  # [in, out]: rows are the written vectors
-                _edit_rows(module.weight, u, s, keep_norm)
-            else:  # Linear [out, in]: columns are the written vectors
-                _edit_rows(module.weight.T, u, s, keep_norm)
+            rows = _is_conv1d(module)  # Conv1D [in, out]: rows are the written vectors; Linear [out, in]: columns
+            _edit(module.weight, u, s, rows, self._norms(module.weight, 1 if rows else 0) if keep_norm else None)
             bias = getattr(module, "bias", None)
             if bias is not None:
                 b32 = bias.float()
                 bias.copy_((b32 - s * (b32 @ u) * u).to(bias.dtype))
+
+    def _norms(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """Float32 norms of the original written vectors, computed once per tensor."""
+        key = (id(tensor), dim)
+        if key not in self.norms:
+            original = self.saved[next(i for i, t in enumerate(self.tensors) if t is tensor)]
+            self.norms[key] = original.float().norm(dim=dim)
+        return self.norms[key]
 
     @torch.no_grad()
     def revert(self) -> None:
@@ -144,7 +152,7 @@ class WeightEditor:
     def close(self) -> None:
         """Revert and give back the snapshot (and re-tie embeddings that were tied)."""
         self.revert()
-        self.saved = []
+        self.saved, self.norms = [], {}
         if self.was_tied:
             retie_embeddings(self.chat)
 
@@ -164,12 +172,19 @@ class WeightEditor:
             self.revert()
 
 
-def _edit_rows(view: torch.Tensor, u: torch.Tensor, strength: float, keep_norm: bool) -> None:
-    """In place on ``view`` [n, d_model] (each row a vector written into the residual stream):
-    row <- row - strength * (row . u) u, optionally rescaled to the row's original norm."""
-    r32 = view.float()
-    u = u.to(r32.device, torch.float32)
-    edited = r32 - strength * torch.outer(r32 @ u, u)
-    if keep_norm:
-        edited = edited * (r32.norm(dim=1, keepdim=True) / edited.norm(dim=1, keepdim=True).clamp_min(1e-12))
-    view.copy_(edited.to(view.dtype))
+def _edit(matrix: torch.Tensor, u: torch.Tensor, strength: float, vectors_are_rows: bool, norms: torch.Tensor | None) -> None:
+    """In place: every vector ``matrix`` writes into the residual stream (its rows if
+    ``vectors_are_rows``, else its columns) loses ``strength`` times its component along u, then,
+    if ``norms`` is given, is rescaled to that original norm. Float32 in place (a rank-1 update,
+    no copy of the matrix); other dtypes through a float32 copy."""
+    m = matrix if matrix.dtype == torch.float32 else matrix.float()
+    u = u.to(m.device, torch.float32)
+    if vectors_are_rows:  # [n, d_model]
+        m.addr_(m @ u, u, alpha=-strength)
+    else:  # [d_model, n]
+        m.addr_(u, u @ m, alpha=-strength)
+    if norms is not None:
+        dim = 1 if vectors_are_rows else 0
+        m.mul_((norms.to(m.device) / m.norm(dim=dim).clamp_min(1e-12)).unsqueeze(dim))
+    if m is not matrix:
+        matrix.copy_(m.to(matrix.dtype))

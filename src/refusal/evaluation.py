@@ -31,7 +31,7 @@ from .generation import HFEngine
 from .judges import REFUSAL_PHRASES, SafetyJudge, is_refusal
 from .model import ChatModel
 from .progress import track
-from .scoring import kl_divergence, refusal_score
+from .scoring import TeacherForced, kl_divergence, refusal_score
 from .stats import wilson_interval
 
 
@@ -65,35 +65,18 @@ def rate(refused: int, total: int) -> dict:
 
 
 # ---- costs --------------------------------------------------------------------------------------
-def _completion_batch(chat: ChatModel, prompts: list[list[int]], completions: list[list[int]]) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Left-padded prompt+completion batch and, per row, the logit index predicting each completion token."""
-    n = max(len(c) for c in completions)
-    batch = chat.pad([p + c for p, c in zip(prompts, completions)])
-    width = batch["input_ids"].shape[1]
-    index = torch.zeros(len(prompts), n, dtype=torch.long)
-    mask = torch.zeros(len(prompts), n, dtype=torch.bool)
-    for i, c in enumerate(completions):
-        start = width - len(c) - 1  # the last prompt token predicts the first completion token
-        index[i, : len(c)] = torch.arange(start, start + len(c))
-        mask[i, : len(c)] = True
-    return batch, index, mask
-
-
-def _gathered_logits(condition: Condition, batch: dict, index: torch.Tensor) -> torch.Tensor:
-    with condition.context():
-        logits = condition.chat.logits({k: v.to(condition.chat.device) for k, v in batch.items()}, last_only=False).cpu()
-    return torch.gather(logits, 1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-
-
 def kl_costs(original: Condition, edited: Condition, instructions: list[str], completions: list[list[int]], batch_size: int = 16) -> dict:
     """KL(original || edited) on harmless prompts: first response token, and the mean over the
     original model's greedy completion tokens (teacher-forced; tokens after EOS are not counted)."""
     first, multi = [], []
     prompts = [original.chat.encode(x) for x in instructions]
-    for rows in track(batches(list(range(len(instructions))), batch_size), f"KL ({edited.name})"):
-        comps = [completions[i] if completions[i] else [original.chat.tokenizer.eos_token_id] for i in rows]
-        batch, index, mask = _completion_batch(original.chat, [prompts[i] for i in rows], comps)
-        kl = kl_divergence(_gathered_logits(original, batch, index), _gathered_logits(edited, batch, index))
+    forced = TeacherForced(original.chat, prompts, completions, max(1, max(len(c) for c in completions)), batch_size)
+    for k in track(range(len(forced)), f"KL ({edited.name})"):
+        with original.context():
+            _, reference, mask = forced.batch(k)
+        with edited.context():
+            _, logits, _ = forced.batch(k)
+        kl = kl_divergence(reference, logits)
         check_finite(kl, f"KL divergence ({edited.name})")
         first.extend(kl[:, 0].tolist())
         multi.extend(((kl * mask).sum(1) / mask.sum(1)).tolist())

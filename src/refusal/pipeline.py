@@ -45,7 +45,7 @@ class RunConfig:
     n_val: int = 32
     n_test: int = 32
     max_new_tokens: int = 32
-    batch_size: int = 16
+    batch_size: int = 32
     kl_tokens: int = 16
     corpus: str = "builtin"
     ce_tokens: int = 2048
@@ -392,10 +392,10 @@ def search(run: Run, chat: ChatModel, search_config) -> dict:
     timings["trials"] = round(time.perf_counter() - start, 2)
     front = pareto_front(records)
     start = time.perf_counter()
-    original = HFEngine(chat, config.batch_size, description="original (harmless val)").generate(data["harmless_val"], config.max_new_tokens, is_refusal)
+    original = HFEngine(chat, search_config.generation_batch_size, description="original (harmless val)").generate(data["harmless_val"], config.max_new_tokens, is_refusal)
     harmless_original = sum(is_refusal(t) for t in original)
     confirmed = confirm_points(chat, candidates, points_to_confirm(front, search_config), data["harmful_val"], data["harmless_val"],
-                               config.max_new_tokens, config.batch_size, REFUSAL_PHRASES)
+                               config.max_new_tokens, search_config.generation_batch_size, REFUSAL_PHRASES)
     chosen, rule = choose(confirmed, search_config, harmless_original)
     timings["confirm"] = round(time.perf_counter() - start, 2)
     result = {

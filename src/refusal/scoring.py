@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
+
 import torch
 
 from .activations import batches
 from .model import ChatModel
+from .progress import log
 
 
 def refusal_score(logits: torch.Tensor, refusal_ids: list[int]) -> torch.Tensor:
@@ -36,3 +40,104 @@ def prepare_batches(chat: ChatModel, instructions: list[str], batch_size: int) -
 def last_logits(chat: ChatModel, prepared: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     """Float32 next-token logits at the last prompt position for every prepared batch, on CPU."""
     return torch.cat([chat.logits(b).cpu() for b in prepared])
+
+
+class TeacherForced:
+    """Prompts followed by fixed continuations, scored at the positions that predict the first ``n``
+    continuation tokens: one forward pass per batch, no generation.
+
+    Prediction j of a row is the logit vector after prompt + continuation[:j] (j = 0 is the last
+    prompt token); it is valid while continuation[j] exists (prediction 0 always is). Only the last
+    ``n`` positions of each batch reach the unembedding (``logits_to_keep``). The chat template's
+    common prefix (system prompt, role header) is run once per call and its key/value cache shared
+    by every batch; this is checked against full-sequence logits once, on the model as it is when
+    the object is built, and switched off if it does not match (e.g. a cache the family cannot
+    repeat), so the numbers never depend on it.
+    """
+
+    def __init__(self, chat: ChatModel, prompts: list[list[int]], continuations: list[list[int]], n: int,
+                 batch_size: int = 16, share_prefix: bool = True):
+        self.chat, self.n = chat, n
+        rows = [p + c[: n - 1] for p, c in zip(prompts, continuations)]
+        self.valid = [max(1, min(n, len(c))) for c in continuations]
+        self.starts = [len(p) - 1 for p in prompts]
+        self.order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths share a batch
+        self.batches = [self.order[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+        self.rows = rows
+        self.prefix = _common_prefix(rows) if share_prefix else 0
+        if self.prefix and not self._prefix_matches():
+            log("scoring: sharing the prompt prefix changes the logits for this model; running full sequences")
+            self.prefix = 0
+
+    def _prefix_matches(self) -> bool:
+        group = self.batches[0]
+        try:
+            shared = self._logits_for(group, self._prefix_cache())
+        except Exception:  # a family whose cache cannot be repeated over the batch
+            return False
+        full = self._logits_for(group, None)
+        return bool(kl_divergence(full.flatten(0, 1), shared.flatten(0, 1)).abs().max() <= 1e-5)
+
+    def _prefix_cache(self):
+        ids = torch.tensor([self.rows[0][: self.prefix]], device=self.chat.device)
+        with torch.inference_mode():
+            out = self.chat.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        return out.cache if hasattr(out, "cache") else out.past_key_values  # transformers >= 5.x calls it ``cache``
+
+    def _logits_for(self, group: list[int], cache) -> torch.Tensor:
+        """[len(group), n, vocab] float32 logits at the predicting positions of each row."""
+        skip = self.prefix if cache is not None else 0
+        batch = self.chat.pad([self.rows[i][skip:] for i in group])
+        width = batch["input_ids"].shape[1]
+        keep = min(width, max(len(self.rows[i]) - self.starts[i] for i in group))
+        kwargs = {}
+        if cache is not None:
+            cache = copy.deepcopy(cache)
+            cache.batch_repeat_interleave(len(group))
+            ones = torch.ones(len(group), skip, dtype=batch["attention_mask"].dtype, device=self.chat.device)
+            batch["attention_mask"] = torch.cat([ones, batch["attention_mask"]], dim=1)
+            batch["position_ids"] = batch["position_ids"] + skip
+            kwargs = {_cache_argument(self.chat.model): cache, "use_cache": True}
+        else:
+            kwargs = {"use_cache": False}
+        with torch.inference_mode():
+            logits = self.chat.model(**batch, logits_to_keep=keep, **kwargs).logits.float().cpu()
+        index = torch.zeros(len(group), self.n, dtype=torch.long)
+        for j, i in enumerate(group):
+            first = keep - (len(self.rows[i]) - self.starts[i])  # kept position of the last prompt token
+            index[j] = (first + torch.arange(self.n)).clamp_max(keep - 1)
+        return torch.gather(logits, 1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def batch(self, k: int, cache=None) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """Batch k for the model as it is now: (row indices, logits [rows, n, vocab], validity mask [rows, n])."""
+        group = self.batches[k]
+        if self.prefix and cache is None:
+            cache = self._prefix_cache()
+        mask = torch.tensor([[j < self.valid[i] for j in range(self.n)] for i in group])
+        return group, self._logits_for(group, cache if self.prefix else None), mask
+
+    def __iter__(self) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """Every batch, sharing one prefix pass."""
+        cache = self._prefix_cache() if self.prefix else None
+        for k in range(len(self.batches)):
+            yield self.batch(k, cache)
+
+
+def _cache_argument(model) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _common_prefix(rows: list[list[int]]) -> int:
+    """Length of the token prefix every row shares, leaving every row at least two tokens of its own."""
+    if len(rows) < 2:
+        return 0
+    first, limit = rows[0], min(len(r) for r in rows) - 2
+    n = 0
+    while n < limit and all(r[n] == first[n] for r in rows):
+        n += 1
+    return n if n >= 4 else 0

@@ -24,14 +24,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .activations import batches
 from .directions import Candidates
 from .edits import VARIANTS, EditParams, Kernel, WeightEditor, source_direction
 from .errors import RefusalError, check_finite
 from .generation import HFEngine
 from .model import ChatModel
 from .progress import log
-from .scoring import kl_divergence, refusal_score
+from .scoring import TeacherForced, kl_divergence, refusal_score
 
 
 @dataclass
@@ -47,7 +46,8 @@ class SearchConfig:
     max_layer_fraction: float = 0.8
     kl_threshold: float = 0.05  # the choice rule: fewest confirmed refusals with first-token KL under this
     confirm: int = 4  # front points confirmed by generation
-    batch_size: int = 16
+    batch_size: int = 16  # teacher-forced passes
+    generation_batch_size: int = 32  # the original prefixes and the confirmation
 
     def validate(self) -> None:
         if self.trials < 1:
@@ -79,52 +79,27 @@ def parse_duration(text: str) -> float:
 
 
 # ---- objectives --------------------------------------------------------------------------------
-def _teacher_forced(chat: ChatModel, prompts: list[list[int]], continuations: list[list[int]], n: int) -> list[tuple[dict, torch.Tensor, torch.Tensor]]:
-    """Batches of prompt+continuation with, per row, the logit indices predicting the first n
-    continuation tokens (the first index is the last prompt token) and a validity mask."""
-    out = []
-    for rows in batches(list(range(len(prompts))), 16):
-        conts = [continuations[i][: n - 1] for i in rows]  # n predictions need n - 1 continuation tokens
-        batch = chat.pad([prompts[i] + c for i, c in zip(rows, conts)])
-        width = batch["input_ids"].shape[1]
-        index = torch.zeros(len(rows), n, dtype=torch.long)
-        mask = torch.zeros(len(rows), n, dtype=torch.bool)
-        for j, c in enumerate(conts):
-            start = width - len(c) - 1
-            index[j, : len(c) + 1] = torch.arange(start, start + len(c) + 1)
-            index[j, len(c) + 1:] = width - 1
-            mask[j, : len(c) + 1] = True
-        out.append((batch, index, mask))
-    return out
-
-
-def _gather(chat: ChatModel, batch: dict, index: torch.Tensor) -> torch.Tensor:
-    logits = chat.logits(batch, last_only=False).cpu()
-    return torch.gather(logits, 1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-
-
 class Objectives:
     """The original model's prefixes and logits, cached once; ``measure`` scores the current weights."""
 
     def __init__(self, chat: ChatModel, harmful: list[str], harmless: list[str], refusal_ids: list[int], config: SearchConfig):
-        self.chat, self.refusal_ids = chat, refusal_ids
-        engine = HFEngine(chat, config.batch_size, description="original prefixes")
-        n_prefix = max(config.refusal_positions, config.kl_tokens)
-        prefixes = engine.generate_ids(harmful + harmless, n_prefix)
+        self.refusal_ids = refusal_ids
+        engine = HFEngine(chat, config.generation_batch_size, description="original prefixes")
+        prefixes = engine.generate_ids(harmful + harmless, max(config.refusal_positions, config.kl_tokens))
         enc = [chat.encode(x) for x in harmful + harmless]
-        self.harmful = _teacher_forced(chat, enc[: len(harmful)], prefixes[: len(harmful)], config.refusal_positions)
-        self.harmless = _teacher_forced(chat, enc[len(harmful):], prefixes[len(harmful):], config.kl_tokens)
-        self.reference = [torch.log_softmax(_gather(chat, b, i).double(), -1).float() for b, i, _ in self.harmless]
+        n = len(harmful)
+        self.harmful = TeacherForced(chat, enc[:n], prefixes[:n], config.refusal_positions, config.batch_size)
+        self.harmless = TeacherForced(chat, enc[n:], prefixes[n:], config.kl_tokens, config.batch_size)
+        self.reference = [torch.log_softmax(logits.double(), -1).float() for _, logits, _ in self.harmless]
 
     def measure(self) -> dict:
         """Refusal score on harmful prompts and KL on harmless ones, for the model as it is now."""
         scores = []
-        for batch, index, mask in self.harmful:
-            s = refusal_score(_gather(self.chat, batch, index), self.refusal_ids)
-            scores.append(s.masked_fill(~mask, -math.inf).max(1).values)
+        for _, logits, mask in self.harmful:
+            scores.append(refusal_score(logits, self.refusal_ids).masked_fill(~mask, -math.inf).max(1).values)
         first, multi = [], []
-        for (batch, index, mask), ref in zip(self.harmless, self.reference):
-            kl = kl_divergence(ref, _gather(self.chat, batch, index))
+        for (_, logits, mask), reference in zip(self.harmless, self.reference):
+            kl = kl_divergence(reference, logits)
             first.extend(kl[:, 0].tolist())
             multi.extend(((kl * mask).sum(1) / mask.sum(1)).tolist())
         values = torch.tensor([torch.cat(scores).mean().item(), sum(first) / len(first), sum(multi) / len(multi)])
