@@ -1,6 +1,6 @@
 """The search against the paper's selection, side by side on the same prompts (default model).
 
-    python benchmarks/search.py [--model demo] [--layers 8-18] [--positions -1] [--time-budget 12m]
+    python benchmarks/search.py [--model demo] [--layers 8-18] [--positions -1] [--time-budget 10m]
 
 Stages: extract; the paper's selection (this project's implementation, restricted to --layers and
 --positions); the search (trial 0 is the paper's edit); then, on the built-in *test* split, for the
@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--n-val", type=int, default=32)
     parser.add_argument("--n-test", type=int, default=32)
     parser.add_argument("--trials", type=int, default=200)
-    parser.add_argument("--time-budget", default="12m")
+    parser.add_argument("--time-budget", default="10m")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(_join_negative_lists(sys.argv[1:]))
     set_quiet(True)

@@ -401,7 +401,8 @@ def search(run: Run, chat: ChatModel, search_config) -> dict:
     result = {
         "format_version": RUN_FORMAT, "created": _timestamp(), "config": search_config.to_dict(),
         "objectives": {"refusal": "mean over harmful val prompts of the max refusal log-odds over the first "
-                                  f"{search_config.refusal_positions} response positions (teacher-forced)",
+                                  f"{search_config.refusal_positions} response positions (teacher-forced), "
+                                  f"each at least {search_config.refusal_floor}",
                        "kl": "first-token KL on harmless val prompts", "kl_multi": f"KL averaged over {search_config.kl_tokens} tokens"},
         "paper_trial": {"trial": records[0]["trial"] if records else None, "what": paper_note},
         "harmless_original_refused": harmless_original, "n_val": {"harmful": len(data["harmful_val"]), "harmless": len(data["harmless_val"])},

@@ -36,7 +36,7 @@ from .scoring import TeacherForced, kl_divergence, refusal_score
 @dataclass
 class SearchConfig:
     trials: int = 60
-    time_budget: float | None = 12 * 60.0  # seconds for the trials; None: no limit
+    time_budget: float | None = 10 * 60.0  # seconds for the trials; None: no limit
     seed: int = 0
     refusal_positions: int = 3
     kl_tokens: int = 8
@@ -44,7 +44,9 @@ class SearchConfig:
     positions: tuple[int, ...] = (-1,)
     min_layer_fraction: float = 0.25  # source layers searched: this fraction .. 1 - prune fraction
     max_layer_fraction: float = 0.8
-    kl_threshold: float = 0.05  # the choice rule: fewest confirmed refusals with first-token KL under this
+    kl_threshold: float = 0.2  # the choice rule: fewest confirmed refusals with first-token KL under this
+    refusal_floor: float = -5.0  # a prompt's log-odds below this count as this: it no longer refuses
+    anchors: tuple[float, ...] = (0.45, 0.55, 0.65, 0.75)  # flat biprojected trials at these depths seed the study
     confirm: int = 4  # front points confirmed by generation
     batch_size: int = 16  # teacher-forced passes
     generation_batch_size: int = 32  # the original prefixes and the confirmation
@@ -59,6 +61,8 @@ class SearchConfig:
             raise RefusalError(f"unknown edit variant {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
         if not 0 <= self.min_layer_fraction < self.max_layer_fraction <= 1:
             raise RefusalError("the searched layer range is empty; need 0 <= min layer fraction < max layer fraction <= 1")
+        if not self.kl_threshold > 0:
+            raise RefusalError(f"--max-kl must be a positive KL (got {self.kl_threshold:g})")
         if self.refusal_positions < 1 or self.kl_tokens < 1 or self.confirm < 1:
             raise RefusalError("--refusal-positions, --kl-tokens and --confirm must be at least 1")
 
@@ -83,7 +87,7 @@ class Objectives:
     """The original model's prefixes and logits, cached once; ``measure`` scores the current weights."""
 
     def __init__(self, chat: ChatModel, harmful: list[str], harmless: list[str], refusal_ids: list[int], config: SearchConfig):
-        self.refusal_ids = refusal_ids
+        self.refusal_ids, self.floor = refusal_ids, config.refusal_floor
         engine = HFEngine(chat, config.generation_batch_size, description="original prefixes")
         prefixes = engine.generate_ids(harmful + harmless, max(config.refusal_positions, config.kl_tokens))
         enc = [chat.encode(x) for x in harmful + harmless]
@@ -96,7 +100,8 @@ class Objectives:
         """Refusal score on harmful prompts and KL on harmless ones, for the model as it is now."""
         scores = []
         for _, logits, mask in self.harmful:
-            scores.append(refusal_score(logits, self.refusal_ids).masked_fill(~mask, -math.inf).max(1).values)
+            per_prompt = refusal_score(logits, self.refusal_ids).masked_fill(~mask, -math.inf).max(1).values
+            scores.append(per_prompt.clamp_min(self.floor))
         first, multi = [], []
         for (_, logits, mask), reference in zip(self.harmless, self.reference):
             kl = kl_divergence(reference, logits)
@@ -128,6 +133,27 @@ def paper_params(layer: int, position: int) -> EditParams:
     return EditParams(layer=float(layer), position=position, attn=Kernel(1.0), mlp=Kernel(1.0), variant="projection")
 
 
+def anchor_params(n_layers: int, config: SearchConfig) -> list[EditParams]:
+    """Flat-strength edits from a few source depths (biprojected when searched): cheap first points
+    that cover the direction axis before the sampler's model takes over."""
+    low, high = config.min_layer_fraction * n_layers, config.max_layer_fraction * n_layers
+    variant = "biprojected" if "biprojected" in config.variants else config.variants[0]
+    layers = sorted({round(f * n_layers, 2) for f in config.anchors if low <= f * n_layers <= high})
+    return [EditParams(layer=layer, position=config.positions[0], variant=variant) for layer in layers]
+
+
+def _as_optuna(params: EditParams, n_layers: int) -> dict:
+    """Optuna's parameter names for ``params``; a flat kernel is width n_layers with floor = peak."""
+    out = {"layer": params.layer, "position": params.position, "variant": params.variant}
+    for part in ("attn", "mlp"):
+        kernel = getattr(params, part)
+        flat = kernel.width is None
+        out.update({f"{part}_peak": kernel.peak, f"{part}_centre": 0.0 if flat else kernel.centre,
+                    f"{part}_width": float(n_layers) if flat else kernel.width,
+                    f"{part}_floor_fraction": 1.0 if flat else (kernel.floor / kernel.peak if kernel.peak else 0.0)})
+    return out
+
+
 def pareto_front(records: list[dict]) -> list[dict]:
     """Records not dominated on (refusal, kl), sorted by kl."""
     front = [r for r in records if not any(o["refusal"] <= r["refusal"] and o["kl"] <= r["kl"] and
@@ -151,9 +177,8 @@ def run_trials(chat: ChatModel, candidates: Candidates, objectives: Objectives, 
     )
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not study.trials:
-        study.enqueue_trial({"layer": paper.layer, "position": paper.position, "variant": "projection",
-                             "attn_peak": 1.0, "attn_centre": 0.0, "attn_width": float(candidates.n_layers), "attn_floor_fraction": 1.0,
-                             "mlp_peak": 1.0, "mlp_centre": 0.0, "mlp_width": float(candidates.n_layers), "mlp_floor_fraction": 1.0})
+        for params in [paper] + anchor_params(candidates.n_layers, config):
+            study.enqueue_trial(_as_optuna(params, candidates.n_layers))
     start = time.perf_counter()
     editor = WeightEditor(chat)
     try:
