@@ -27,6 +27,24 @@ def test_kl_is_zero_for_the_same_model_and_positive_for_an_edited_one(llama_chat
     assert edited["first_token"]["mean"] > 1e-6 and edited["multi_token"]["mean"] > 1e-6
 
 
+def test_kl_against_another_model_object_uses_that_model(llama_chat, tokenizer):
+    """An exported checkpoint is a second model: its own weights must run, not the original's."""
+    from conftest import build_model
+    from refusal.model import wrap_model
+    from refusal.weights import orthogonalize_weights
+
+    direction = torch.randn(llama_chat.d_model, generator=torch.Generator().manual_seed(3))
+    exported = wrap_model(build_model("llama", len(tokenizer)), tokenizer, source="tiny-llama-edited")
+    orthogonalize_weights(exported, direction)
+    completions = completions_of(llama_chat, PROMPTS, 6)
+    original = Condition("original", llama_chat)
+    other = kl_costs(original, Condition("edited", exported), PROMPTS, completions, batch_size=3)
+    hooked = kl_costs(original, Condition("ablated", llama_chat, lambda: ablate(llama_chat, direction)), PROMPTS, completions, batch_size=3)
+    assert other["first_token"]["mean"] > 1e-6
+    for key in ("first_token", "multi_token"):
+        assert abs(other[key]["mean"] - hooked[key]["mean"]) <= 1e-4 * max(1.0, hooked[key]["mean"])
+
+
 def test_multi_token_kl_averages_teacher_forced_positions_and_skips_padding(llama_chat):
     """Per prompt: the mean over its own completion tokens of KL at the positions predicting them."""
     from refusal.scoring import kl_divergence

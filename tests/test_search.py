@@ -7,7 +7,8 @@ import pytest
 from refusal.cli import main
 from refusal.errors import RefusalError
 from refusal.pipeline import Run, RunConfig, extract, search, select
-from refusal.search import SearchConfig, choose, parse_duration
+from refusal.edits import EditParams
+from refusal.search import SearchConfig, anchor_params, choose, parse_duration
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,19 @@ def test_search_beats_the_papers_point(organism_search_run):
     assert len(saved["trials"]) == 24 and set(saved["front"]) <= set(trials)
 
 
+def test_the_study_starts_with_the_papers_edit_then_flat_anchors(organism_search_run):
+    run, chat, result = organism_search_run
+    trials = {t["trial"]: t for t in result["trials"]}
+    assert result["paper_trial"]["trial"] == 0
+    anchors = anchor_params(chat.n_layers, SearchConfig())
+    assert len(anchors) == 4
+    for number, anchor in enumerate(anchors, start=1):
+        got = EditParams.from_dict(trials[number]["params"])
+        assert got.variant == "biprojected" and got.layer == anchor.layer
+        assert set(got.attn.strengths(chat.n_layers) + got.mlp.strengths(chat.n_layers)) == {1.0}
+    assert all(t["refusal"] >= SearchConfig().refusal_floor for t in trials.values())  # per-prompt floor
+
+
 def test_resumed_search_continues_the_same_study(organism_search_run):
     run, chat, first = organism_search_run
     more = search(run, chat, SearchConfig(trials=27, time_budget=None, confirm=2))
@@ -68,6 +82,8 @@ def test_time_budget_stops_cleanly_with_the_best_point_so_far(organism_dir, tmp_
     assert info["search_trial"]["trial"] == result["chosen"]["trial"] and info["fidelity_max_abs_diff"] < 1e-3
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["search"]["chosen"] == result["chosen"] and "harmful_edited" in report["rates"]
+    chosen = next(t for t in result["trials"] if t["trial"] == result["chosen"]["trial"])
+    assert abs(report["kl"]["edited"]["first_token"]["mean"] - chosen["kl"]) < 0.5 * chosen["kl"]  # val vs test, same edit
     assert 'id="search"' in (out / "report" / "report.html").read_text()
 
 
@@ -83,7 +99,8 @@ def test_export_any_trial_of_the_front(organism_search_run, tmp_path):
 def test_bad_search_options_are_clear_errors(organism_dir, tmp_path, capsys):
     base = ["search", "--model", str(organism_dir), "--out", str(tmp_path / "run"), "--quiet"]
     for extra, message in ((["--time-budget=-5m"], "must be positive"), (["--time-budget", "soon"], "not a duration"),
-                           (["--variants", "sideways"], "unknown edit variant sideways"), (["--trials", "0"], "--trials must be at least 1")):
+                           (["--variants", "sideways"], "unknown edit variant sideways"), (["--trials", "0"], "--trials must be at least 1"),
+                           (["--max-kl", "0"], "--max-kl must be a positive KL")):
         capsys.readouterr()
         assert main(base + extra) == 1
         assert message in capsys.readouterr().err

@@ -73,9 +73,9 @@ def kl_costs(original: Condition, edited: Condition, instructions: list[str], co
     forced = TeacherForced(original.chat, prompts, completions, max(1, max(len(c) for c in completions)), batch_size)
     for k in track(range(len(forced)), f"KL ({edited.name})"):
         with original.context():
-            _, reference, mask = forced.batch(k)
+            _, reference, mask = forced.batch(k, original.chat)
         with edited.context():
-            _, logits, _ = forced.batch(k)
+            _, logits, _ = forced.batch(k, edited.chat)
         kl = kl_divergence(reference, logits)
         check_finite(kl, f"KL divergence ({edited.name})")
         first.extend(kl[:, 0].tolist())

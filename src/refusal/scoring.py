@@ -49,7 +49,7 @@ class TeacherForced:
     Prediction j of a row is the logit vector after prompt + continuation[:j] (j = 0 is the last
     prompt token); it is valid while continuation[j] exists (prediction 0 always is). Only the last
     ``n`` positions of each batch reach the unembedding (``logits_to_keep``). The chat template's
-    common prefix (system prompt, role header) is run once per call and its key/value cache shared
+    common prefix (system prompt, role header) is run once per pass over the batches and its key/value cache shared
     by every batch; this is checked against full-sequence logits once, on the model as it is when
     the object is built, and switched off if it does not match (e.g. a cache the family cannot
     repeat), so the numbers never depend on it.
@@ -61,8 +61,8 @@ class TeacherForced:
         rows = [p + c[: n - 1] for p, c in zip(prompts, continuations)]
         self.valid = [max(1, min(n, len(c))) for c in continuations]
         self.starts = [len(p) - 1 for p in prompts]
-        self.order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths share a batch
-        self.batches = [self.order[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths share a batch
+        self.batches = [order[i:i + batch_size] for i in range(0, len(rows), batch_size)]
         self.rows = rows
         self.prefix = _common_prefix(rows) if share_prefix else 0
         if self.prefix and not self._prefix_matches():
@@ -72,36 +72,34 @@ class TeacherForced:
     def _prefix_matches(self) -> bool:
         group = self.batches[0]
         try:
-            shared = self._logits_for(group, self._prefix_cache())
+            shared = self._logits_for(self.chat, group, self._prefix_cache(self.chat))
         except Exception:  # a family whose cache cannot be repeated over the batch
             return False
-        full = self._logits_for(group, None)
+        full = self._logits_for(self.chat, group, None)
         return bool(kl_divergence(full.flatten(0, 1), shared.flatten(0, 1)).abs().max() <= 1e-5)
 
-    def _prefix_cache(self):
-        ids = torch.tensor([self.rows[0][: self.prefix]], device=self.chat.device)
+    def _prefix_cache(self, chat: ChatModel):
+        ids = torch.tensor([self.rows[0][: self.prefix]], device=chat.device)
         with torch.inference_mode():
-            out = self.chat.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            out = chat.model(input_ids=ids, use_cache=True, logits_to_keep=1)
         return out.cache if hasattr(out, "cache") else out.past_key_values  # transformers >= 5.x calls it ``cache``
 
-    def _logits_for(self, group: list[int], cache) -> torch.Tensor:
-        """[len(group), n, vocab] float32 logits at the predicting positions of each row."""
+    def _logits_for(self, chat: ChatModel, group: list[int], cache) -> torch.Tensor:
+        """[len(group), n, vocab] float32 logits of ``chat`` at the predicting positions of each row."""
         skip = self.prefix if cache is not None else 0
-        batch = self.chat.pad([self.rows[i][skip:] for i in group])
+        batch = chat.pad([self.rows[i][skip:] for i in group])
         width = batch["input_ids"].shape[1]
         keep = min(width, max(len(self.rows[i]) - self.starts[i] for i in group))
-        kwargs = {}
+        kwargs: dict = {"use_cache": False}
         if cache is not None:
             cache = copy.deepcopy(cache)
             cache.batch_repeat_interleave(len(group))
-            ones = torch.ones(len(group), skip, dtype=batch["attention_mask"].dtype, device=self.chat.device)
+            ones = torch.ones(len(group), skip, dtype=batch["attention_mask"].dtype, device=chat.device)
             batch["attention_mask"] = torch.cat([ones, batch["attention_mask"]], dim=1)
             batch["position_ids"] = batch["position_ids"] + skip
-            kwargs = {_cache_argument(self.chat.model): cache, "use_cache": True}
-        else:
-            kwargs = {"use_cache": False}
+            kwargs = {_cache_argument(chat.model): cache, "use_cache": True}
         with torch.inference_mode():
-            logits = self.chat.model(**batch, logits_to_keep=keep, **kwargs).logits.float().cpu()
+            logits = chat.model(**batch, logits_to_keep=keep, **kwargs).logits.float().cpu()
         index = torch.zeros(len(group), self.n, dtype=torch.long)
         for j, i in enumerate(group):
             first = keep - (len(self.rows[i]) - self.starts[i])  # kept position of the last prompt token
@@ -111,19 +109,21 @@ class TeacherForced:
     def __len__(self) -> int:
         return len(self.batches)
 
-    def batch(self, k: int, cache=None) -> tuple[list[int], torch.Tensor, torch.Tensor]:
-        """Batch k for the model as it is now: (row indices, logits [rows, n, vocab], validity mask [rows, n])."""
+    def batch(self, k: int, chat: ChatModel | None = None, cache=None) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """Batch k for the model as it is now (``chat``, by default the one given at construction, which
+        must share its tokenizer): (row indices, logits [rows, n, vocab], validity mask [rows, n])."""
+        chat = chat or self.chat
         group = self.batches[k]
         if self.prefix and cache is None:
-            cache = self._prefix_cache()
+            cache = self._prefix_cache(chat)
         mask = torch.tensor([[j < self.valid[i] for j in range(self.n)] for i in group])
-        return group, self._logits_for(group, cache if self.prefix else None), mask
+        return group, self._logits_for(chat, group, cache if self.prefix else None), mask
 
     def __iter__(self) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
         """Every batch, sharing one prefix pass."""
-        cache = self._prefix_cache() if self.prefix else None
+        cache = self._prefix_cache(self.chat) if self.prefix else None
         for k in range(len(self.batches)):
-            yield self.batch(k, cache)
+            yield self.batch(k, cache=cache)
 
 
 def _cache_argument(model) -> str:
