@@ -6,14 +6,16 @@ forward pass per batch, with the original model's outputs cached once:
 
 - refusal: for each harmful validation prompt, the refusal log-odds at each of the first
   ``refusal_positions`` response positions, teacher-forced on the original model's greedy prefix;
-  the prompt's score is the largest of them (a refusal may start a few tokens in); mean over prompts.
+  the prompt's score is the largest of them (a refusal may start a few tokens in), floored at
+  ``refusal_floor`` (a prompt that no longer refuses stops counting); mean over prompts.
 - damage: KL(original || edited) on harmless validation prompts at the last prompt position
   (first-token KL, the objective) and averaged over the first ``kl_tokens`` tokens of the original
   model's greedy completion (multi-token KL, recorded).
 
 Optuna (multi-objective TPE, the ``search`` extra) proposes trials; its journal lives in the run
 directory so the same command resumes the study. The paper's edit (the selected direction, strength
-1 everywhere) is always the first trial, so the front can be compared with it.
+1 everywhere) is always the first trial, so the front can be compared with it; flat-strength
+"anchor" trials from a few source depths follow, then the sampler's own proposals.
 """
 
 from __future__ import annotations
