@@ -32,7 +32,7 @@ import torch
 from .directions import Candidates, unit_vector
 from .errors import RefusalError
 from .model import ChatModel
-from .weights import _is_conv1d, retie_embeddings, untie_embeddings
+from .weights import _edited_tensors, _is_conv1d, project_out, project_out_bias, retie_embeddings, untie_embeddings
 
 VARIANTS = ("projection", "norm_preserving", "biprojected")
 
@@ -101,11 +101,7 @@ class WeightEditor:
     def __init__(self, chat: ChatModel):
         self.chat = chat
         self.was_tied = untie_embeddings(chat)
-        self.tensors: list[torch.Tensor] = [e.weight for e in chat.embeddings]
-        for writer in chat.writers:
-            self.tensors.append(writer.module.weight)
-            if getattr(writer.module, "bias", None) is not None:
-                self.tensors.append(writer.module.bias)
+        self.tensors = _edited_tensors(chat)
         self.saved = [t.detach().clone() for t in self.tensors]
         self.norms: dict[tuple[int, int], torch.Tensor] = {}
         self.dirty = False
@@ -121,7 +117,7 @@ class WeightEditor:
         keep_norm = params.variant == "norm_preserving"
         for embedding in self.chat.embeddings:
             if strength["attn"][0] != 0:
-                _edit(embedding.weight, unit, strength["attn"][0], True, self._norms(embedding.weight, 1) if keep_norm else None)
+                project_out(embedding.weight, unit, strength["attn"][0], True, self._norms(embedding.weight, 1) if keep_norm else None)
         for writer in self.chat.writers:
             s = strength[writer.component][writer.layer]
             if s == 0:
@@ -129,11 +125,9 @@ class WeightEditor:
             module = writer.module
             u = writer.direction(unit).to(module.weight.device)
             rows = _is_conv1d(module)  # Conv1D [in, out]: rows are the written vectors; Linear [out, in]: columns
-            _edit(module.weight, u, s, rows, self._norms(module.weight, 1 if rows else 0) if keep_norm else None)
-            bias = getattr(module, "bias", None)
-            if bias is not None:
-                b32 = bias.float()
-                bias.copy_((b32 - s * (b32 @ u) * u).to(bias.dtype))
+            project_out(module.weight, u, s, rows, self._norms(module.weight, 1 if rows else 0) if keep_norm else None)
+            if getattr(module, "bias", None) is not None:
+                project_out_bias(module.bias, u, s)
 
     def _norms(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         """Float32 norms of the original written vectors, computed once per tensor."""
@@ -170,21 +164,3 @@ class WeightEditor:
             yield
         finally:
             self.revert()
-
-
-def _edit(matrix: torch.Tensor, u: torch.Tensor, strength: float, vectors_are_rows: bool, norms: torch.Tensor | None) -> None:
-    """In place: every vector ``matrix`` writes into the residual stream (its rows if
-    ``vectors_are_rows``, else its columns) loses ``strength`` times its component along u, then,
-    if ``norms`` is given, is rescaled to that original norm. Float32 in place (a rank-1 update,
-    no copy of the matrix); other dtypes through a float32 copy."""
-    m = matrix if matrix.dtype == torch.float32 else matrix.float()
-    u = u.to(m.device, torch.float32)
-    if vectors_are_rows:  # [n, d_model]
-        m.addr_(m @ u, u, alpha=-strength)
-    else:  # [d_model, n]
-        m.addr_(u, u @ m, alpha=-strength)
-    if norms is not None:
-        dim = 1 if vectors_are_rows else 0
-        m.mul_((norms.to(m.device) / m.norm(dim=dim).clamp_min(1e-12)).unsqueeze(dim))
-    if m is not matrix:
-        matrix.copy_(m.to(matrix.dtype))

@@ -68,23 +68,41 @@ def orthogonalize_weights(chat: ChatModel, direction: torch.Tensor) -> None:
     unit = unit_vector(direction)
     untie_embeddings(chat)
     for embedding in chat.embeddings:
-        w = embedding.weight
-        w32 = w.float()
-        u = unit.to(w.device)
-        w.copy_((w32 - torch.outer(w32 @ u, u)).to(w.dtype))
+        project_out(embedding.weight, unit, 1.0, vectors_are_rows=True)
     for writer in chat.writers:
         module = writer.module
         u = writer.direction(unit).to(module.weight.device)
-        w32 = module.weight.float()
-        if _is_conv1d(module):  # [in, out]
-            edited = w32 - torch.outer(w32 @ u, u)
-        else:  # nn.Linear [out, in]
-            edited = w32 - torch.outer(u, u @ w32)
-        module.weight.copy_(edited.to(module.weight.dtype))
-        bias = getattr(module, "bias", None)
-        if bias is not None:
-            b32 = bias.float()
-            bias.copy_((b32 - (b32 @ u) * u).to(bias.dtype))
+        project_out(module.weight, u, 1.0, vectors_are_rows=_is_conv1d(module))  # Conv1D [in, out]; Linear [out, in]
+        if getattr(module, "bias", None) is not None:
+            project_out_bias(module.bias, u, 1.0)
+
+
+@torch.no_grad()
+def project_out(matrix: torch.Tensor, u: torch.Tensor, strength: float, vectors_are_rows: bool,
+                norms: torch.Tensor | None = None) -> None:
+    """In place: every vector ``matrix`` writes into the residual stream (its rows if
+    ``vectors_are_rows``, else its columns) loses ``strength`` times its component along unit u,
+    then, if ``norms`` is given, is rescaled to that norm. Float32 in place (a rank-1 update, no
+    copy of the matrix); other dtypes through a float32 copy."""
+    m = matrix if matrix.dtype == torch.float32 else matrix.float()
+    u = u.to(m.device, torch.float32)
+    if vectors_are_rows:  # [n, d_model]
+        m.addr_(m @ u, u, alpha=-strength)
+    else:  # [d_model, n]
+        m.addr_(u, u @ m, alpha=-strength)
+    if norms is not None:
+        dim = 1 if vectors_are_rows else 0
+        m.mul_((norms.to(m.device) / m.norm(dim=dim).clamp_min(1e-12)).unsqueeze(dim))
+    if m is not matrix:
+        matrix.copy_(m.to(matrix.dtype))
+
+
+@torch.no_grad()
+def project_out_bias(bias: torch.Tensor, u: torch.Tensor, strength: float) -> None:
+    """In place: b <- b - strength * (b . u) u, computed in float32."""
+    b32 = bias.float()
+    u = u.to(b32.device, torch.float32)
+    bias.copy_((b32 - strength * (b32 @ u) * u).to(bias.dtype))
 
 
 def _edited_tensors(chat: ChatModel) -> list[torch.Tensor]:
