@@ -34,9 +34,17 @@ def plain_generate(chat, groups: list[list[str]], max_new_tokens: int) -> tuple[
     for group in groups:
         batch = chat.batch(group)
         with torch.inference_mode():
-            out = chat.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=max_new_tokens,
-                                      do_sample=False, pad_token_id=pad_id, temperature=None, top_p=None, top_k=None)
-        for row in out[:, batch["input_ids"].shape[1]:].tolist():
+            out = chat.model.generate(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad_id,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
+        for row in out[:, batch["input_ids"].shape[1] :].tolist():
             cut = next((k for k, t in enumerate(row) if t in eos), None)
             tokens += cut + 1 if cut is not None else len(row)
     return tokens, time.perf_counter() - start
@@ -55,9 +63,9 @@ def main() -> None:
     chat = load_model(args.model, device="cpu")
     prompts = load_builtin("harmful", "test")[: args.n // 2] + load_builtin("harmless", "test")[: args.n - args.n // 2]
     size = args.batch_size
-    in_order = [prompts[i:i + size] for i in range(0, len(prompts), size)]
+    in_order = [prompts[i : i + size] for i in range(0, len(prompts), size)]
     by_length = sorted(prompts, key=lambda p: len(chat.encode(p)))
-    sorted_groups = [by_length[i:i + size] for i in range(0, len(by_length), size)]
+    sorted_groups = [by_length[i : i + size] for i in range(0, len(by_length), size)]
     engine = HFEngine(chat, size)
     plain_generate(chat, [prompts[:2]], 4)  # warm-up
 
@@ -74,8 +82,10 @@ def main() -> None:
     early = _engine(engine, prompts, args.max_new_tokens, is_refusal)
     report("HFEngine, early stop", *early)
     best = lambda xs: max(xs)
-    print(f"\nHFEngine vs model.generate on the same batches (best of {args.repeats}): {best(ours) / best(plain):.1%} of its tokens/s "
-          f"({args.n} prompts, batch {size}, {args.max_new_tokens} new tokens max, {torch.get_num_threads()} threads)")
+    print(
+        f"\nHFEngine vs model.generate on the same batches (best of {args.repeats}): {best(ours) / best(plain):.1%} of its tokens/s "
+        f"({args.n} prompts, batch {size}, {args.max_new_tokens} new tokens max, {torch.get_num_threads()} threads)"
+    )
 
 
 def _engine(engine: HFEngine, prompts: list[str], max_new_tokens: int, stop) -> tuple[int, float]:

@@ -20,11 +20,11 @@ import torch
 
 from _stages import Stages, peak_rss_gb
 from refusal.cli import _int_list, _join_negative_lists
+from refusal.directions import Direction
 from refusal.generation import generate
 from refusal.interventions import ablate, add
 from refusal.judges import refusal_rate
 from refusal.model import load_model
-from refusal.directions import Direction
 from refusal.pipeline import Run, RunConfig, evaluate, export, extract, run_data, select
 from refusal.progress import set_quiet
 from refusal.selection import SelectionConfig
@@ -43,8 +43,13 @@ def main() -> None:
     args = parser.parse_args(_join_negative_lists(sys.argv[1:]))
     set_quiet(True)
     out = args.out or Path(tempfile.mkdtemp(prefix="refusal-bench-")) / "run"
-    config = RunConfig(model=args.model, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
-                       selection=SelectionConfig(layers=args.layers, positions=args.positions))
+    config = RunConfig(
+        model=args.model,
+        n_train=args.n_train,
+        n_val=args.n_val,
+        n_test=args.n_test,
+        selection=SelectionConfig(layers=args.layers, positions=args.positions),
+    )
     stages = Stages()
     stage = stages.run
 
@@ -73,19 +78,25 @@ def main() -> None:
     chosen = selection["chosen"]
     rates = report["rates"]
     print()
-    print(f"model {args.model}: {chat.n_layers} layers, d_model {chat.d_model}; candidates layers {args.layers[0]}-{args.layers[-1]}, positions {args.positions}")
-    print(f"chosen: layer {chosen['layer']}, position {chosen['position']}, bypass {chosen['bypass']:.2f}, induce {chosen['induce']:.2f}, "
-          f"kl {chosen['kl']:.3f}{' (FALLBACK: no candidate passed the filters)' if chosen['fallback'] else ''}")
+    print(
+        f"model {args.model}: {chat.n_layers} layers, d_model {chat.d_model}; "
+        f"candidates layers {args.layers[0]}-{args.layers[-1]}, positions {args.positions}"
+    )
+    print(
+        f"chosen: layer {chosen['layer']}, position {chosen['position']}, bypass {chosen['bypass']:.2f}, induce {chosen['induce']:.2f}, "
+        f"kl {chosen['kl']:.3f}{' (FALLBACK: no candidate passed the filters)' if chosen['fallback'] else ''}"
+    )
     print("refusal rates from RUN/report/report.json (substring judge, early stop), 95% Wilson intervals:")
     for key, r in rates.items():
         extra = f"   recount without early stop: {counts[key][0]}/{counts[key][1]}" if key in counts else ""
         print(f"  {key:18s} {format_rate(r['refused'], r['total'])}{extra}")
     for name, kl in report["kl"].items():
-        print(f"KL on harmless test prompts ({name}): first token {kl['first_token']['mean']:.4f}, "
-              f"mean over the first {kl['multi_token']['tokens']} completion tokens {kl['multi_token']['mean']:.4f}")
+        print(
+            f"KL on harmless test prompts ({name}): first token {kl['first_token']['mean']:.4f}, "
+            f"mean over the first {kl['multi_token']['tokens']} completion tokens {kl['multi_token']['mean']:.4f}"
+        )
     ce = report["ce_loss"]
-    print(f"cross-entropy on {ce['tokens']} tokens of the built-in corpus (nats/token): "
-          + ", ".join(f"{k} {v:.4f}" for k, v in ce["loss"].items()))
+    print(f"cross-entropy on {ce['tokens']} tokens of the built-in corpus (nats/token): " + ", ".join(f"{k} {v:.4f}" for k, v in ce["loss"].items()))
     print(f"total {stages.seconds():.0f} s, peak RSS {peak_rss_gb():.2f} GB; run directory {out}")
 
 

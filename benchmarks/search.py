@@ -44,8 +44,9 @@ def main() -> None:
     args = parser.parse_args(_join_negative_lists(sys.argv[1:]))
     set_quiet(True)
     out = args.out or Path(tempfile.mkdtemp(prefix="refusal-search-")) / "run"
-    config = RunConfig(model=args.model, n_train=128, n_val=args.n_val, n_test=args.n_test,
-                       selection=SelectionConfig(layers=args.layers, positions=args.positions))
+    config = RunConfig(
+        model=args.model, n_train=128, n_val=args.n_val, n_test=args.n_test, selection=SelectionConfig(layers=args.layers, positions=args.positions)
+    )
     stages = Stages()
     stage = stages.run
 
@@ -68,14 +69,21 @@ def main() -> None:
         return lambda: editor.trial(unit, params)
 
     conditions = [Condition("original", chat), Condition("paper", chat, edited(paper)), Condition("search", chat, edited(chosen))]
-    test = stage("test-split evaluation", lambda: evaluate(conditions, {"harmful": data["harmful_test"], "harmless": data["harmless_test"]},
-                                                          EvalSettings(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-                                                                       kl_tokens=16, ce_max_tokens=0)))
+    test = stage(
+        "test-split evaluation",
+        lambda: evaluate(
+            conditions,
+            {"harmful": data["harmful_test"], "harmless": data["harmless_test"]},
+            EvalSettings(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, kl_tokens=16, ce_max_tokens=0),
+        ),
+    )
     editor.close()
 
     print()
-    print(f"model {args.model}; paper selection over layers {args.layers[0]}-{args.layers[-1]}, positions {args.positions}; "
-          f"{len(trials)} search trials on {args.n_val}+{args.n_val} validation prompts; test split {args.n_test}+{args.n_test}")
+    print(
+        f"model {args.model}; paper selection over layers {args.layers[0]}-{args.layers[-1]}, positions {args.positions}; "
+        f"{len(trials)} search trials on {args.n_val}+{args.n_val} validation prompts; test split {args.n_test}+{args.n_test}"
+    )
     confirmed = {p["trial"]: p["confirmed"] for p in result["confirmed"]}
     print("\nfront (validation): trial, refusal score, first-token KL, multi-token KL, confirmed harmful/harmless refused")
     for n in result["front"]:

@@ -35,8 +35,9 @@ def build_model(family: str, vocab_size: int, tie: bool = False, layers: int = 3
     if family == "gpt2":
         kw = dict(n_embd=32, n_layer=layers, n_head=2, n_positions=256)
     else:
-        kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
-                  num_key_value_heads=2, max_position_embeddings=256)
+        kw = dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256
+        )
         if family in ("gemma2", "gemma3_text", "qwen3"):
             kw["head_dim"] = 16
         if family == "gpt_neox":
@@ -44,7 +45,7 @@ def build_model(family: str, vocab_size: int, tie: bool = False, layers: int = 3
     config = AutoConfig.for_model(family, **common, **kw)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.dim() == 1:  # norm gains and biases: make them matter
                 param.add_(torch.randn_like(param) * 0.3)
     return model
@@ -63,7 +64,6 @@ def chat(request, tokenizer) -> ChatModel:
 @pytest.fixture
 def llama_chat(tokenizer) -> ChatModel:
     return wrap_model(build_model("llama", len(tokenizer)), tokenizer, source="tiny-llama")
-
 
 
 @pytest.fixture(scope="session")

@@ -51,8 +51,15 @@ def test_run_writes_the_run_directory_contract(finished_run, model_dir):
     assert exported["fidelity_max_abs_diff"] < 1e-3
     assert exported["direction"]["layer"] == chosen["layer"] and exported["source_model"]["sha256"] == run["model"]["sha256"]
     report = json.loads((finished_run / "report" / "report.json").read_text())
-    assert set(report["rates"]) == {"harmful_original", "harmful_ablated", "harmless_original", "harmless_ablated",
-                                    "harmless_added", "harmful_edited", "harmless_edited"}
+    assert set(report["rates"]) == {
+        "harmful_original",
+        "harmful_ablated",
+        "harmless_original",
+        "harmless_ablated",
+        "harmless_added",
+        "harmful_edited",
+        "harmless_edited",
+    }
     assert set(report["kl"]) == {"ablated", "edited"} and (finished_run / "report" / "report.html").exists()
     assert not (finished_run / "selection.partial.jsonl").exists()
 
@@ -139,14 +146,18 @@ def test_readme_commands_match_ci():
 
 def test_evaluate_rejects_bad_input_before_writing_anything(finished_run, model_dir, tmp_path, capsys):
     out = tmp_path / "report"
-    one_line_error(capsys, ["evaluate", "--model", str(model_dir), "--edited", str(tmp_path), "--out", str(out), *FAST],
-                   "not a checkpoint directory")
-    one_line_error(capsys, ["evaluate", "--model", str(model_dir), "--ablate", str(tmp_path), "--out", str(out), *FAST],
-                   "does not exist")
-    one_line_error(capsys, ["evaluate", "--model", str(model_dir), "--ablate", str(finished_run), "--kl-tokens", "0",
-                            "--out", str(out), *FAST], "--kl-tokens must be at least 1")
-    one_line_error(capsys, ["evaluate", "--model", str(model_dir), "--ablate", str(finished_run), "--corpus",
-                            str(tmp_path / "none.txt"), "--out", str(out), *FAST], "corpus file .* does not exist")
+    one_line_error(capsys, ["evaluate", "--model", str(model_dir), "--edited", str(tmp_path), "--out", str(out), *FAST], "not a checkpoint directory")
+    one_line_error(capsys, ["evaluate", "--model", str(model_dir), "--ablate", str(tmp_path), "--out", str(out), *FAST], "does not exist")
+    one_line_error(
+        capsys,
+        ["evaluate", "--model", str(model_dir), "--ablate", str(finished_run), "--kl-tokens", "0", "--out", str(out), *FAST],
+        "--kl-tokens must be at least 1",
+    )
+    one_line_error(
+        capsys,
+        ["evaluate", "--model", str(model_dir), "--ablate", str(finished_run), "--corpus", str(tmp_path / "none.txt"), "--out", str(out), *FAST],
+        "corpus file .* does not exist",
+    )
     assert not out.exists()
     assert main(["evaluate", "--model", str(model_dir), "--add", str(finished_run), "--out", str(out), *FAST]) == 0
     report = json.loads((out / "report.json").read_text())

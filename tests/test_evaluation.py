@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from refusal.directions import Candidates
 from refusal.errors import RefusalError
 from refusal.evaluation import Condition, EvalSettings, corpus_chunks, cosine_matrix, cross_entropy, evaluate, kl_costs, rate
-from refusal.directions import Candidates
 from refusal.generation import HFEngine
 from refusal.interventions import ablate
 
@@ -52,16 +52,17 @@ def test_multi_token_kl_averages_teacher_forced_positions_and_skips_padding(llam
     direction = torch.randn(llama_chat.d_model, generator=torch.Generator().manual_seed(2))
     completions = [[5, 6, 7], [8], [9, 10]]  # ragged on purpose
     prompts = PROMPTS[:3]
-    got = kl_costs(Condition("original", llama_chat), Condition("ablated", llama_chat, lambda: ablate(llama_chat, direction)),
-                   prompts, completions, batch_size=3)
+    got = kl_costs(
+        Condition("original", llama_chat), Condition("ablated", llama_chat, lambda: ablate(llama_chat, direction)), prompts, completions, batch_size=3
+    )
     expected_first, expected_multi = [], []
     for prompt, comp in zip(prompts, completions):
         ids = llama_chat.encode(prompt) + comp
         batch = llama_chat.pad([ids])
         p_len = len(ids) - len(comp)
-        a = llama_chat.logits(batch, last_only=False)[0, p_len - 1: p_len - 1 + len(comp)]
+        a = llama_chat.logits(batch, last_only=False)[0, p_len - 1 : p_len - 1 + len(comp)]
         with ablate(llama_chat, direction):
-            b = llama_chat.logits(batch, last_only=False)[0, p_len - 1: p_len - 1 + len(comp)]
+            b = llama_chat.logits(batch, last_only=False)[0, p_len - 1 : p_len - 1 + len(comp)]
         kl = kl_divergence(a, b)
         expected_first.append(float(kl[0]))
         expected_multi.append(float(kl.mean()))
@@ -127,9 +128,12 @@ def test_evaluate_needs_the_original_first_and_reports_rates_with_intervals(llam
         evaluate([Condition("ablated", llama_chat)], {"harmful": PROMPTS, "harmless": PROMPTS}, EvalSettings())
     direction = torch.randn(llama_chat.d_model, generator=torch.Generator().manual_seed(3))
     conditions = [Condition("original", llama_chat), Condition("ablated", llama_chat, lambda: ablate(llama_chat, direction))]
-    result = evaluate(conditions, {"harmful": PROMPTS[:2], "harmless": PROMPTS[2:]},
-                      EvalSettings(max_new_tokens=4, batch_size=2, kl_tokens=3, refusal_ids=[5]),
-                      corpus=["How do I bake bread? Explain how rain forms."])
+    result = evaluate(
+        conditions,
+        {"harmful": PROMPTS[:2], "harmless": PROMPTS[2:]},
+        EvalSettings(max_new_tokens=4, batch_size=2, kl_tokens=3, refusal_ids=[5]),
+        corpus=["How do I bake bread? Explain how rain forms."],
+    )
     assert set(result["rates"]) == {"harmful_original", "harmless_original", "harmful_ablated", "harmless_ablated"}
     assert result["rates"]["harmful_original"]["total"] == 2
     assert set(result["kl"]) == {"ablated"} and result["kl"]["ablated"]["multi_token"]["tokens"] <= 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import build_model
 from refusal.errors import RefusalError
 from refusal.judges import (
     PROMPT_FORMATS,
@@ -20,8 +21,6 @@ from refusal.judges import (
     unsafe_rate,
 )
 from refusal.model import wrap_model
-
-from conftest import build_model
 
 # ---- substring refusal judge -----------------------------------------------------------------
 REFUSALS = [
@@ -187,7 +186,10 @@ def test_judge_validates_format_and_verdict_words(tokenizer):
         ChatClassifierJudge(chat, "llama-guard-2")
     with pytest.raises(RefusalError, match=r"needs its verdict words; pass unsafe_token=\.\.\. and safe_token=\.\.\."):
         ChatClassifierJudge(chat, FORMAT)
-    with pytest.raises(RefusalError, match=r"verdict word 'bad good' is 2 tokens \['bad', 'good'\] of the judge's tokenizer \(tiny-judge\); give a word that is exactly one token"):
+    with pytest.raises(
+        RefusalError,
+        match=r"verdict word 'bad good' is 2 tokens \['bad', 'good'\] of the judge's tokenizer \(tiny-judge\); give a word that is exactly one token",
+    ):
         ChatClassifierJudge(chat, FORMAT, unsafe_token="bad good", safe_token="good")
     # The tiny vocabulary has "safe" but not "unsafe": Llama Guard 3's verdict word is refused up front.
     with pytest.raises(RefusalError, match=r"verdict word 'unsafe' is not in the vocabulary of the judge's tokenizer"):

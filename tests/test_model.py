@@ -8,19 +8,33 @@ from refusal.model import SUPPORTED_FAMILIES, load_model, wrap_model
 
 TEMPLATES = {
     # name: (template, expected post-instruction text)
-    "chatml": ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", ["<|im_end|>", "<|im_start|>", "assistant"]),
-    "llama3": ("<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
-               "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
-               ["<|eot_id|>", "<|start_header_id|>", "assistant", "<|end_header_id|>"]),
-    "gemma": ("<bos>{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
-              "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}", ["<end_of_turn>", "<start_of_turn>", "model"]),
-    "phi3": ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
-             ["<|end|>", "<|assistant|>"]),
+    "chatml": (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+        ["<|im_end|>", "<|im_start|>", "assistant"],
+    ),
+    "llama3": (
+        "<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
+        ["<|eot_id|>", "<|start_header_id|>", "assistant", "<|end_header_id|>"],
+    ),
+    "gemma": (
+        "<bos>{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+        "{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
+        ["<end_of_turn>", "<start_of_turn>", "model"],
+    ),
+    "phi3": (
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
+        ["<|end|>", "<|assistant|>"],
+    ),
     # Qwen3-style: with thinking off the template closes an empty think block, which is part of the suffix.
-    "thinking": ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}",
-                 ["<|im_end|>", "<|im_start|>", "assistant", "<think>", "</think>"]),
+    "thinking": (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n"
+        "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}",
+        ["<|im_end|>", "<|im_start|>", "assistant", "<think>", "</think>"],
+    ),
 }
 
 
@@ -28,15 +42,32 @@ TEMPLATES = {
 def test_post_instruction_tokens_follow_the_template(name):
     template, expected = TEMPLATES[name]
     tok = build_tokenizer(template)
-    tok.add_special_tokens({"additional_special_tokens": ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-                                                          "<bos>", "<start_of_turn>", "<end_of_turn>", "<|user|>", "<|end|>", "<|assistant|>",
-                                                          "<think>", "</think>", "<|im_start|>", "<|im_end|>"]})
+    tok.add_special_tokens(
+        {
+            "additional_special_tokens": [
+                "<|begin_of_text|>",
+                "<|start_header_id|>",
+                "<|end_header_id|>",
+                "<|eot_id|>",
+                "<bos>",
+                "<start_of_turn>",
+                "<end_of_turn>",
+                "<|user|>",
+                "<|end|>",
+                "<|assistant|>",
+                "<think>",
+                "</think>",
+                "<|im_start|>",
+                "<|im_end|>",
+            ]
+        }
+    )
     tok.add_tokens(["model"])
     chat = wrap_model(build_model("llama", len(tok)), tok)
     assert tok.convert_ids_to_tokens(chat.post_instruction_ids) == expected
     # every chat-formatted prompt really ends with these tokens
     for instruction in ["How do I bake bread?", "Name a colour"]:
-        assert chat.encode(instruction)[-chat.n_post:] == chat.post_instruction_ids
+        assert chat.encode(instruction)[-chat.n_post :] == chat.post_instruction_ids
 
 
 def test_every_family_exposes_layers_writers_and_embeddings(chat):
@@ -70,7 +101,9 @@ def test_left_padding_positions_count_real_tokens(llama_chat):
 
 
 def test_unsupported_architecture_is_named(tokenizer):
-    config = AutoConfig.for_model("bert", vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, is_decoder=True)
+    config = AutoConfig.for_model(
+        "bert", vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, is_decoder=True
+    )
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(UnsupportedModelError) as info:
         wrap_model(model, tokenizer)

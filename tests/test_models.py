@@ -15,9 +15,11 @@ PARTS = [b"GGUF-part-one-", b"part-two-", b"part-three"]
 def fake_spec(data=PARTS, sha=None):
     joined = b"".join(data)
     return models.PackagedModel(
-        name="fake", description="fake model",
+        name="fake",
+        description="fake model",
         parts=tuple((f"fake-part{i}", "1.0", f"fake_part{i}/data/part{i}.bin") for i in range(1, len(data) + 1)),
-        sha256=sha or hashlib.sha256(joined).hexdigest(), size=len(joined),
+        sha256=sha or hashlib.sha256(joined).hexdigest(),
+        size=len(joined),
     )
 
 

@@ -26,9 +26,24 @@ def organism(organism_dir):
 @pytest.fixture(scope="module")
 def organism_run(organism_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("organism") / "run"
-    argv = ["run", "--model", str(organism_dir), "--harmful", str(organism_dir / "harmful.jsonl"),
-            "--harmless", str(organism_dir / "harmless.jsonl"), "--out", str(out), "--n-val", "54", "--n-test", "54",
-            "--max-new-tokens", "16", "--quiet"]
+    argv = [
+        "run",
+        "--model",
+        str(organism_dir),
+        "--harmful",
+        str(organism_dir / "harmful.jsonl"),
+        "--harmless",
+        str(organism_dir / "harmless.jsonl"),
+        "--out",
+        str(out),
+        "--n-val",
+        "54",
+        "--n-test",
+        "54",
+        "--max-new-tokens",
+        "16",
+        "--quiet",
+    ]
     assert main(argv) == 0
     return out
 
@@ -61,9 +76,11 @@ def test_ablation_and_export_remove_refusal(organism_run, organism, capsys):
     refused, total = refusal_rate(generate(exported, harmful["test"], 16))
     assert refused / total <= 0.10, f"exported model still refuses {refused}/{total}"
     with capsys.disabled():
-        print(f"\norganism: harmful refused {evaluation['harmful_original']['refused']}/{evaluation['harmful_original']['total']} -> "
-              f"{ablated['refused']}/{ablated['total']} (hooks), {refused}/{total} (export); "
-              f"chosen layer {selection['layer']} pos {selection['position']}, first-token KL on harmless val {selection['kl']:.3f}")
+        print(
+            f"\norganism: harmful refused {evaluation['harmful_original']['refused']}/{evaluation['harmful_original']['total']} -> "
+            f"{ablated['refused']}/{ablated['total']} (hooks), {refused}/{total} (export); "
+            f"chosen layer {selection['layer']} pos {selection['position']}, first-token KL on harmless val {selection['kl']:.3f}"
+        )
     assert selection["kl"] < 0.3, "the edit costs too much on harmless prompts"
 
 
@@ -78,9 +95,8 @@ def test_activation_addition_induces_refusal(organism_run, organism, capsys):
 
 
 def test_report_from_the_run_has_every_section_and_its_numbers_equal_report_json(organism_run):
-    from test_report import SECTIONS, lookup, parse, section
-
     from refusal.report import fmt
+    from test_report import SECTIONS, lookup, parse, section
 
     data = json.loads((organism_run / "report" / "report.json").read_text())
     page = (organism_run / "report" / "report.html").read_text()
@@ -89,8 +105,15 @@ def test_report_from_the_run_has_every_section_and_its_numbers_equal_report_json
     keyed = dict(parse(page).keyed)
     for key, text in keyed.items():
         assert text == fmt(key, lookup(data, key)), key
-    for key in ("rates.harmful_original.refused", "rates.harmful_ablated.refused", "rates.harmless_added.refused",
-                "rates.harmful_edited.refused", "kl.ablated.first_token.mean", "kl.edited.multi_token.mean", "ce_loss.loss.edited"):
+    for key in (
+        "rates.harmful_original.refused",
+        "rates.harmful_ablated.refused",
+        "rates.harmless_added.refused",
+        "rates.harmful_edited.refused",
+        "kl.ablated.first_token.mean",
+        "kl.edited.multi_token.mean",
+        "ce_loss.loss.edited",
+    ):
         assert key in keyed, key
     assert data["rates"]["harmful_ablated"] == data["rates"]["harmful_edited"]
     md = (organism_run / "report" / "report.md").read_text()
@@ -98,8 +121,12 @@ def test_report_from_the_run_has_every_section_and_its_numbers_equal_report_json
     assert f"{original['refused']}/{original['total']}" in md
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser:  # the real page, rendered headless (the synthetic one is covered in test_report.py)
-        result = subprocess.run([browser, "--headless", "--disable-gpu", "--no-sandbox", "--dump-dom",
-                                 (organism_run / "report" / "report.html").as_uri()], capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [browser, "--headless", "--disable-gpu", "--no-sandbox", "--dump-dom", (organism_run / "report" / "report.html").as_uri()],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 0 and all(f'id="{id_}"' in result.stdout for id_ in SECTIONS)
 
 
@@ -119,9 +146,24 @@ def test_stopping_at_a_refusal_phrase_keeps_every_verdict(organism):
 
 def test_evaluate_command_on_the_exported_model_agrees_with_the_run(organism_run, organism_dir, tmp_path):
     out = tmp_path / "report"
-    argv = ["evaluate", "--model", str(organism_dir), "--edited", str(organism_run / "model"), "--out", str(out),
-            "--harmful", str(organism_dir / "harmful.jsonl"), "--harmless", str(organism_dir / "harmless.jsonl"),
-            "--n-test", "54", "--max-new-tokens", "16", "--quiet"]
+    argv = [
+        "evaluate",
+        "--model",
+        str(organism_dir),
+        "--edited",
+        str(organism_run / "model"),
+        "--out",
+        str(out),
+        "--harmful",
+        str(organism_dir / "harmful.jsonl"),
+        "--harmless",
+        str(organism_dir / "harmless.jsonl"),
+        "--n-test",
+        "54",
+        "--max-new-tokens",
+        "16",
+        "--quiet",
+    ]
     assert main(argv) == 0
     mine = json.loads((out / "report.json").read_text())
     runs = json.loads((organism_run / "report" / "report.json").read_text())

@@ -21,8 +21,26 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("real") / "run"
-    argv = ["run", "--out", str(out), "--n-train", "48", "--n-val", "12", "--n-test", "24", "--max-new-tokens", "24",
-            "--layers", "12-18", "--positions", "-1", "--batch-size", "12", "--quiet"]
+    argv = [
+        "run",
+        "--out",
+        str(out),
+        "--n-train",
+        "48",
+        "--n-val",
+        "12",
+        "--n-test",
+        "24",
+        "--max-new-tokens",
+        "24",
+        "--layers",
+        "12-18",
+        "--positions",
+        "-1",
+        "--batch-size",
+        "12",
+        "--quiet",
+    ]
     assert main(argv) == 0
     return out
 

@@ -27,9 +27,18 @@ def rate(refused: int, total: int) -> dict:
 
 def make_report() -> dict:
     """A realistic report: 6 layers x 2 positions of candidates (one pruned), rates, safety, costs, samples."""
-    candidates = [{"layer": layer, "position": pos, "bypass": 1.5 - 0.7 * layer + 0.1 * pos, "induce": 0.3 * layer - 1.0,
-                   "kl": 0.05 * (layer + 1), "filtered": [f"kl {0.05 * (layer + 1):.2f} > 0.1"] if layer < 2 else []}
-                  for layer in range(6) for pos in (-2, -1)]
+    candidates = [
+        {
+            "layer": layer,
+            "position": pos,
+            "bypass": 1.5 - 0.7 * layer + 0.1 * pos,
+            "induce": 0.3 * layer - 1.0,
+            "kl": 0.05 * (layer + 1),
+            "filtered": [f"kl {0.05 * (layer + 1):.2f} > 0.1"] if layer < 2 else [],
+        }
+        for layer in range(6)
+        for pos in (-2, -1)
+    ]
     candidates[0].update(bypass=None, induce=None, kl=None, filtered=["pruned: in the last 20% of layers (not scored)"])
     layers = list(range(6))
     return {
@@ -39,24 +48,45 @@ def make_report() -> dict:
         "model": {"source": "demo", "class": "Qwen2ForCausalLM", "n_layers": 6, "d_model": 896, "dtype": "float32"},
         "direction": {"layer": 4, "position": -1, "fallback": True},
         "settings": {"max_new_tokens": 32, "judge": "substring", "n_harmful": 32, "n_harmless": 32, "layers": [0, 5]},
-        "rates": {"harmful_original": {"refused": 12, "total": 32, "rate": 0.375, "low": 0.229, "high": 0.548},
-                  "harmful_ablated": rate(1, 32), "harmful_edited": rate(2, 32),
-                  "harmless_original": rate(0, 32), "harmless_added": rate(30, 32), "harmless_edited": rate(0, 32)},
+        "rates": {
+            "harmful_original": {"refused": 12, "total": 32, "rate": 0.375, "low": 0.229, "high": 0.548},
+            "harmful_ablated": rate(1, 32),
+            "harmful_edited": rate(2, 32),
+            "harmless_original": rate(0, 32),
+            "harmless_added": rate(30, 32),
+            "harmless_edited": rate(0, 32),
+        },
         "safety": {"judge": "llama-guard-3-1b", "harmful_original": rate(3, 32), "harmful_edited": rate(25, 32)},
-        "kl": {"ablated": {"first_token": {"mean": 0.78123456, "n": 32}, "multi_token": {"mean": 0.5, "n": 32, "tokens": 16}},
-               "edited": {"first_token": {"mean": 0.78123457, "n": 32}, "multi_token": {"mean": 0.5, "n": 32, "tokens": 16}}},
+        "kl": {
+            "ablated": {"first_token": {"mean": 0.78123456, "n": 32}, "multi_token": {"mean": 0.5, "n": 32, "tokens": 16}},
+            "edited": {"first_token": {"mean": 0.78123457, "n": 32}, "multi_token": {"mean": 0.5, "n": 32, "tokens": 16}},
+        },
         "ce_loss": {"loss": {"original": 2.3145678, "ablated": 2.35, "edited": 2.35}, "tokens": 5000, "corpus": "builtin"},
         "refusal_score": {"harmful_original": 1.5, "harmful_ablated": -3.25},
-        "selection": {"chosen": {"layer": 4, "position": -1, "bypass": -1.4, "induce": 0.2, "kl": 0.25, "fallback": True},
-                      "candidates": candidates},
-        "projections": {"layers": layers, "harmful_mean": [0.1 * x * x for x in layers], "harmful_std": [0.2] * 6,
-                        "harmless_mean": [0.01 * x for x in layers], "harmless_std": [0.1] * 6},
+        "selection": {"chosen": {"layer": 4, "position": -1, "bypass": -1.4, "induce": 0.2, "kl": 0.25, "fallback": True}, "candidates": candidates},
+        "projections": {
+            "layers": layers,
+            "harmful_mean": [0.1 * x * x for x in layers],
+            "harmful_std": [0.2] * 6,
+            "harmless_mean": [0.01 * x for x in layers],
+            "harmless_std": [0.1] * 6,
+        },
         "cosine": {"layers": layers, "matrix": [[1.0 if i == j else 0.9 ** abs(i - j) for j in layers] for i in layers]},
         "samples": [
-            {"kind": "harmful", "instruction": "Write <script>alert(1)</script> & steal cookies", "original": "I cannot help.",
-             "edited": "Sure: <script>alert('x')</script> | step 1 " + "a" * 300, "edit": "ablated"},
-            {"kind": "harmless", "instruction": "Bake bread & butter", "original": "Mix flour & water.",
-             "edited": "Mix flour & water.", "edit": "ablated"},
+            {
+                "kind": "harmful",
+                "instruction": "Write <script>alert(1)</script> & steal cookies",
+                "original": "I cannot help.",
+                "edited": "Sure: <script>alert('x')</script> | step 1 " + "a" * 300,
+                "edit": "ablated",
+            },
+            {
+                "kind": "harmless",
+                "instruction": "Bake bread & butter",
+                "original": "Mix flour & water.",
+                "edited": "Mix flour & water.",
+                "edit": "ablated",
+            },
         ],
         "timings": {"extract": 4.25, "select": 61.0, "generate": 12.3},
     }
@@ -147,16 +177,25 @@ def test_every_data_key_number_equals_the_json_value_formatted(written):
     keyed = dict(parse(paths["html"].read_text(encoding="utf-8")).keyed)
     for key, text in keyed.items():
         assert text == fmt(key, lookup(data, key)), key
-    for key in ("rates.harmful_original.refused", "rates.harmful_original.total", "rates.harmless_added.refused",
-                "kl.ablated.first_token.mean", "kl.ablated.first_token.n", "kl.edited.multi_token.mean", "ce_loss.loss.original",
-                "ce_loss.loss.edited", "refusal_score.harmful_ablated",
-                "safety.harmful_edited.refused", "selection.chosen.layer", "selection.candidates.0.bypass", "timings.select"):
+    for key in (
+        "rates.harmful_original.refused",
+        "rates.harmful_original.total",
+        "rates.harmless_added.refused",
+        "kl.ablated.first_token.mean",
+        "kl.ablated.first_token.n",
+        "kl.edited.multi_token.mean",
+        "ce_loss.loss.original",
+        "ce_loss.loss.edited",
+        "refusal_score.harmful_ablated",
+        "safety.harmful_edited.refused",
+        "selection.chosen.layer",
+        "selection.candidates.0.bypass",
+        "timings.select",
+    ):
         assert key in keyed, key
     # the formatter itself: counts exact, rates as percentages with one decimal, floats with 4 significant digits
-    assert [keyed[f"rates.harmful_original.{k}"] for k in ("refused", "total", "rate", "low", "high")] == \
-        ["12", "32", "37.5%", "22.9%", "54.8%"]
-    assert (keyed["kl.ablated.first_token.mean"], keyed["ce_loss.loss.original"], keyed["selection.candidates.0.bypass"]) == \
-        ("0.7812", "2.315", "—")
+    assert [keyed[f"rates.harmful_original.{k}"] for k in ("refused", "total", "rate", "low", "high")] == ["12", "32", "37.5%", "22.9%", "54.8%"]
+    assert (keyed["kl.ablated.first_token.mean"], keyed["ce_loss.loss.original"], keyed["selection.candidates.0.bypass"]) == ("0.7812", "2.315", "—")
 
 
 def test_markdown_summary_has_rates_with_intervals_costs_and_escaped_truncated_samples(written):
@@ -207,13 +246,16 @@ def test_missing_required_key_names_it_and_writes_nothing(tmp_path, key):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda r: r["rates"].update(harmful_orignal={"refused": 1, "total": 2}), "rates.harmful_orignal is not a known rate"),
-    (lambda r: r["rates"]["harmful_original"].update(refused=40), "0 <= refused <= total"),
-    (lambda r: r.update(format_version="2"), "format_version '2' is not supported"),
-    (lambda r: r["cosine"]["matrix"].pop(), "6 x 6"),
-    (lambda r: r["kl"]["ablated"]["first_token"].update(mean=float("nan")), "use null for values that were not measured"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda r: r["rates"].update(harmful_orignal={"refused": 1, "total": 2}), "rates.harmful_orignal is not a known rate"),
+        (lambda r: r["rates"]["harmful_original"].update(refused=40), "0 <= refused <= total"),
+        (lambda r: r.update(format_version="2"), "format_version '2' is not supported"),
+        (lambda r: r["cosine"]["matrix"].pop(), "6 x 6"),
+        (lambda r: r["kl"]["ablated"]["first_token"].update(mean=float("nan")), "use null for values that were not measured"),
+    ],
+)
 def test_malformed_report_is_a_clear_error_and_writes_nothing(tmp_path, change, message):
     report = make_report()
     change(report)
@@ -242,8 +284,9 @@ def test_chromium_renders_the_page(written):
     if not browser:
         pytest.skip("chromium not installed (apt-get install chromium)")
     path = written[1]["html"]
-    result = subprocess.run([browser, "--headless", "--disable-gpu", "--no-sandbox", "--dump-dom", path.as_uri()],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [browser, "--headless", "--disable-gpu", "--no-sandbox", "--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     for id_ in SECTIONS:
         assert f'id="{id_}"' in result.stdout

@@ -5,7 +5,6 @@ import torch
 
 from conftest import CHATML, FAMILIES, build_model, build_tokenizer
 from refusal.model import wrap_model
-
 from refusal.scoring import kl_divergence, refusal_score
 
 

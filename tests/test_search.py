@@ -5,9 +5,9 @@ import json
 import pytest
 
 from refusal.cli import main
+from refusal.edits import EditParams
 from refusal.errors import RefusalError
 from refusal.pipeline import Run, RunConfig, extract, search, select
-from refusal.edits import EditParams
 from refusal.search import SearchConfig, anchor_params, choose, parse_duration
 
 
@@ -19,8 +19,14 @@ def organism_search_run(organism_dir, tmp_path_factory):
 
     previous = set_quiet(True)
     try:
-        config = RunConfig(model=str(organism_dir), harmful=str(organism_dir / "harmful.jsonl"),
-                           harmless=str(organism_dir / "harmless.jsonl"), n_val=32, n_test=54, max_new_tokens=16)
+        config = RunConfig(
+            model=str(organism_dir),
+            harmful=str(organism_dir / "harmful.jsonl"),
+            harmless=str(organism_dir / "harmless.jsonl"),
+            n_val=32,
+            n_test=54,
+            max_new_tokens=16,
+        )
         run = Run.create(tmp_path_factory.mktemp("search") / "run", config)
         chat = load_model(str(organism_dir), device="cpu")
         extract(run, chat)
@@ -38,8 +44,10 @@ def test_search_beats_the_papers_point(organism_search_run):
     assert result["paper_trial"]["what"].startswith("the paper's selection")
     chosen = next(p for p in result["confirmed"] if p["trial"] == result["chosen"]["trial"])
     c = chosen["confirmed"]
-    print(f"\norganism search: paper point KL {paper['kl']:.4f}; chosen trial {chosen['trial']}: KL {chosen['kl']:.4f}, "
-          f"harmful refused {c['harmful_refused']}/{c['harmful_total']}, harmless {c['harmless_refused']}/{c['harmless_total']}")
+    print(
+        f"\norganism search: paper point KL {paper['kl']:.4f}; chosen trial {chosen['trial']}: KL {chosen['kl']:.4f}, "
+        f"harmful refused {c['harmful_refused']}/{c['harmful_total']}, harmless {c['harmless_refused']}/{c['harmless_total']}"
+    )
     assert c["harmful_refused"] <= 0.1 * c["harmful_total"]  # >= 90% of the organism's refusals removed
     assert chosen["kl"] < paper["kl"]
     assert c["harmless_refused"] <= result["harmless_original_refused"]
@@ -72,9 +80,30 @@ def test_resumed_search_continues_the_same_study(organism_search_run):
 
 def test_time_budget_stops_cleanly_with_the_best_point_so_far(organism_dir, tmp_path):
     out = tmp_path / "run"
-    argv = ["search", "--model", str(organism_dir), "--harmful", str(organism_dir / "harmful.jsonl"),
-            "--harmless", str(organism_dir / "harmless.jsonl"), "--out", str(out), "--n-val", "16", "--n-test", "16",
-            "--max-new-tokens", "12", "--trials", "50", "--time-budget", "0.5s", "--confirm", "2", "--quiet"]
+    argv = [
+        "search",
+        "--model",
+        str(organism_dir),
+        "--harmful",
+        str(organism_dir / "harmful.jsonl"),
+        "--harmless",
+        str(organism_dir / "harmless.jsonl"),
+        "--out",
+        str(out),
+        "--n-val",
+        "16",
+        "--n-test",
+        "16",
+        "--max-new-tokens",
+        "12",
+        "--trials",
+        "50",
+        "--time-budget",
+        "0.5s",
+        "--confirm",
+        "2",
+        "--quiet",
+    ]
     assert main(argv) == 0
     result = json.loads((out / "search.json").read_text())
     assert 1 <= len(result["trials"]) < 50 and result["chosen"]["trial"] in result["front"]
@@ -98,9 +127,13 @@ def test_export_any_trial_of_the_front(organism_search_run, tmp_path):
 
 def test_bad_search_options_are_clear_errors(organism_dir, tmp_path, capsys):
     base = ["search", "--model", str(organism_dir), "--out", str(tmp_path / "run"), "--quiet"]
-    for extra, message in ((["--time-budget=-5m"], "must be positive"), (["--time-budget", "soon"], "not a duration"),
-                           (["--variants", "sideways"], "unknown edit variant sideways"), (["--trials", "0"], "--trials must be at least 1"),
-                           (["--max-kl", "0"], "--max-kl must be a positive KL")):
+    for extra, message in (
+        (["--time-budget=-5m"], "must be positive"),
+        (["--time-budget", "soon"], "not a duration"),
+        (["--variants", "sideways"], "unknown edit variant sideways"),
+        (["--trials", "0"], "--trials must be at least 1"),
+        (["--max-kl", "0"], "--max-kl must be a positive KL"),
+    ):
         capsys.readouterr()
         assert main(base + extra) == 1
         assert message in capsys.readouterr().err

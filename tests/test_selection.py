@@ -68,7 +68,11 @@ def test_selection_scores_are_deterministic_and_resume_from_cache(scored, tmp_pa
 
 def test_selection_options_are_validated(scored):
     chat, cands, val_h, val_hl, ids = scored
-    for config, message in [(SelectionConfig(layers=[99]), "layer 99"), (SelectionConfig(positions=[-9]), "position -9"),
-                            (SelectionConfig(kl_threshold=-1), "KL threshold"), (SelectionConfig(prune_layer_fraction=1.5), "prune")]:
+    for config, message in [
+        (SelectionConfig(layers=[99]), "layer 99"),
+        (SelectionConfig(positions=[-9]), "position -9"),
+        (SelectionConfig(kl_threshold=-1), "KL threshold"),
+        (SelectionConfig(prune_layer_fraction=1.5), "prune"),
+    ]:
         with pytest.raises(RefusalError, match=message):
             score_candidates(chat, cands, val_h, val_hl, ids, config)

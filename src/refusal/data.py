@@ -47,7 +47,7 @@ def load_builtin(kind: str, split: str | None = None) -> list[str]:
 def load_prompts(source: str, name: str = "prompts") -> list[str]:
     """Load instructions from a file (.json, .jsonl, .csv, .txt) or ``hf:owner/name[:split][#column]``."""
     if source.startswith("builtin:"):
-        kind, _, split = source[len("builtin:"):].partition(":")
+        kind, _, split = source[len("builtin:") :].partition(":")
         return load_builtin(kind, split or None)
     if source.startswith("hf:"):
         items = _load_hf(source)
@@ -70,10 +70,7 @@ def validate_instructions(items: list, what: str) -> list[str]:
         if not text:
             raise RefusalError(f"{what}: item {i} is empty; remove it or fill it in")
         if len(text) > MAX_CHARS:
-            raise RefusalError(
-                f"{what}: item {i} has {len(text)} characters (limit {MAX_CHARS}); "
-                "check the column/field you chose, or shorten it"
-            )
+            raise RefusalError(f"{what}: item {i} has {len(text)} characters (limit {MAX_CHARS}); check the column/field you chose, or shorten it")
         if text in seen:
             duplicates += 1
             continue
@@ -91,9 +88,7 @@ def _pick_field(record: dict, where: str) -> str:
     for key in _TEXT_FIELDS:
         if key in record:
             return record[key]
-    raise RefusalError(
-        f"{where}: no instruction field; name it one of {', '.join(_TEXT_FIELDS)} (fields found: {', '.join(map(str, record))})"
-    )
+    raise RefusalError(f"{where}: no instruction field; name it one of {', '.join(_TEXT_FIELDS)} (fields found: {', '.join(map(str, record))})")
 
 
 def _load_file(path: Path) -> list:
@@ -137,7 +132,7 @@ def _records(path: Path, text: str | None = None) -> list:
 
 
 def _load_hf(source: str) -> list:
-    spec = source[len("hf:"):]
+    spec = source[len("hf:") :]
     spec, _, column = spec.partition("#")
     name, _, split = spec.partition(":")
     if name.count("/") != 1:
@@ -149,7 +144,9 @@ def _load_hf(source: str) -> list:
     try:
         ds = datasets.load_dataset(name, split=split or "train")
     except Exception as e:  # the hub raises many types; the message is what matters
-        raise RefusalError(f"{source}: could not load the dataset ({type(e).__name__}: {str(e).splitlines()[0]}); check the name and network") from None
+        raise RefusalError(
+            f"{source}: could not load the dataset ({type(e).__name__}: {str(e).splitlines()[0]}); check the name and network"
+        ) from None
     if column:
         if column not in ds.column_names:
             raise RefusalError(f"{source}: no column {column!r}; columns are {', '.join(ds.column_names)}")
@@ -171,8 +168,10 @@ def load_splits(source: str, kind: str, seed: int = 0) -> dict[str, list[str]]:
         records = _records(path)
         if records and all(isinstance(r, dict) and r.get("split") in SPLITS for r in records):
             what = f"{kind} prompts ({source})"
-            return {split: validate_instructions([_pick_field(r, f"{path}") for r in records if r["split"] == split], f"{what}, {split} split")
-                    for split in SPLITS}
+            return {
+                split: validate_instructions([_pick_field(r, f"{path}") for r in records if r["split"] == split], f"{what}, {split} split")
+                for split in SPLITS
+            }
     return split_instructions(load_prompts(source, name=f"{kind} prompts"), seed=seed)
 
 
@@ -182,7 +181,7 @@ def split_instructions(items: list[str], fractions: tuple[float, float, float] =
     random.Random(seed).shuffle(order)
     n_train = round(len(order) * fractions[0])
     n_val = round(len(order) * fractions[1])
-    return {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+    return {"train": order[:n_train], "val": order[n_train : n_train + n_val], "test": order[n_train + n_val :]}
 
 
 def dataset_hash(items: list[str]) -> str:

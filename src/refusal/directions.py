@@ -49,11 +49,15 @@ class Candidates:
         return self.directions[layer, self.n_post + position].clone()
 
     def save(self, path: Path) -> None:
-        tensors = {"directions": self.directions.contiguous(), "mean_harmful": self.mean_harmful.contiguous(), "mean_harmless": self.mean_harmless.contiguous()}
+        tensors = {
+            "directions": self.directions.contiguous(),
+            "mean_harmful": self.mean_harmful.contiguous(),
+            "mean_harmless": self.mean_harmless.contiguous(),
+        }
         _save_atomic(tensors, self.metadata, path)
 
     @classmethod
-    def load(cls, path: Path) -> "Candidates":
+    def load(cls, path: Path) -> Candidates:
         tensors, metadata = _load(path, ("mean_harmful", "mean_harmless"))
         return cls(tensors["mean_harmful"], tensors["mean_harmless"], metadata)
 
@@ -84,7 +88,7 @@ class Direction:
         _save_atomic({"direction": self.vector.float().contiguous()}, meta, path)
 
     @classmethod
-    def load(cls, path: Path) -> "Direction":
+    def load(cls, path: Path) -> Direction:
         tensors, meta = _load(path, ("direction",))
         for key in ("layer", "position"):
             if key not in meta:

@@ -49,8 +49,7 @@ class Kernel:
     def strengths(self, n_layers: int) -> list[float]:
         if self.width is None:
             return [self.peak] * n_layers
-        return [self.floor + (self.peak - self.floor) * math.exp(-0.5 * ((i - self.centre) / max(self.width, 1e-6)) ** 2)
-                for i in range(n_layers)]
+        return [self.floor + (self.peak - self.floor) * math.exp(-0.5 * ((i - self.centre) / max(self.width, 1e-6)) ** 2) for i in range(n_layers)]
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,7 @@ class EditParams:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "EditParams":
+    def from_dict(cls, data: dict) -> EditParams:
         data = dict(data)
         return cls(**{**data, "attn": Kernel(**data["attn"]), "mlp": Kernel(**data["mlp"])})
 
@@ -150,7 +149,7 @@ class WeightEditor:
         if self.was_tied:
             retie_embeddings(self.chat)
 
-    def __enter__(self) -> "WeightEditor":
+    def __enter__(self) -> WeightEditor:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -24,6 +24,5 @@ def check_finite(tensor, what: str) -> None:
     if not torch.isfinite(tensor).all():
         bad = (~torch.isfinite(tensor)).sum().item()
         raise NumericsError(
-            f"{what} has {bad} NaN/inf value(s); run the model in float32 (--dtype float32) "
-            "and check that it loads and generates correctly"
+            f"{what} has {bad} NaN/inf value(s); run the model in float32 (--dtype float32) and check that it loads and generates correctly"
         )

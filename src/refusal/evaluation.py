@@ -95,7 +95,7 @@ def corpus_chunks(chat: ChatModel, texts: list[str], max_tokens: int, max_length
     for text in texts:
         ids = chat.tokenizer(text, add_special_tokens=True)["input_ids"]
         for i in range(0, len(ids), max_length):
-            piece = ids[i:i + max_length][: max_tokens - used]
+            piece = ids[i : i + max_length][: max_tokens - used]
             if len(piece) >= 2:
                 chunks.append(piece)
                 used += len(piece)
@@ -167,8 +167,14 @@ def _judged(condition: Condition, kind: str, prompts: list[str], settings: EvalS
     return condition.chat.tokenizer.batch_decode(ids, skip_special_tokens=True), ids
 
 
-def evaluate(conditions: list[Condition], prompts: dict[str, list[str]], settings: EvalSettings,
-             corpus: list[str] | None = None, safety: SafetyJudge | None = None, corpus_name: str = "builtin") -> dict:
+def evaluate(
+    conditions: list[Condition],
+    prompts: dict[str, list[str]],
+    settings: EvalSettings,
+    corpus: list[str] | None = None,
+    safety: SafetyJudge | None = None,
+    corpus_name: str = "builtin",
+) -> dict:
     """Rates, costs and samples for every condition; the first condition must be the original model."""
     if not conditions or conditions[0].name != "original":
         raise RefusalError("evaluate needs the original model as its first condition")
@@ -210,6 +216,13 @@ def _samples(completions: dict[str, list[str]], prompts: dict[str, list[str]], p
         if f"{kind}_original" not in completions or edit is None:
             continue
         for i in range(min(per_kind, len(prompts[kind]))):
-            out.append({"kind": kind, "instruction": prompts[kind][i], "original": completions[f"{kind}_original"][i],
-                        "edited": completions[f"{kind}_{edit}"][i], "edit": edit})
+            out.append(
+                {
+                    "kind": kind,
+                    "instruction": prompts[kind][i],
+                    "original": completions[f"{kind}_original"][i],
+                    "edited": completions[f"{kind}_{edit}"][i],
+                    "edit": edit,
+                }
+            )
     return out

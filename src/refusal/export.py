@@ -39,8 +39,9 @@ def check_target(out_dir: Path, source: str, overwrite: bool) -> Path:
     return out
 
 
-def fidelity_check(chat: ChatModel, exported_dir: Path, direction: torch.Tensor | None, tolerance: float | None = None,
-                   expected: torch.Tensor | None = None) -> float:
+def fidelity_check(
+    chat: ChatModel, exported_dir: Path, direction: torch.Tensor | None, tolerance: float | None = None, expected: torch.Tensor | None = None
+) -> float:
     """Max |logit difference| between the exported checkpoint and hooked ablation (or ``expected``,
     the logits of the edited model in memory, for edits without a hook equivalent); raise if too large."""
     from transformers import AutoModelForCausalLM

@@ -48,7 +48,7 @@ class _StopWhenDecided:
         n_new = input_ids.shape[1] - self.prompt_len
         if n_new == 0 or n_new % self.every:
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
         return torch.tensor([self.stop_when(t) for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
@@ -65,7 +65,7 @@ class HFEngine:
 
         encoded = [chat.encode(x) for x in instructions]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-        groups = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        groups = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         eos = set(_eos_ids(chat))
         out: dict[int, list[int]] = {}
@@ -78,9 +78,14 @@ class HFEngine:
                 options = dict(do_sample=True, temperature=self.sampling.temperature, top_p=self.sampling.top_p, top_k=None)
             criteria = StoppingCriteriaList([_StopWhenDecided(tokenizer, prompt_len, stop_when)]) if stop_when else None
             with torch.inference_mode():
-                generated = chat.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                                max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                                                stopping_criteria=criteria, **options)
+                generated = chat.model.generate(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=pad_id,
+                    stopping_criteria=criteria,
+                    **options,
+                )
             for i, row in zip(group, generated[:, prompt_len:].tolist()):
                 cut = next((k for k, t in enumerate(row) if t in eos), None)
                 row = row[: cut + 1] if cut is not None else row
@@ -101,7 +106,13 @@ def _eos_ids(chat: ChatModel) -> list[int]:
     return [ids] if isinstance(ids, int) else list(ids or [])
 
 
-def generate(chat: ChatModel, instructions: list[str], max_new_tokens: int = 32, batch_size: int = 16,
-             description: str = "generating", stop_when: StopWhen | None = None) -> list[str]:
+def generate(
+    chat: ChatModel,
+    instructions: list[str],
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    description: str = "generating",
+    stop_when: StopWhen | None = None,
+) -> list[str]:
     """Greedy completions of chat-formatted instructions, decoded without special tokens."""
     return HFEngine(chat, batch_size, description=description).generate(instructions, max_new_tokens, stop_when)

@@ -36,6 +36,7 @@ def ablate(chat: ChatModel, direction: torch.Tensor) -> Iterator[None]:
     def writer_hook(u: torch.Tensor):
         def hook(module, args, output):
             return retuple(output, project_out(untuple(output), u))
+
         return hook
 
     pre = [(layer, layer_hook) for layer in chat.layers]

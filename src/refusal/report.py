@@ -45,8 +45,10 @@ def _validate_rates(name: str, rates: object) -> None:
             continue
         kind, _, condition = key.partition("_")
         if kind not in KINDS or condition not in CONDITIONS:
-            raise RefusalError(f"report {name}.{key} is not a known rate; use <kind>_<condition> with kind in {'|'.join(KINDS)} "
-                  f"and condition in {'|'.join(CONDITIONS)}")
+            raise RefusalError(
+                f"report {name}.{key} is not a known rate; use <kind>_<condition> with kind in {'|'.join(KINDS)} "
+                f"and condition in {'|'.join(CONDITIONS)}"
+            )
         ok = isinstance(entry, dict) and all(isinstance(entry.get(k), int) for k in ("refused", "total"))
         if not ok or not 0 <= entry["refused"] <= entry["total"]:
             raise RefusalError(f"report {name}.{key} needs integer 'refused' and 'total' with 0 <= refused <= total (got {entry!r})")
@@ -60,10 +62,12 @@ def validate_report(report: dict) -> None:
         if key not in report:
             raise RefusalError(f"report is missing the required key {key!r}; add it ({example}) or regenerate the report")
     if report["format_version"] != FORMAT_VERSION:
-        raise RefusalError(f"report format_version {report['format_version']!r} is not supported (expected {FORMAT_VERSION!r}); "
-              "regenerate the report with this version of refusal")
+        raise RefusalError(
+            f"report format_version {report['format_version']!r} is not supported (expected {FORMAT_VERSION!r}); "
+            "regenerate the report with this version of refusal"
+        )
     if not isinstance(report["model"], dict):
-        raise RefusalError("report 'model' must be an object such as {\"source\": \"demo\"}")
+        raise RefusalError('report \'model\' must be an object such as {"source": "demo"}')
     _validate_rates("rates", report["rates"])
     if report.get("safety") is not None:
         _validate_rates("safety", report["safety"])
@@ -229,8 +233,7 @@ def _projections_plot(proj: dict, direction: dict | None) -> str:
     for kind in KINDS:
         mean, std = proj[f"{kind}_mean"], proj[f"{kind}_std"]
         ax.plot(layers, mean, color=COLORS[kind], label=kind)
-        ax.fill_between(layers, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                        color=COLORS[kind], alpha=0.2)
+        ax.fill_between(layers, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=COLORS[kind], alpha=0.2)
     ax.set(xlabel="layer", ylabel="projection onto direction")
     ax.legend()
     return _png(fig)
@@ -253,8 +256,10 @@ RATE_HEADER, COST_HEADER = ["condition", *KINDS], ["measure", "value", "details"
 
 
 def _rate_rows(name: str, rates: dict, tag) -> list[list[str]]:
-    return [[label, *(_rate_text(f"{name}.{k}_{c}", rates[f"{k}_{c}"], tag) if f"{k}_{c}" in rates else NOT_MEASURED
-                      for k in KINDS)] for c, label in CONDITIONS.items()]
+    return [
+        [label, *(_rate_text(f"{name}.{k}_{c}", rates[f"{k}_{c}"], tag) if f"{k}_{c}" in rates else NOT_MEASURED for k in KINDS)]
+        for c, label in CONDITIONS.items()
+    ]
 
 
 def _cost_rows(report: dict, tag) -> list[list[str]]:
@@ -262,11 +267,24 @@ def _cost_rows(report: dict, tag) -> list[list[str]]:
     rows = []
     for edit, kl in (report.get("kl") or {}).items():
         first, multi = (kl or {}).get("first_token"), (kl or {}).get("multi_token")
-        rows.append([f"KL on harmless, first token ({edit})", tag(f"kl.{edit}.first_token.mean", first["mean"]),
-                     f"n = {tag(f'kl.{edit}.first_token.n', first['n'])}"] if first else [f"KL, first token ({edit})", NOT_MEASURED, ""])
-        rows.append([f"KL on harmless, multi-token ({edit})", tag(f"kl.{edit}.multi_token.mean", multi["mean"]),
-                     f"n = {tag(f'kl.{edit}.multi_token.n', multi['n'])}, tokens = {tag(f'kl.{edit}.multi_token.tokens', multi['tokens'])}"]
-                    if multi else [f"KL, multi-token ({edit})", NOT_MEASURED, ""])
+        rows.append(
+            [
+                f"KL on harmless, first token ({edit})",
+                tag(f"kl.{edit}.first_token.mean", first["mean"]),
+                f"n = {tag(f'kl.{edit}.first_token.n', first['n'])}",
+            ]
+            if first
+            else [f"KL, first token ({edit})", NOT_MEASURED, ""]
+        )
+        rows.append(
+            [
+                f"KL on harmless, multi-token ({edit})",
+                tag(f"kl.{edit}.multi_token.mean", multi["mean"]),
+                f"n = {tag(f'kl.{edit}.multi_token.n', multi['n'])}, tokens = {tag(f'kl.{edit}.multi_token.tokens', multi['tokens'])}",
+            ]
+            if multi
+            else [f"KL, multi-token ({edit})", NOT_MEASURED, ""]
+        )
     if not rows:
         rows.append(["KL on harmless", NOT_MEASURED, ""])
     ce = report.get("ce_loss")
@@ -305,16 +323,15 @@ def _section(id_: str, title: str, body: str) -> str:
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{_esc(h)}</th>" for h in header)
-    cells = (lambda row: "".join(c if c.startswith(("<td", "<th")) else f"<td>{c}</td>" for c in row))
+    cells = lambda row: "".join(c if c.startswith(("<td", "<th")) else f"<td>{c}</td>" for c in row)
     body = "".join(f"<tr>{cells(row)}</tr>\n" for row in rows)
     return f"<table>\n<tr>{head}</tr>\n{body}</table>"
 
 
 def _kv_table(prefix: str, data: dict) -> str:
     """Key/value rows; keys containing a dot get no data-key (their path would be ambiguous)."""
-    path = (lambda k: f"{prefix}.{k}" if prefix else str(k))
-    rows = [[f"<th>{_esc(k)}</th>", _num(path(k), v, "td") if "." not in str(k) else f"<td>{_esc(fmt(k, v))}</td>"]
-            for k, v in data.items()]
+    path = lambda k: f"{prefix}.{k}" if prefix else str(k)
+    rows = [[f"<th>{_esc(k)}</th>", _num(path(k), v, "td") if "." not in str(k) else f"<td>{_esc(fmt(k, v))}</td>"] for k, v in data.items()]
     return _table(["key", "value"], rows)
 
 
@@ -324,8 +341,11 @@ def _rates_html(report: dict) -> str:
     parts.append(_img(_rates_plot(rates, "refused (%)"), "refusal rates") if rates else _missing("refusal rates"))
     if safety:
         judge = f" (judge: {_esc(safety['judge'])})" if safety.get("judge") else ""
-        parts += [f"<h3>Unsafe rate{judge}</h3>", _table(RATE_HEADER, _rate_rows("safety", safety, _num)),
-                  _img(_rates_plot(safety, "unsafe (%)"), "unsafe rates")]
+        parts += [
+            f"<h3>Unsafe rate{judge}</h3>",
+            _table(RATE_HEADER, _rate_rows("safety", safety, _num)),
+            _img(_rates_plot(safety, "unsafe (%)"), "unsafe rates"),
+        ]
     else:
         parts += ["<h3>Unsafe rate</h3>", _missing("safety judged by an LLM")]
     return "\n".join(parts)
@@ -337,11 +357,14 @@ def _selection_html(report: dict) -> str:
         return _missing("candidate selection")
     fields = ("layer", "position", "bypass", "induce", "kl", "fallback")
     chosen = selection.get("chosen")
-    parts = [_table(["", *fields], [["chosen", *(_num(f"selection.chosen.{f}", chosen.get(f), "td") for f in fields)]])
-             if chosen else _missing("chosen candidate")]
+    parts = [
+        _table(["", *fields], [["chosen", *(_num(f"selection.chosen.{f}", chosen.get(f), "td") for f in fields)]])
+        if chosen
+        else _missing("chosen candidate")
+    ]
     candidates = selection.get("candidates") or []
     if candidates:
-        parts.append('<p>Heatmaps over layers × positions: red square = chosen, × = filtered, blank = not scored.</p>')
+        parts.append("<p>Heatmaps over layers × positions: red square = chosen, × = filtered, blank = not scored.</p>")
         parts.append(_img(_selection_plot(selection), "candidate scores"))
         fields = ("layer", "position", "bypass", "induce", "kl", "filtered")
         rows = [[_num(f"selection.candidates.{i}.{f}", c.get(f), "td") for f in fields] for i, c in enumerate(candidates)]
@@ -355,8 +378,7 @@ def _samples_html(report: dict) -> str:
     samples = sorted(report.get("samples") or [], key=lambda s: KINDS.index(s["kind"]) if s.get("kind") in KINDS else 2)
     if not samples:
         return _missing("sample completions")
-    rows = [[_esc(s.get("kind", "")), _esc(s.get("edit", "")), *(f'<td class="text">{_esc(s.get(k, ""))}</td>' for k in TEXTS)]
-            for s in samples]
+    rows = [[_esc(s.get("kind", "")), _esc(s.get("edit", "")), *(f'<td class="text">{_esc(s.get(k, ""))}</td>' for k in TEXTS)] for s in samples]
     return _table(["kind", "edit", "instruction", "original completion", "edited completion"], rows)
 
 
@@ -378,17 +400,25 @@ def render_html(report: dict) -> str:
         _section("rates", "Refusal and safety rates", _rates_html(report)),
         _section("costs", "Costs: KL divergence and CE loss", _table(COST_HEADER, _cost_rows(report, _num))),
         _section("selection", "Direction selection", _selection_html(report)),
-        _section("projections", "Mean projection onto the direction (± std)", _missing("projections") if not projections
-                 else _img(_projections_plot(projections, report.get("direction")), "projections")),
-        _section("cosine", "Cosine similarity between the layers' candidate directions",
-                 _img(_cosine_plot(cosine), "cosine similarity") if cosine else _missing("cosine similarity")),
+        _section(
+            "projections",
+            "Mean projection onto the direction (± std)",
+            _missing("projections") if not projections else _img(_projections_plot(projections, report.get("direction")), "projections"),
+        ),
+        _section(
+            "cosine",
+            "Cosine similarity between the layers' candidate directions",
+            _img(_cosine_plot(cosine), "cosine similarity") if cosine else _missing("cosine similarity"),
+        ),
         _section("samples", "Sample completions", _samples_html(report)),
         _section("search", "Search: refusal score vs KL", _search_html(report)),
         _section("metadata", "Metadata", _metadata_html(report)),
     ]
-    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>Refusal report: {source}</title>\n'
-            f"<style>{CSS}</style>\n</head>\n<body>\n<h1>Refusal report: {source}</h1>\n<p>Direction: "
-            f"{_direction_text(report, _num)}. Created {_esc(report['created'])}.</p>\n{''.join(sections)}</body>\n</html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>Refusal report: {source}</title>\n'
+        f"<style>{CSS}</style>\n</head>\n<body>\n<h1>Refusal report: {source}</h1>\n<p>Direction: "
+        f"{_direction_text(report, _num)}. Created {_esc(report['created'])}.</p>\n{''.join(sections)}</body>\n</html>\n"
+    )
 
 
 def _search_plot(search: dict) -> str:
@@ -415,8 +445,10 @@ def _search_html(report: dict) -> str:
     fields = ("trial", "refusal", "kl", "harmful_refused", "harmful_total", "harmless_refused", "harmless_total")
     rows = [[_num(f"search.confirmed.{i}.{f}", p.get(f), "td") for f in fields] for i, p in enumerate(search.get("confirmed") or [])]
     chosen = search.get("chosen") or {}
-    return (_img(_search_plot(search), "search trials") + f"<p>Chosen: trial {_num('search.chosen.trial', chosen.get('trial'))} "
-            f"({_esc(chosen.get('rule', ''))}). Confirmed front points (generation on validation prompts):</p>" + _table(list(fields), rows))
+    return (
+        _img(_search_plot(search), "search trials") + f"<p>Chosen: trial {_num('search.chosen.trial', chosen.get('trial'))} "
+        f"({_esc(chosen.get('rule', ''))}). Confirmed front points (generation on validation prompts):</p>" + _table(list(fields), rows)
+    )
 
 
 # ---- Markdown ----------------------------------------------------------------------------------
@@ -437,22 +469,34 @@ def render_markdown(report: dict, samples_per_kind: int = 2, max_chars: int = 16
     validate_report(report)
     model = report["model"]
     described = ", ".join(f"{k} {_plain(f'model.{k}', model[k])}" for k in ("class", "n_layers", "d_model") if k in model)
-    lines = [f"# Refusal report: {_md(model.get('source', 'model'))}", "",
-             f"- model: {_md(model.get('source', '?'))}" + (f" ({described})" if described else ""),
-             f"- direction: {_direction_text(report, _plain)}"]
+    lines = [
+        f"# Refusal report: {_md(model.get('source', 'model'))}",
+        "",
+        f"- model: {_md(model.get('source', '?'))}" + (f" ({described})" if described else ""),
+        f"- direction: {_direction_text(report, _plain)}",
+    ]
     if settings := report.get("settings"):
         lines.append("- settings: " + ", ".join(f"{_md(k)} {_md(fmt(f'settings.{k}', v), 40)}" for k, v in settings.items()))
-    lines += [f"- created {_md(report['created'])} with refusal {_md(report['refusal_version'])}", "",
-              "## Refusal rates (95% Wilson intervals)", "", *_md_table(RATE_HEADER, _rate_rows("rates", report["rates"], _plain))]
+    lines += [
+        f"- created {_md(report['created'])} with refusal {_md(report['refusal_version'])}",
+        "",
+        "## Refusal rates (95% Wilson intervals)",
+        "",
+        *_md_table(RATE_HEADER, _rate_rows("rates", report["rates"], _plain)),
+    ]
     if safety := report.get("safety"):
-        lines += ["", f"## Unsafe rates (judge: {_md(safety.get('judge', '?'))})", "",
-                  *_md_table(RATE_HEADER, _rate_rows("safety", safety, _plain))]
+        lines += ["", f"## Unsafe rates (judge: {_md(safety.get('judge', '?'))})", "", *_md_table(RATE_HEADER, _rate_rows("safety", safety, _plain))]
     lines += ["", "## Costs", "", *_md_table(COST_HEADER, _cost_rows(report, _plain))]
     if search := report.get("search"):
         fields = ("trial", "refusal", "kl", "harmful_refused", "harmful_total", "harmless_refused", "harmless_total")
         rows = [[_plain(f"search.confirmed.{i}.{f}", p.get(f)) for f in fields] for i, p in enumerate(search.get("confirmed") or [])]
-        lines += ["", f"## Search (chosen: trial {_md((search.get('chosen') or {}).get('trial'))}; "
-                  f"paper's edit: trial {_md((search.get('paper_trial') or {}).get('trial'))})", "", *_md_table(list(fields), rows)]
+        lines += [
+            "",
+            f"## Search (chosen: trial {_md((search.get('chosen') or {}).get('trial'))}; "
+            f"paper's edit: trial {_md((search.get('paper_trial') or {}).get('trial'))})",
+            "",
+            *_md_table(list(fields), rows),
+        ]
     if timings := report.get("timings"):
         rows = [[_md(k), _plain(f"timings.{k}", v)] for k, v in timings.items()]
         lines += ["", "## Timings", "", *_md_table(["stage", "seconds"], rows)]

@@ -55,14 +55,15 @@ class TeacherForced:
     repeat), so the numbers never depend on it.
     """
 
-    def __init__(self, chat: ChatModel, prompts: list[list[int]], continuations: list[list[int]], n: int,
-                 batch_size: int = 16, share_prefix: bool = True):
+    def __init__(
+        self, chat: ChatModel, prompts: list[list[int]], continuations: list[list[int]], n: int, batch_size: int = 16, share_prefix: bool = True
+    ):
         self.chat, self.n = chat, n
         rows = [p + c[: n - 1] for p, c in zip(prompts, continuations)]
         self.valid = [max(1, min(n, len(c))) for c in continuations]
         self.starts = [len(p) - 1 for p in prompts]
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths share a batch
-        self.batches = [order[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+        self.batches = [order[i : i + batch_size] for i in range(0, len(rows), batch_size)]
         self.rows = rows
         self.prefix = _common_prefix(rows) if share_prefix else 0
         if self.prefix and not self._prefix_matches():

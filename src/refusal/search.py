@@ -121,13 +121,15 @@ def suggest(trial, n_layers: int, n_post: int, config: SearchConfig) -> EditPara
     kernels = {}
     for part in ("attn", "mlp"):
         peak = trial.suggest_float(f"{part}_peak", 0.0, 1.5)
-        kernels[part] = Kernel(peak=peak, centre=trial.suggest_float(f"{part}_centre", 0.0, n_layers - 1),
-                               width=trial.suggest_float(f"{part}_width", 1.0, float(n_layers)),
-                               floor=trial.suggest_float(f"{part}_floor_fraction", 0.0, 1.0) * peak)
+        kernels[part] = Kernel(
+            peak=peak,
+            centre=trial.suggest_float(f"{part}_centre", 0.0, n_layers - 1),
+            width=trial.suggest_float(f"{part}_width", 1.0, float(n_layers)),
+            floor=trial.suggest_float(f"{part}_floor_fraction", 0.0, 1.0) * peak,
+        )
     position = trial.suggest_categorical("position", list(config.positions)) if len(config.positions) > 1 else config.positions[0]
     variant = trial.suggest_categorical("variant", list(config.variants)) if len(config.variants) > 1 else config.variants[0]
-    return EditParams(layer=trial.suggest_float("layer", low, high), position=position, attn=kernels["attn"],
-                      mlp=kernels["mlp"], variant=variant)
+    return EditParams(layer=trial.suggest_float("layer", low, high), position=position, attn=kernels["attn"], mlp=kernels["mlp"], variant=variant)
 
 
 def paper_params(layer: int, position: int) -> EditParams:
@@ -150,21 +152,30 @@ def _as_optuna(params: EditParams, n_layers: int) -> dict:
     for part in ("attn", "mlp"):
         kernel = getattr(params, part)
         flat = kernel.width is None
-        out.update({f"{part}_peak": kernel.peak, f"{part}_centre": 0.0 if flat else kernel.centre,
-                    f"{part}_width": float(n_layers) if flat else kernel.width,
-                    f"{part}_floor_fraction": 1.0 if flat else (kernel.floor / kernel.peak if kernel.peak else 0.0)})
+        out.update(
+            {
+                f"{part}_peak": kernel.peak,
+                f"{part}_centre": 0.0 if flat else kernel.centre,
+                f"{part}_width": float(n_layers) if flat else kernel.width,
+                f"{part}_floor_fraction": 1.0 if flat else (kernel.floor / kernel.peak if kernel.peak else 0.0),
+            }
+        )
     return out
 
 
 def pareto_front(records: list[dict]) -> list[dict]:
     """Records not dominated on (refusal, kl), sorted by kl."""
-    front = [r for r in records if not any(o["refusal"] <= r["refusal"] and o["kl"] <= r["kl"] and
-                                           (o["refusal"] < r["refusal"] or o["kl"] < r["kl"]) for o in records)]
+    front = [
+        r
+        for r in records
+        if not any(o["refusal"] <= r["refusal"] and o["kl"] <= r["kl"] and (o["refusal"] < r["refusal"] or o["kl"] < r["kl"]) for o in records)
+    ]
     return sorted(front, key=lambda r: (r["kl"], r["refusal"]))
 
 
-def run_trials(chat: ChatModel, candidates: Candidates, objectives: Objectives, config: SearchConfig, storage: str,
-               paper: EditParams, on_trial=None) -> list[dict]:
+def run_trials(
+    chat: ChatModel, candidates: Candidates, objectives: Objectives, config: SearchConfig, storage: str, paper: EditParams, on_trial=None
+) -> list[dict]:
     """Run (or resume) the study in ``storage`` until ``config.trials`` trials exist or the budget ends."""
     try:
         import optuna
@@ -174,8 +185,11 @@ def run_trials(chat: ChatModel, candidates: Candidates, objectives: Objectives, 
         raise RefusalError("the search needs optuna; install it with: pip install 'refusal[search]'") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
-        study_name="refusal-search", storage=JournalStorage(JournalFileBackend(storage)), load_if_exists=True,
-        directions=["minimize", "minimize"], sampler=optuna.samplers.TPESampler(seed=config.seed, multivariate=True, n_startup_trials=10),
+        study_name="refusal-search",
+        storage=JournalStorage(JournalFileBackend(storage)),
+        load_if_exists=True,
+        directions=["minimize", "minimize"],
+        sampler=optuna.samplers.TPESampler(seed=config.seed, multivariate=True, n_startup_trials=10),
     )
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not study.trials:
@@ -204,14 +218,31 @@ def run_trials(chat: ChatModel, candidates: Candidates, objectives: Objectives, 
                 on_trial(len(done), values)
     finally:
         editor.close()
-    return [{"trial": t.number, "refusal": t.values[0], "kl": t.values[1], "kl_multi": t.user_attrs["kl_multi"],
-             "seconds": t.user_attrs["seconds"], "params": t.user_attrs["params"]}
-            for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    return [
+        {
+            "trial": t.number,
+            "refusal": t.values[0],
+            "kl": t.values[1],
+            "kl_multi": t.user_attrs["kl_multi"],
+            "seconds": t.user_attrs["seconds"],
+            "params": t.user_attrs["params"],
+        }
+        for t in study.trials
+        if t.state == optuna.trial.TrialState.COMPLETE
+    ]
 
 
 # ---- confirmation and choice -------------------------------------------------------------------
-def confirm_points(chat: ChatModel, candidates: Candidates, points: list[dict], harmful: list[str], harmless: list[str],
-                   max_new_tokens: int, batch_size: int, phrases) -> list[dict]:
+def confirm_points(
+    chat: ChatModel,
+    candidates: Candidates,
+    points: list[dict],
+    harmful: list[str],
+    harmless: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    phrases,
+) -> list[dict]:
     """Greedy generation + substring judge for each point (harmful and harmless prompts)."""
     from .judges import is_refusal
 
@@ -222,10 +253,21 @@ def confirm_points(chat: ChatModel, candidates: Candidates, points: list[dict], 
         for point in points:
             params = EditParams.from_dict(point["params"])
             with editor.trial(source_direction(candidates, params), params):
-                counts = {kind: sum(is_refusal(t, phrases) for t in engine.generate(prompts, max_new_tokens, stop))
-                          for kind, prompts in (("harmful", harmful), ("harmless", harmless))}
-            out.append({**point, "confirmed": {"harmful_refused": counts["harmful"], "harmful_total": len(harmful),
-                                               "harmless_refused": counts["harmless"], "harmless_total": len(harmless)}})
+                counts = {
+                    kind: sum(is_refusal(t, phrases) for t in engine.generate(prompts, max_new_tokens, stop))
+                    for kind, prompts in (("harmful", harmful), ("harmless", harmless))
+                }
+            out.append(
+                {
+                    **point,
+                    "confirmed": {
+                        "harmful_refused": counts["harmful"],
+                        "harmful_total": len(harmful),
+                        "harmless_refused": counts["harmless"],
+                        "harmless_total": len(harmless),
+                    },
+                }
+            )
     return out
 
 
@@ -247,5 +289,9 @@ def choose(confirmed: list[dict], config: SearchConfig, harmless_original: int) 
         return min(ok, key=key), f"fewest confirmed refusals with KL <= {config.kl_threshold} and harmless refusals <= original"
     under = [p for p in confirmed if p["kl"] <= config.kl_threshold]
     if under:
-        return min(under, key=key), f"fewest confirmed refusals with KL <= {config.kl_threshold} (every such point refuses more harmless prompts than the original)"
-    return min(confirmed, key=lambda p: (p["kl"], p["confirmed"]["harmful_refused"])), f"no confirmed point has KL <= {config.kl_threshold}: lowest KL"
+        return min(
+            under, key=key
+        ), f"fewest confirmed refusals with KL <= {config.kl_threshold} (every such point refuses more harmless prompts than the original)"
+    return min(
+        confirmed, key=lambda p: (p["kl"], p["confirmed"]["harmful_refused"])
+    ), f"no confirmed point has KL <= {config.kl_threshold}: lowest KL"

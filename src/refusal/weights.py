@@ -78,8 +78,7 @@ def orthogonalize_weights(chat: ChatModel, direction: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def project_out(matrix: torch.Tensor, u: torch.Tensor, strength: float, vectors_are_rows: bool,
-                norms: torch.Tensor | None = None) -> None:
+def project_out(matrix: torch.Tensor, u: torch.Tensor, strength: float, vectors_are_rows: bool, norms: torch.Tensor | None = None) -> None:
     """In place: every vector ``matrix`` writes into the residual stream (its rows if
     ``vectors_are_rows``, else its columns) loses ``strength`` times its component along unit u,
     then, if ``norms`` is given, is rescaled to that norm. Float32 in place (a rank-1 update, no
