@@ -72,3 +72,11 @@ def organism_dir():
     from refusal.organism import build_organism
 
     return build_organism(log=lambda *a: None)
+
+
+def save_tiny(path, family: str = "qwen2", seed: int = 0, tie: bool = True):
+    """A tiny random-init checkpoint with the word-level tokenizer, saved to ``path``."""
+    tok = build_tokenizer()
+    build_model(family, len(tok), tie=tie, seed=seed).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

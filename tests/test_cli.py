@@ -7,6 +7,7 @@ from safetensors import safe_open
 
 from conftest import build_model, build_tokenizer
 from refusal.cli import main
+from refusal.selection import select_direction
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--n-train", "12", "--n-val", "6", "--n-test", "4", "--max-new-tokens", "4", "--quiet"]
@@ -30,11 +31,12 @@ def finished_run(model_dir, tmp_path_factory):
 
 def test_run_writes_the_run_directory_contract(finished_run, model_dir):
     run = json.loads((finished_run / "run.json").read_text())
-    assert run["config"]["model"] == str(model_dir)
+    assert run["settings"]["model"]["model"] == str(model_dir) and run["format_version"] == "2"
     assert run["model"]["sha256"] and run["model"]["n_layers"] == 3
     assert run["model"]["post_instruction_tokens"] == ["<|im_end|>", "<|im_start|>", "assistant"]
     assert set(run["timings"]) >= {"extract", "select", "export", "evaluate", "total"}
-    assert run["datasets"]["harmful_train"]["n"] == 12 and len(run["datasets"]["harmful_train"]["sha256"]) == 64
+    assert run["datasets"]["harmful"]["train"]["n"] == 12 and len(run["datasets"]["harmful"]["train"]["sha256"]) == 64
+    assert set(run["artifacts"]) == {"prompts", "candidates", "selection", "model", "report"}
     assert {"refusal", "torch", "transformers"} <= set(run["environment"])
     with safe_open(str(finished_run / "candidates.safetensors"), "pt") as f:
         assert set(f.keys()) == {"directions", "mean_harmful", "mean_harmless"}
@@ -51,15 +53,18 @@ def test_run_writes_the_run_directory_contract(finished_run, model_dir):
     assert exported["fidelity_max_abs_diff"] < 1e-3
     assert exported["direction"]["layer"] == chosen["layer"] and exported["source_model"]["sha256"] == run["model"]["sha256"]
     report = json.loads((finished_run / "report" / "report.json").read_text())
-    assert set(report["rates"]) == {
-        "harmful_original",
-        "harmful_ablated",
-        "harmless_original",
-        "harmless_ablated",
-        "harmless_added",
-        "harmful_edited",
-        "harmless_edited",
+    rates = {(condition, kind) for condition, kinds in report["rates"].items() for kind in kinds}
+    assert rates == {
+        ("original", "harmful"),
+        ("original", "harmless"),
+        ("ablated", "harmful"),
+        ("ablated", "harmless"),
+        ("added", "harmless"),
+        ("edited", "harmful"),
+        ("edited", "harmless"),
     }
+    assert [c["name"] for c in report["conditions"]] == ["original", "ablated", "added", "edited"]
+    assert exported["run"] == ".." and (finished_run / "model" / exported["run"]).resolve() == finished_run.resolve()
     assert set(report["kl"]) == {"ablated", "edited"} and (finished_run / "report" / "report.html").exists()
     assert not (finished_run / "selection.partial.jsonl").exists()
 
@@ -74,7 +79,9 @@ def test_stage_commands_and_json_output(model_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["select", "--run", str(run), "--layers", "1-2", "--positions", "-1,-2", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["chosen"]["layer"] in (1, 2) and summary["chosen"]["position"] in (-1, -2)
+    selection = json.loads((run / "selection.json").read_text())
+    assert {(c["layer"], c["position"]) for c in selection["candidates"]} == {(1, -1), (1, -2), (2, -1), (2, -2)}
+    assert summary["chosen"] == selection["chosen"] == select_direction(selection["candidates"])
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "edited"), "--quiet"]) == 0
     assert (tmp_path / "edited" / "model.safetensors").exists()
     capsys.readouterr()

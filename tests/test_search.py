@@ -7,8 +7,21 @@ import pytest
 from refusal.cli import main
 from refusal.edits import EditParams
 from refusal.errors import RefusalError
-from refusal.pipeline import Run, RunConfig, extract, search, select
-from refusal.search import SearchConfig, anchor_params, choose, parse_duration
+from refusal.pipeline import extract, select
+from refusal.search import anchor_params, choose
+from refusal.search_run import search
+from refusal.settings import SearchSettings, Settings, duration
+
+
+def organism_settings(organism_dir, **search) -> Settings:
+    settings = Settings()
+    settings.model.model = str(organism_dir)
+    settings.data.harmful, settings.data.harmless = str(organism_dir / "harmful.jsonl"), str(organism_dir / "harmless.jsonl")
+    settings.data.n_val, settings.data.n_test = 32, 54
+    settings.evaluation.max_new_tokens = 16
+    for name, value in search.items():
+        setattr(settings.search, name, value)
+    return settings
 
 
 @pytest.fixture(scope="module")
@@ -19,26 +32,18 @@ def organism_search_run(organism_dir, tmp_path_factory):
 
     previous = set_quiet(True)
     try:
-        config = RunConfig(
-            model=str(organism_dir),
-            harmful=str(organism_dir / "harmful.jsonl"),
-            harmless=str(organism_dir / "harmless.jsonl"),
-            n_val=32,
-            n_test=54,
-            max_new_tokens=16,
-        )
-        run = Run.create(tmp_path_factory.mktemp("search") / "run", config)
-        chat = load_model(str(organism_dir), device="cpu")
-        extract(run, chat)
-        select(run, chat)
-        result = search(run, chat, SearchConfig(trials=24, time_budget=None, confirm=4))
+        out = tmp_path_factory.mktemp("search") / "run"
+        settings = organism_settings(organism_dir, trials=24, time_budget=None, confirm=4)
+        extract(settings, out)
+        select(out, {})
+        result = search(settings, out, export_model_dir=False).search
     finally:
         set_quiet(previous)
-    return run, chat, result
+    return out, load_model(str(organism_dir), device="cpu"), result, settings
 
 
 def test_search_beats_the_papers_point(organism_search_run):
-    run, chat, result = organism_search_run
+    out, chat, result, settings = organism_search_run
     trials = {t["trial"]: t for t in result["trials"]}
     paper = trials[result["paper_trial"]["trial"]]
     assert result["paper_trial"]["what"].startswith("the paper's selection")
@@ -51,26 +56,27 @@ def test_search_beats_the_papers_point(organism_search_run):
     assert c["harmful_refused"] <= 0.1 * c["harmful_total"]  # >= 90% of the organism's refusals removed
     assert chosen["kl"] < paper["kl"]
     assert c["harmless_refused"] <= result["harmless_original_refused"]
-    saved = json.loads((run.path / "search.json").read_text())
+    saved = json.loads((out / "search.json").read_text())
     assert len(saved["trials"]) == 24 and set(saved["front"]) <= set(trials)
 
 
 def test_the_study_starts_with_the_papers_edit_then_flat_anchors(organism_search_run):
-    run, chat, result = organism_search_run
+    out, chat, result, settings = organism_search_run
     trials = {t["trial"]: t for t in result["trials"]}
-    assert result["paper_trial"]["trial"] == 0
-    anchors = anchor_params(chat.n_layers, SearchConfig())
+    assert result["paper_trial"]["trial"] == 0 and trials[0]["role"] == "paper"
+    anchors = anchor_params(chat.n_layers, SearchSettings())
     assert len(anchors) == 4
     for number, anchor in enumerate(anchors, start=1):
         got = EditParams.from_dict(trials[number]["params"])
         assert got.variant == "biprojected" and got.layer == anchor.layer
         assert set(got.attn.strengths(chat.n_layers) + got.mlp.strengths(chat.n_layers)) == {1.0}
-    assert all(t["refusal"] >= SearchConfig().refusal_floor for t in trials.values())  # per-prompt floor
+    assert all(t["refusal"] >= SearchSettings().refusal_floor for t in trials.values())  # per-prompt floor
 
 
 def test_resumed_search_continues_the_same_study(organism_search_run):
-    run, chat, first = organism_search_run
-    more = search(run, chat, SearchConfig(trials=27, time_budget=None, confirm=2))
+    out, chat, first, settings = organism_search_run
+    settings.search.trials, settings.search.confirm = 27, 2  # stopping rule and confirmation: the same study goes on
+    more = search(settings, out, export_model_dir=False).search
     numbers = [t["trial"] for t in more["trials"]]
     assert len(numbers) == 27 and len(set(numbers)) == 27
     before = {t["trial"]: (t["refusal"], t["kl"], t["params"]) for t in first["trials"]}
@@ -110,18 +116,32 @@ def test_time_budget_stops_cleanly_with_the_best_point_so_far(organism_dir, tmp_
     info = json.loads((out / "model" / "refusal.json").read_text())
     assert info["search_trial"]["trial"] == result["chosen"]["trial"] and info["fidelity_max_abs_diff"] < 1e-3
     report = json.loads((out / "report" / "report.json").read_text())
-    assert report["search"]["chosen"] == result["chosen"] and "harmful_edited" in report["rates"]
+    assert report["search"]["chosen"] == result["chosen"] and "harmful" in report["rates"]["edited"]
+    # the report's edited KL is exactly the chosen trial's edit, measured on the test prompts (exported checkpoint vs in memory)
+    from refusal.directions import Candidates
+    from refusal.edits import Editor, KernelEdit
+    from refusal.model import load_model
+    from refusal.scoring import kl_divergence, last_logits, prepare_batches
+
     chosen = next(t for t in result["trials"] if t["trial"] == result["chosen"]["trial"])
-    assert abs(report["kl"]["edited"]["first_token"]["mean"] - chosen["kl"]) < 0.5 * chosen["kl"]  # val vs test, same edit
+    chat = load_model(str(organism_dir), device="cpu")
+    harmless = json.loads((out / "prompts.json").read_text())["prompts"]["harmless"]["test"]
+    batches = prepare_batches(chat, harmless, 16)
+    before = last_logits(chat, batches)
+    edit = KernelEdit.from_candidates(Candidates.load(out / "candidates.safetensors"), EditParams.from_dict(chosen["params"]))
+    with Editor(chat) as editor, editor.applied(edit):
+        after = last_logits(chat, batches)
+    expected = kl_divergence(before, after).mean().item()
+    assert report["kl"]["edited"]["first_token"]["mean"] == pytest.approx(expected, rel=1e-3, abs=1e-6)
     assert 'id="search"' in (out / "report" / "report.html").read_text()
 
 
 def test_export_any_trial_of_the_front(organism_search_run, tmp_path):
-    run, chat, result = organism_search_run
+    out, chat, result, settings = organism_search_run
     trial = result["front"][-1]
-    assert main(["export", "--run", str(run.path), "--trial", str(trial), "--out", str(tmp_path / "m"), "--quiet"]) == 0
+    assert main(["export", "--run", str(out), "--trial", str(trial), "--out", str(tmp_path / "m"), "--quiet"]) == 0
     assert json.loads((tmp_path / "m" / "refusal.json").read_text())["search_trial"]["trial"] == trial
-    assert main(["export", "--run", str(run.path), "--trial", "999", "--out", str(tmp_path / "n"), "--quiet"]) == 1
+    assert main(["export", "--run", str(out), "--trial", "999", "--out", str(tmp_path / "n"), "--quiet"]) == 1
     assert not (tmp_path / "n").exists()
 
 
@@ -139,5 +159,5 @@ def test_bad_search_options_are_clear_errors(organism_dir, tmp_path, capsys):
         assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
     with pytest.raises(RefusalError, match="front is empty"):
-        choose([], SearchConfig(), 0)
-    assert parse_duration("20m") == 1200 and parse_duration("90s") == 90 and parse_duration("1h") == 3600
+        choose([], SearchSettings(), 0)
+    assert duration("20m") == 1200 and duration("90s") == 90 and duration("1h") == 3600 and duration("none") is None

@@ -7,7 +7,8 @@ from refusal.activations import mean_activations
 from refusal.data import load_builtin
 from refusal.directions import compute_candidates
 from refusal.errors import RefusalError
-from refusal.selection import SelectionConfig, score_candidates, select_direction
+from refusal.selection import score_candidates, select_direction
+from refusal.settings import SelectionSettings
 
 
 def rec(layer, position, bypass, induce, kl, filtered=()):
@@ -42,7 +43,7 @@ def scored(llama_chat, tmp_path):
 
 def test_score_candidates_records_every_candidate(scored):
     chat, cands, val_h, val_hl, ids = scored
-    config = SelectionConfig(prune_layer_fraction=0.34, kl_threshold=1e-9)
+    config = SelectionSettings(prune_layer_fraction=0.34, kl_threshold=1e-9)
     records = score_candidates(chat, cands, val_h, val_hl, ids, config)
     assert len(records) == chat.n_layers * chat.n_post
     by_key = {(r["layer"], r["position"]): r for r in records}
@@ -50,12 +51,12 @@ def test_score_candidates_records_every_candidate(scored):
     assert by_key[(0, -1)]["bypass"] is None and "zero direction" in by_key[(0, -1)]["filtered"][0]
     scored_records = [r for r in records if r["bypass"] is not None]
     assert scored_records and all(any(f.startswith("kl") for f in r["filtered"]) for r in scored_records)
-    json.dumps(records)  # serialisable
+    assert json.loads(json.dumps(records)) == records  # stored in selection.json as they are
 
 
 def test_selection_scores_are_deterministic_and_resume_from_cache(scored, tmp_path):
     chat, cands, val_h, val_hl, ids = scored
-    config = SelectionConfig(layers=[1], positions=[-1, -2])
+    config = SelectionSettings(layers=[1], positions=[-1, -2])
     cache = tmp_path / "partial.jsonl"
     first = score_candidates(chat, cands, val_h, val_hl, ids, config, cache_path=cache)
     assert len(cache.read_text().splitlines()) == 2
@@ -69,10 +70,20 @@ def test_selection_scores_are_deterministic_and_resume_from_cache(scored, tmp_pa
 def test_selection_options_are_validated(scored):
     chat, cands, val_h, val_hl, ids = scored
     for config, message in [
-        (SelectionConfig(layers=[99]), "layer 99"),
-        (SelectionConfig(positions=[-9]), "position -9"),
-        (SelectionConfig(kl_threshold=-1), "KL threshold"),
-        (SelectionConfig(prune_layer_fraction=1.5), "prune"),
+        (SelectionSettings(layers=[99]), "layer 99"),
+        (SelectionSettings(positions=[-9]), "position -9"),
+        (SelectionSettings(kl_threshold=-1), "--kl-threshold -1 must be a positive number"),
+        (SelectionSettings(prune_layer_fraction=1.5), r"--prune-layer-fraction 1.5 must be in \[0, 1\)"),
     ]:
         with pytest.raises(RefusalError, match=message):
             score_candidates(chat, cands, val_h, val_hl, ids, config)
+
+
+def test_a_partial_file_of_other_inputs_is_not_reused(scored, tmp_path):
+    chat, cands, val_h, val_hl, ids = scored
+    config, cache = SelectionSettings(layers=[1], positions=[-1]), tmp_path / "partial.jsonl"
+    first = score_candidates(chat, cands, val_h, val_hl, ids, config, cache_path=cache, cache_key="inputs-a")
+    with torch.no_grad():
+        chat.model.get_input_embeddings().weight.add_(1.0)
+    other = score_candidates(chat, cands, val_h, val_hl, ids, config, cache_path=cache, cache_key="inputs-b")
+    assert [r["bypass"] for r in other] != [r["bypass"] for r in first]

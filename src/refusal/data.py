@@ -209,3 +209,53 @@ def load_corpus(source: str = "builtin") -> list[str]:
     if not paragraphs:
         raise RefusalError(f"corpus {source} has no text; give a file with some paragraphs")
     return paragraphs
+
+
+# ---- the prompt lists of one run ----------------------------------------------------------------
+def resolve_source(spec: str, kind: str, packaged: dict[str, Path] | None) -> str:
+    """'builtin' means the model's own prompt sets where a packaged model ships them (the organism)."""
+    if spec == "builtin" and packaged and kind in packaged:
+        return str(packaged[kind])
+    return spec
+
+
+def builtin_hash() -> str:
+    """Identity of the built-in prompt sets of this version of refusal."""
+    return dataset_hash([p.instruction + "\t" + p.split for kind in KINDS for p in builtin_prompts(kind)])
+
+
+@dataclass
+class Prompts:
+    """The six instruction lists of a run ({kind: {split: [...]}}), capped to the configured sizes."""
+
+    lists: dict[str, dict[str, list[str]]]
+
+    def get(self, kind: str, split: str) -> list[str]:
+        return self.lists[kind][split]
+
+    def hash(self, kind: str, split: str) -> str:
+        return dataset_hash(self.get(kind, split))
+
+    def summary(self) -> dict:
+        """{kind: {split: {"n", "sha256"}}}, recorded in run.json and every artifact."""
+        return {
+            kind: {split: {"n": len(items), "sha256": dataset_hash(items)} for split, items in splits.items()} for kind, splits in self.lists.items()
+        }
+
+    @classmethod
+    def load(cls, sources: dict[str, str], seed: int, caps: dict[str, int | None]) -> Prompts:
+        """Read (or fetch) both sources, split them, cap each split; an empty split is an error naming it."""
+        lists: dict[str, dict[str, list[str]]] = {}
+        for kind in KINDS:
+            splits = load_splits(sources[kind], kind, seed)
+            lists[kind] = {}
+            for split in SPLITS:
+                cap = caps[split]
+                items = splits[split][:cap] if cap is not None else splits[split]
+                if not items:
+                    raise RefusalError(f"the {split} split of the {kind} prompts ({sources[kind]}) is empty; give more prompts")
+                lists[kind][split] = items
+        same = set(lists["harmful"]["train"]) & set(lists["harmless"]["train"])
+        if len(same) == len(lists["harmful"]["train"]) == len(lists["harmless"]["train"]):
+            raise RefusalError("the harmful and harmless train prompts are the same; give two different prompt sets (--harmful, --harmless)")
+        return cls(lists)

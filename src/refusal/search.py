@@ -22,80 +22,31 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
 
 import torch
 
 from .directions import Candidates
-from .edits import VARIANTS, EditParams, Kernel, WeightEditor, source_direction
+from .edits import Editor, EditParams, Kernel, KernelEdit
 from .errors import RefusalError, check_finite
-from .generation import HFEngine
+from .generation import Engine
+from .judges import judge_refusals
 from .model import ChatModel
 from .progress import log
 from .scoring import TeacherForced, kl_divergence, refusal_score
-
-
-@dataclass
-class SearchConfig:
-    trials: int = 60
-    time_budget: float | None = 10 * 60.0  # seconds for the trials; None: no limit
-    seed: int = 0
-    refusal_positions: int = 3
-    kl_tokens: int = 8
-    variants: tuple[str, ...] = VARIANTS
-    positions: tuple[int, ...] = (-1,)
-    min_layer_fraction: float = 0.25  # source layers searched: this fraction .. 1 - prune fraction
-    max_layer_fraction: float = 0.8
-    kl_threshold: float = 0.2  # the choice rule: fewest confirmed refusals with first-token KL under this
-    refusal_floor: float = -5.0  # a prompt's log-odds below this count as this: it no longer refuses
-    anchors: tuple[float, ...] = (0.45, 0.55, 0.65, 0.75)  # flat biprojected trials at these depths seed the study
-    confirm: int = 4  # front points confirmed by generation
-    batch_size: int = 16  # teacher-forced passes
-    generation_batch_size: int = 32  # the original prefixes and the confirmation
-
-    def validate(self) -> None:
-        if self.trials < 1:
-            raise RefusalError(f"--trials must be at least 1 (got {self.trials})")
-        if self.time_budget is not None and not self.time_budget > 0:
-            raise RefusalError(f"--time-budget must be positive (got {self.time_budget:g} s)")
-        unknown = [v for v in self.variants if v not in VARIANTS]
-        if unknown or not self.variants:
-            raise RefusalError(f"unknown edit variant {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
-        if not 0 <= self.min_layer_fraction < self.max_layer_fraction <= 1:
-            raise RefusalError("the searched layer range is empty; need 0 <= min layer fraction < max layer fraction <= 1")
-        if not self.kl_threshold > 0:
-            raise RefusalError(f"--max-kl must be a positive KL (got {self.kl_threshold:g})")
-        if self.refusal_positions < 1 or self.kl_tokens < 1 or self.confirm < 1:
-            raise RefusalError("--refusal-positions, --kl-tokens and --confirm must be at least 1")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def parse_duration(text: str) -> float:
-    """'20m', '90s', '1h', '300' -> seconds."""
-    units = {"s": 1, "m": 60, "h": 3600}
-    try:
-        value = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
-    except ValueError:
-        raise RefusalError(f"time budget {text!r} is not a duration like '20m', '90s' or '1h'") from None
-    if not value > 0:
-        raise RefusalError(f"time budget {text!r} must be positive")
-    return value
+from .settings import SearchSettings
 
 
 # ---- objectives --------------------------------------------------------------------------------
 class Objectives:
     """The original model's prefixes and logits, cached once; ``measure`` scores the current weights."""
 
-    def __init__(self, chat: ChatModel, harmful: list[str], harmless: list[str], refusal_ids: list[int], config: SearchConfig):
+    def __init__(self, chat: ChatModel, engine: Engine, harmful: list[str], harmless: list[str], refusal_ids: list[int], config: SearchSettings):
         self.refusal_ids, self.floor = refusal_ids, config.refusal_floor
-        engine = HFEngine(chat, config.generation_batch_size, description="original prefixes")
-        prefixes = engine.generate_ids(harmful + harmless, max(config.refusal_positions, config.kl_tokens))
+        prefixes = engine.generate_ids(harmful + harmless, max(config.refusal_positions, config.search_kl_tokens))
         enc = [chat.encode(x) for x in harmful + harmless]
         n = len(harmful)
-        self.harmful = TeacherForced(chat, enc[:n], prefixes[:n], config.refusal_positions, config.batch_size)
-        self.harmless = TeacherForced(chat, enc[n:], prefixes[n:], config.kl_tokens, config.batch_size)
+        self.harmful = TeacherForced(chat, enc[:n], prefixes[:n], config.refusal_positions, config.score_batch_size)
+        self.harmless = TeacherForced(chat, enc[n:], prefixes[n:], config.search_kl_tokens, config.score_batch_size)
         self.reference = [torch.log_softmax(logits.double(), -1).float() for _, logits, _ in self.harmless]
 
     def measure(self) -> dict:
@@ -115,7 +66,7 @@ class Objectives:
 
 
 # ---- the search space --------------------------------------------------------------------------
-def suggest(trial, n_layers: int, n_post: int, config: SearchConfig) -> EditParams:
+def suggest(trial, n_layers: int, config: SearchSettings) -> EditParams:
     """One point of the search space (docs/search.md)."""
     low, high = config.min_layer_fraction * n_layers, config.max_layer_fraction * n_layers
     kernels = {}
@@ -127,7 +78,8 @@ def suggest(trial, n_layers: int, n_post: int, config: SearchConfig) -> EditPara
             width=trial.suggest_float(f"{part}_width", 1.0, float(n_layers)),
             floor=trial.suggest_float(f"{part}_floor_fraction", 0.0, 1.0) * peak,
         )
-    position = trial.suggest_categorical("position", list(config.positions)) if len(config.positions) > 1 else config.positions[0]
+    positions = config.source_positions
+    position = trial.suggest_categorical("position", list(positions)) if len(positions) > 1 else positions[0]
     variant = trial.suggest_categorical("variant", list(config.variants)) if len(config.variants) > 1 else config.variants[0]
     return EditParams(layer=trial.suggest_float("layer", low, high), position=position, attn=kernels["attn"], mlp=kernels["mlp"], variant=variant)
 
@@ -137,13 +89,13 @@ def paper_params(layer: int, position: int) -> EditParams:
     return EditParams(layer=float(layer), position=position, attn=Kernel(1.0), mlp=Kernel(1.0), variant="projection")
 
 
-def anchor_params(n_layers: int, config: SearchConfig) -> list[EditParams]:
+def anchor_params(n_layers: int, config: SearchSettings) -> list[EditParams]:
     """Flat-strength edits from a few source depths (biprojected when searched): cheap first points
     that cover the direction axis before the sampler's model takes over."""
     low, high = config.min_layer_fraction * n_layers, config.max_layer_fraction * n_layers
     variant = "biprojected" if "biprojected" in config.variants else config.variants[0]
     layers = sorted({round(f * n_layers, 2) for f in config.anchors if low <= f * n_layers <= high})
-    return [EditParams(layer=layer, position=config.positions[0], variant=variant) for layer in layers]
+    return [EditParams(layer=layer, position=config.source_positions[0], variant=variant) for layer in layers]
 
 
 def _as_optuna(params: EditParams, n_layers: int) -> dict:
@@ -174,9 +126,13 @@ def pareto_front(records: list[dict]) -> list[dict]:
 
 
 def run_trials(
-    chat: ChatModel, candidates: Candidates, objectives: Objectives, config: SearchConfig, storage: str, paper: EditParams, on_trial=None
+    chat: ChatModel, candidates: Candidates, objectives: Objectives, config: SearchSettings, seed: int, storage: str, paper: EditParams, on_trial=None
 ) -> list[dict]:
-    """Run (or resume) the study in ``storage`` until ``config.trials`` trials exist or the budget ends."""
+    """Run (or resume) the study in ``storage`` until ``config.trials`` trials exist or the budget ends.
+
+    The enqueued trials (the paper's edit, then the anchors) carry their role in a user attribute, so a
+    trial left RUNNING by a killed process is failed and enqueued again with its role on resume.
+    """
     try:
         import optuna
         from optuna.storages import JournalStorage
@@ -184,40 +140,41 @@ def run_trials(
     except ImportError:
         raise RefusalError("the search needs optuna; install it with: pip install 'refusal[search]'") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    state = optuna.trial.TrialState
     study = optuna.create_study(
         study_name="refusal-search",
         storage=JournalStorage(JournalFileBackend(storage)),
         load_if_exists=True,
         directions=["minimize", "minimize"],
-        sampler=optuna.samplers.TPESampler(seed=config.seed, multivariate=True, n_startup_trials=10),
+        sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10),
     )
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not study.trials:
-        for params in [paper] + anchor_params(candidates.n_layers, config):
-            study.enqueue_trial(_as_optuna(params, candidates.n_layers))
+        study.enqueue_trial(_as_optuna(paper, candidates.n_layers), user_attrs={"role": "paper"})
+        for params in anchor_params(candidates.n_layers, config):
+            study.enqueue_trial(_as_optuna(params, candidates.n_layers), user_attrs={"role": "anchor"})
+    for stale in [t for t in study.trials if t.state == state.RUNNING]:  # left by an interrupted process
+        study.tell(stale.number, state=state.FAIL)
+        if stale.user_attrs.get("role") in ("paper", "anchor"):
+            study.enqueue_trial(stale.params, user_attrs={"role": stale.user_attrs["role"]})
+    done = [t for t in study.trials if t.state == state.COMPLETE]
     start = time.perf_counter()
-    editor = WeightEditor(chat)
-    try:
+    with Editor(chat) as editor:
         while len(done) < config.trials:
             if config.time_budget is not None and time.perf_counter() - start > config.time_budget:
                 log(f"time budget reached after {len(done)} trials; keeping the best points so far")
                 break
             trial = study.ask()
-            params = suggest(trial, candidates.n_layers, candidates.n_post, config)
-            if trial.number == 0:
-                params = paper  # exactly the paper's edit (the kernel above is flat at 1 anyway)
+            params = paper if trial.user_attrs.get("role") == "paper" else suggest(trial, candidates.n_layers, config)
             t0 = time.perf_counter()
-            with editor.trial(source_direction(candidates, params), params):
+            with editor.applied(KernelEdit.from_candidates(candidates, params)):
                 values = objectives.measure()
             trial.set_user_attr("params", params.to_dict())
             trial.set_user_attr("kl_multi", values["kl_multi"])
             trial.set_user_attr("seconds", round(time.perf_counter() - t0, 3))
             study.tell(trial, [values["refusal"], values["kl"]])
-            done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+            done = [t for t in study.trials if t.state == state.COMPLETE]
             if on_trial:
                 on_trial(len(done), values)
-    finally:
-        editor.close()
     return [
         {
             "trial": t.number,
@@ -226,72 +183,55 @@ def run_trials(
             "kl_multi": t.user_attrs["kl_multi"],
             "seconds": t.user_attrs["seconds"],
             "params": t.user_attrs["params"],
+            "role": t.user_attrs.get("role", "sampled"),
         }
         for t in study.trials
-        if t.state == optuna.trial.TrialState.COMPLETE
+        if t.state == state.COMPLETE
     ]
 
 
 # ---- confirmation and choice -------------------------------------------------------------------
 def confirm_points(
-    chat: ChatModel,
-    candidates: Candidates,
-    points: list[dict],
-    harmful: list[str],
-    harmless: list[str],
-    max_new_tokens: int,
-    batch_size: int,
-    phrases,
+    chat: ChatModel, engine: Engine, candidates: Candidates, points: list[dict], harmful: list[str], harmless: list[str], max_new_tokens: int, phrases
 ) -> list[dict]:
-    """Greedy generation + substring judge for each point (harmful and harmless prompts)."""
-    from .judges import is_refusal
-
-    engine = HFEngine(chat, batch_size, description="confirming")
-    stop = lambda text: is_refusal(text, phrases)
+    """Greedy generation + substring judge for each point (harmful and harmless prompts), its edit applied in place."""
     out = []
-    with WeightEditor(chat) as editor:
+    with Editor(chat) as editor:
         for point in points:
-            params = EditParams.from_dict(point["params"])
-            with editor.trial(source_direction(candidates, params), params):
+            with editor.applied(KernelEdit.from_candidates(candidates, EditParams.from_dict(point["params"]))):
                 counts = {
-                    kind: sum(is_refusal(t, phrases) for t in engine.generate(prompts, max_new_tokens, stop))
+                    kind: sum(judge_refusals(engine, prompts, max_new_tokens, phrases).refused)
                     for kind, prompts in (("harmful", harmful), ("harmless", harmless))
                 }
-            out.append(
-                {
-                    **point,
-                    "confirmed": {
-                        "harmful_refused": counts["harmful"],
-                        "harmful_total": len(harmful),
-                        "harmless_refused": counts["harmless"],
-                        "harmless_total": len(harmless),
-                    },
-                }
-            )
+            confirmed = {
+                "harmful_refused": counts["harmful"],
+                "harmful_total": len(harmful),
+                "harmless_refused": counts["harmless"],
+                "harmless_total": len(harmless),
+            }
+            out.append({**point, "confirmed": confirmed})
     return out
 
 
-def points_to_confirm(front: list[dict], config: SearchConfig) -> list[dict]:
+def points_to_confirm(front: list[dict], config: SearchSettings) -> list[dict]:
     """Front points under the KL threshold with the lowest refusal scores, then the lowest-KL rest."""
-    under = sorted((p for p in front if p["kl"] <= config.kl_threshold), key=lambda p: p["refusal"])
-    rest = [p for p in front if p["kl"] > config.kl_threshold]
+    under = sorted((p for p in front if p["kl"] <= config.max_kl), key=lambda p: p["refusal"])
+    rest = [p for p in front if p["kl"] > config.max_kl]
     return (under[: config.confirm] + rest)[: config.confirm]
 
 
-def choose(confirmed: list[dict], config: SearchConfig, harmless_original: int) -> tuple[dict, str]:
+def choose(confirmed: list[dict], config: SearchSettings, harmless_original: int) -> tuple[dict, str]:
     """The default choice: fewest confirmed harmful refusals with first-token KL under the threshold
     and no more harmless refusals than the original model; ties go to the lower KL."""
     if not confirmed:
         raise RefusalError("the search front is empty: no trial finished; raise --trials or --time-budget")
     key = lambda p: (p["confirmed"]["harmful_refused"], p["kl"])
-    ok = [p for p in confirmed if p["kl"] <= config.kl_threshold and p["confirmed"]["harmless_refused"] <= harmless_original]
+    ok = [p for p in confirmed if p["kl"] <= config.max_kl and p["confirmed"]["harmless_refused"] <= harmless_original]
     if ok:
-        return min(ok, key=key), f"fewest confirmed refusals with KL <= {config.kl_threshold} and harmless refusals <= original"
-    under = [p for p in confirmed if p["kl"] <= config.kl_threshold]
+        return min(ok, key=key), f"fewest confirmed refusals with KL <= {config.max_kl} and harmless refusals <= original"
+    under = [p for p in confirmed if p["kl"] <= config.max_kl]
     if under:
         return min(
             under, key=key
-        ), f"fewest confirmed refusals with KL <= {config.kl_threshold} (every such point refuses more harmless prompts than the original)"
-    return min(
-        confirmed, key=lambda p: (p["kl"], p["confirmed"]["harmful_refused"])
-    ), f"no confirmed point has KL <= {config.kl_threshold}: lowest KL"
+        ), f"fewest confirmed refusals with KL <= {config.max_kl} (every such point refuses more harmless prompts than the original)"
+    return min(confirmed, key=lambda p: (p["kl"], p["confirmed"]["harmful_refused"])), f"no confirmed point has KL <= {config.max_kl}: lowest KL"

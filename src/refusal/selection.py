@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 from .directions import Candidates
@@ -22,30 +21,7 @@ from .interventions import ablate, add
 from .model import ChatModel
 from .progress import log, track
 from .scoring import kl_divergence, last_logits, prepare_batches, refusal_score
-
-
-@dataclass
-class SelectionConfig:
-    layers: list[int] | None = None  # None: every layer outside the pruned fraction
-    positions: list[int] | None = None  # negative offsets; None: every post-instruction position
-    prune_layer_fraction: float = 0.2
-    kl_threshold: float = 0.1
-    induce_threshold: float = 0.0
-    batch_size: int = 16
-
-    def validate(self, n_layers: int, n_post: int) -> None:
-        if not 0 <= self.prune_layer_fraction < 1:
-            raise RefusalError(f"prune layer fraction {self.prune_layer_fraction} must be in [0, 1)")
-        if self.kl_threshold <= 0 or not math.isfinite(self.kl_threshold):
-            raise RefusalError(f"KL threshold {self.kl_threshold} must be a positive number")
-        if self.batch_size < 1:
-            raise RefusalError(f"batch size {self.batch_size} must be at least 1")
-        for layer in self.layers or []:
-            if not 0 <= layer < n_layers:
-                raise RefusalError(f"layer {layer} is out of range; this model has layers 0 .. {n_layers - 1}")
-        for position in self.positions or []:
-            if not -n_post <= position < 0:
-                raise RefusalError(f"position {position} is out of range; use -1 .. -{n_post}")
+from .settings import SelectionSettings
 
 
 def max_layer(n_layers: int, prune_layer_fraction: float) -> int:
@@ -59,23 +35,26 @@ def score_candidates(
     harmful_val: list[str],
     harmless_val: list[str],
     refusal_ids: list[int],
-    config: SelectionConfig,
+    config: SelectionSettings,
+    batch_size: int = 32,
     cache_path: Path | None = None,
+    cache_key: str | None = None,
 ) -> list[dict]:
     """Bypass, induce and KL for every requested candidate; one record per (layer, position).
 
-    With ``cache_path``, each finished candidate is appended there, and a rerun with the same
-    inputs skips them (so an interrupted selection resumes where it stopped).
+    With ``cache_path``, each finished candidate is appended there with ``cache_key`` (the fingerprint of
+    everything the scores depend on), and a rerun with the same key skips them (so an interrupted
+    selection resumes where it stopped); lines with another key are ignored.
     """
     config.validate(candidates.n_layers, candidates.n_post)
     first_pruned = max_layer(candidates.n_layers, config.prune_layer_fraction)
     layers = config.layers if config.layers is not None else list(range(candidates.n_layers))
     positions = config.positions if config.positions is not None else list(range(-candidates.n_post, 0))
 
-    harmful = prepare_batches(chat, harmful_val, config.batch_size)
-    harmless = prepare_batches(chat, harmless_val, config.batch_size)
+    harmful = prepare_batches(chat, harmful_val, batch_size)
+    harmless = prepare_batches(chat, harmless_val, batch_size)
     baseline_harmless = last_logits(chat, harmless)
-    fingerprint = json.dumps([candidates.metadata.get("created"), harmful_val, harmless_val, refusal_ids], sort_keys=True)
+    fingerprint = cache_key or json.dumps([candidates.metadata.get("created"), harmful_val, harmless_val, refusal_ids], sort_keys=True)
     done = _read_cache(cache_path, fingerprint)
 
     records, todo = [], []

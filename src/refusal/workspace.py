@@ -1,0 +1,140 @@
+"""What every command starts with: validated settings, the loaded model, the run directory and its prompts.
+
+``start`` validates everything before anything is written (settings, run directory, prompt files,
+corpus, model, export target), then opens or creates the run directory; ``reopen`` loads an existing
+run with its saved settings. The returned ``Context`` is what the stages (``pipeline``, ``search_run``,
+``assess``) take.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .data import Prompts, builtin_hash, resolve_source
+from .errors import RefusalError
+from .export import check_target
+from .model import ChatModel
+from .models import load_model, packaged_prompts
+from .provenance import model_fingerprint, source_fingerprint
+from .run_dir import RunDir, read_json, write_json
+from .settings import Settings
+
+
+@dataclass
+class Context:
+    """What every stage of one command needs: the run directory, the settings, the model, the prompts."""
+
+    run: RunDir
+    settings: Settings
+    chat: ChatModel
+    prompts: Prompts
+    model_id: str  # the model's content hash (a hub id where there is no local file)
+    timings: dict = field(default_factory=dict)
+
+    def timed(self, stage: str, start: float) -> None:
+        self.timings[stage] = round(time.perf_counter() - start, 2)
+        self.run.record_time(stage, time.perf_counter() - start)
+
+
+# ---- inputs ---------------------------------------------------------------------------------------
+def prompt_sources(settings: Settings) -> dict[str, str]:
+    packaged = packaged_prompts(settings.model.model)
+    return {kind: resolve_source(getattr(settings.data, kind), kind, packaged) for kind in ("harmful", "harmless")}
+
+
+def _source_identity(spec: str) -> str:
+    return "builtin:" + builtin_hash() if spec == "builtin" else source_fingerprint(spec)
+
+
+def load_prompts(run: RunDir | None, settings: Settings, write: bool = True) -> Prompts:
+    """The run's prompt lists: from RUN/prompts.json while its sources and data settings are unchanged,
+    otherwise read (or fetched) again and, with ``write``, saved there."""
+    sources = prompt_sources(settings)
+    inputs = {kind: _source_identity(spec) for kind, spec in sources.items()}
+    if run is not None and run.fresh("prompts", settings, inputs):
+        return Prompts(_read_prompts(run))
+    caps = {"train": settings.data.n_train, "val": settings.data.n_val, "test": settings.data.n_test}
+    prompts = Prompts.load(sources, settings.data.seed, caps)
+    if run is not None and write:
+        write_json(run.file("prompts"), {"format_version": "1", "sources": sources, "prompts": prompts.lists})
+        run.record("prompts", settings, inputs)
+        run.update(datasets=prompts.summary())
+    return prompts
+
+
+def _read_prompts(run: RunDir) -> dict:
+    data = read_json(run.file("prompts"), f"delete it and re-run `refusal run --out {run.path}`")
+    lists = data.get("prompts")
+    if not isinstance(lists, dict) or any(not isinstance(lists.get(k), dict) for k in ("harmful", "harmless")):
+        raise RefusalError(f"{run.file('prompts')} has the wrong shape; delete it and re-run `refusal run --out {run.path}`")
+    return lists
+
+
+def model_identity(chat: ChatModel, run: RunDir | None) -> tuple[str, dict]:
+    """(content hash or hub id, the run.json "model" record) of the loaded model."""
+    known = run.info.get("model", {}).get("fingerprint") if run is not None else None
+    fingerprint = model_fingerprint(chat.path, known)
+    identity = fingerprint["sha256"] or chat.path
+    record = {
+        "source": chat.source,
+        "path": chat.path,
+        "sha256": fingerprint["sha256"],
+        "fingerprint": fingerprint,
+        "class": type(chat.model).__name__,
+        "dtype": str(chat.dtype).replace("torch.", ""),
+        "n_layers": chat.n_layers,
+        "d_model": chat.d_model,
+        "post_instruction_tokens": chat.tokenizer.convert_ids_to_tokens(chat.post_instruction_ids),
+    }
+    return identity, record
+
+
+def start(settings: Settings, out: Path, overwrite: bool = False, export_to: Path | None = None) -> Context:
+    """Validate everything (settings, run directory, prompts, corpus, model, export target) before anything
+    is written; then open or create the run directory."""
+    settings.validate()
+    RunDir.check_target(out, overwrite)
+    existing = RunDir(out) if (Path(out) / "run.json").is_file() and not overwrite else None
+    load_prompts(existing, settings, write=False)  # bad prompt files fail here, before anything is written
+    if settings.evaluation.ce_tokens > 0:
+        from .data import load_corpus
+
+        load_corpus(settings.evaluation.corpus)
+    if settings.evaluation.refusal_phrases:
+        from .judges import load_phrases
+
+        load_phrases(settings.evaluation.refusal_phrases)
+    chat = load(settings)
+    settings.selection.validate(chat.n_layers, chat.n_post)
+    chat.refusal_token_ids(settings.evaluation.refusal_tokens)
+    if export_to is not None:
+        check_target(export_to, chat.path, overwrite=True)
+    run = RunDir.create(out, settings, overwrite)
+    prompts = load_prompts(run, settings)
+    identity, record = model_identity(chat, run)
+    run.update(model=record)
+    return Context(run, settings, chat, prompts, identity)
+
+
+def load(settings: Settings) -> ChatModel:
+    m = settings.model
+    return load_model(
+        m.model, dtype=m.dtype, device=m.device, device_map=m.device_map, trust_remote_code=m.trust_remote_code, chat_template=m.chat_template
+    )
+
+
+def reopen(path: Path) -> Context:
+    """An existing run with its saved settings, for commands that read it (select, export, search --run)."""
+    run = RunDir.open(path)
+    settings = run.settings
+    chat = load(settings)
+    prompts = load_prompts(run, settings)
+    identity, record = model_identity(chat, run)
+    return Context(run, settings, chat, prompts, identity)
+
+
+def default_run_path(model: str, suffix: str = "") -> Path:
+    """runs/<model name><suffix>: where `refusal run` (suffix '') and `refusal search` ('-search') write without --out."""
+    return Path("runs") / ((Path(model.rstrip("/")).name.replace(".", "-") or "model") + suffix)

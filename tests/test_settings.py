@@ -1,0 +1,77 @@
+"""The settings tree: one definition per setting, the command line generated from it, saved and read back."""
+
+import argparse
+from dataclasses import fields
+
+import pytest
+
+from refusal.errors import RefusalError
+from refusal.settings import GROUPS, SearchSettings, SelectionSettings, Settings, add_arguments, duration, flag, from_args, given, int_list
+
+
+def parser(groups=GROUPS) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    add_arguments(p, groups)
+    return p
+
+
+def test_every_setting_has_help_and_a_unique_flag():
+    seen = set()
+    for group in GROUPS:
+        for f in fields(type(getattr(Settings(), group))):
+            assert f.metadata["help"], f"{group}.{f.name} has no help text"
+            assert flag(f) not in seen, f"{flag(f)} is defined twice"
+            seen.add(flag(f))
+
+
+def test_options_override_defaults_and_nothing_else():
+    args = parser().parse_args(["--layers", "3-5", "--n-val", "7", "--trust-remote-code", "--time-budget", "90s", "--refusal-tokens", "I,No"])
+    settings = from_args(args)
+    assert settings.selection.layers == [3, 4, 5] and settings.data.n_val == 7 and settings.model.trust_remote_code
+    assert settings.search.time_budget == 90 and settings.evaluation.refusal_tokens == ["I", "No"]
+    untouched = Settings()
+    assert settings.evaluation.batch_size == untouched.evaluation.batch_size and settings.search.max_kl == untouched.search.max_kl
+    assert given(args, "selection") == {"layers": [3, 4, 5]}
+
+
+def test_the_tree_round_trips_through_json_and_rejects_unknown_keys():
+    settings = Settings()
+    settings.search.variants = ["biprojected"]
+    assert Settings.from_dict(settings.to_dict()) == settings
+    data = settings.to_dict()
+    data["selection"]["kl_treshold"] = 0.3
+    with pytest.raises(RefusalError, match="unknown setting.*kl_treshold"):
+        Settings.from_dict(data)
+
+
+def test_the_two_kl_limits_have_different_names():
+    assert "kl_threshold" in {f.name for f in fields(SelectionSettings)} and "max_kl" in {f.name for f in fields(SearchSettings)}
+    assert not {f.name for f in fields(SelectionSettings)} & {f.name for f in fields(SearchSettings)}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda s: setattr(s.data, "n_val", 0), "--n-val must be at least 1"),
+        (lambda s: setattr(s.evaluation, "ce_tokens", -1), "--ce-tokens must be at least 0"),
+        (lambda s: setattr(s.selection, "kl_threshold", float("nan")), "--kl-threshold nan must be a positive number"),
+        (lambda s: setattr(s.selection, "prune_layer_fraction", 1.5), "--prune-layer-fraction 1.5"),
+        (lambda s: setattr(s.selection, "positions", [0]), "position 0 is out of range"),
+        (lambda s: setattr(s.search, "variants", ["sideways"]), "unknown edit variant sideways"),
+        (lambda s: setattr(s.search, "max_kl", 0.0), "--max-kl must be a positive KL"),
+    ],
+)
+def test_bad_values_are_named(change, message):
+    settings = Settings()
+    change(settings)
+    with pytest.raises(RefusalError, match=message):
+        settings.validate()
+
+
+def test_option_parsers():
+    assert int_list("8-10,15") == [8, 9, 10, 15] and int_list("-1,-2") == [-1, -2]
+    with pytest.raises(argparse.ArgumentTypeError, match="empty range"):
+        int_list("3-1")
+    assert duration("20m") == 1200 and duration("none") is None
+    with pytest.raises(argparse.ArgumentTypeError, match="must be positive"):
+        duration("-5m")
