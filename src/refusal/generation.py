@@ -5,8 +5,9 @@ active, so the same engine serves the unedited model, a model inside ``ablate``/
 exported checkpoint. Prompts are batched by token length (less padding) and returned in input
 order. ``stop_when`` ends a sequence as soon as a judge can decide from its text so far (a refusal
 phrase has appeared), which saves most of the tokens of refused prompts; leave it out to read full
-completions. Another backend (vLLM) plugs in by implementing ``Engine.generate``; it can only serve
-edits baked into weights (an exported checkpoint), not hooks.
+completions. Another backend (vLLM) plugs in by implementing ``Engine`` (token ids, decoding, text);
+it can only serve edits baked into weights (an exported checkpoint), not hooks. Everything that
+generates (evaluation, the search's confirmation and original prefixes) takes an ``Engine``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,16 @@ StopWhen = Callable[[str], bool]
 
 
 class Engine(Protocol):
+    """A generation backend: greedy (or seeded sampled) completions of chat-formatted instructions."""
+
+    def generate_ids(self, instructions: list[str], max_new_tokens: int, stop_when: StopWhen | None = None) -> list[list[int]]:
+        """New token ids per instruction, in input order, cut after the first end-of-sequence token."""
+        ...
+
+    def decode(self, ids: list[list[int]]) -> list[str]:
+        """Texts of ``generate_ids``' output, without special tokens."""
+        ...
+
     def generate(self, instructions: list[str], max_new_tokens: int, stop_when: StopWhen | None = None) -> list[str]:
         """Completions of chat-formatted ``instructions``, in input order, without special tokens."""
         ...
@@ -94,9 +105,13 @@ class HFEngine:
                 out[i] = row
         return [out[i] for i in range(len(instructions))]
 
-    def generate(self, instructions: list[str], max_new_tokens: int, stop_when: StopWhen | None = None) -> list[str]:
-        ids = self.generate_ids(instructions, max_new_tokens, stop_when)
+    def decode(self, ids: list[list[int]]) -> list[str]:
+        """Texts without special tokens."""
         return self.chat.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+    def generate(self, instructions: list[str], max_new_tokens: int, stop_when: StopWhen | None = None) -> list[str]:
+        """Completions in input order, without special tokens."""
+        return self.decode(self.generate_ids(instructions, max_new_tokens, stop_when))
 
 
 def _eos_ids(chat: ChatModel) -> list[int]:
