@@ -51,14 +51,11 @@ def test_run_writes_the_run_directory_contract(finished_run, model_dir):
     assert exported["fidelity_max_abs_diff"] < 1e-3
     assert exported["direction"]["layer"] == chosen["layer"] and exported["source_model"]["sha256"] == run["model"]["sha256"]
     report = json.loads((finished_run / "report" / "report.json").read_text())
-    assert set(report["rates"]) == {
-        "harmful_original",
-        "harmful_ablated",
-        "harmless_original",
-        "harmless_ablated",
-        "harmless_added",
-        "harmful_edited",
-        "harmless_edited",
+    assert {name: set(by_kind) for name, by_kind in report["rates"].items()} == {
+        "original": {"harmful", "harmless"},
+        "ablated": {"harmful", "harmless"},
+        "added": {"harmless"},
+        "edited": {"harmful", "harmless"},
     }
     assert set(report["kl"]) == {"ablated", "edited"} and (finished_run / "report" / "report.html").exists()
     assert not (finished_run / "selection.partial.jsonl").exists()
@@ -161,7 +158,8 @@ def test_evaluate_rejects_bad_input_before_writing_anything(finished_run, model_
     assert not out.exists()
     assert main(["evaluate", "--model", str(model_dir), "--add", str(finished_run), "--out", str(out), *FAST]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert set(report["rates"]) == {"harmful_original", "harmless_original", "harmless_added"} and report["kl"] == {}
+    assert {name: set(by_kind) for name, by_kind in report["rates"].items()} == {"original": {"harmful", "harmless"}, "added": {"harmless"}}
+    assert report["kl"] == {}
 
 
 def test_run_without_out_writes_to_runs_named_after_the_model(model_dir, tmp_path, monkeypatch):

@@ -110,7 +110,7 @@ def test_time_budget_stops_cleanly_with_the_best_point_so_far(organism_dir, tmp_
     info = json.loads((out / "model" / "refusal.json").read_text())
     assert info["search_trial"]["trial"] == result["chosen"]["trial"] and info["fidelity_max_abs_diff"] < 1e-3
     report = json.loads((out / "report" / "report.json").read_text())
-    assert report["search"]["chosen"] == result["chosen"] and "harmful_edited" in report["rates"]
+    assert report["search"]["chosen"] == result["chosen"] and "harmful" in report["rates"]["edited"]
     chosen = next(t for t in result["trials"] if t["trial"] == result["chosen"]["trial"])
     assert abs(report["kl"]["edited"]["first_token"]["mean"] - chosen["kl"]) < 0.5 * chosen["kl"]  # val vs test, same edit
     assert 'id="search"' in (out / "report" / "report.html").read_text()

@@ -203,12 +203,12 @@ def _selection_config(args: argparse.Namespace, base: SelectionConfig) -> Select
 def _print_report(report: dict) -> None:
     from .report import fmt
 
-    rates = report["rates"]
+    labels = {c["name"]: c["label"] for c in report["conditions"]}
     console.print("\n[bold]refusal rate on the test split[/] (substring judge, 95% Wilson interval)")
-    for key, entry in rates.items():
-        console.print(
-            f"  {key:18s} {entry['refused']:3d}/{entry['total']:<3d} {entry['rate']:6.1%}  [{entry['low']:.0%}, {entry['high']:.0%}]", highlight=False
-        )
+    for name, by_kind in report["rates"].items():
+        for kind, entry in by_kind.items():
+            key, interval = f"{kind}, {labels.get(name, name)}", f"[{entry['low']:.0%}, {entry['high']:.0%}]"
+            console.print(f"  {key:32s} {entry['refused']:3d}/{entry['total']:<3d} {entry['rate']:6.1%}  {interval}", highlight=False)
     for name, kl in (report.get("kl") or {}).items():
         console.print(
             f"  KL on harmless ({name}): first token {fmt('kl', kl['first_token']['mean'])}, "

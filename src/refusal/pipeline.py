@@ -351,17 +351,19 @@ def evaluate_edits(
     """The report dict comparing the original model with the requested edits on the test splits."""
     from .evaluation import Condition, EvalSettings, cosine_matrix, projections
     from .evaluation import evaluate as evaluate_conditions
+    from .report import FORMAT_VERSION as REPORT_FORMAT
 
     data = run_data(config)
-    conditions = [Condition("original", chat)]
+    conditions = [Condition("original", "original", chat)]
     if ablated:
-        conditions.append(Condition("ablated", chat, lambda: ablate(chat, direction.vector)))
+        conditions.append(Condition("ablated", "ablated (hooks)", chat, lambda: ablate(chat, direction.vector)))
     if added:
-        conditions.append(Condition("added", chat, lambda: add(chat, direction.vector, direction.layer), kinds=("harmless",)))
+        add_context = lambda: add(chat, direction.vector, direction.layer)
+        conditions.append(Condition("added", "activation addition", chat, add_context, kinds=("harmless",), costs=False))
     edited_chat = None
     if edited is not None:
         edited_chat = load_model(str(edited), dtype=config.dtype, device=config.device, device_map=config.device_map)
-        conditions.append(Condition("edited", edited_chat))
+        conditions.append(Condition("edited", "edited checkpoint", edited_chat))
     settings = EvalSettings(
         max_new_tokens=config.max_new_tokens,
         batch_size=config.batch_size,
@@ -374,9 +376,10 @@ def evaluate_edits(
     results = evaluate_conditions(conditions, prompts, settings, corpus=corpus, safety=safety, corpus_name=config.corpus)
     del edited_chat
     report = {
-        "format_version": "1",
+        "format_version": REPORT_FORMAT,
         "created": _timestamp(),
         "refusal_version": __version__,
+        "conditions": results["conditions"],
         "model": (from_run.info.get("model") if from_run else None) or _model_info(chat, config),
         "direction": None,
         "selection": None,
@@ -397,7 +400,8 @@ def evaluate_edits(
         "environment": environment(),
         **{k: results[k] for k in ("rates", "refusal_score", "safety", "kl", "ce_loss", "samples")},
         "completions": {
-            k: [{"instruction": p, "completion": c} for p, c in zip(prompts[k.split("_")[0]], v)] for k, v in results["completions"].items()
+            name: {kind: [{"instruction": p, "completion": c} for p, c in zip(prompts[kind], texts)] for kind, texts in by_kind.items()}
+            for name, by_kind in results["completions"].items()
         },
     }
     if direction is not None:
