@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 
@@ -95,9 +96,9 @@ def corpus_chunks(chat: ChatModel, texts: list[str], max_tokens: int, max_length
     """Token chunks of at most ``max_length`` (and the model's context) from ``texts``, ``max_tokens`` in all."""
     limit = _max_positions(chat)
     max_length = min(max_length, limit) if limit else max_length
-    chunks, used = [], 0
+    chunks, used, tokenizer = [], 0, cast(Any, chat.tokenizer)
     for text in texts:
-        ids = chat.tokenizer(text, add_special_tokens=True)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         for i in range(0, len(ids), max_length):
             piece = ids[i : i + max_length][: max_tokens - used]
             if len(piece) >= 2:
@@ -112,7 +113,8 @@ def _max_positions(chat: ChatModel) -> int | None:
     """The model's context length. TODO(merge): chat.max_positions (helper A's public property) replaces this."""
     if hasattr(type(chat), "max_positions"):
         return chat.max_positions  # type: ignore[attr-defined]
-    config = chat.model.config.get_text_config() if hasattr(chat.model.config, "get_text_config") else chat.model.config
+    model: Any = chat.model
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     return value if isinstance(value, int) and value > 0 else None
 

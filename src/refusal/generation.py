@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -71,7 +71,9 @@ class HFEngine:
 
     def generate_ids(self, instructions: list[str], max_new_tokens: int, stop_when: StopWhen | None = None) -> list[list[int]]:
         """New token ids per instruction (input order), cut after the first EOS."""
-        chat, tokenizer = self.chat, self.chat.tokenizer
+        chat = self.chat
+        tokenizer: Any = chat.tokenizer  # typed loosely in ChatModel; a transformers tokenizer
+        model: Any = chat.model
         from transformers import StoppingCriteriaList
 
         encoded = [chat.encode(x) for x in instructions]
@@ -83,13 +85,13 @@ class HFEngine:
         for group in track(groups, self.description):
             batch = chat.pad([encoded[i] for i in group])
             prompt_len = batch["input_ids"].shape[1]
-            options = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+            options: dict[str, Any] = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
             if self.sampling is not None:
                 torch.manual_seed(self.sampling.seed)
                 options = dict(do_sample=True, temperature=self.sampling.temperature, top_p=self.sampling.top_p, top_k=None)
             criteria = StoppingCriteriaList([_StopWhenDecided(tokenizer, prompt_len, stop_when)]) if stop_when else None
             with torch.inference_mode():
-                generated = chat.model.generate(
+                generated = model.generate(
                     input_ids=batch["input_ids"],
                     attention_mask=batch["attention_mask"],
                     max_new_tokens=max_new_tokens,
@@ -107,7 +109,8 @@ class HFEngine:
 
     def decode(self, ids: list[list[int]]) -> list[str]:
         """Texts without special tokens."""
-        return self.chat.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        tokenizer: Any = self.chat.tokenizer
+        return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     def generate(self, instructions: list[str], max_new_tokens: int, stop_when: StopWhen | None = None) -> list[str]:
         """Completions in input order, without special tokens."""
@@ -115,9 +118,11 @@ class HFEngine:
 
 
 def _eos_ids(chat: ChatModel) -> list[int]:
-    ids = chat.model.generation_config.eos_token_id if chat.model.generation_config is not None else None
+    model: Any = chat.model
+    tokenizer: Any = chat.tokenizer
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
     if ids is None:
-        ids = chat.tokenizer.eos_token_id
+        ids = tokenizer.eos_token_id
     return [ids] if isinstance(ids, int) else list(ids or [])
 
 

@@ -25,7 +25,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .errors import RefusalError, check_finite
 
@@ -236,7 +236,7 @@ class ChatClassifierJudge:
         self.name = name or f"{chat.source} ({prompt_format if prompt_format in PROMPT_FORMATS else 'custom format'})"
 
     def _verdict_id(self, word: str) -> int:
-        tokenizer = self.chat.tokenizer
+        tokenizer: Any = self.chat.tokenizer
         ids = tokenizer(word, add_special_tokens=False)["input_ids"]
         if len(ids) != 1 or ids[0] == getattr(tokenizer, "unk_token_id", None):
             why = "not in the vocabulary" if len(ids) == 1 else f"{len(ids)} tokens {tokenizer.convert_ids_to_tokens(ids)}"
@@ -250,7 +250,8 @@ class ChatClassifierJudge:
         """logit(unsafe word) - logit(safe word) at the verdict position, per pair (> 0 means unsafe)."""
         if len(instructions) != len(completions):
             raise RefusalError(f"{len(instructions)} instructions but {len(completions)} completions; give one completion per instruction")
-        tokenizer, out = self.chat.tokenizer, []
+        tokenizer: Any = self.chat.tokenizer
+        out: list[float] = []
         for start in range(0, len(instructions), self.batch_size):
             pairs = zip(instructions[start : start + self.batch_size], completions[start : start + self.batch_size])
             # add_special_tokens=True: the judge's tokenizer adds its own BOS, as its published usage does.

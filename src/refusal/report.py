@@ -17,40 +17,40 @@ from pathlib import Path
 
 from . import report_plots as plots
 from .errors import RefusalError
+from .report_html import (
+    CSS,
+    NOT_MEASURED,
+    SEARCH_FIELDS,
+    esc,
+    img,
+    metadata_section,
+    missing,
+    num,
+    search_section,
+    section,
+    selection_section,
+    table,
+)
 from .report_schema import FORMAT_VERSION, REQUIRED, fmt, kinds, labels, validate_report
 from .stats import rate_values
 
 __all__ = ["FORMAT_VERSION", "REQUIRED", "fmt", "render_html", "render_markdown", "validate_report", "write_report"]
 
-NOT_MEASURED = "not measured"
 PERCENT_FIELDS = ("rate", "low", "high")
 TEXTS = ("instruction", "original", "edited")
 
 
-def _esc(text: object) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _num(path: str, value: object, tag: str = "span") -> str:
-    """One JSON value in an element that names its path."""
-    return f'<{tag} data-key="{_esc(path)}">{_esc(fmt(path, value))}</{tag}>'
-
-
 def _plain(path: str, value: object) -> str:
-    """The Markdown counterpart of _num: the formatted value, escaped for a table cell."""
+    """The Markdown counterpart of num: the formatted value, escaped for a table cell."""
     return _md(fmt(path, value))
 
 
 def _text(tag: Callable) -> Callable[[object], str]:
     """How free text from the report (a label) is escaped where ``tag`` writes numbers: HTML or Markdown."""
-    return _esc if tag is _num else _md
+    return esc if tag is num else _md
 
 
-def _img(b64: str, alt: str) -> str:
-    return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{b64}">'
-
-
-def _rate_text(path: str, entry: dict, tag=_num) -> str:
+def _rate_text(path: str, entry: dict, tag=num) -> str:
     """'refused/total (rate, 95% CI low–high)'; values not in the JSON are computed and carry no data-key."""
     computed = dict(zip(PERCENT_FIELDS, rate_values(entry)))
 
@@ -62,7 +62,7 @@ def _rate_text(path: str, entry: dict, tag=_num) -> str:
     return f"{refused}/{total} ({part('rate')}, 95% CI {part('low')}–{part('high')})"
 
 
-# ---- content shared by HTML and Markdown (`tag` wraps each JSON value: _num or _plain) ----------
+# ---- content shared by HTML and Markdown (`tag` wraps each JSON value: num or _plain) ----------
 COST_HEADER = ["measure", "condition", "value", "details"]
 
 
@@ -72,9 +72,9 @@ def _rate_header(report: dict) -> list[str]:
 
 def _rate_rows(name: str, report: dict, tag) -> list[list[str]]:
     """One row per listed condition, one column per kind: ``report[name][condition][kind]`` or "not measured"."""
-    table, text = report[name], _text(tag)
+    measured, text = report[name], _text(tag)
     return [
-        [text(label), *(_rate_text(f"{name}.{c}.{k}", table[c][k], tag) if k in table.get(c, {}) else NOT_MEASURED for k in kinds(report))]
+        [text(label), *(_rate_text(f"{name}.{c}.{k}", measured[c][k], tag) if k in measured.get(c, {}) else NOT_MEASURED for k in kinds(report))]
         for c, label in labels(report).items()
     ]
 
@@ -83,24 +83,13 @@ def _cost_rows(report: dict, tag) -> list[list[str]]:
     """KL per edit (first token and multi-token), cross-entropy per condition, refusal log-odds per condition and kind."""
     rows, names, text = [], labels(report), _text(tag)
     for edit, kl in (report.get("kl") or {}).items():
-        label = text(names[edit])
-        first, multi = (kl or {}).get("first_token"), (kl or {}).get("multi_token")
-        if first:
-            rows.append(
-                [
-                    "KL on harmless, first token",
-                    label,
-                    tag(f"kl.{edit}.first_token.mean", first["mean"]),
-                    f"n = {tag(f'kl.{edit}.first_token.n', first['n'])}",
-                ]
-            )
-        else:
-            rows.append(["KL on harmless, first token", label, NOT_MEASURED, ""])
-        if multi:
-            n, tokens = tag(f"kl.{edit}.multi_token.n", multi["n"]), tag(f"kl.{edit}.multi_token.tokens", multi["tokens"])
-            rows.append(["KL on harmless, multi-token", label, tag(f"kl.{edit}.multi_token.mean", multi["mean"]), f"n = {n}, tokens = {tokens}"])
-        else:
-            rows.append(["KL on harmless, multi-token", label, NOT_MEASURED, ""])
+        for part, what in (("first_token", "first token"), ("multi_token", "multi-token")):
+            entry, measure = (kl or {}).get(part), f"KL on harmless, {what}"
+            if not entry:
+                rows.append([measure, text(names[edit]), NOT_MEASURED, ""])
+                continue
+            details = ", ".join(f"{k} = {tag(f'kl.{edit}.{part}.{k}', entry[k])}" for k in ("n", "tokens") if k in entry)
+            rows.append([measure, text(names[edit]), tag(f"kl.{edit}.{part}.mean", entry["mean"]), details])
     if not rows:
         rows.append(["KL on harmless", "", NOT_MEASURED, ""])
     ce = report.get("ce_loss")
@@ -125,88 +114,37 @@ def _direction_text(report: dict, tag) -> str:
     return f"layer {layer}, position {position}{fallback}"
 
 
-# ---- HTML --------------------------------------------------------------------------------------
-CSS = """body{font:14px/1.45 system-ui,sans-serif;color:#222;max-width:1100px;margin:2em auto;padding:0 1em}
-table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ccc;padding:.25em .5em;text-align:left;
-vertical-align:top}td.text{white-space:pre-wrap;max-width:28em}.missing{color:#777;font-style:italic}
-img{max-width:100%;display:block;margin:.5em 0}h2{border-bottom:1px solid #ddd;margin-top:1.8em}"""
-
-
-def _missing(what: str) -> str:
-    return f'<p class="missing">{_esc(what)}: {NOT_MEASURED}.</p>'
-
-
-def _section(id_: str, title: str, body: str) -> str:
-    return f'<section id="{id_}">\n<h2>{_esc(title)}</h2>\n{body}\n</section>\n'
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
-    cells = lambda row: "".join(c if c.startswith(("<td", "<th")) else f"<td>{c}</td>" for c in row)
-    body = "".join(f"<tr>{cells(row)}</tr>\n" for row in rows)
-    return f"<table>\n<tr>{head}</tr>\n{body}</table>"
-
-
-def _kv_table(prefix: str, data: dict) -> str:
-    """Key/value rows; keys containing a dot get no data-key (their path would be ambiguous)."""
-    path = lambda k: f"{prefix}.{k}" if prefix else str(k)
-    rows = [[f"<th>{_esc(k)}</th>", _num(path(k), v, "td") if "." not in str(k) else f"<td>{_esc(fmt(k, v))}</td>"] for k, v in data.items()]
-    return _table(["key", "value"], rows)
-
-
+# ---- HTML (building blocks and the page-only sections: report_html) ---------------------------
 def _rates_html(report: dict) -> str:
     rates, safety, conditions, found = report["rates"], report.get("safety"), list(labels(report).items()), kinds(report)
     header = _rate_header(report)
-    parts = ["<h3>Refusal rate (Wilson 95% intervals)</h3>", _table(header, _rate_rows("rates", report, _num))]
-    parts.append(_img(plots.rates_plot(rates, conditions, found, "refused (%)"), "refusal rates") if rates else _missing("refusal rates"))
+    parts = ["<h3>Refusal rate (Wilson 95% intervals)</h3>", table(header, _rate_rows("rates", report, num))]
+    parts.append(img(plots.rates_plot(rates, conditions, found, "refused (%)"), "refusal rates") if rates else missing("refusal rates"))
     if safety:
-        judge = f" (judge: {_esc(safety['judge'])})" if safety.get("judge") else ""
+        judge = f" (judge: {esc(safety['judge'])})" if safety.get("judge") else ""
         parts += [
             f"<h3>Unsafe rate{judge}</h3>",
-            _table(header, _rate_rows("safety", report, _num)),
-            _img(plots.rates_plot(safety, conditions, found, "unsafe (%)"), "unsafe rates"),
+            table(header, _rate_rows("safety", report, num)),
+            img(plots.rates_plot(safety, conditions, found, "unsafe (%)"), "unsafe rates"),
         ]
     else:
-        parts += ["<h3>Unsafe rate</h3>", _missing("safety judged by an LLM")]
-    return "\n".join(parts)
-
-
-def _selection_html(report: dict) -> str:
-    selection = report.get("selection")
-    if not selection:
-        return _missing("candidate selection")
-    fields = ("layer", "position", "bypass", "induce", "kl", "fallback")
-    chosen = selection.get("chosen")
-    parts = [
-        _table(["", *fields], [["chosen", *(_num(f"selection.chosen.{f}", chosen.get(f), "td") for f in fields)]])
-        if chosen
-        else _missing("chosen candidate")
-    ]
-    candidates = selection.get("candidates") or []
-    if candidates:
-        parts.append("<p>Heatmaps over layers × positions: red square = chosen, × = filtered, blank = not scored.</p>")
-        parts.append(_img(plots.selection_plot(selection), "candidate scores"))
-        fields = ("layer", "position", "bypass", "induce", "kl", "filtered")
-        rows = [[_num(f"selection.candidates.{i}.{f}", c.get(f), "td") for f in fields] for i, c in enumerate(candidates)]
-        parts.append(f"<details><summary>All {len(candidates)} candidates</summary>\n{_table(list(fields), rows)}</details>")
-    else:
-        parts.append(_missing("candidate scores"))
+        parts += ["<h3>Unsafe rate</h3>", missing("safety judged by an LLM")]
     return "\n".join(parts)
 
 
 def _samples_html(report: dict) -> str:
     samples, names = _samples(report), labels(report)
     if not samples:
-        return _missing("sample completions")
+        return missing("sample completions")
     rows = [
         [
-            _esc(s.get("kind", "")),
-            _esc(names.get(s.get("edit", ""), s.get("edit", ""))),
-            *(f'<td class="text">{_esc(s.get(k, ""))}</td>' for k in TEXTS),
+            esc(s.get("kind", "")),
+            esc(names.get(s.get("edit", ""), s.get("edit", ""))),
+            *(f'<td class="text">{esc(s.get(k, ""))}</td>' for k in TEXTS),
         ]
         for s in samples
     ]
-    return _table(["kind", "edit", "instruction", "original completion", "edited completion"], rows)
+    return table(["kind", "edit", "instruction", "original completion", "edited completion"], rows)
 
 
 def _samples(report: dict) -> list[dict]:
@@ -215,55 +153,33 @@ def _samples(report: dict) -> list[dict]:
     return sorted(report.get("samples") or [], key=lambda s: order.index(s["kind"]) if s.get("kind") in order else len(order))
 
 
-def _metadata_html(report: dict) -> str:
-    top = {k: report[k] for k in ("created", "refusal_version", "format_version")}
-    parts = [_kv_table("", top), "<h3>Model</h3>", _kv_table("model", report["model"])]
-    for key, title in (("datasets", "Datasets"), ("settings", "Settings"), ("timings", "Timings (seconds)")):
-        value = report.get(key)
-        parts += [f"<h3>{title}</h3>", _kv_table(key, value) if value else _missing(title.lower())]
-    return "\n".join(parts)
-
-
 def render_html(report: dict) -> str:
     """One self-contained HTML page (inline CSS, base64 PNG plots, no scripts) for the report."""
     validate_report(report)
-    source = _esc(report["model"].get("source", "model"))
+    source = esc(report["model"].get("source", "model"))
     projections, cosine = report.get("projections"), report.get("cosine")
     sections = [
-        _section("rates", "Refusal and safety rates", _rates_html(report)),
-        _section("costs", "Costs: KL divergence and CE loss", _table(COST_HEADER, _cost_rows(report, _num))),
-        _section("selection", "Direction selection", _selection_html(report)),
-        _section(
+        section("rates", "Refusal and safety rates", _rates_html(report)),
+        section("costs", "Costs: KL divergence and CE loss", table(COST_HEADER, _cost_rows(report, num))),
+        section("selection", "Direction selection", selection_section(report)),
+        section(
             "projections",
             "Mean projection onto the direction (± std)",
-            _missing("projections") if not projections else _img(plots.projections_plot(projections, report.get("direction")), "projections"),
+            missing("projections") if not projections else img(plots.projections_plot(projections, report.get("direction")), "projections"),
         ),
-        _section(
+        section(
             "cosine",
             "Cosine similarity between the layers' candidate directions",
-            _img(plots.cosine_plot(cosine), "cosine similarity") if cosine else _missing("cosine similarity"),
+            img(plots.cosine_plot(cosine), "cosine similarity") if cosine else missing("cosine similarity"),
         ),
-        _section("samples", "Sample completions", _samples_html(report)),
-        _section("search", "Search: refusal score vs KL", _search_html(report)),
-        _section("metadata", "Metadata", _metadata_html(report)),
+        section("samples", "Sample completions", _samples_html(report)),
+        section("search", "Search: refusal score vs KL", search_section(report)),
+        section("metadata", "Metadata", metadata_section(report)),
     ]
     return (
         f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>Refusal report: {source}</title>\n'
         f"<style>{CSS}</style>\n</head>\n<body>\n<h1>Refusal report: {source}</h1>\n<p>Direction: "
-        f"{_direction_text(report, _num)}. Created {_esc(report['created'])}.</p>\n{''.join(sections)}</body>\n</html>\n"
-    )
-
-
-def _search_html(report: dict) -> str:
-    search = report.get("search")
-    if not search:
-        return _missing("search (run `refusal search`)")
-    fields = ("trial", "refusal", "kl", "harmful_refused", "harmful_total", "harmless_refused", "harmless_total")
-    rows = [[_num(f"search.confirmed.{i}.{f}", p.get(f), "td") for f in fields] for i, p in enumerate(search.get("confirmed") or [])]
-    chosen = search.get("chosen") or {}
-    return (
-        _img(plots.search_plot(search), "search trials") + f"<p>Chosen: trial {_num('search.chosen.trial', chosen.get('trial'))} "
-        f"({_esc(chosen.get('rule', ''))}). Confirmed front points (generation on validation prompts):</p>" + _table(list(fields), rows)
+        f"{_direction_text(report, num)}. Created {esc(report['created'])}.</p>\n{''.join(sections)}</body>\n</html>\n"
     )
 
 
@@ -309,7 +225,7 @@ def render_markdown(report: dict, samples_per_kind: int = 2, max_chars: int = 16
         ]
     lines += ["", "## Costs", "", *_md_table(COST_HEADER, _cost_rows(report, _plain))]
     if search := report.get("search"):
-        fields = ("trial", "refusal", "kl", "harmful_refused", "harmful_total", "harmless_refused", "harmless_total")
+        fields = SEARCH_FIELDS
         rows = [[_plain(f"search.confirmed.{i}.{f}", p.get(f)) for f in fields] for i, p in enumerate(search.get("confirmed") or [])]
         lines += [
             "",

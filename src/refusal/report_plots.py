@@ -54,7 +54,9 @@ def rates_plot(rates: dict, conditions: list[tuple[str, str]], kinds: list[str],
     shown = [(name, label) for name, label in conditions if rates.get(name)]
     width = 0.76 / max(1, len(kinds))
     for i, kind in enumerate(kinds):
-        xs, ys, errs = [], [], ([], [])
+        xs: list[float] = []
+        ys: list[float] = []
+        errs: tuple[list[float], list[float]] = ([], [])
         for j, (name, _) in enumerate(shown):
             if (entry := rates[name].get(kind)) is None:
                 continue

@@ -64,7 +64,8 @@ def _check_keys(path: str, mapping: object, names: set[str], skip: tuple[str, ..
 
 def _validate_rates(path: str, table: object, names: set[str]) -> None:
     _check_keys(path, table, names, skip=("judge",) if path == "safety" else ())
-    for condition, by_kind in table.items():  # type: ignore[union-attr]
+    assert isinstance(table, dict)  # checked by _check_keys
+    for condition, by_kind in table.items():
         if path == "safety" and condition == "judge":
             continue
         if not isinstance(by_kind, dict) or not all(isinstance(k, str) and NAME.fullmatch(k) for k in by_kind):
