@@ -179,6 +179,9 @@ def test_costs_come_from_the_condition_not_its_name_and_any_name_is_a_key(llama_
     assert calls == [prompts["harmful"], prompts["harmless"]]
     with pytest.raises(RefusalError, match="repeat"):
         evaluate([conditions[0], conditions[2], conditions[2]], prompts, EvalSettings(max_new_tokens=2))
+    for bad in ("trial.30", "judge"):
+        with pytest.raises(RefusalError, match=f"condition name '{bad}' is not allowed"):
+            evaluate([conditions[0], Condition(bad, "x", llama_chat)], prompts, EvalSettings(max_new_tokens=2))
 
 
 def test_rate_carries_count_and_wilson_interval():

@@ -21,6 +21,7 @@ condition -> kind, which ``refusal.report`` renders.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -196,6 +197,9 @@ def evaluate(
     names = [c.name for c in conditions]
     if len(set(names)) != len(names):
         raise RefusalError(f"condition names {names} repeat; give each condition its own name")
+    for name in names:  # a name is one part of a JSON path in the report; "judge" names the safety judge there
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or name == "judge":
+            raise RefusalError(f"condition name {name!r} is not allowed; use letters, digits, '_' or '-' (and not 'judge')")
     original = conditions[0]
     result: dict = {
         "conditions": [{"name": c.name, "label": c.label} for c in conditions],

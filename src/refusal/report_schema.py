@@ -45,8 +45,10 @@ def _validate_conditions(conditions: object) -> set[str]:
     names = []
     for i, c in enumerate(conditions):
         ok = isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("label"), str)
-        if not ok or not NAME.fullmatch(c["name"]):
-            raise RefusalError(f"report conditions.{i} must be {{'name', 'label'}} with a name of letters, digits, '_' or '-' (got {c!r})")
+        if not ok or not NAME.fullmatch(c["name"]) or c["name"] == "judge":  # "judge" names the safety judge in 'safety'
+            raise RefusalError(
+                f"report conditions.{i} must be {{'name', 'label'}} with a name of letters, digits, '_' or '-', not 'judge' (got {c!r})"
+            )
         names.append(c["name"])
     if len(set(names)) != len(names):
         raise RefusalError(f"report conditions repeat a name ({names}); give each condition its own name")
