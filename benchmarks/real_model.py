@@ -66,11 +66,11 @@ def main() -> None:
     direction = Direction.load(out / "direction.safetensors")
 
     def recount():
-        counts = {"harmful_original": refusal_rate(generate(chat, data["harmful_test"], config.max_new_tokens, config.batch_size))}
+        counts = {("original", "harmful"): refusal_rate(generate(chat, data["harmful_test"], config.max_new_tokens, config.batch_size))}
         with ablate(chat, direction.vector):
-            counts["harmful_ablated"] = refusal_rate(generate(chat, data["harmful_test"], config.max_new_tokens, config.batch_size))
+            counts["ablated", "harmful"] = refusal_rate(generate(chat, data["harmful_test"], config.max_new_tokens, config.batch_size))
         with add(chat, direction.vector, direction.layer):
-            counts["harmless_added"] = refusal_rate(generate(chat, data["harmless_test"], config.max_new_tokens, config.batch_size))
+            counts["added", "harmless"] = refusal_rate(generate(chat, data["harmless_test"], config.max_new_tokens, config.batch_size))
         return counts
 
     counts = stage("recount (full length)", recount)
@@ -87,9 +87,10 @@ def main() -> None:
         f"kl {chosen['kl']:.3f}{' (FALLBACK: no candidate passed the filters)' if chosen['fallback'] else ''}"
     )
     print("refusal rates from RUN/report/report.json (substring judge, early stop), 95% Wilson intervals:")
-    for key, r in rates.items():
-        extra = f"   recount without early stop: {counts[key][0]}/{counts[key][1]}" if key in counts else ""
-        print(f"  {key:18s} {format_rate(r['refused'], r['total'])}{extra}")
+    for name, by_kind in rates.items():
+        for kind, r in by_kind.items():
+            extra = f"   recount without early stop: {counts[name, kind][0]}/{counts[name, kind][1]}" if (name, kind) in counts else ""
+            print(f"  {kind + ', ' + name:18s} {format_rate(r['refused'], r['total'])}{extra}")
     for name, kl in report["kl"].items():
         print(
             f"KL on harmless test prompts ({name}): first token {kl['first_token']['mean']:.4f}, "

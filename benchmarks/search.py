@@ -68,7 +68,11 @@ def main() -> None:
         unit = source_direction(candidates, params)
         return lambda: editor.trial(unit, params)
 
-    conditions = [Condition("original", chat), Condition("paper", chat, edited(paper)), Condition("search", chat, edited(chosen))]
+    conditions = [
+        Condition("original", "original", chat),
+        Condition("paper", "paper's edit", chat, edited(paper)),
+        Condition("search", "search's choice", chat, edited(chosen)),
+    ]
     test = stage(
         "test-split evaluation",
         lambda: evaluate(
@@ -95,7 +99,7 @@ def main() -> None:
     print(f"  chosen params: {chosen['params']}")
     print("\ntest split                      harmful refused                 harmless refused               KL first   KL multi")
     for name in ("original", "paper", "search"):
-        h, l = test["rates"][f"harmful_{name}"], test["rates"][f"harmless_{name}"]
+        h, l = test["rates"][name]["harmful"], test["rates"][name]["harmless"]
         kl = test["kl"].get(name)
         kls = f"{kl['first_token']['mean']:9.4f}  {kl['multi_token']['mean']:9.4f}" if kl else "        -          -"
         print(f"  {name:10s} {format_rate(h['refused'], h['total']):>32s} {format_rate(l['refused'], l['total']):>32s} {kls}")

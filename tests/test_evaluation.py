@@ -17,13 +17,13 @@ def completions_of(chat, prompts, n):
 
 
 def test_kl_is_zero_for_the_same_model_and_positive_for_an_edited_one(llama_chat):
-    original = Condition("original", llama_chat)
+    original = Condition("original", "original", llama_chat)
     completions = completions_of(llama_chat, PROMPTS, 6)
-    same = kl_costs(original, Condition("same", llama_chat), PROMPTS, completions, batch_size=3)
+    same = kl_costs(original, Condition("same", "same", llama_chat), PROMPTS, completions, batch_size=3)
     assert same["first_token"]["mean"] == 0 and same["multi_token"]["mean"] == 0
     assert same["first_token"]["n"] == len(PROMPTS) and same["multi_token"]["tokens"] == max(map(len, completions))
     direction = torch.randn(llama_chat.d_model, generator=torch.Generator().manual_seed(1))
-    edited = kl_costs(original, Condition("ablated", llama_chat, lambda: ablate(llama_chat, direction)), PROMPTS, completions)
+    edited = kl_costs(original, Condition("ablated", "ablated (hooks)", llama_chat, lambda: ablate(llama_chat, direction)), PROMPTS, completions)
     assert edited["first_token"]["mean"] > 1e-6 and edited["multi_token"]["mean"] > 1e-6
 
 
@@ -37,9 +37,11 @@ def test_kl_against_another_model_object_uses_that_model(llama_chat, tokenizer):
     exported = wrap_model(build_model("llama", len(tokenizer)), tokenizer, source="tiny-llama-edited")
     orthogonalize_weights(exported, direction)
     completions = completions_of(llama_chat, PROMPTS, 6)
-    original = Condition("original", llama_chat)
-    other = kl_costs(original, Condition("edited", exported), PROMPTS, completions, batch_size=3)
-    hooked = kl_costs(original, Condition("ablated", llama_chat, lambda: ablate(llama_chat, direction)), PROMPTS, completions, batch_size=3)
+    original = Condition("original", "original", llama_chat)
+    other = kl_costs(original, Condition("edited", "edited checkpoint", exported), PROMPTS, completions, batch_size=3)
+    hooked = kl_costs(
+        original, Condition("ablated", "ablated (hooks)", llama_chat, lambda: ablate(llama_chat, direction)), PROMPTS, completions, batch_size=3
+    )
     assert other["first_token"]["mean"] > 1e-6
     for key in ("first_token", "multi_token"):
         assert abs(other[key]["mean"] - hooked[key]["mean"]) <= 1e-4 * max(1.0, hooked[key]["mean"])
@@ -53,7 +55,11 @@ def test_multi_token_kl_averages_teacher_forced_positions_and_skips_padding(llam
     completions = [[5, 6, 7], [8], [9, 10]]  # ragged on purpose
     prompts = PROMPTS[:3]
     got = kl_costs(
-        Condition("original", llama_chat), Condition("ablated", llama_chat, lambda: ablate(llama_chat, direction)), prompts, completions, batch_size=3
+        Condition("original", "original", llama_chat),
+        Condition("ablated", "ablated (hooks)", llama_chat, lambda: ablate(llama_chat, direction)),
+        prompts,
+        completions,
+        batch_size=3,
     )
     expected_first, expected_multi = [], []
     for prompt, comp in zip(prompts, completions):
@@ -72,7 +78,7 @@ def test_multi_token_kl_averages_teacher_forced_positions_and_skips_padding(llam
 
 def test_cross_entropy_matches_a_hand_computed_value(llama_chat):
     chunks = [[5, 9, 12, 7, 30], [40, 41, 42]]  # different lengths: padding must not count
-    got = cross_entropy(Condition("original", llama_chat), chunks, batch_size=2)
+    got = cross_entropy(Condition("original", "original", llama_chat), chunks, batch_size=2)
     total, count = 0.0, 0
     for ids in chunks:
         with torch.no_grad():
@@ -89,7 +95,7 @@ def test_corpus_chunks_respect_the_token_budget_and_the_model_context(llama_chat
     chunks = corpus_chunks(llama_chat, texts, max_tokens=100, max_length=32)
     assert sum(map(len, chunks)) == 100 and max(map(len, chunks)) <= 32
     with pytest.raises(RefusalError, match="corpus has no text"):
-        cross_entropy(Condition("original", llama_chat), [])
+        cross_entropy(Condition("original", "original", llama_chat), [])
 
 
 def test_engine_batches_by_length_yet_matches_one_by_one_generation_in_input_order(llama_chat):
@@ -101,13 +107,14 @@ def test_engine_batches_by_length_yet_matches_one_by_one_generation_in_input_ord
 
 def test_stop_when_ends_a_sequence_early_and_keeps_the_others_unchanged(llama_chat):
     full = HFEngine(llama_chat, batch_size=4).generate_ids(PROMPTS, 12)
-    first = llama_chat.tokenizer.decode(full[0][:4], skip_special_tokens=True)
-    stop = lambda text: text.startswith(first) and first != ""  # decided after 4 tokens for prompt 0 only
+    prefix = lambda i, n: llama_chat.tokenizer.decode(full[i][:n], skip_special_tokens=True)
+    after4 = [prefix(i, 4) for i in range(len(PROMPTS))]
+    k = next(i for i, text in enumerate(after4) if text and after4.count(text) == 1 and len(full[i]) > 4)
+    stop = lambda text: text == after4[k]  # the criterion runs every 4 new tokens: decided after 4 tokens for prompt k only
+    assert [i for i in range(len(PROMPTS)) if any(stop(prefix(i, n)) for n in (4, 8))] == [k]
     stopped = HFEngine(llama_chat, batch_size=4).generate_ids(PROMPTS, 12, stop_when=stop)
-    assert stopped[0] == full[0][:4]
-    for i in range(1, len(PROMPTS)):
-        if not llama_chat.tokenizer.decode(full[i][:4], skip_special_tokens=True).startswith(first):
-            assert stopped[i] == full[i]
+    assert stopped[k] == full[k][:4]
+    assert [ids for i, ids in enumerate(stopped) if i != k] == [ids for i, ids in enumerate(full) if i != k]
 
 
 def test_cosine_matrix_is_symmetric_with_unit_diagonal_and_null_for_zero_directions():
@@ -125,20 +132,56 @@ def test_cosine_matrix_is_symmetric_with_unit_diagonal_and_null_for_zero_directi
 
 def test_evaluate_needs_the_original_first_and_reports_rates_with_intervals(llama_chat):
     with pytest.raises(RefusalError, match="original model as its first condition"):
-        evaluate([Condition("ablated", llama_chat)], {"harmful": PROMPTS, "harmless": PROMPTS}, EvalSettings())
+        evaluate([Condition("ablated", "ablated", llama_chat)], {"harmful": PROMPTS, "harmless": PROMPTS}, EvalSettings())
     direction = torch.randn(llama_chat.d_model, generator=torch.Generator().manual_seed(3))
-    conditions = [Condition("original", llama_chat), Condition("ablated", llama_chat, lambda: ablate(llama_chat, direction))]
+    conditions = [
+        Condition("original", "original", llama_chat),
+        Condition("ablated", "ablated (hooks)", llama_chat, lambda: ablate(llama_chat, direction)),
+    ]
     result = evaluate(
         conditions,
         {"harmful": PROMPTS[:2], "harmless": PROMPTS[2:]},
         EvalSettings(max_new_tokens=4, batch_size=2, kl_tokens=3, refusal_ids=[5]),
         corpus=["How do I bake bread? Explain how rain forms."],
     )
-    assert set(result["rates"]) == {"harmful_original", "harmless_original", "harmful_ablated", "harmless_ablated"}
-    assert result["rates"]["harmful_original"]["total"] == 2
+    assert result["conditions"] == [{"name": "original", "label": "original"}, {"name": "ablated", "label": "ablated (hooks)"}]
+    assert {c: set(by_kind) for c, by_kind in result["rates"].items()} == {"original": {"harmful", "harmless"}, "ablated": {"harmful", "harmless"}}
+    assert result["rates"]["original"]["harmful"]["total"] == 2
     assert set(result["kl"]) == {"ablated"} and result["kl"]["ablated"]["multi_token"]["tokens"] <= 3
     assert set(result["ce_loss"]["loss"]) == {"original", "ablated"}
-    assert set(result["refusal_score"]) == set(result["rates"])
+    assert {c: set(v) for c, v in result["refusal_score"].items()} == {c: set(v) for c, v in result["rates"].items()}
+    assert {c: {k: len(t) for k, t in v.items()} for c, v in result["completions"].items()} == {
+        c: {"harmful": 2, "harmless": 2} for c in result["rates"]
+    }
+    assert [(s["kind"], s["edit"]) for s in result["samples"]] == [("harmful", "ablated")] * 2 + [("harmless", "ablated")] * 2
+
+
+def test_costs_come_from_the_condition_not_its_name_and_any_name_is_a_key(llama_chat):
+    """A condition without costs (activation addition) gets no KL or cross-entropy, whatever it is called; a
+    search trial or other new condition is just another key, and its own engine generates its completions."""
+    direction = torch.randn(llama_chat.d_model, generator=torch.Generator().manual_seed(4))
+    calls = []
+
+    class Recording(HFEngine):
+        def generate_ids(self, instructions, max_new_tokens, stop_when=None):
+            calls.append(list(instructions))
+            return super().generate_ids(instructions, max_new_tokens, stop_when)
+
+    conditions = [
+        Condition("original", "original", llama_chat),
+        Condition("steered", "steered (no costs)", llama_chat, lambda: ablate(llama_chat, direction), kinds=("harmless",), costs=False),
+        Condition("trial_30", "search trial 30", llama_chat, lambda: ablate(llama_chat, direction), engine=Recording(llama_chat, 2)),
+    ]
+    prompts = {"harmful": PROMPTS[:2], "harmless": PROMPTS[2:]}
+    result = evaluate(conditions, prompts, EvalSettings(max_new_tokens=3, batch_size=2, kl_tokens=2), corpus=["Name three colors. " * 4])
+    assert set(result["kl"]) == {"trial_30"} and set(result["ce_loss"]["loss"]) == {"original", "trial_30"}
+    assert set(result["rates"]["steered"]) == {"harmless"} and set(result["rates"]["trial_30"]) == {"harmful", "harmless"}
+    assert calls == [prompts["harmful"], prompts["harmless"]]
+    with pytest.raises(RefusalError, match="repeat"):
+        evaluate([conditions[0], conditions[2], conditions[2]], prompts, EvalSettings(max_new_tokens=2))
+    for bad in ("trial.30", "judge"):
+        with pytest.raises(RefusalError, match=f"condition name '{bad}' is not allowed"):
+            evaluate([conditions[0], Condition(bad, "x", llama_chat)], prompts, EvalSettings(max_new_tokens=2))
 
 
 def test_rate_carries_count_and_wilson_interval():

@@ -11,9 +11,11 @@ from refusal.judges import (
     PROMPT_FORMATS,
     REFUSAL_PHRASES,
     ChatClassifierJudge,
+    Judged,
     SafetyJudge,
     format_judge_prompt,
     is_refusal,
+    judge_refusals,
     load_phrases,
     load_safety_judge,
     refusal_decided,
@@ -70,6 +72,35 @@ def test_refusal_decided_on_prefixes_agrees_with_the_full_completion():
     assert all(decided[first:]) and not any(decided[:first])  # once decided, stays decided
     assert decided[-1] == is_refusal(full)
     assert not refusal_decided("Sure, here is how to bake bread", REFUSAL_PHRASES)
+
+
+class ScriptedEngine:
+    """An Engine with fixed completions (one token per character), recording the stop rule it was given."""
+
+    def __init__(self, texts: list[str]):
+        self.texts, self.stops = texts, []
+
+    def generate_ids(self, instructions, max_new_tokens, stop_when=None):
+        self.stops.append(stop_when)
+        return [[ord(c) for c in text[:max_new_tokens]] for text in self.texts[: len(instructions)]]
+
+    def decode(self, ids):
+        return ["".join(map(chr, row)) for row in ids]
+
+    def generate(self, instructions, max_new_tokens, stop_when=None):
+        return self.decode(self.generate_ids(instructions, max_new_tokens, stop_when))
+
+
+def test_judge_refusals_generates_with_any_engine_then_judges_each_completion():
+    texts = [REFUSALS[0], ANSWERS[0], "I CANNOT do it."]
+    engine = ScriptedEngine(texts)
+    judged = judge_refusals(engine, ["a", "b", "c"], 200)
+    assert judged == Judged(texts, [[ord(c) for c in t] for t in texts], [True, False, True]) and judged.count == (2, 3)
+    stop = engine.stops[-1]
+    assert stop is not None and stop("so: I'm sorry") and not stop("Sure")  # early stop at a refusal phrase
+    assert judge_refusals(engine, ["a", "b", "c"], 200, phrases=["Sure"], full=True).refused == [False, True, False]
+    assert engine.stops[-1] is None  # full completions: no early stop
+    assert judge_refusals(engine, ["a"], 4).texts == [texts[0][:4]]
 
 
 def test_load_phrases_skips_comments_blanks_and_duplicates(tmp_path):

@@ -69,15 +69,15 @@ def test_ablation_and_export_remove_refusal(organism_run, organism, capsys):
     chat, harmful, harmless = organism
     evaluation = json.loads((organism_run / "report" / "report.json").read_text())["rates"]
     selection = json.loads((organism_run / "selection.json").read_text())["chosen"]
-    ablated = evaluation["harmful_ablated"]
+    ablated = evaluation["ablated"]["harmful"]
     assert ablated["rate"] <= 0.10, ablated
-    assert evaluation["harmless_ablated"]["rate"] <= 0.05
+    assert evaluation["ablated"]["harmless"]["rate"] <= 0.05
     exported = load_model(str(organism_run / "model"), device="cpu")
     refused, total = refusal_rate(generate(exported, harmful["test"], 16))
     assert refused / total <= 0.10, f"exported model still refuses {refused}/{total}"
     with capsys.disabled():
         print(
-            f"\norganism: harmful refused {evaluation['harmful_original']['refused']}/{evaluation['harmful_original']['total']} -> "
+            f"\norganism: harmful refused {evaluation['original']['harmful']['refused']}/{evaluation['original']['harmful']['total']} -> "
             f"{ablated['refused']}/{ablated['total']} (hooks), {refused}/{total} (export); "
             f"chosen layer {selection['layer']} pos {selection['position']}, first-token KL on harmless val {selection['kl']:.3f}"
         )
@@ -106,18 +106,18 @@ def test_report_from_the_run_has_every_section_and_its_numbers_equal_report_json
     for key, text in keyed.items():
         assert text == fmt(key, lookup(data, key)), key
     for key in (
-        "rates.harmful_original.refused",
-        "rates.harmful_ablated.refused",
-        "rates.harmless_added.refused",
-        "rates.harmful_edited.refused",
+        "rates.original.harmful.refused",
+        "rates.ablated.harmful.refused",
+        "rates.added.harmless.refused",
+        "rates.edited.harmful.refused",
         "kl.ablated.first_token.mean",
         "kl.edited.multi_token.mean",
         "ce_loss.loss.edited",
     ):
         assert key in keyed, key
-    assert data["rates"]["harmful_ablated"] == data["rates"]["harmful_edited"]
+    assert data["rates"]["ablated"]["harmful"] == data["rates"]["edited"]["harmful"]
     md = (organism_run / "report" / "report.md").read_text()
-    original = data["rates"]["harmful_original"]
+    original = data["rates"]["original"]["harmful"]
     assert f"{original['refused']}/{original['total']}" in md
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser:  # the real page, rendered headless (the synthetic one is covered in test_report.py)
@@ -167,8 +167,8 @@ def test_evaluate_command_on_the_exported_model_agrees_with_the_run(organism_run
     assert main(argv) == 0
     mine = json.loads((out / "report.json").read_text())
     runs = json.loads((organism_run / "report" / "report.json").read_text())
-    for key in ("harmful_original", "harmless_original", "harmful_edited", "harmless_edited"):
-        assert mine["rates"][key] == runs["rates"][key], key
+    for name in ("original", "edited"):
+        assert mine["rates"][name] == runs["rates"][name], name
     assert mine["kl"]["edited"]["first_token"]["mean"] == pytest.approx(runs["kl"]["edited"]["first_token"]["mean"], rel=1e-4)
     assert mine["direction"] == runs["direction"]  # found through the export's refusal.json
     assert main(argv) == 1  # the report directory is not empty now

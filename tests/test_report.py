@@ -42,27 +42,31 @@ def make_report() -> dict:
     candidates[0].update(bypass=None, induce=None, kl=None, filtered=["pruned: in the last 20% of layers (not scored)"])
     layers = list(range(6))
     return {
-        "format_version": "1",
+        "format_version": "2",
         "created": "2026-11-25T19:00:00Z",
         "refusal_version": "0.1.0",
+        "conditions": [
+            {"name": "original", "label": "original"},
+            {"name": "ablated", "label": "ablated (hooks)"},
+            {"name": "added", "label": "activation addition"},
+            {"name": "edited", "label": "edited checkpoint"},
+        ],
         "model": {"source": "demo", "class": "Qwen2ForCausalLM", "n_layers": 6, "d_model": 896, "dtype": "float32"},
         "direction": {"layer": 4, "position": -1, "fallback": True},
         "settings": {"max_new_tokens": 32, "judge": "substring", "n_harmful": 32, "n_harmless": 32, "layers": [0, 5]},
         "rates": {
-            "harmful_original": {"refused": 12, "total": 32, "rate": 0.375, "low": 0.229, "high": 0.548},
-            "harmful_ablated": rate(1, 32),
-            "harmful_edited": rate(2, 32),
-            "harmless_original": rate(0, 32),
-            "harmless_added": rate(30, 32),
-            "harmless_edited": rate(0, 32),
+            "original": {"harmful": {"refused": 12, "total": 32, "rate": 0.375, "low": 0.229, "high": 0.548}, "harmless": rate(0, 32)},
+            "ablated": {"harmful": rate(1, 32)},
+            "added": {"harmless": rate(30, 32)},
+            "edited": {"harmful": rate(2, 32), "harmless": rate(0, 32)},
         },
-        "safety": {"judge": "llama-guard-3-1b", "harmful_original": rate(3, 32), "harmful_edited": rate(25, 32)},
+        "safety": {"judge": "llama-guard-3-1b", "original": {"harmful": rate(3, 32)}, "edited": {"harmful": rate(25, 32)}},
         "kl": {
             "ablated": {"first_token": {"mean": 0.78123456, "n": 32}, "multi_token": {"mean": 0.5, "n": 32, "tokens": 16}},
             "edited": {"first_token": {"mean": 0.78123457, "n": 32}, "multi_token": {"mean": 0.5, "n": 32, "tokens": 16}},
         },
         "ce_loss": {"loss": {"original": 2.3145678, "ablated": 2.35, "edited": 2.35}, "tokens": 5000, "corpus": "builtin"},
-        "refusal_score": {"harmful_original": 1.5, "harmful_ablated": -3.25},
+        "refusal_score": {"original": {"harmful": 1.5}, "ablated": {"harmful": -3.25}},
         "selection": {"chosen": {"layer": 4, "position": -1, "bypass": -1.4, "induce": 0.2, "kl": 0.25, "fallback": True}, "candidates": candidates},
         "projections": {
             "layers": layers,
@@ -152,7 +156,7 @@ def test_write_report_writes_three_files_atomically_and_json_round_trips(written
     assert set(paths) == {"json", "md", "html"}
     assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.json", "report.md"]  # no temporary files left
     assert json.loads(paths["json"].read_text(encoding="utf-8")) == make_report()
-    assert paths["json"].read_text(encoding="utf-8").startswith('{\n  "format_version": "1",')
+    assert paths["json"].read_text(encoding="utf-8").startswith('{\n  "format_version": "2",')
 
 
 def test_html_is_self_contained_with_every_section_and_plots(written):
@@ -178,23 +182,23 @@ def test_every_data_key_number_equals_the_json_value_formatted(written):
     for key, text in keyed.items():
         assert text == fmt(key, lookup(data, key)), key
     for key in (
-        "rates.harmful_original.refused",
-        "rates.harmful_original.total",
-        "rates.harmless_added.refused",
+        "rates.original.harmful.refused",
+        "rates.original.harmful.total",
+        "rates.added.harmless.refused",
         "kl.ablated.first_token.mean",
         "kl.ablated.first_token.n",
         "kl.edited.multi_token.mean",
         "ce_loss.loss.original",
         "ce_loss.loss.edited",
-        "refusal_score.harmful_ablated",
-        "safety.harmful_edited.refused",
+        "refusal_score.ablated.harmful",
+        "safety.edited.harmful.refused",
         "selection.chosen.layer",
         "selection.candidates.0.bypass",
         "timings.select",
     ):
         assert key in keyed, key
     # the formatter itself: counts exact, rates as percentages with one decimal, floats with 4 significant digits
-    assert [keyed[f"rates.harmful_original.{k}"] for k in ("refused", "total", "rate", "low", "high")] == ["12", "32", "37.5%", "22.9%", "54.8%"]
+    assert [keyed[f"rates.original.harmful.{k}"] for k in ("refused", "total", "rate", "low", "high")] == ["12", "32", "37.5%", "22.9%", "54.8%"]
     assert (keyed["kl.ablated.first_token.mean"], keyed["ce_loss.loss.original"], keyed["selection.candidates.0.bypass"]) == ("0.7812", "2.315", "—")
 
 
@@ -205,8 +209,8 @@ def test_markdown_summary_has_rates_with_intervals_costs_and_escaped_truncated_s
     assert "| original | 12/32 (37.5%, 95% CI 22.9%–54.8%) | 0/32 (0.0%, 95% CI 0.0%–10.7%) |" in md
     assert "| added | not measured | 30/32" in md.replace("activation addition", "added")
     assert "Unsafe rates (judge: llama-guard-3-1b)" in md
-    assert "| KL on harmless, first token (ablated) | 0.7812 | n = 32 |" in md
-    assert "| cross-entropy, nats/token (edited) | 2.35 | tokens = 5000, corpus = builtin |" in md
+    assert "| KL on harmless, first token | ablated (hooks) | 0.7812 | n = 32 |" in md
+    assert "| cross-entropy, nats/token | edited checkpoint | 2.35 | tokens = 5000, corpus = builtin |" in md
     assert "| select | 61 |" in md
     assert "&lt;script&gt;" in md and "<script" not in md and "\\|" in md
     assert "a" * 300 not in md and "…" in md
@@ -230,11 +234,11 @@ def test_missing_optional_sections_say_not_measured(tmp_path):
 def test_rate_interval_is_computed_when_the_json_lacks_it():
     report = make_report()
     report.update(selection=None, projections=None, cosine=None, safety=None)  # fewer plots: faster
-    report["rates"]["harmful_original"] = {"refused": 12, "total": 20}
+    report["rates"]["original"]["harmful"] = {"refused": 12, "total": 20}
     md = render_markdown(report)
     assert "12/20 (60.0%, 95% CI 38.7%–78.1%)" in md
     keys = dict(parse(render_html(report)).keyed)
-    assert keys["rates.harmful_original.refused"] == "12" and "rates.harmful_original.low" not in keys
+    assert keys["rates.original.harmful.refused"] == "12" and "rates.original.harmful.low" not in keys
 
 
 @pytest.mark.parametrize("key", list(REQUIRED))
@@ -249,9 +253,15 @@ def test_missing_required_key_names_it_and_writes_nothing(tmp_path, key):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda r: r["rates"].update(harmful_orignal={"refused": 1, "total": 2}), "rates.harmful_orignal is not a known rate"),
-        (lambda r: r["rates"]["harmful_original"].update(refused=40), "0 <= refused <= total"),
-        (lambda r: r.update(format_version="2"), "format_version '2' is not supported"),
+        (
+            lambda r: r["rates"].update(orignal={"harmful": {"refused": 1, "total": 2}}),
+            "rates.orignal is not a listed condition; add it to 'conditions'",
+        ),
+        (lambda r: r["rates"]["original"]["harmful"].update(refused=40), "0 <= refused <= total"),
+        (lambda r: r["kl"].update(trial_3=r["kl"]["ablated"]), "kl.trial_3 is not a listed condition"),
+        (lambda r: r["conditions"].append({"name": "a.b", "label": "dotted"}), "a name of letters, digits"),
+        (lambda r: r["conditions"].append({"name": "ablated", "label": "again"}), "conditions repeat a name"),
+        (lambda r: r.update(format_version="3"), "format_version '3' is not supported"),
         (lambda r: r["cosine"]["matrix"].pop(), "6 x 6"),
         (lambda r: r["kl"]["ablated"]["first_token"].update(mean=float("nan")), "use null for values that were not measured"),
     ],
@@ -262,6 +272,54 @@ def test_malformed_report_is_a_clear_error_and_writes_nothing(tmp_path, change, 
     with pytest.raises(RefusalError, match=re.escape(message)):
         write_report(report, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_report_of_format_version_1_is_refused_in_one_line_naming_the_fix(tmp_path):
+    report = make_report()
+    report.update(format_version="1", rates={"harmful_original": {"refused": 1, "total": 2}})
+    del report["conditions"]
+    with pytest.raises(RefusalError) as error:
+        write_report(report, tmp_path / "out")
+    assert "format_version '1' is not supported" in str(error.value) and "regenerate the report" in str(error.value)
+    assert "\n" not in str(error.value) and not (tmp_path / "out").exists()
+
+
+def test_any_listed_condition_renders_with_its_label_and_no_code_change(tmp_path):
+    """Conditions are data: new names (a weight-edit variant, a search trial, a suffix attack) need no report change."""
+    report = make_report()
+    report.update(selection=None, projections=None, cosine=None, safety=None)  # fewer plots: faster
+    report["conditions"] = [
+        {"name": "original", "label": "original"},
+        {"name": "norm_preserving", "label": "norm-preserving edit"},
+        {"name": "trial_30", "label": "search trial 30"},
+        {"name": "suffix", "label": "adversarial <suffix>"},
+    ]
+    report["rates"] = {
+        "original": {"harmful": rate(12, 32), "harmless": rate(0, 32)},
+        "norm_preserving": {"harmful": rate(3, 32), "harmless": rate(1, 32)},
+        "trial_30": {"harmful": rate(2, 32)},
+        "suffix": {"harmful": rate(20, 32), "jailbreak": rate(5, 10)},
+    }
+    report["kl"] = {"norm_preserving": report["kl"]["ablated"], "trial_30": report["kl"]["edited"]}
+    report["ce_loss"]["loss"] = {"original": 2.3, "trial_30": 2.4}
+    report["refusal_score"] = {"suffix": {"harmful": -1.0}}
+    report["samples"] = [dict(s, edit="trial_30") for s in report["samples"]]
+    paths = write_report(report, tmp_path)
+    md, page = paths["md"].read_text(encoding="utf-8"), paths["html"].read_text(encoding="utf-8")
+    assert "| condition | harmful | harmless | jailbreak |" in md
+    assert "| search trial 30 | 2/32 (6.2%, 95% CI 1.7%–20.1%) | not measured | not measured |" in md
+    assert "| KL on harmless, first token | norm-preserving edit | 0.7812 | n = 32 |" in md
+    assert "| cross-entropy, nats/token | search trial 30 | 2.4 |" in md
+    assert "adversarial &lt;suffix&gt;" in md and "adversarial &lt;suffix&gt;" in page and "<suffix>" not in page
+    keyed = dict(parse(page).keyed)
+    for key in (
+        "rates.norm_preserving.harmless.refused",
+        "rates.trial_30.harmful.rate",
+        "rates.suffix.jailbreak.total",
+        "kl.trial_30.first_token.mean",
+    ):
+        assert keyed[key] == fmt(key, lookup(report, key)), key
+    assert keyed["refusal_score.suffix.harmful"] == "-1" and "search trial 30" in section(page, "samples")
 
 
 def test_without_matplotlib_the_error_says_how_to_install_it(tmp_path, monkeypatch):

@@ -1,7 +1,10 @@
 """What an edit does and what it costs, measured against the original model.
 
-A *condition* is a model plus the context it runs in: the original model, the same model inside
-``ablate`` or ``add`` hooks, or an exported checkpoint. For each condition this module measures
+A *condition* is data: a name (the result key), a label (what reports show), a model, the context
+it runs in (``ablate`` or ``add`` hooks, an in-place edit applied and reverted, or nothing for the
+original or an exported checkpoint), the prompt kinds it is judged on, whether its costs are
+measured, and optionally its generation ``Engine``. A search trial or a suffix attack is one more
+condition; nothing downstream knows condition names. For each condition this module measures
 
 - refusal on the harmful and harmless test prompts: greedy completions judged by substring match
   (generation stops as soon as a refusal phrase appears, which cannot change the verdict), and the
@@ -12,23 +15,25 @@ A *condition* is a model plus the context it runs in: the original model, the sa
   completion, teacher-forced (one forward pass per batch);
 - cross-entropy of a plain-text corpus.
 
-Every rate carries its count and a 95% Wilson interval. ``evaluate`` returns the report dict that
-``refusal.report`` renders.
+Every rate carries its count and a 95% Wilson interval. ``evaluate`` returns results keyed
+condition -> kind, which ``refusal.report`` renders.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 
 from .activations import batches, collect_activations
 from .directions import Candidates, Direction, unit_vector
 from .errors import RefusalError, check_finite
-from .generation import HFEngine
-from .judges import REFUSAL_PHRASES, SafetyJudge, is_refusal
+from .generation import Engine, HFEngine
+from .judges import REFUSAL_PHRASES, Judged, SafetyJudge, judge_refusals
 from .model import ChatModel
 from .progress import track
 from .scoring import TeacherForced, kl_divergence, refusal_score
@@ -37,12 +42,15 @@ from .stats import wilson_interval
 
 @dataclass
 class Condition:
-    """One way of running the model: ``chat`` inside ``context()`` (hooks), e.g. the original model."""
+    """One way of running the model: ``chat`` inside ``context()``, judged on ``kinds``, shown as ``label``."""
 
-    name: str  # original | ablated | added | edited
-    chat: ChatModel
-    context: Callable[[], AbstractContextManager] = nullcontext
+    name: str  # result key: "original", "ablated", "added", "edited", "trial_30", "suffix", ...
+    label: str  # shown in reports, e.g. "ablated (hooks)"
+    chat: ChatModel  # the model its forward passes run on
+    context: Callable[[], AbstractContextManager] = nullcontext  # hooks, or an in-place edit applied and reverted
     kinds: tuple[str, ...] = ("harmful", "harmless")  # which prompt sets to judge
+    costs: bool = True  # measure KL and cross-entropy against the original (False for activation addition)
+    engine: Engine | None = None  # generation backend; None -> HFEngine(chat, settings.batch_size)
 
 
 @dataclass
@@ -87,13 +95,11 @@ def kl_costs(original: Condition, edited: Condition, instructions: list[str], co
 
 def corpus_chunks(chat: ChatModel, texts: list[str], max_tokens: int, max_length: int = 256) -> list[list[int]]:
     """Token chunks of at most ``max_length`` (and the model's context) from ``texts``, ``max_tokens`` in all."""
-    from .model import _max_positions
-
-    limit = _max_positions(chat.model)
+    limit = _max_positions(chat)
     max_length = min(max_length, limit) if limit else max_length
-    chunks, used = [], 0
+    chunks, used, tokenizer = [], 0, cast(Any, chat.tokenizer)
     for text in texts:
-        ids = chat.tokenizer(text, add_special_tokens=True)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         for i in range(0, len(ids), max_length):
             piece = ids[i : i + max_length][: max_tokens - used]
             if len(piece) >= 2:
@@ -102,6 +108,16 @@ def corpus_chunks(chat: ChatModel, texts: list[str], max_tokens: int, max_length
             if used >= max_tokens:
                 return chunks
     return chunks
+
+
+def _max_positions(chat: ChatModel) -> int | None:
+    """The model's context length. TODO(merge): chat.max_positions (helper A's public property) replaces this."""
+    if hasattr(type(chat), "max_positions"):
+        return chat.max_positions  # type: ignore[attr-defined]
+    model: Any = chat.model
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def cross_entropy(condition: Condition, chunks: list[list[int]], batch_size: int = 4) -> dict:
@@ -159,12 +175,11 @@ def cosine_matrix(candidates: Candidates, position: int) -> dict:
 
 
 # ---- the whole evaluation ----------------------------------------------------------------------
-def _judged(condition: Condition, kind: str, prompts: list[str], settings: EvalSettings, full: bool) -> tuple[list[str], list[list[int]]]:
-    engine = HFEngine(condition.chat, settings.batch_size, description=f"{kind} ({condition.name})")
-    stop = None if full or not settings.early_stop else (lambda text: is_refusal(text, settings.phrases))
+def judged(condition: Condition, kind: str, prompts: list[str], settings: EvalSettings, full: bool = False) -> Judged:
+    """``condition``'s completions of ``prompts`` (its engine, inside its context), judged by substring."""
+    engine = condition.engine or HFEngine(condition.chat, settings.batch_size, description=f"{kind} ({condition.name})")
     with condition.context():
-        ids = engine.generate_ids(prompts, settings.max_new_tokens, stop)
-    return condition.chat.tokenizer.batch_decode(ids, skip_special_tokens=True), ids
+        return judge_refusals(engine, prompts, settings.max_new_tokens, settings.phrases, full=full or not settings.early_stop)
 
 
 def evaluate(
@@ -175,54 +190,64 @@ def evaluate(
     safety: SafetyJudge | None = None,
     corpus_name: str = "builtin",
 ) -> dict:
-    """Rates, costs and samples for every condition; the first condition must be the original model."""
+    """Rates, costs and samples for every condition, keyed condition -> kind; the first condition must be
+    the original model (named "original"); KL and cross-entropy are measured for conditions with ``costs``."""
     if not conditions or conditions[0].name != "original":
         raise RefusalError("evaluate needs the original model as its first condition")
+    names = [c.name for c in conditions]
+    if len(set(names)) != len(names):
+        raise RefusalError(f"condition names {names} repeat; give each condition its own name")
+    for name in names:  # a name is one part of a JSON path in the report; "judge" names the safety judge there
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or name == "judge":
+            raise RefusalError(f"condition name {name!r} is not allowed; use letters, digits, '_' or '-' (and not 'judge')")
     original = conditions[0]
-    result: dict = {"rates": {}, "refusal_score": {}, "safety": None, "kl": {}, "ce_loss": None, "completions": {}}
+    result: dict = {
+        "conditions": [{"name": c.name, "label": c.label} for c in conditions],
+        "rates": {},
+        "refusal_score": {},
+        "safety": None,
+        "kl": {},
+        "ce_loss": None,
+        "completions": {},
+    }
     original_ids: list[list[int]] = []
     for condition in conditions:
         for kind in condition.kinds:
-            full = safety is not None or (condition.name == "original" and kind == "harmless")
-            texts, ids = _judged(condition, kind, prompts[kind], settings, full)
-            if condition.name == "original" and kind == "harmless":
-                original_ids = [x[: settings.kl_tokens] for x in ids]
-            key = f"{kind}_{condition.name}"
-            result["rates"][key] = rate(sum(is_refusal(t, settings.phrases) for t in texts), len(texts))
-            result["completions"][key] = texts
+            reference = condition is original and kind == "harmless"  # its full completions are the KL continuations
+            out = judged(condition, kind, prompts[kind], settings, full=safety is not None or reference)
+            if reference:
+                original_ids = [x[: settings.kl_tokens] for x in out.ids]
+            result["rates"].setdefault(condition.name, {})[kind] = rate(*out.count)
+            result["completions"].setdefault(condition.name, {})[kind] = out.texts
             if settings.refusal_ids:
-                result["refusal_score"][key] = refusal_logodds(condition, prompts[kind], settings.refusal_ids, settings.batch_size)
+                score = refusal_logodds(condition, prompts[kind], settings.refusal_ids, settings.batch_size)
+                result["refusal_score"].setdefault(condition.name, {})[kind] = score
             if safety is not None:
-                unsafe = safety.unsafe(prompts[kind], texts)
+                unsafe = safety.unsafe(prompts[kind], out.texts)
                 result["safety"] = result["safety"] or {"judge": safety.name}
-                result["safety"][key] = rate(sum(unsafe), len(unsafe))
-    edits = [c for c in conditions[1:] if c.name != "added"]
+                result["safety"].setdefault(condition.name, {})[kind] = rate(sum(unsafe), len(unsafe))
+    edits = [c for c in conditions[1:] if c.costs]
     if original_ids and edits:
         for condition in edits:
             result["kl"][condition.name] = kl_costs(original, condition, prompts["harmless"], original_ids, settings.batch_size)
     if corpus and settings.ce_max_tokens > 0:
         chunks = corpus_chunks(original.chat, corpus, settings.ce_max_tokens, settings.ce_max_length)
         losses = {c.name: cross_entropy(c, chunks) for c in [original, *edits]}
-        result["ce_loss"] = {"loss": {k: v["loss"] for k, v in losses.items()}, "tokens": losses["original"]["tokens"], "corpus": corpus_name}
-    result["samples"] = _samples(result["completions"], prompts, settings.samples_per_kind)
+        result["ce_loss"] = {"loss": {k: v["loss"] for k, v in losses.items()}, "tokens": losses[original.name]["tokens"], "corpus": corpus_name}
+    result["samples"] = samples(result["completions"], prompts, settings.samples_per_kind)
     return result
 
 
-def _samples(completions: dict[str, list[str]], prompts: dict[str, list[str]], per_kind: int) -> list[dict]:
-    """Original vs edited completions side by side (the first edit that judged each kind)."""
+def samples(completions: dict[str, dict[str, list[str]]], prompts: dict[str, list[str]], per_kind: int) -> list[dict]:
+    """Original vs edited completions side by side, per kind: the first other condition judged on that kind."""
     out = []
-    for kind in ("harmful", "harmless"):
-        edit = next((k.split("_", 1)[1] for k in completions if k.startswith(kind) and not k.endswith("_original")), None)
-        if f"{kind}_original" not in completions or edit is None:
+    original = completions.get("original", {})
+    for kind in prompts:
+        edit = next((name for name, by_kind in completions.items() if name != "original" and kind in by_kind), None)
+        if kind not in original or edit is None:
             continue
         for i in range(min(per_kind, len(prompts[kind]))):
             out.append(
-                {
-                    "kind": kind,
-                    "instruction": prompts[kind][i],
-                    "original": completions[f"{kind}_original"][i],
-                    "edited": completions[f"{kind}_{edit}"][i],
-                    "edit": edit,
-                }
+                {"kind": kind, "instruction": prompts[kind][i], "original": original[kind][i], "edited": completions[edit][kind][i], "edit": edit}
             )
     return out

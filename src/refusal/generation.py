@@ -5,15 +5,16 @@ active, so the same engine serves the unedited model, a model inside ``ablate``/
 exported checkpoint. Prompts are batched by token length (less padding) and returned in input
 order. ``stop_when`` ends a sequence as soon as a judge can decide from its text so far (a refusal
 phrase has appeared), which saves most of the tokens of refused prompts; leave it out to read full
-completions. Another backend (vLLM) plugs in by implementing ``Engine.generate``; it can only serve
-edits baked into weights (an exported checkpoint), not hooks.
+completions. Another backend (vLLM) plugs in by implementing ``Engine`` (token ids, decoding, text);
+it can only serve edits baked into weights (an exported checkpoint), not hooks. Everything that
+generates (evaluation, the search's confirmation and original prefixes) takes an ``Engine``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -24,6 +25,16 @@ StopWhen = Callable[[str], bool]
 
 
 class Engine(Protocol):
+    """A generation backend: greedy (or seeded sampled) completions of chat-formatted instructions."""
+
+    def generate_ids(self, instructions: list[str], max_new_tokens: int, stop_when: StopWhen | None = None) -> list[list[int]]:
+        """New token ids per instruction, in input order, cut after the first end-of-sequence token."""
+        ...
+
+    def decode(self, ids: list[list[int]]) -> list[str]:
+        """Texts of ``generate_ids``' output, without special tokens."""
+        ...
+
     def generate(self, instructions: list[str], max_new_tokens: int, stop_when: StopWhen | None = None) -> list[str]:
         """Completions of chat-formatted ``instructions``, in input order, without special tokens."""
         ...
@@ -60,7 +71,9 @@ class HFEngine:
 
     def generate_ids(self, instructions: list[str], max_new_tokens: int, stop_when: StopWhen | None = None) -> list[list[int]]:
         """New token ids per instruction (input order), cut after the first EOS."""
-        chat, tokenizer = self.chat, self.chat.tokenizer
+        chat = self.chat
+        tokenizer: Any = chat.tokenizer  # typed loosely in ChatModel; a transformers tokenizer
+        model: Any = chat.model
         from transformers import StoppingCriteriaList
 
         encoded = [chat.encode(x) for x in instructions]
@@ -72,13 +85,13 @@ class HFEngine:
         for group in track(groups, self.description):
             batch = chat.pad([encoded[i] for i in group])
             prompt_len = batch["input_ids"].shape[1]
-            options = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+            options: dict[str, Any] = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
             if self.sampling is not None:
                 torch.manual_seed(self.sampling.seed)
                 options = dict(do_sample=True, temperature=self.sampling.temperature, top_p=self.sampling.top_p, top_k=None)
             criteria = StoppingCriteriaList([_StopWhenDecided(tokenizer, prompt_len, stop_when)]) if stop_when else None
             with torch.inference_mode():
-                generated = chat.model.generate(
+                generated = model.generate(
                     input_ids=batch["input_ids"],
                     attention_mask=batch["attention_mask"],
                     max_new_tokens=max_new_tokens,
@@ -94,15 +107,22 @@ class HFEngine:
                 out[i] = row
         return [out[i] for i in range(len(instructions))]
 
+    def decode(self, ids: list[list[int]]) -> list[str]:
+        """Texts without special tokens."""
+        tokenizer: Any = self.chat.tokenizer
+        return tokenizer.batch_decode(ids, skip_special_tokens=True)
+
     def generate(self, instructions: list[str], max_new_tokens: int, stop_when: StopWhen | None = None) -> list[str]:
-        ids = self.generate_ids(instructions, max_new_tokens, stop_when)
-        return self.chat.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        """Completions in input order, without special tokens."""
+        return self.decode(self.generate_ids(instructions, max_new_tokens, stop_when))
 
 
 def _eos_ids(chat: ChatModel) -> list[int]:
-    ids = chat.model.generation_config.eos_token_id if chat.model.generation_config is not None else None
+    model: Any = chat.model
+    tokenizer: Any = chat.tokenizer
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
     if ids is None:
-        ids = chat.tokenizer.eos_token_id
+        ids = tokenizer.eos_token_id
     return [ids] if isinstance(ids, int) else list(ids or [])
 
 

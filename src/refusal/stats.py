@@ -19,3 +19,13 @@ def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float,
 def format_rate(successes: int, total: int) -> str:
     lo, hi = wilson_interval(successes, total)
     return f"{successes}/{total} ({successes / total:.0%}, 95% CI {lo:.0%}-{hi:.0%})" if total else "0/0"
+
+
+def rate_values(entry: dict) -> tuple[float, float, float]:
+    """(rate, low, high) of a rate entry ({"refused", "total"} and optionally "rate", "low", "high"):
+    the stored values where present, otherwise computed (Wilson 95%)."""
+    refused, total = entry["refused"], entry["total"]
+    low, high = wilson_interval(refused, total)
+    rate = entry.get("rate")
+    rate = (refused / total if total else 0.0) if rate is None else rate
+    return rate, low if entry.get("low") is None else entry["low"], high if entry.get("high") is None else entry["high"]
