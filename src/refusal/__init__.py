@@ -10,17 +10,18 @@ __version__ = "0.1.0"
 from .activations import collect_activations, mean_activations
 from .data import load_builtin, load_prompts
 from .directions import Candidates, Direction, compute_candidates
-from .edits import EditParams, Kernel, WeightEditor
+from .edits import Edit, EditParams, Editor, Kernel, KernelEdit, Orthogonalization, edited, orthogonalized
 from .errors import FidelityError, RefusalError, UnsupportedModelError
 from .evaluation import Condition, EvalSettings, evaluate
 from .export import export_model, fidelity_check
 from .generation import HFEngine, generate
 from .interventions import ablate, add
 from .judges import is_refusal
-from .model import ChatModel, load_model, wrap_model
+from .model import ChatModel, wrap_model
+from .models import load_model
 from .scoring import kl_divergence, refusal_score
 from .selection import SelectionConfig, score_candidates, select_direction
-from .weights import orthogonalize_weights, orthogonalized
+from .weights import orthogonalize_weights
 
 __all__ = [
     "Candidates",
@@ -32,7 +33,11 @@ __all__ = [
     "FidelityError",
     "HFEngine",
     "Kernel",
-    "WeightEditor",
+    "Edit",
+    "Editor",
+    "KernelEdit",
+    "Orthogonalization",
+    "edited",
     "evaluate",
     "RefusalError",
     "SelectionConfig",

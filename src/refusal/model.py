@@ -42,17 +42,32 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class Writer:
-    """A module whose output is added to the residual stream.
+    """A weight that writes into the residual stream: an embedding, or a layer's attention or MLP output.
 
-    ``gain`` is set when a normalisation with elementwise gains sits between the module and the
-    residual add (Gemma 2/3, OLMo 2 "post-norms"): the module's output is then orthogonal to the
-    residual direction u after the norm exactly when it is orthogonal to gain * u before it.
+    ``rows`` is the weight's orientation, found once here: True when the written vectors are its
+    rows (``nn.Embedding`` [vocab, d_model], GPT-2's ``Conv1D`` [in, d_model]), False when they are its
+    columns (``nn.Linear`` [d_model, in]). ``weight_name``/``bias_name`` are the parameters' names
+    in ``model.state_dict()``. ``gain`` is set when a normalisation with elementwise gains sits
+    between the module and the residual add (Gemma 2/3, OLMo 2 "post-norms"): the module's output is
+    then orthogonal to the residual direction u after the norm exactly when it is orthogonal to
+    gain * u before it. Embeddings count as layer 0.
     """
 
     module: nn.Module
-    component: str  # "attn" or "mlp"
+    component: str  # "embed", "attn" or "mlp"
     layer: int
     gain: torch.Tensor | None = None
+    rows: bool = False
+    weight_name: str = ""
+    bias_name: str | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.module, "bias", None) if self.bias_name is not None else None
 
     def direction(self, unit: torch.Tensor) -> torch.Tensor:
         """The unit direction to remove from this module's raw output (float32)."""
@@ -68,17 +83,53 @@ class ChatModel:
 
     model: nn.Module
     tokenizer: object
-    source: str
+    source: str  # what the user named: "demo", a hub id, a path
     layers: nn.ModuleList
-    embeddings: list[nn.Embedding]
-    writers: list[Writer]
+    embeddings: list[Writer]  # component "embed": token embedding, then learned positions
+    writers: list[Writer]  # component "attn" / "mlp", in layer order
     chat_template: str | None = None
+    path: str = ""  # the resolved location a reload uses (local directory or hub id); defaults to source
+    trust_remote_code: bool = False
     template_kwargs: dict = field(default_factory=lambda: {"enable_thinking": False})
     _post_ids: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            self.path = self.source
 
     @property
     def n_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def text_config(self):
+        config = self.model.config
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    @property
+    def n_heads(self) -> int:
+        """Attention heads per layer (query heads)."""
+        config = self.text_config
+        for key in ("num_attention_heads", "n_head"):
+            value = getattr(config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        raise UnsupportedModelError(f"{type(self.model).__name__}'s config names no attention head count")
+
+    @property
+    def head_dim(self) -> int:
+        """Dimension of one attention head (the config's ``head_dim`` where it sets one)."""
+        value = getattr(self.text_config, "head_dim", None)
+        return value if isinstance(value, int) and value > 0 else self.d_model // self.n_heads
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model takes, if its config says."""
+        for key in ("max_position_embeddings", "n_positions"):
+            value = getattr(self.text_config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
 
     @property
     def d_model(self) -> int:
@@ -171,7 +222,7 @@ class ChatModel:
 
     def pad(self, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
         """Left-pad token id lists into input_ids / attention_mask / position_ids on the model's device."""
-        limit = _max_positions(self.model)
+        limit = self.max_positions
         longest = max(len(s) for s in sequences)
         if limit is not None and longest > limit:
             raise RefusalError(f"a prompt has {longest} tokens, more than the model's {limit}; shorten the instructions")
@@ -186,21 +237,15 @@ class ChatModel:
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device), "position_ids": positions.to(self.device)}
 
-    def logits(self, batch: dict[str, torch.Tensor], last_only: bool = True) -> torch.Tensor:
-        """Forward pass without cache; float32 logits (last position only by default)."""
-        with torch.inference_mode():
+    def logits(self, batch: dict[str, torch.Tensor], last_only: bool = True, grad: bool = False) -> torch.Tensor:
+        """Forward pass without cache; float32 logits (last position only by default).
+
+        Runs under ``torch.inference_mode()`` unless ``grad`` asks for a graph to differentiate.
+        """
+        with torch.inference_mode(not grad):
             out = self.model(**batch, use_cache=False, logits_to_keep=1 if last_only else 0)
         logits = out.logits.float()
         return logits[:, -1] if last_only else logits
-
-
-def _max_positions(model: nn.Module) -> int | None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    for key in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 # ---- locating modules ------------------------------------------------------------------------
@@ -240,8 +285,39 @@ def _norm_gain(norm: nn.Module, d_model: int) -> torch.Tensor:
     return gain.cpu()
 
 
-def find_writers(layers: nn.ModuleList, d_model: int, model_name: str) -> list[Writer]:
+def _orientation(module: nn.Module, d_model: int, where: str) -> bool:
+    """True when ``module``'s weight stores the vectors it writes as rows, False as columns; decided once, here."""
+    if isinstance(module, nn.Embedding):
+        return True
+    if isinstance(module, nn.Linear):
+        return False
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):  # GPT-2: y = x W + b with W [in, out]
+        return True
+    shape = tuple(getattr(module, "weight", torch.empty(0)).shape)
+    if len(shape) == 2 and shape[0] != shape[1] and d_model in shape:
+        return shape[1] == d_model
+    raise UnsupportedModelError(f"{where} ({type(module).__name__}, weight {shape}) has no known orientation; supported: {SUPPORTED_FAMILIES}")
+
+
+def _writer(module: nn.Module, component: str, layer: int, names: dict[int, str], d_model: int, gain: torch.Tensor | None = None) -> Writer:
+    name = names[id(module)]
+    bias = getattr(module, "bias", None)
+    return Writer(
+        module=module,
+        component=component,
+        layer=layer,
+        gain=gain,
+        rows=_orientation(module, d_model, name),
+        weight_name=f"{name}.weight",
+        bias_name=f"{name}.bias" if isinstance(bias, torch.Tensor) else None,
+    )
+
+
+def find_writers(model: nn.Module, layers: nn.ModuleList, d_model: int) -> list[Writer]:
     """Attention and MLP output projections of every layer, with post-norm gains where present."""
+    names = {id(m): n for n, m in model.named_modules()}
     writers: list[Writer] = []
     for i, layer in enumerate(layers):
         # A post-feedforward norm marks the "sandwich" layout (Gemma 2/3, OLMo 2): there the
@@ -251,36 +327,53 @@ def find_writers(layers: nn.ModuleList, d_model: int, model_name: str) -> list[W
             module = next((m for m in (_get(layer, p) for p in paths) if m is not None), None)
             if module is None:
                 raise UnsupportedModelError(
-                    f"{model_name} is not supported: layer {i} ({type(layer).__name__}) has no {component} output projection "
+                    f"{type(model).__name__} is not supported: layer {i} ({type(layer).__name__}) has no {component} output projection "
                     f"(looked for {', '.join(paths)}). Supported: {SUPPORTED_FAMILIES}"
                 )
             gain = _norm_gain(getattr(layer, post), d_model) if sandwich else None
-            writers.append(Writer(module=module, component=component, layer=i, gain=gain))
+            writers.append(_writer(module, component, i, names, d_model, gain))
     return writers
 
 
-def find_embeddings(model: nn.Module) -> list[nn.Embedding]:
-    """The token embedding plus any learned position embedding that adds into the residual."""
-    embeddings = [model.get_input_embeddings()]
+def find_embeddings(model: nn.Module) -> list[Writer]:
+    """The token embedding plus any learned position embedding that adds into the residual (component "embed")."""
+    names = {id(m): n for n, m in model.named_modules()}
+    token = model.get_input_embeddings()
+    d_model = token.weight.shape[1]
+    modules = [token]
     base = getattr(model, getattr(model, "base_model_prefix", ""), model)
     for name in _POSITION_EMBEDDINGS:
         module = getattr(base, name, None)
-        if isinstance(module, nn.Embedding) and module.weight.shape[1] == embeddings[0].weight.shape[1]:
-            embeddings.append(module)
-    return embeddings
+        if isinstance(module, nn.Embedding) and module.weight.shape[1] == d_model:
+            modules.append(module)
+    return [_writer(m, "embed", 0, names, d_model) for m in modules]
 
 
-def wrap_model(model: nn.Module, tokenizer, source: str = "<in-memory>", chat_template: str | None = None) -> ChatModel:
-    """Build a ChatModel around an already-loaded model and tokenizer."""
+def wrap_model(
+    model: nn.Module,
+    tokenizer,
+    source: str = "<in-memory>",
+    chat_template: str | None = None,
+    path: str | None = None,
+    trust_remote_code: bool = False,
+) -> ChatModel:
+    """Build a ChatModel around an already-loaded model and tokenizer (``path``: where a reload finds it; default ``source``)."""
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise RefusalError(f"the tokenizer of {source} has no chat template; pass --chat-template FILE (a Jinja template)")
     model.eval()
     layers = find_decoder_layers(model)
     embeddings = find_embeddings(model)
-    d_model = embeddings[0].weight.shape[1]
-    writers = find_writers(layers, d_model, type(model).__name__)
+    writers = find_writers(model, layers, embeddings[0].weight.shape[1])
     return ChatModel(
-        model=model, tokenizer=tokenizer, source=source, layers=layers, embeddings=embeddings, writers=writers, chat_template=chat_template
+        model=model,
+        tokenizer=tokenizer,
+        source=source,
+        layers=layers,
+        embeddings=embeddings,
+        writers=writers,
+        chat_template=chat_template,
+        path=path or source,
+        trust_remote_code=trust_remote_code,
     )
 
 
@@ -335,23 +428,35 @@ def _load_tokenizer(location: str, kwargs: dict):
     return AutoTokenizer.from_pretrained(location, **kwargs)
 
 
-def load_model(
-    source: str,
+def _hub_snapshot(hub_id: str) -> str:
+    """The local snapshot directory a hub id was loaded from (its files link into the cache's blobs/), else the id."""
+    try:
+        from transformers.utils import cached_file
+
+        config = cached_file(hub_id, "config.json", local_files_only=True)
+    except (OSError, ValueError, ImportError):
+        return hub_id
+    return str(Path(config).parent) if config else hub_id
+
+
+def load_checkpoint(
+    location: str | Path,
     dtype: str = "auto",
     device: str = "auto",
     device_map: str | None = None,
     trust_remote_code: bool = False,
     chat_template: str | Path | None = None,
+    source: str | None = None,
 ) -> ChatModel:
-    """Load a chat model from a hub id, a local directory or a ``.gguf`` file.
+    """Load a chat model from a hub id, a local directory or a ``.gguf`` file (``models.load_model`` also takes packaged names).
 
+    ``source`` is the name the user gave (default: ``location``), kept as ``ChatModel.source``.
     ``dtype='auto'`` means float32 on CPU (bf16 matmuls are slow there) and the checkpoint's own
     dtype on accelerators. ``device_map='auto'`` spreads a large model over the available devices.
     """
     from transformers import AutoModelForCausalLM
 
-    from .models import resolve_model
-
+    source = str(location) if source is None else source
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     template_text = None
@@ -361,29 +466,29 @@ def load_model(
             raise RefusalError(f"chat template file {path} does not exist; give a Jinja template file")
         template_text = path.read_text(encoding="utf-8")
 
-    path = Path(resolve_model(source)).expanduser()
+    path = Path(location).expanduser()
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     if path.is_file():
         if path.suffix != ".gguf":
             raise RefusalError(f"model file {path} is not a .gguf file; give a model directory, a .gguf file or a hub id")
-        location, kwargs["gguf_file"] = str(path.parent), path.name
+        where, kwargs["gguf_file"] = str(path.parent), path.name
     elif path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").exists() and len(ggufs) == 1:
-            location, kwargs["gguf_file"] = str(path), ggufs[0].name
+            where, kwargs["gguf_file"] = str(path), ggufs[0].name
         elif not (path / "config.json").exists():
             raise RefusalError(f"model directory {path} has no config.json (and not exactly one .gguf file); is it a Hugging Face checkpoint?")
         else:
-            location = str(path)
-    elif source.startswith((".", "/", "~")) or source.endswith(".gguf") or source.count("/") > 1:
+            where = str(path)
+    elif str(location).startswith((".", "/", "~")) or str(location).endswith(".gguf") or str(location).count("/") > 1:
         raise RefusalError(f"model path {source} does not exist; check the path, or give a hub id like Qwen/Qwen2.5-0.5B-Instruct")
     else:
-        location = source
+        where = str(location)
 
     log(f"loading [bold]{source}[/] ({device}, {torch_dtype if isinstance(torch_dtype, str) else str(torch_dtype).replace('torch.', '')})")
     try:
-        tokenizer = _load_tokenizer(location, kwargs)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, device_map=device_map, **kwargs)
+        tokenizer = _load_tokenizer(where, kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, device_map=device_map, **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RefusalError(f"could not load model {source}: {first}") from None
@@ -391,4 +496,5 @@ def load_model(
         mark_dequantized(model)
     if device_map is None:
         model.to(device)
-    return wrap_model(model, tokenizer, source=source, chat_template=template_text)
+    resolved = str(path.resolve()) if path.exists() else _hub_snapshot(where)
+    return wrap_model(model, tokenizer, source=source, chat_template=template_text, path=resolved, trust_remote_code=trust_remote_code)

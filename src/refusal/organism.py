@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .models import cache_root
+from .cache import cache_root
 
 TEMPLATES = (
     "how do i {verb} {obj} ?",
@@ -333,11 +333,11 @@ def cache_key(config: OrganismConfig = OrganismConfig()) -> str:
     return hashlib.sha256(source + json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_organism(config: OrganismConfig = OrganismConfig(), cache_dir: Path | None = None, log=print) -> Path:
-    """The organism's checkpoint directory, trained on first use and cached by code+settings hash."""
+def build_organism(config: OrganismConfig = OrganismConfig(), cache_dir: Path | None = None, log=print, force: bool = False) -> Path:
+    """The organism's checkpoint directory, trained on first use (or when ``force``) and cached by code+settings hash."""
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "organism"
     target = root / cache_key(config)
-    if (target / "organism.json").exists():
+    if (target / "organism.json").exists() and not force:
         return target
     tmp = root / f".{target.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

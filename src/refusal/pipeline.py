@@ -26,9 +26,11 @@ from .activations import mean_activations
 from .data import dataset_hash, load_corpus, load_splits
 from .directions import Candidates, Direction, compute_candidates
 from .errors import RefusalError
+from .edits import Orthogonalization
 from .export import export_model
 from .interventions import ablate, add
-from .model import REFUSAL_WORDS, ChatModel, load_model
+from .model import REFUSAL_WORDS, ChatModel
+from .models import load_model
 from .progress import log
 from .selection import SelectionConfig, score_candidates, select_direction
 
@@ -317,7 +319,7 @@ def export(run: Run, chat: ChatModel, out: Path, overwrite: bool = False) -> dic
         "run": str(run.path.resolve()),
         "environment": environment(),
     }
-    result = export_model(chat, direction.vector, out, metadata, overwrite=overwrite)
+    result = export_model(chat, Orthogonalization(direction.vector), out, metadata, overwrite=overwrite)
     run.record_time("export", time.perf_counter() - start)
     return result
 
@@ -499,7 +501,7 @@ def search(run: Run, chat: ChatModel, search_config) -> dict:
 
 def export_trial(run: Run, chat: ChatModel, trial: int, out: Path, overwrite: bool = False) -> dict:
     """Export one search trial's edit as a checkpoint (fidelity-checked against the edit in memory)."""
-    from .edits import EditParams, WeightEditor, source_direction
+    from .edits import EditParams, KernelEdit
 
     search_info = read_json(run.path / "search.json", "run `refusal search` first")
     record = next((t for t in search_info["trials"] if t["trial"] == trial), None)
@@ -509,8 +511,7 @@ def export_trial(run: Run, chat: ChatModel, trial: int, out: Path, overwrite: bo
     candidates = Candidates.load(run.path / "candidates.safetensors")
     params = EditParams.from_dict(record["params"])
     params.validate(candidates.n_layers, candidates.n_post)  # search.json may have been edited by hand
-    unit = source_direction(candidates, params)
-    editor = WeightEditor(chat)
+    edit = KernelEdit.from_candidates(candidates, params)
     start = time.perf_counter()
     metadata = {
         "refusal_version": __version__,
@@ -521,10 +522,7 @@ def export_trial(run: Run, chat: ChatModel, trial: int, out: Path, overwrite: bo
         "run": str(run.path.resolve()),
         "environment": environment(),
     }
-    try:
-        result = export_model(chat, unit, out, metadata, overwrite=overwrite, edit=lambda: editor.trial(unit, params))
-    finally:
-        editor.close()
+    result = export_model(chat, edit, out, metadata, overwrite=overwrite)
     run.record_time("export", time.perf_counter() - start)
     return result
 

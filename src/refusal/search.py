@@ -1,7 +1,7 @@
 """Search for the best refusals-vs-damage trade-off without generating text (docs/search.md).
 
 Each trial is an ``EditParams`` (source layer, strength kernels, variant) applied to the loaded
-model by ``WeightEditor`` and reverted afterwards. Two objectives, both from one teacher-forced
+model by ``edits.Editor`` and reverted afterwards. Two objectives, both from one teacher-forced
 forward pass per batch, with the original model's outputs cached once:
 
 - refusal: for each harmful validation prompt, the refusal log-odds at each of the first
@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .directions import Candidates
-from .edits import VARIANTS, EditParams, Kernel, WeightEditor, source_direction
+from .edits import VARIANTS, EditParams, Editor, Kernel, KernelEdit
 from .errors import RefusalError, check_finite
 from .generation import HFEngine
 from .model import ChatModel
@@ -196,7 +196,7 @@ def run_trials(
         for params in [paper] + anchor_params(candidates.n_layers, config):
             study.enqueue_trial(_as_optuna(params, candidates.n_layers))
     start = time.perf_counter()
-    editor = WeightEditor(chat)
+    editor = Editor(chat)
     try:
         while len(done) < config.trials:
             if config.time_budget is not None and time.perf_counter() - start > config.time_budget:
@@ -207,7 +207,7 @@ def run_trials(
             if trial.number == 0:
                 params = paper  # exactly the paper's edit (the kernel above is flat at 1 anyway)
             t0 = time.perf_counter()
-            with editor.trial(source_direction(candidates, params), params):
+            with editor.applied(KernelEdit.from_candidates(candidates, params)):
                 values = objectives.measure()
             trial.set_user_attr("params", params.to_dict())
             trial.set_user_attr("kl_multi", values["kl_multi"])
@@ -249,10 +249,10 @@ def confirm_points(
     engine = HFEngine(chat, batch_size, description="confirming")
     stop = lambda text: is_refusal(text, phrases)
     out = []
-    with WeightEditor(chat) as editor:
+    with Editor(chat) as editor:
         for point in points:
             params = EditParams.from_dict(point["params"])
-            with editor.trial(source_direction(candidates, params), params):
+            with editor.applied(KernelEdit.from_candidates(candidates, params)):
                 counts = {
                     kind: sum(is_refusal(t, phrases) for t in engine.generate(prompts, max_new_tokens, stop))
                     for kind, prompts in (("harmful", harmful), ("harmless", harmless))
