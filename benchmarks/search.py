@@ -21,7 +21,7 @@ import torch
 from _stages import Stages, peak_rss_gb
 from refusal.cli import _int_list, _join_negative_lists
 from refusal.directions import Candidates
-from refusal.edits import EditParams, Editor, KernelEdit
+from refusal.edits import Editor, EditParams, KernelEdit
 from refusal.evaluation import Condition, EvalSettings, evaluate
 from refusal.models import load_model
 from refusal.pipeline import Run, RunConfig, extract, run_data, search, select

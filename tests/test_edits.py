@@ -7,7 +7,7 @@ import torch
 
 from conftest import FAMILIES, build_model
 from refusal.directions import Candidates, unit_vector
-from refusal.edits import EditParams, Editor, Kernel, KernelEdit, Orthogonalization, edited, source_direction
+from refusal.edits import Editor, EditParams, Kernel, KernelEdit, Orthogonalization, edited, source_direction
 from refusal.errors import RefusalError
 from refusal.model import wrap_model
 from refusal.weights import Snapshot, embeddings_tied, orthogonalize_weights

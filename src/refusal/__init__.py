@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 from .activations import collect_activations, mean_activations
 from .data import load_builtin, load_prompts
 from .directions import Candidates, Direction, compute_candidates
-from .edits import Edit, EditParams, Editor, Kernel, KernelEdit, Orthogonalization, edited, orthogonalized
+from .edits import Edit, Editor, EditParams, Kernel, KernelEdit, Orthogonalization, edited, orthogonalized
 from .errors import FidelityError, RefusalError, UnsupportedModelError
 from .evaluation import Condition, EvalSettings, evaluate
 from .export import export_model, fidelity_check

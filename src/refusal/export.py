@@ -17,7 +17,7 @@ import torch
 
 from .edits import Edit, edited
 from .errors import FidelityError, RefusalError
-from .model import ChatModel
+from .model import ChatModel, HFModel
 from .models import is_packaged, packaged_path
 from .progress import log
 
@@ -59,7 +59,7 @@ def fidelity_check(
     ``FIDELITY_PROMPTS`` under the fidelity reference, named by ``reference``); raise if too large."""
     from transformers import AutoModelForCausalLM
 
-    exported = AutoModelForCausalLM.from_pretrained(str(exported_dir), dtype=chat.dtype, trust_remote_code=chat.trust_remote_code)
+    exported: HFModel = AutoModelForCausalLM.from_pretrained(str(exported_dir), dtype=chat.dtype, trust_remote_code=chat.trust_remote_code)
     exported = exported.to(chat.device).eval()
     batch = chat.batch(list(FIDELITY_PROMPTS))
     with torch.inference_mode():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -39,6 +40,11 @@ REFUSAL_WORDS = ("I", "As", "Sorry", "I'm", "Unfortunately", "Apologies")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# A transformers PreTrainedModel / tokenizer. Typed loosely: their attributes reach mypy through
+# nn.Module.__getattr__ (Tensor | Module) and untyped tokenizer classes.
+HFModel = Any
+Tokenizer = Any
+
 
 @dataclass
 class Writer:
@@ -63,11 +69,11 @@ class Writer:
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.module.weight
+        return cast(torch.Tensor, self.module.weight)
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return getattr(self.module, "bias", None) if self.bias_name is not None else None
+        return cast(torch.Tensor, self.module.bias) if self.bias_name is not None else None
 
     def direction(self, unit: torch.Tensor) -> torch.Tensor:
         """The unit direction to remove from this module's raw output (float32)."""
@@ -81,8 +87,8 @@ class Writer:
 class ChatModel:
     """A causal LM, its tokenizer and the parts of it the refusal method reads and edits."""
 
-    model: nn.Module
-    tokenizer: object
+    model: HFModel
+    tokenizer: Tokenizer
     source: str  # what the user named: "demo", a hub id, a path
     layers: nn.ModuleList
     embeddings: list[Writer]  # component "embed": token embedding, then learned positions
@@ -250,14 +256,15 @@ class ChatModel:
 
 # ---- locating modules ------------------------------------------------------------------------
 def _get(module: nn.Module, path: str) -> nn.Module | None:
+    found: Any = module
     for part in path.split("."):
-        module = getattr(module, part, None)
-        if module is None:
+        found = getattr(found, part, None)
+        if found is None:
             return None
-    return module
+    return found
 
 
-def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+def find_decoder_layers(model: HFModel) -> nn.ModuleList:
     """The decoder layers: the one ModuleList whose name ends with a known suffix."""
     override = getattr(model, "refusal_layers_path", None)
     if override:
@@ -315,7 +322,7 @@ def _writer(module: nn.Module, component: str, layer: int, names: dict[int, str]
     )
 
 
-def find_writers(model: nn.Module, layers: nn.ModuleList, d_model: int) -> list[Writer]:
+def find_writers(model: HFModel, layers: nn.ModuleList, d_model: int) -> list[Writer]:
     """Attention and MLP output projections of every layer, with post-norm gains where present."""
     names = {id(m): n for n, m in model.named_modules()}
     writers: list[Writer] = []
@@ -335,7 +342,7 @@ def find_writers(model: nn.Module, layers: nn.ModuleList, d_model: int) -> list[
     return writers
 
 
-def find_embeddings(model: nn.Module) -> list[Writer]:
+def find_embeddings(model: HFModel) -> list[Writer]:
     """The token embedding plus any learned position embedding that adds into the residual (component "embed")."""
     names = {id(m): n for n, m in model.named_modules()}
     token = model.get_input_embeddings()
@@ -350,8 +357,8 @@ def find_embeddings(model: nn.Module) -> list[Writer]:
 
 
 def wrap_model(
-    model: nn.Module,
-    tokenizer,
+    model: HFModel,
+    tokenizer: Tokenizer,
     source: str = "<in-memory>",
     chat_template: str | None = None,
     path: str | None = None,
@@ -398,7 +405,7 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype | str:
     return DTYPES[dtype]
 
 
-def mark_dequantized(model: nn.Module) -> None:
+def mark_dequantized(model: HFModel) -> None:
     """Clear the GGUF 'quantized' flag: transformers has already dequantized the weights to floats.
 
     Without this, ``save_pretrained`` refuses to write the (plain float) model.
@@ -488,7 +495,7 @@ def load_checkpoint(
     log(f"loading [bold]{source}[/] ({device}, {torch_dtype if isinstance(torch_dtype, str) else str(torch_dtype).replace('torch.', '')})")
     try:
         tokenizer = _load_tokenizer(where, kwargs)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, device_map=device_map, **kwargs)
+        model: HFModel = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, device_map=device_map, **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RefusalError(f"could not load model {source}: {first}") from None

@@ -11,7 +11,8 @@ Training uses LayerDrop so that the decision to refuse forms before the last lay
 settings (6 layers, d_model 64, seed 4) train in about 40 s on 2 cores; docs/organism.md records
 how other settings and seeds behave (the paper's effects hold for 4 of 5 seeds at these settings).
 ``build_organism()`` returns the checkpoint directory, cached under the refusal cache keyed by a
-hash of this file and the settings, so it is trained once per machine.
+hash of this file and the settings, so it is trained once per machine; ``--model organism`` names
+it (``models.resolve_model``).
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ class OrganismConfig:
 def corpus(config: OrganismConfig = OrganismConfig()) -> dict[str, list[dict]]:
     """Every (template, pair) instruction with its class, category and whether it is held out."""
     rng = random.Random(config.seed)
-    items = {"harmful": [], "harmless": []}
+    items: dict[str, list[dict]] = {"harmful": [], "harmless": []}
     for kind, table in (("harmful", HARMFUL), ("harmless", HARMLESS)):
         for category, pairs in table.items():
             for template, (verb, obj) in itertools.product(TEMPLATES, pairs):

@@ -25,8 +25,8 @@ from . import __version__
 from .activations import mean_activations
 from .data import dataset_hash, load_corpus, load_splits
 from .directions import Candidates, Direction, compute_candidates
-from .errors import RefusalError
 from .edits import Orthogonalization
+from .errors import RefusalError
 from .export import export_model
 from .interventions import ablate, add
 from .model import REFUSAL_WORDS, ChatModel

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .directions import Candidates
-from .edits import VARIANTS, EditParams, Editor, Kernel, KernelEdit
+from .edits import VARIANTS, Editor, EditParams, Kernel, KernelEdit
 from .errors import RefusalError, check_finite
 from .generation import HFEngine
 from .model import ChatModel

@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from .directions import unit_vector
-from .model import ChatModel, Writer
+from .model import ChatModel, HFModel, Writer
 from .projection import project_out
 
 
-def _text_configs(model: nn.Module) -> list:
+def _text_configs(model: HFModel) -> list:
     config = model.config
     configs = [config]
     if hasattr(config, "get_text_config"):
