@@ -14,7 +14,7 @@ from refusal.search import SearchConfig, anchor_params, choose, parse_duration
 @pytest.fixture(scope="module")
 def organism_search_run(organism_dir, tmp_path_factory):
     """extract + the paper's selection + a 24-trial search, on the organism (about 30 s)."""
-    from refusal.model import load_model
+    from refusal.models import load_model
     from refusal.progress import set_quiet
 
     previous = set_quiet(True)

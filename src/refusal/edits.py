@@ -33,10 +33,11 @@ from typing import Protocol
 
 import torch
 
+from .architecture import Writer
 from .directions import Candidates, unit_vector
 from .errors import RefusalError
 from .interventions import ablate
-from .model import ChatModel, Writer
+from .model import ChatModel
 from .weights import Snapshot, remove_direction
 
 VARIANTS = ("projection", "norm_preserving", "biprojected")

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
+from .architecture import HFModel
 from .edits import Edit, edited
 from .errors import FidelityError, RefusalError
-from .model import ChatModel, HFModel
+from .model import ChatModel
 from .models import is_packaged, packaged_path
 from .progress import log
 

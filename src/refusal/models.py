@@ -28,7 +28,8 @@ from pathlib import Path
 from . import organism
 from .cache import cache_root
 from .errors import RefusalError
-from .model import ChatModel, load_checkpoint, mark_dequantized
+from .loading import load_checkpoint, mark_dequantized
+from .model import ChatModel
 from .progress import log
 
 

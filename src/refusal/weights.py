@@ -18,8 +18,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .architecture import HFModel, Writer
 from .directions import unit_vector
-from .model import ChatModel, HFModel, Writer
+from .model import ChatModel
 from .projection import project_out
 
 
