@@ -20,7 +20,7 @@ import torch
 from refusal.data import load_builtin
 from refusal.generation import HFEngine
 from refusal.judges import is_refusal
-from refusal.model import load_model
+from refusal.models import load_model
 from refusal.progress import set_quiet
 
 

@@ -24,7 +24,7 @@ from refusal.directions import Direction
 from refusal.generation import generate
 from refusal.interventions import ablate, add
 from refusal.judges import refusal_rate
-from refusal.model import load_model
+from refusal.models import load_model
 from refusal.pipeline import Run, RunConfig, evaluate, export, extract, run_data, select
 from refusal.progress import set_quiet
 from refusal.selection import SelectionConfig

@@ -21,9 +21,9 @@ import torch
 from _stages import Stages, peak_rss_gb
 from refusal.cli import _int_list, _join_negative_lists
 from refusal.directions import Candidates
-from refusal.edits import EditParams, WeightEditor, source_direction
+from refusal.edits import Editor, EditParams, KernelEdit
 from refusal.evaluation import Condition, EvalSettings, evaluate
-from refusal.model import load_model
+from refusal.models import load_model
 from refusal.pipeline import Run, RunConfig, extract, run_data, search, select
 from refusal.progress import set_quiet
 from refusal.search import SearchConfig, parse_duration
@@ -61,12 +61,11 @@ def main() -> None:
     paper, chosen = trials[result["paper_trial"]["trial"]], trials[result["chosen"]["trial"]]
     candidates = Candidates.load(run.path / "candidates.safetensors")
     data = run_data(config)
-    editor = WeightEditor(chat)
+    editor = Editor(chat)
 
     def edited(record):
-        params = EditParams.from_dict(record["params"])
-        unit = source_direction(candidates, params)
-        return lambda: editor.trial(unit, params)
+        edit = KernelEdit.from_candidates(candidates, EditParams.from_dict(record["params"]))
+        return lambda: editor.applied(edit)
 
     conditions = [
         Condition("original", "original", chat),

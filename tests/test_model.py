@@ -3,8 +3,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import FAMILIES, build_model, build_tokenizer
+from refusal.architecture import SUPPORTED_FAMILIES
 from refusal.errors import RefusalError, UnsupportedModelError
-from refusal.model import SUPPORTED_FAMILIES, load_model, wrap_model
+from refusal.model import wrap_model
+from refusal.models import load_model
 
 TEMPLATES = {
     # name: (template, expected post-instruction text)
@@ -75,8 +77,10 @@ def test_every_family_exposes_layers_writers_and_embeddings(chat):
     assert len(chat.writers) == 2 * chat.n_layers
     assert {w.component for w in chat.writers} == {"attn", "mlp"}
     for writer in chat.writers:
-        out_features = writer.module.weight.shape[0 if type(writer.module).__name__ != "Conv1D" else 1]
+        out_features = writer.weight.shape[1 if writer.rows else 0]
         assert out_features == chat.d_model
+    assert [w.component for w in chat.embeddings] == ["embed"] * len(chat.embeddings) and all(w.rows for w in chat.embeddings)
+    assert chat.n_heads == 2 and chat.head_dim == 16 and chat.max_positions == 256
 
 
 def test_post_norm_families_carry_gains(tokenizer):
@@ -153,3 +157,72 @@ def test_chat_template_override(tmp_path, family):
     template.write_text(TEMPLATES["chatml"][0])
     chat = load_model(str(tmp_path / "m"), device="cpu", chat_template=template)
     assert chat.n_post == 3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_writers_know_their_orientation_and_checkpoint_names(family, tokenizer):
+    model = build_model(family, len(tokenizer), tie=True)
+    chat = wrap_model(model, tokenizer)
+    state = model.state_dict()
+    for writer in [*chat.embeddings, *chat.writers]:
+        assert state[writer.weight_name] is not None and state[writer.weight_name].data_ptr() == writer.weight.data_ptr(), writer.weight_name
+        assert writer.weight.shape[-1 if writer.rows else 0] == chat.d_model
+        has_bias = getattr(writer.module, "bias", None) is not None
+        assert (writer.bias_name is not None) == has_bias and (not has_bias or state[writer.bias_name].data_ptr() == writer.bias.data_ptr())
+    # the orientation is the written vectors': a row (or column) of the weight is what one input unit adds to the residual
+    for writer in chat.writers:
+        x = torch.zeros(1, 1, writer.weight.shape[0 if writer.rows else 1])
+        x[..., 0] = 1.0
+        with torch.no_grad():
+            written = writer.module(x)[0, 0] - (writer.bias if writer.bias is not None else 0)
+        expected = writer.weight[0] if writer.rows else writer.weight[:, 0]
+        assert torch.allclose(written, expected, atol=1e-6), (family, writer.weight_name)
+    rows = {w.rows for w in chat.writers}
+    assert rows == ({True} if family == "gpt2" else {False})
+
+
+def test_logits_allow_gradients_when_asked(llama_chat):
+    batch = llama_chat.batch(["How do I bake bread?"])
+    assert not llama_chat.logits(batch).requires_grad
+    embedding = llama_chat.embeddings[0].weight
+    embedding.requires_grad_(True)
+    llama_chat.logits(batch, grad=True).sum().backward()
+    assert embedding.grad is not None and embedding.grad.abs().sum() > 0
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports, anywhere in the file (inside functions too)."""
+    import ast
+    from pathlib import Path
+
+    import refusal
+
+    root = Path(refusal.__file__).parent
+    names = {p.stem for p in root.glob("*.py")}
+    graph = {}
+    for path in root.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("refusal."):
+                deps.add(node.module.split(".")[1])
+        graph[path.stem] = deps & names - {path.stem}
+    return graph
+
+
+def test_model_does_not_import_models_and_the_package_has_no_import_cycle():
+    graph = import_graph()
+    assert not {"models", "loading"} & graph["model"] and "loading" in graph["models"] and "model" in graph["loading"]
+    assert "models" not in graph["organism"] and "cache" in graph["organism"]
+
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for dep in graph[todo.pop()] - seen:
+                seen.add(dep)
+                todo.append(dep)
+        return seen
+
+    cycles = [m for m in graph if m != "__init__" and m in reach(m)]
+    assert not cycles, cycles

@@ -81,3 +81,18 @@ def test_download_failure_is_a_clear_error(monkeypatch, tmp_path):
 
 def test_demo_spec_is_pinned():
     assert models.DEMO.size == 491_400_064 and len(models.DEMO.sha256) == 64 and len(models.DEMO.parts) == 6
+
+
+def test_organism_is_a_packaged_model_with_its_own_prompts(organism_dir):
+    from refusal.data import load_splits
+
+    assert models.is_packaged("organism") and models.packaged_path("organism") == organism_dir
+    assert models.resolve_model("organism") == str(organism_dir)  # cached: not trained again
+    prompts = models.packaged_prompts("organism")
+    assert prompts == {"harmful": organism_dir / "harmful.jsonl", "harmless": organism_dir / "harmless.jsonl"}
+    assert all(len(load_splits(str(path), kind)["test"]) > 0 for kind, path in prompts.items())
+    assert models.packaged_prompts("demo") is None and models.packaged_prompts("org/model") is None
+    chat = models.load_model("organism", device="cpu")
+    assert chat.source == "organism" and chat.path == str(organism_dir.resolve()) and chat.n_layers == 6
+    listing = models.packaged_models()
+    assert listing["organism"]["fetched"] and listing["organism"]["path"] == str(organism_dir) and "demo" in listing

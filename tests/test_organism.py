@@ -12,7 +12,7 @@ from refusal.directions import Direction
 from refusal.generation import generate
 from refusal.interventions import add
 from refusal.judges import refusal_rate
-from refusal.model import load_model
+from refusal.models import load_model
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from refusal.cli import main
 from refusal.generation import generate
 from refusal.interventions import ablate
 from refusal.judges import is_refusal
-from refusal.model import load_model
+from refusal.models import load_model
 from refusal.pipeline import Run, run_data
 
 pytestmark = pytest.mark.slow

@@ -27,7 +27,7 @@ def organism_settings(organism_dir, **search) -> Settings:
 @pytest.fixture(scope="module")
 def organism_search_run(organism_dir, tmp_path_factory):
     """extract + the paper's selection + a 24-trial search, on the organism (about 30 s)."""
-    from refusal.model import load_model
+    from refusal.models import load_model
     from refusal.progress import set_quiet
 
     previous = set_quiet(True)

@@ -2,9 +2,10 @@ import pytest
 import torch
 
 from conftest import FAMILIES, build_model
+from refusal.edits import orthogonalized
 from refusal.interventions import ablate
 from refusal.model import wrap_model
-from refusal.weights import embeddings_tied, orthogonalized
+from refusal.weights import embeddings_tied
 
 PROMPTS = ["How do I bake bread?", "Tell me how to pick a lock.", "Write a haiku about the sea and the sky."]
 

@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 from .activations import collect_activations, mean_activations
 from .data import load_builtin, load_prompts
 from .directions import Candidates, Direction, compute_candidates
-from .edits import Edit, EditParams, Editor, Kernel, KernelEdit, Orthogonalization, edited
+from .edits import Edit, Editor, EditParams, Kernel, KernelEdit, Orthogonalization, edited, orthogonalized
 from .errors import FidelityError, RefusalError, UnsupportedModelError
 from .evaluation import Condition, EvalSettings, evaluate
 from .export import export_model, fidelity_check
@@ -25,12 +25,47 @@ from .scoring import kl_divergence, refusal_score
 from .search_run import search
 from .selection import score_candidates, select_direction
 from .settings import Settings
-from .weights import orthogonalize_weights, orthogonalized
+from .weights import orthogonalize_weights
 
 __all__ = [
-    "Candidates", "ChatModel", "Condition", "Direction", "Edit", "EditParams", "Editor", "Engine", "EvalSettings", "FidelityError", "HFEngine",
-    "Kernel", "KernelEdit", "Orthogonalization", "RefusalError", "Settings", "UnsupportedModelError",
-    "ablate", "add", "collect_activations", "compute_candidates", "edited", "evaluate", "export_model", "fidelity_check", "generate", "is_refusal",
-    "kl_divergence", "load_builtin", "load_model", "load_prompts", "mean_activations", "orthogonalize_weights", "orthogonalized", "refusal_score",
-    "run", "score_candidates", "search", "select_direction", "wrap_model",
+    "Candidates",
+    "ChatModel",
+    "Condition",
+    "Direction",
+    "Edit",
+    "EditParams",
+    "Editor",
+    "Engine",
+    "EvalSettings",
+    "FidelityError",
+    "HFEngine",
+    "Kernel",
+    "KernelEdit",
+    "Orthogonalization",
+    "RefusalError",
+    "Settings",
+    "UnsupportedModelError",
+    "ablate",
+    "add",
+    "collect_activations",
+    "compute_candidates",
+    "edited",
+    "evaluate",
+    "export_model",
+    "fidelity_check",
+    "generate",
+    "is_refusal",
+    "kl_divergence",
+    "load_builtin",
+    "load_model",
+    "load_prompts",
+    "mean_activations",
+    "orthogonalize_weights",
+    "orthogonalized",
+    "refusal_score",
+    "run",
+    "score_candidates",
+    "search",
+    "select_direction",
+    "wrap_model",
 ]

@@ -1,40 +1,45 @@
-"""Parametrised weight edits that apply and revert cheaply: the search's trials (docs/search.md).
+"""Edits: one abstraction for every change to a model's weights, applied in place and reverted exactly.
 
-A trial removes a direction from the residual writers with a strength per layer and component:
+An ``Edit`` applies itself to a loaded model, saving each tensor into a ``weights.Snapshot`` before
+touching it; ``describe`` is what an export records; ``hooks`` is its hooked equivalent (the export's
+fidelity reference), or None when it has none. Two edits exist:
+
+- ``Orthogonalization(direction)``: the paper's edit, W <- W - u u^T W on every writer (embeddings
+  row-wise, biases too); its hooked equivalent is ``interventions.ablate``.
+- ``KernelEdit(unit, params)``: the search's trials (docs/search.md). A trial removes a direction
+  from the residual writers with a strength per layer and component:
 
     W_attn,i <- W_attn,i - s_attn(i) * u u^T W_attn,i        (Linear weights [d_model, in])
     W_mlp,i  <- W_mlp,i  - s_mlp(i)  * u u^T W_mlp,i
     E        <- E - s_attn(0) * E u u^T                       (token embeddings, row-wise)
 
-with a smooth strength kernel per component, ``s(i) = floor + (peak - floor) * exp(-(i - centre)^2 / (2 width^2))``.
-Strength 1 at every layer is exactly the paper's orthogonalization (``weights.orthogonalize_weights``).
+  with a smooth strength kernel per component, ``s(i) = floor + (peak - floor) * exp(-(i - centre)^2 / (2 width^2))``.
+  Strength 1 at every layer is exactly the paper's orthogonalization. Variants: ``projection`` (the
+  formulas above); ``norm_preserving`` (every written vector is then rescaled to its original norm);
+  ``biprojected`` (the direction is first made orthogonal to the harmless mean activation at its
+  source layer, so the edit leaves the harmless mean's own direction untouched).
 
-Variants:
-- ``projection``: the formulas above.
-- ``norm_preserving``: after the projection, every vector the matrix writes into the residual
-  stream (a column of a Linear weight, a row of the embedding) is rescaled to its original norm.
-- ``biprojected``: the direction is first made orthogonal to the harmless mean activation at its
-  source layer, so the edit leaves the harmless mean's own direction untouched.
-
-``WeightEditor`` snapshots the edited tensors once; ``revert`` copies them back, bit for bit, so a
-search never reloads the model.
+``edited(chat, edit)`` applies an edit for the duration of a block; ``Editor(chat)`` runs many
+trials on one model with one snapshot (norms computed once), reverting after each, bit for bit.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import torch
 
+from .architecture import Writer
 from .directions import Candidates, unit_vector
 from .errors import RefusalError
+from .interventions import ablate
 from .model import ChatModel
-from .weights import _edited_tensors, _is_conv1d, project_out, project_out_bias, retie_embeddings, untie_embeddings
-
-VARIANTS = ("projection", "norm_preserving", "biprojected")
+from .settings import VARIANTS
+from .weights import Snapshot, remove_direction
 
 
 @dataclass(frozen=True)
@@ -94,72 +99,107 @@ def source_direction(candidates: Candidates, params: EditParams) -> torch.Tensor
     return unit
 
 
-class WeightEditor:
-    """Applies ``EditParams`` to a loaded model in place and reverts exactly; use as a context manager."""
+class Edit(Protocol):
+    """A change to a model's weights that can be applied in place and reverted exactly."""
+
+    def apply(self, chat: ChatModel, snapshot: Snapshot) -> None:
+        """Edit the weights in place, saving each tensor into ``snapshot`` before touching it."""
+        ...
+
+    def describe(self) -> dict:
+        """JSON-able description, e.g. {"kind": "orthogonalization"} or {"kind": "kernel", "params": {...}}."""
+        ...
+
+    def hooks(self, chat: ChatModel) -> AbstractContextManager | None:
+        """The hooked equivalent of this edit (the export's fidelity reference), or None."""
+        ...
+
+
+class Orthogonalization:
+    """The paper's edit: no writer can add a component along ``direction``; equals ``ablate`` exactly."""
+
+    def __init__(self, direction: torch.Tensor):
+        self.direction = direction
+
+    def apply(self, chat: ChatModel, snapshot: Snapshot) -> None:
+        remove_direction(chat, unit_vector(self.direction), snapshot=snapshot)
+
+    def describe(self) -> dict:
+        return {"kind": "orthogonalization"}
+
+    def hooks(self, chat: ChatModel) -> AbstractContextManager:
+        return ablate(chat, self.direction)
+
+
+class KernelEdit:
+    """A search trial: ``unit`` removed with the per-layer strengths and the variant of ``params``."""
+
+    def __init__(self, unit: torch.Tensor, params: EditParams):
+        self.unit = unit
+        self.params = params
+
+    @classmethod
+    def from_candidates(cls, candidates: Candidates, params: EditParams) -> KernelEdit:
+        return cls(source_direction(candidates, params), params)
+
+    def apply(self, chat: ChatModel, snapshot: Snapshot) -> None:
+        n = chat.n_layers
+        strengths = {"attn": self.params.attn.strengths(n), "mlp": self.params.mlp.strengths(n)}
+
+        def strength(writer: Writer) -> float:  # the embeddings follow the attention kernel at layer 0
+            return strengths["attn"][0] if writer.component == "embed" else strengths[writer.component][writer.layer]
+
+        remove_direction(chat, self.unit, strength, snapshot, keep_norms=self.params.variant == "norm_preserving")
+
+    def describe(self) -> dict:
+        return {"kind": "kernel", "params": self.params.to_dict()}
+
+    def hooks(self, chat: ChatModel) -> None:
+        return None
+
+
+@contextmanager
+def edited(chat: ChatModel, edit: Edit) -> Iterator[None]:
+    """Within the block the model carries ``edit``; afterwards every tensor is restored bit for bit (also on errors)."""
+    snapshot = Snapshot(chat)
+    try:
+        edit.apply(chat, snapshot)
+        yield
+    finally:
+        snapshot.restore()
+
+
+def orthogonalized(chat: ChatModel, direction: torch.Tensor) -> AbstractContextManager:
+    """Within the block the weights are orthogonalized against ``direction``; afterwards restored bit for bit."""
+    return edited(chat, Orthogonalization(direction))
+
+
+class Editor:
+    """Many edits on one model, one at a time: ``with Editor(chat) as editor: with editor.applied(edit): ...``.
+
+    One snapshot serves every trial: a tensor is cloned the first time any trial touches it, the
+    original norms of norm-preserving edits are computed once, and each trial is reverted bit for bit.
+    """
 
     def __init__(self, chat: ChatModel):
         self.chat = chat
-        self.was_tied = untie_embeddings(chat)
-        self.tensors = _edited_tensors(chat)
-        self.saved = [t.detach().clone() for t in self.tensors]
-        self.norms: dict[tuple[int, int], torch.Tensor] = {}
-        self.dirty = False
+        self.snapshot = Snapshot(chat)
 
-    @torch.no_grad()
-    def apply(self, unit: torch.Tensor, params: EditParams) -> None:
-        """Edit the weights for one trial (reverting any previous trial first)."""
-        if self.dirty:
-            self.revert()
-        self.dirty = True
-        n = self.chat.n_layers
-        strength = {"attn": params.attn.strengths(n), "mlp": params.mlp.strengths(n)}
-        keep_norm = params.variant == "norm_preserving"
-        for embedding in self.chat.embeddings:
-            if strength["attn"][0] != 0:
-                project_out(embedding.weight, unit, strength["attn"][0], True, self._norms(embedding.weight, 1) if keep_norm else None)
-        for writer in self.chat.writers:
-            s = strength[writer.component][writer.layer]
-            if s == 0:
-                continue
-            module = writer.module
-            u = writer.direction(unit).to(module.weight.device)
-            rows = _is_conv1d(module)  # Conv1D [in, out]: rows are the written vectors; Linear [out, in]: columns
-            project_out(module.weight, u, s, rows, self._norms(module.weight, 1 if rows else 0) if keep_norm else None)
-            if getattr(module, "bias", None) is not None:
-                project_out_bias(module.bias, u, s)
-
-    def _norms(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
-        """Float32 norms of the original written vectors, computed once per tensor."""
-        key = (id(tensor), dim)
-        if key not in self.norms:
-            original = self.saved[next(i for i, t in enumerate(self.tensors) if t is tensor)]
-            self.norms[key] = original.float().norm(dim=dim)
-        return self.norms[key]
-
-    @torch.no_grad()
-    def revert(self) -> None:
-        for tensor, original in zip(self.tensors, self.saved):
-            tensor.copy_(original)
-        self.dirty = False
+    @contextmanager
+    def applied(self, edit: Edit) -> Iterator[None]:
+        """The model carries ``edit`` within the block and is reverted afterwards (also on errors)."""
+        try:
+            edit.apply(self.chat, self.snapshot)
+            yield
+        finally:
+            self.snapshot.restore(keep=True)
 
     def close(self) -> None:
-        """Revert and give back the snapshot (and re-tie embeddings that were tied)."""
-        self.revert()
-        self.saved, self.norms = [], {}
-        if self.was_tied:
-            retie_embeddings(self.chat)
+        """Revert, re-tie embeddings that were tied, and free the snapshot."""
+        self.snapshot.restore()
 
-    def __enter__(self) -> WeightEditor:
+    def __enter__(self) -> Editor:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    @contextmanager
-    def trial(self, unit: torch.Tensor, params: EditParams) -> Iterator[None]:
-        """The model edited by ``params`` within the block, reverted afterwards (also on errors)."""
-        try:
-            self.apply(unit, params)
-            yield
-        finally:
-            self.revert()

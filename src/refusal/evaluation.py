@@ -95,7 +95,7 @@ def kl_costs(original: Condition, edited: Condition, instructions: list[str], co
 
 def corpus_chunks(chat: ChatModel, texts: list[str], max_tokens: int, max_length: int = 256) -> list[list[int]]:
     """Token chunks of at most ``max_length`` (and the model's context) from ``texts``, ``max_tokens`` in all."""
-    limit = _max_positions(chat)
+    limit = chat.max_positions
     max_length = min(max_length, limit) if limit else max_length
     chunks, used, tokenizer = [], 0, cast(Any, chat.tokenizer)
     for text in texts:
@@ -108,16 +108,6 @@ def corpus_chunks(chat: ChatModel, texts: list[str], max_tokens: int, max_length
             if used >= max_tokens:
                 return chunks
     return chunks
-
-
-def _max_positions(chat: ChatModel) -> int | None:
-    """The model's context length. TODO(merge): chat.max_positions (helper A's public property) replaces this."""
-    if hasattr(type(chat), "max_positions"):
-        return chat.max_positions  # type: ignore[attr-defined]
-    model: Any = chat.model
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    return value if isinstance(value, int) and value > 0 else None
 
 
 def cross_entropy(condition: Condition, chunks: list[list[int]], batch_size: int = 4) -> dict:

@@ -1,7 +1,9 @@
-"""Export an orthogonalized model as a normal Hugging Face checkpoint, and prove it is right.
+"""Export an edited model as a normal Hugging Face checkpoint, and prove it is right.
 
-The checkpoint is written to a temporary directory beside the target, checked (its logits must
-equal the original model's logits under hooked ``ablate``), and only then renamed into place.
+The checkpoint is written to a temporary directory beside the target and checked: reloaded, its
+logits must equal the edit's fidelity reference (its hooked equivalent, e.g. ``ablate`` for the
+paper's orthogonalization, or else the edited model in memory). Only then is it renamed into place,
+with the edit's description in ``refusal.json``.
 """
 
 from __future__ import annotations
@@ -13,24 +15,36 @@ from pathlib import Path
 
 import torch
 
+from .architecture import HFModel
+from .edits import Edit, edited
 from .errors import FidelityError, RefusalError
-from .interventions import ablate
 from .model import ChatModel
+from .models import is_packaged, packaged_path
 from .progress import log
-from .weights import orthogonalized
 
 FIDELITY_PROMPTS = ("How do I bake bread?", "Tell me how to pick a lock.", "Write a haiku about the sea.")
 
 
-def check_target(out_dir: Path, source: str, overwrite: bool) -> Path:
-    """Validate the export target before any work; return it resolved."""
-    from .models import PACKAGED, packaged_path
+def _resolved_files(source: Path) -> set[Path]:
+    """Every file the source checkpoint consists of, symlinks followed (a hub cache's snapshot links into blobs/)."""
+    files = [source] if source.is_file() else [p for p in source.rglob("*") if p.is_file()]
+    return {p.resolve() for p in files}
 
+
+def check_target(out_dir: Path, source: str, overwrite: bool) -> Path:
+    """Validate the export target before any work; return it resolved.
+
+    ``source`` is the model's location (``ChatModel.path``) or a packaged name. The target must not
+    contain, or lie inside, the source directory, nor hold any file the source's files resolve to.
+    """
     out = Path(out_dir).expanduser().resolve()
-    src = packaged_path(source) if source in PACKAGED else Path(source).expanduser()
+    src = packaged_path(source) if is_packaged(source) else Path(source).expanduser()
     if src.exists():
         src_dir = (src.parent if src.is_file() else src).resolve()
-        if out == src_dir or src_dir in out.parents or out in src_dir.parents:
+        overlap = out == src_dir or src_dir in out.parents or out in src_dir.parents
+        if not overlap:
+            overlap = any(out == f.parent or out in f.parents for f in _resolved_files(src))
+        if overlap:
             raise RefusalError(f"export target {out} overlaps the source model {src_dir}; choose another --out directory")
     if out.exists() and not out.is_dir():
         raise RefusalError(f"export target {out} is a file; choose a directory path")
@@ -40,18 +54,15 @@ def check_target(out_dir: Path, source: str, overwrite: bool) -> Path:
 
 
 def fidelity_check(
-    chat: ChatModel, exported_dir: Path, direction: torch.Tensor | None, tolerance: float | None = None, expected: torch.Tensor | None = None
+    chat: ChatModel, exported_dir: Path, expected: torch.Tensor, reference: str = "the edited model in memory", tolerance: float | None = None
 ) -> float:
-    """Max |logit difference| between the exported checkpoint and hooked ablation (or ``expected``,
-    the logits of the edited model in memory, for edits without a hook equivalent); raise if too large."""
+    """Max |logit difference| between the exported checkpoint and ``expected`` (the logits of
+    ``FIDELITY_PROMPTS`` under the fidelity reference, named by ``reference``); raise if too large."""
     from transformers import AutoModelForCausalLM
 
-    exported = AutoModelForCausalLM.from_pretrained(str(exported_dir), dtype=chat.dtype).to(chat.device).eval()
+    exported: HFModel = AutoModelForCausalLM.from_pretrained(str(exported_dir), dtype=chat.dtype, trust_remote_code=chat.trust_remote_code)
+    exported = exported.to(chat.device).eval()
     batch = chat.batch(list(FIDELITY_PROMPTS))
-    reference = "the edited model in memory" if expected is not None else "hooked ablation"
-    if expected is None:
-        with ablate(chat, direction):
-            expected = chat.logits(batch, last_only=False)
     with torch.inference_mode():
         got = exported(**batch, use_cache=False).logits.float()
     mask = batch["attention_mask"].bool()
@@ -70,34 +81,33 @@ def fidelity_check(
     return diff
 
 
-def export_model(
-    chat: ChatModel,
-    direction: torch.Tensor,
-    out_dir: Path,
-    metadata: dict | None = None,
-    overwrite: bool = False,
-    check: bool = True,
-    edit=None,
-) -> dict:
-    """Write the orthogonalized model to ``out_dir``; return the metadata written to refusal.json.
+def export_model(chat: ChatModel, edit: Edit, out_dir: Path, metadata: dict | None = None, overwrite: bool = False, check: bool = True) -> dict:
+    """Write ``chat`` carrying ``edit`` to ``out_dir``; return the metadata written to refusal.json.
 
-    ``edit``, if given, is a context-manager factory that edits the weights instead (a search trial);
-    the fidelity check then compares the reloaded checkpoint with the edited model in memory.
+    ``refusal.json`` holds ``metadata``, the edit's description under "edit" and, with ``check``,
+    the fidelity check's max |logit difference| against ``edit.hooks(chat)`` (or, for an edit without
+    a hooked equivalent, the edited model in memory). The model is unchanged afterwards.
     """
-    out = check_target(out_dir, chat.source, overwrite)
+    out = check_target(out_dir, chat.path, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        expected = None
-        with edit() if edit is not None else orthogonalized(chat, direction):
+        batch = chat.batch(list(FIDELITY_PROMPTS)) if check else None
+        hooks = edit.hooks(chat) if check else None
+        expected, reference = None, "the edited model in memory"
+        with edited(chat, edit):
             _save(chat, tmp)
-            if edit is not None and check:
-                expected = chat.logits(chat.batch(list(FIDELITY_PROMPTS)), last_only=False)
-        info = dict(metadata or {})
-        if check:
-            info["fidelity_max_abs_diff"] = fidelity_check(chat, tmp, direction, expected=expected)
+            if batch is not None and hooks is None:
+                expected = chat.logits(batch, last_only=False)
+        if batch is not None and hooks is not None:
+            with hooks:
+                expected = chat.logits(batch, last_only=False)
+            reference = f"its hooked equivalent ({edit.describe()['kind']})"
+        info = {**(metadata or {}), "edit": edit.describe()}
+        if expected is not None:
+            info["fidelity_max_abs_diff"] = fidelity_check(chat, tmp, expected, reference)
         (tmp / "refusal.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         if out.exists():
             trash = out.parent / f".{out.name}.old-{os.getpid()}"

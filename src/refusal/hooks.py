@@ -21,10 +21,10 @@ def hooked(pre: Sequence[tuple[nn.Module, PreHook]] = (), post: Sequence[tuple[n
     """Attach pre-hooks (called with args and kwargs) and forward hooks; always detach them."""
     handles = []
     try:
-        for module, fn in pre:
-            handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
-        for module, fn in post:
-            handles.append(module.register_forward_hook(fn))
+        for module, pre_hook in pre:
+            handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        for module, post_hook in post:
+            handles.append(module.register_forward_hook(post_hook))
         yield
     finally:
         for handle in handles:

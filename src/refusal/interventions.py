@@ -1,7 +1,7 @@
 """Activation-space interventions as context managers that always remove their hooks.
 
 ``ablate`` erases a direction from the residual stream: projected out of every decoder layer's
-input and out of every attention and MLP output. ``add`` adds the (unnormalised) direction to one
+input and out of every attention and MLP output (``projection.project_out``). ``add`` adds the (unnormalised) direction to one
 layer's input at every position. Projections run in float32 and are cast back to the model dtype.
 """
 
@@ -16,13 +16,7 @@ from .directions import unit_vector
 from .errors import RefusalError
 from .hooks import get_hidden, hooked, replace_hidden, retuple, untuple
 from .model import ChatModel
-
-
-def project_out(x: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
-    """x minus its component along ``unit``, computed in float32, returned in x's dtype."""
-    x32 = x.float()
-    u = unit.to(x32.device)
-    return (x32 - (x32 @ u).unsqueeze(-1) * u).to(x.dtype)
+from .projection import project_out
 
 
 @contextmanager

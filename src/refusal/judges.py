@@ -279,7 +279,7 @@ def load_safety_judge(
     The judge writes its own prompts, so the model's chat template is never used; a pass-through
     one is supplied so that classifiers shipped without a template (HarmBench's) load too.
     """
-    from .model import load_model
+    from .models import load_model
 
     _resolve_format(prompt_format, judge_options.get("unsafe_token"), judge_options.get("safe_token"))  # fail before loading
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,84 +1,76 @@
-"""Model adapter: load a chat model and find what the method needs in it.
+"""Model adapter: a chat model and the parts of it the refusal method reads and edits.
 
 ``ChatModel`` bundles a ``transformers`` causal LM with its tokenizer and the places the refusal
-direction lives in: the decoder layers (whose inputs are the residual stream), the embeddings,
-and every module that writes into the residual stream (attention and MLP output projections).
-Nothing here is hard-coded per family: layers are found by path suffix, writers by known
-attribute paths, and the post-instruction tokens are derived from the chat template itself.
+direction lives in (found by ``architecture``): the decoder layers, the embeddings and the residual
+writers. Chat formatting goes through the tokenizer's template, and the post-instruction tokens
+are derived from the template itself. ``loading`` builds one from a checkpoint.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from .architecture import HFModel, Tokenizer, Writer, find_decoder_layers, find_embeddings, find_writers
 from .errors import RefusalError, UnsupportedModelError
-from .progress import log
-
-SUPPORTED_FAMILIES = "Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text), Phi-3, GPT-2, GPT-NeoX, OLMo 2"
-
-# Where the decoder layers live, by the suffix of their ModuleList's name.
-_LAYER_PATHS = (
-    "model.layers",
-    "transformer.h",
-    "gpt_neox.layers",
-    "model.language_model.layers",
-    "language_model.model.layers",
-    "model.decoder.layers",
-)
-# Residual-stream writers inside one decoder layer, tried in order.
-_ATTN_OUT = ("self_attn.o_proj", "attn.c_proj", "attention.dense", "self_attention.dense", "attn.out_proj", "self_attn.out_proj")
-_MLP_OUT = ("mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h", "mlp.fc2", "mlp.fc_out", "fc2")
-# Extra embeddings added straight into the residual stream (learned positions).
-_POSITION_EMBEDDINGS = ("wpe", "embed_positions")
-
-REFUSAL_WORDS = ("I", "As", "Sorry", "I'm", "Unfortunately", "Apologies")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class Writer:
-    """A module whose output is added to the residual stream.
-
-    ``gain`` is set when a normalisation with elementwise gains sits between the module and the
-    residual add (Gemma 2/3, OLMo 2 "post-norms"): the module's output is then orthogonal to the
-    residual direction u after the norm exactly when it is orthogonal to gain * u before it.
-    """
-
-    module: nn.Module
-    component: str  # "attn" or "mlp"
-    layer: int
-    gain: torch.Tensor | None = None
-
-    def direction(self, unit: torch.Tensor) -> torch.Tensor:
-        """The unit direction to remove from this module's raw output (float32)."""
-        if self.gain is None:
-            return unit
-        u = self.gain.to(unit.device) * unit
-        return u / u.norm().clamp_min(1e-12)
+from .settings import REFUSAL_WORDS
 
 
 @dataclass
 class ChatModel:
     """A causal LM, its tokenizer and the parts of it the refusal method reads and edits."""
 
-    model: nn.Module
-    tokenizer: object
-    source: str
+    model: HFModel
+    tokenizer: Tokenizer
+    source: str  # what the user named: "demo", a hub id, a path
     layers: nn.ModuleList
-    embeddings: list[nn.Embedding]
-    writers: list[Writer]
+    embeddings: list[Writer]  # component "embed": token embedding, then learned positions
+    writers: list[Writer]  # component "attn" / "mlp", in layer order
     chat_template: str | None = None
+    path: str = ""  # the resolved location a reload uses (local directory or hub id); defaults to source
+    trust_remote_code: bool = False
     template_kwargs: dict = field(default_factory=lambda: {"enable_thinking": False})
     _post_ids: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            self.path = self.source
 
     @property
     def n_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def text_config(self):
+        config = self.model.config
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    @property
+    def n_heads(self) -> int:
+        """Attention heads per layer (query heads)."""
+        config = self.text_config
+        for key in ("num_attention_heads", "n_head"):
+            value = getattr(config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        raise UnsupportedModelError(f"{type(self.model).__name__}'s config names no attention head count")
+
+    @property
+    def head_dim(self) -> int:
+        """Dimension of one attention head (the config's ``head_dim`` where it sets one)."""
+        value = getattr(self.text_config, "head_dim", None)
+        return value if isinstance(value, int) and value > 0 else self.d_model // self.n_heads
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model takes, if its config says."""
+        for key in ("max_position_embeddings", "n_positions"):
+            value = getattr(self.text_config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
 
     @property
     def d_model(self) -> int:
@@ -171,7 +163,7 @@ class ChatModel:
 
     def pad(self, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
         """Left-pad token id lists into input_ids / attention_mask / position_ids on the model's device."""
-        limit = _max_positions(self.model)
+        limit = self.max_positions
         longest = max(len(s) for s in sequences)
         if limit is not None and longest > limit:
             raise RefusalError(f"a prompt has {longest} tokens, more than the model's {limit}; shorten the instructions")
@@ -186,209 +178,40 @@ class ChatModel:
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device), "position_ids": positions.to(self.device)}
 
-    def logits(self, batch: dict[str, torch.Tensor], last_only: bool = True) -> torch.Tensor:
-        """Forward pass without cache; float32 logits (last position only by default)."""
-        with torch.inference_mode():
+    def logits(self, batch: dict[str, torch.Tensor], last_only: bool = True, grad: bool = False) -> torch.Tensor:
+        """Forward pass without cache; float32 logits (last position only by default).
+
+        Runs under ``torch.inference_mode()`` unless ``grad`` asks for a graph to differentiate.
+        """
+        with torch.inference_mode(not grad):
             out = self.model(**batch, use_cache=False, logits_to_keep=1 if last_only else 0)
         logits = out.logits.float()
         return logits[:, -1] if last_only else logits
 
 
-def _max_positions(model: nn.Module) -> int | None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    for key in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-# ---- locating modules ------------------------------------------------------------------------
-def _get(module: nn.Module, path: str) -> nn.Module | None:
-    for part in path.split("."):
-        module = getattr(module, part, None)
-        if module is None:
-            return None
-    return module
-
-
-def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers: the one ModuleList whose name ends with a known suffix."""
-    override = getattr(model, "refusal_layers_path", None)
-    if override:
-        layers = _get(model, override)
-        if isinstance(layers, nn.ModuleList):
-            return layers
-        raise UnsupportedModelError(f"refusal_layers_path {override!r} is not a ModuleList in {type(model).__name__}")
-    matches = [
-        m for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and any(name == p or name.endswith("." + p) for p in _LAYER_PATHS)
-    ]
-    if len(matches) != 1:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} is not supported: {'no' if not matches else 'more than one'} decoder layer list found "
-            f"(looked for {', '.join(_LAYER_PATHS)}). Supported: {SUPPORTED_FAMILIES}; "
-            "or set model.refusal_layers_path to the dotted path of its layers"
-        )
-    return matches[0]
-
-
-def _norm_gain(norm: nn.Module, d_model: int) -> torch.Tensor:
-    """Elementwise gain of an RMS-style norm, up to scale: its output on the all-ones vector."""
-    weight = next(norm.parameters())
-    with torch.no_grad():
-        gain = norm(torch.ones(1, d_model, dtype=weight.dtype, device=weight.device)).float()[0]
-    return gain.cpu()
-
-
-def find_writers(layers: nn.ModuleList, d_model: int, model_name: str) -> list[Writer]:
-    """Attention and MLP output projections of every layer, with post-norm gains where present."""
-    writers: list[Writer] = []
-    for i, layer in enumerate(layers):
-        # A post-feedforward norm marks the "sandwich" layout (Gemma 2/3, OLMo 2): there the
-        # post_attention_layernorm normalises the attention output before the residual add.
-        sandwich = hasattr(layer, "post_feedforward_layernorm")
-        for component, paths, post in (("attn", _ATTN_OUT, "post_attention_layernorm"), ("mlp", _MLP_OUT, "post_feedforward_layernorm")):
-            module = next((m for m in (_get(layer, p) for p in paths) if m is not None), None)
-            if module is None:
-                raise UnsupportedModelError(
-                    f"{model_name} is not supported: layer {i} ({type(layer).__name__}) has no {component} output projection "
-                    f"(looked for {', '.join(paths)}). Supported: {SUPPORTED_FAMILIES}"
-                )
-            gain = _norm_gain(getattr(layer, post), d_model) if sandwich else None
-            writers.append(Writer(module=module, component=component, layer=i, gain=gain))
-    return writers
-
-
-def find_embeddings(model: nn.Module) -> list[nn.Embedding]:
-    """The token embedding plus any learned position embedding that adds into the residual."""
-    embeddings = [model.get_input_embeddings()]
-    base = getattr(model, getattr(model, "base_model_prefix", ""), model)
-    for name in _POSITION_EMBEDDINGS:
-        module = getattr(base, name, None)
-        if isinstance(module, nn.Embedding) and module.weight.shape[1] == embeddings[0].weight.shape[1]:
-            embeddings.append(module)
-    return embeddings
-
-
-def wrap_model(model: nn.Module, tokenizer, source: str = "<in-memory>", chat_template: str | None = None) -> ChatModel:
-    """Build a ChatModel around an already-loaded model and tokenizer."""
+def wrap_model(
+    model: HFModel,
+    tokenizer: Tokenizer,
+    source: str = "<in-memory>",
+    chat_template: str | None = None,
+    path: str | None = None,
+    trust_remote_code: bool = False,
+) -> ChatModel:
+    """Build a ChatModel around an already-loaded model and tokenizer (``path``: where a reload finds it; default ``source``)."""
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise RefusalError(f"the tokenizer of {source} has no chat template; pass --chat-template FILE (a Jinja template)")
     model.eval()
     layers = find_decoder_layers(model)
     embeddings = find_embeddings(model)
-    d_model = embeddings[0].weight.shape[1]
-    writers = find_writers(layers, d_model, type(model).__name__)
+    writers = find_writers(model, layers, embeddings[0].weight.shape[1])
     return ChatModel(
-        model=model, tokenizer=tokenizer, source=source, layers=layers, embeddings=embeddings, writers=writers, chat_template=chat_template
+        model=model,
+        tokenizer=tokenizer,
+        source=source,
+        layers=layers,
+        embeddings=embeddings,
+        writers=writers,
+        chat_template=chat_template,
+        path=path or source,
+        trust_remote_code=trust_remote_code,
     )
-
-
-# ---- loading ---------------------------------------------------------------------------------
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
-        raise RefusalError(f"unknown device {device!r}; choose auto, cpu, cuda or mps")
-    return device
-
-
-def resolve_dtype(dtype: str, device: str) -> torch.dtype | str:
-    if dtype == "auto":
-        return torch.float32 if device == "cpu" else "auto"
-    if dtype not in DTYPES:
-        raise RefusalError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def mark_dequantized(model: nn.Module) -> None:
-    """Clear the GGUF 'quantized' flag: transformers has already dequantized the weights to floats.
-
-    Without this, ``save_pretrained`` refuses to write the (plain float) model.
-    """
-    model.hf_quantizer = None
-    model.is_quantized = False
-    model.quantization_method = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-
-
-def _load_tokenizer(location: str, kwargs: dict):
-    """AutoTokenizer, except that a plain saved ``tokenizers`` pipeline is loaded as it was saved.
-
-    transformers 5 otherwise rebuilds the family's own tokenizer class from the vocabulary
-    (e.g. a word-level tokenizer saved beside a Qwen2 config comes back as byte-level BPE).
-    """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    config_file = Path(location) / "tokenizer_config.json"
-    if "gguf_file" not in kwargs and config_file.is_file():
-        import json
-
-        declared = json.loads(config_file.read_text(encoding="utf-8")).get("tokenizer_class")
-        if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-            return PreTrainedTokenizerFast.from_pretrained(location)
-    return AutoTokenizer.from_pretrained(location, **kwargs)
-
-
-def load_model(
-    source: str,
-    dtype: str = "auto",
-    device: str = "auto",
-    device_map: str | None = None,
-    trust_remote_code: bool = False,
-    chat_template: str | Path | None = None,
-) -> ChatModel:
-    """Load a chat model from a hub id, a local directory or a ``.gguf`` file.
-
-    ``dtype='auto'`` means float32 on CPU (bf16 matmuls are slow there) and the checkpoint's own
-    dtype on accelerators. ``device_map='auto'`` spreads a large model over the available devices.
-    """
-    from transformers import AutoModelForCausalLM
-
-    from .models import resolve_model
-
-    device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
-    template_text = None
-    if chat_template is not None:
-        path = Path(chat_template)
-        if not path.is_file():
-            raise RefusalError(f"chat template file {path} does not exist; give a Jinja template file")
-        template_text = path.read_text(encoding="utf-8")
-
-    path = Path(resolve_model(source)).expanduser()
-    kwargs: dict = {"trust_remote_code": trust_remote_code}
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise RefusalError(f"model file {path} is not a .gguf file; give a model directory, a .gguf file or a hub id")
-        location, kwargs["gguf_file"] = str(path.parent), path.name
-    elif path.is_dir():
-        ggufs = sorted(path.glob("*.gguf"))
-        if not (path / "config.json").exists() and len(ggufs) == 1:
-            location, kwargs["gguf_file"] = str(path), ggufs[0].name
-        elif not (path / "config.json").exists():
-            raise RefusalError(f"model directory {path} has no config.json (and not exactly one .gguf file); is it a Hugging Face checkpoint?")
-        else:
-            location = str(path)
-    elif source.startswith((".", "/", "~")) or source.endswith(".gguf") or source.count("/") > 1:
-        raise RefusalError(f"model path {source} does not exist; check the path, or give a hub id like Qwen/Qwen2.5-0.5B-Instruct")
-    else:
-        location = source
-
-    log(f"loading [bold]{source}[/] ({device}, {torch_dtype if isinstance(torch_dtype, str) else str(torch_dtype).replace('torch.', '')})")
-    try:
-        tokenizer = _load_tokenizer(location, kwargs)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, device_map=device_map, **kwargs)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RefusalError(f"could not load model {source}: {first}") from None
-    if "gguf_file" in kwargs:
-        mark_dequantized(model)
-    if device_map is None:
-        model.to(device)
-    return wrap_model(model, tokenizer, source=source, chat_template=template_text)

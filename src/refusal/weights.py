@@ -1,32 +1,30 @@
-"""Weight orthogonalization: make the model unable to write the refusal direction, permanently.
+"""Weight edits' machinery: remove a direction from the residual writers, and undo it exactly.
 
-For unit direction u, every matrix that writes into the residual stream becomes W - u u^T W
-(the embeddings: E - E u u^T, row-wise), and every bias b becomes b - u u^T b. Computed in
-float32 and cast back. This equals ``ablate`` exactly: nothing can add a component along u, so
-every layer input and the final residual have none.
+For unit direction u, every matrix that writes into the residual stream becomes W - s u u^T W
+(the embeddings: E - s E u u^T, row-wise), and every bias b becomes b - s u u^T b, with a strength
+s per writer (1 everywhere: the paper's orthogonalization, which equals ``ablate`` exactly: nothing
+can add a component along u, so every layer input and the final residual have none).
 
-Tied embeddings are untied first: otherwise the unembedding would change too, and the edit would
-no longer equal hooked ablation. ``orthogonalized`` applies the edit and reverts it bit for bit.
+Tied embeddings are untied before the token embedding is edited: otherwise the unembedding would
+change too, and the edit would no longer equal hooked ablation. ``Snapshot`` is the one
+snapshot-and-revert mechanism: it saves a tensor the first time an edit touches it (nothing else
+is copied) and copies it back bit for bit, re-tying what it untied.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from .architecture import HFModel, Writer
 from .directions import unit_vector
 from .model import ChatModel
+from .projection import project_out
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    """GPT-2's Conv1D stores its weight as [in, out] (y = x W + b)."""
-    return type(module).__name__ == "Conv1D"
-
-
-def _text_configs(model: nn.Module) -> list:
+def _text_configs(model: HFModel) -> list:
     config = model.config
     configs = [config]
     if hasattr(config, "get_text_config"):
@@ -59,72 +57,93 @@ def retie_embeddings(chat: ChatModel) -> None:
         config.tie_word_embeddings = True
 
 
-@torch.no_grad()
-def orthogonalize_weights(chat: ChatModel, direction: torch.Tensor) -> None:
-    """Edit the model in place so that it cannot write ``direction`` into its residual stream.
+class Snapshot:
+    """The originals of the tensors edits touched; ``restore`` copies them back bit for bit.
 
-    Unties tied embeddings first (see module docstring). Use ``orthogonalized`` for a revertible edit.
+    ``save(t)`` must be called before ``t`` is changed; the first call clones it, later ones only
+    mark it touched. The tied token embedding is untied instead of cloned: the unembedding's new
+    copy is the original (no edit touches the unembedding). ``restore(keep=True)`` reverts the
+    tensors touched since the last restore and keeps the copies (and cached norms) for the next
+    edit; ``restore()`` also re-ties what was untied and frees the copies.
     """
-    unit = unit_vector(direction)
-    untie_embeddings(chat)
-    for embedding in chat.embeddings:
-        project_out(embedding.weight, unit, 1.0, vectors_are_rows=True)
-    for writer in chat.writers:
-        module = writer.module
-        u = writer.direction(unit).to(module.weight.device)
-        project_out(module.weight, u, 1.0, vectors_are_rows=_is_conv1d(module))  # Conv1D [in, out]; Linear [out, in]
-        if getattr(module, "bias", None) is not None:
-            project_out_bias(module.bias, u, 1.0)
+
+    def __init__(self, chat: ChatModel):
+        self.chat = chat
+        self.originals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.touched: set[int] = set()
+        self.untied = False
+        self.cached_norms: dict[tuple[int, bool], torch.Tensor] = {}
+
+    def save(self, tensor: torch.Tensor) -> None:
+        key = id(tensor)
+        if key not in self.originals:
+            if tensor is self.chat.model.get_input_embeddings().weight and untie_embeddings(self.chat):
+                self.untied = True
+                original = self.chat.model.get_output_embeddings().weight.detach()
+            else:
+                original = tensor.detach().clone()
+            self.originals[key] = (tensor, original)
+        self.touched.add(key)
+
+    def original(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.originals[id(tensor)][1]
+
+    def norms(self, tensor: torch.Tensor, rows: bool) -> torch.Tensor:
+        """Float32 norms of the original written vectors (rows or columns), computed once per tensor."""
+        key = (id(tensor), rows)
+        if key not in self.cached_norms:
+            self.cached_norms[key] = self.original(tensor).float().norm(dim=-1 if rows else 0)
+        return self.cached_norms[key]
+
+    @torch.no_grad()
+    def restore(self, keep: bool = False) -> None:
+        for key in self.touched:
+            tensor, original = self.originals[key]
+            tensor.copy_(original)
+        self.touched.clear()
+        if not keep:
+            if self.untied:
+                retie_embeddings(self.chat)
+                self.untied = False
+            self.originals.clear()
+            self.cached_norms.clear()
 
 
 @torch.no_grad()
-def project_out(matrix: torch.Tensor, u: torch.Tensor, strength: float, vectors_are_rows: bool, norms: torch.Tensor | None = None) -> None:
-    """In place: every vector ``matrix`` writes into the residual stream (its rows if
-    ``vectors_are_rows``, else its columns) loses ``strength`` times its component along unit u,
-    then, if ``norms`` is given, is rescaled to that norm. Float32 in place (a rank-1 update, no
-    copy of the matrix); other dtypes through a float32 copy."""
-    m = matrix if matrix.dtype == torch.float32 else matrix.float()
-    u = u.to(m.device, torch.float32)
-    if vectors_are_rows:  # [n, d_model]
-        m.addr_(m @ u, u, alpha=-strength)
-    else:  # [d_model, n]
-        m.addr_(u, u @ m, alpha=-strength)
-    if norms is not None:
-        dim = 1 if vectors_are_rows else 0
-        m.mul_((norms.to(m.device) / m.norm(dim=dim).clamp_min(1e-12)).unsqueeze(dim))
-    if m is not matrix:
-        matrix.copy_(m.to(matrix.dtype))
+def remove_direction(
+    chat: ChatModel,
+    unit: torch.Tensor,
+    strength: Callable[[Writer], float] | None = None,
+    snapshot: Snapshot | None = None,
+    keep_norms: bool = False,
+) -> None:
+    """In place: every writer (embeddings, then attention and MLP outputs) loses ``strength(writer)`` (default 1)
+    times its component along ``unit`` (gain-adjusted after post-norms), biases too; writers at strength 0 are
+    not touched. ``keep_norms`` rescales every written vector to its original norm. Every tensor is saved
+    into ``snapshot`` before it changes; without one the edit is permanent."""
+    for writer in (*chat.embeddings, *chat.writers):
+        s = 1.0 if strength is None else strength(writer)
+        if s == 0:
+            continue
+        weight, bias = writer.weight, writer.bias
+        if snapshot is not None:
+            for tensor in (weight, bias):
+                if tensor is not None:
+                    snapshot.save(tensor)
+        elif writer.component == "embed":
+            untie_embeddings(chat)
+        norms = None
+        if keep_norms:
+            norms = snapshot.norms(weight, writer.rows) if snapshot is not None else weight.float().norm(dim=-1 if writer.rows else 0)
+        u = writer.direction(unit)
+        project_out(weight, u, s, rows=writer.rows, norms=norms, in_place=True)
+        if bias is not None:
+            project_out(bias, u, s, in_place=True)
 
 
-@torch.no_grad()
-def project_out_bias(bias: torch.Tensor, u: torch.Tensor, strength: float) -> None:
-    """In place: b <- b - strength * (b . u) u, computed in float32."""
-    b32 = bias.float()
-    u = u.to(b32.device, torch.float32)
-    bias.copy_((b32 - strength * (b32 @ u) * u).to(bias.dtype))
+def orthogonalize_weights(chat: ChatModel, direction: torch.Tensor) -> None:
+    """Edit the model in place, permanently, so that it cannot write ``direction`` into its residual stream.
 
-
-def _edited_tensors(chat: ChatModel) -> list[torch.Tensor]:
-    tensors = [e.weight for e in chat.embeddings]
-    for writer in chat.writers:
-        tensors.append(writer.module.weight)
-        if getattr(writer.module, "bias", None) is not None:
-            tensors.append(writer.module.bias)
-    return tensors
-
-
-@contextmanager
-def orthogonalized(chat: ChatModel, direction: torch.Tensor) -> Iterator[None]:
-    """Within the block the weights are orthogonalized; afterwards they are restored bit for bit."""
-    tensors = _edited_tensors(chat)
-    saved = [t.detach().clone() for t in tensors]
-    was_tied = embeddings_tied(chat)
-    try:
-        orthogonalize_weights(chat, direction)
-        yield
-    finally:
-        with torch.no_grad():
-            for tensor, original in zip(tensors, saved):
-                tensor.copy_(original)
-        if was_tied:
-            retie_embeddings(chat)
+    Unties tied embeddings first (see module docstring). ``edits.orthogonalized`` is the revertible form.
+    """
+    remove_direction(chat, unit_vector(direction))

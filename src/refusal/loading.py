@@ -1,0 +1,141 @@
+"""Load a chat model from a checkpoint: a hub id, a local directory or a ``.gguf`` file.
+
+``models.load_model`` (which also takes packaged names like ``demo``) is the entry point; this
+module resolves device and dtype, loads tokenizer and weights, and wraps them in a ``ChatModel``
+that remembers where it came from (``path``) and how (``trust_remote_code``), so a reload matches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .architecture import HFModel
+from .errors import RefusalError
+from .model import ChatModel, wrap_model
+from .progress import log
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
+        raise RefusalError(f"unknown device {device!r}; choose auto, cpu, cuda or mps")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype | str:
+    if dtype == "auto":
+        return torch.float32 if device == "cpu" else "auto"
+    if dtype not in DTYPES:
+        raise RefusalError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def mark_dequantized(model: HFModel) -> None:
+    """Clear the GGUF 'quantized' flag: transformers has already dequantized the weights to floats.
+
+    Without this, ``save_pretrained`` refuses to write the (plain float) model.
+    """
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _load_tokenizer(location: str, kwargs: dict):
+    """AutoTokenizer, except that a plain saved ``tokenizers`` pipeline is loaded as it was saved.
+
+    transformers 5 otherwise rebuilds the family's own tokenizer class from the vocabulary
+    (e.g. a word-level tokenizer saved beside a Qwen2 config comes back as byte-level BPE).
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config_file = Path(location) / "tokenizer_config.json"
+    if "gguf_file" not in kwargs and config_file.is_file():
+        import json
+
+        declared = json.loads(config_file.read_text(encoding="utf-8")).get("tokenizer_class")
+        if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(location)
+    return AutoTokenizer.from_pretrained(location, **kwargs)
+
+
+def _hub_snapshot(hub_id: str) -> str:
+    """The local snapshot directory a hub id was loaded from (its files link into the cache's blobs/), else the id."""
+    try:
+        from transformers.utils import cached_file
+
+        config = cached_file(hub_id, "config.json", local_files_only=True)
+    except (OSError, ValueError, ImportError):
+        return hub_id
+    return str(Path(config).parent) if config else hub_id
+
+
+def load_checkpoint(
+    location: str | Path,
+    dtype: str = "auto",
+    device: str = "auto",
+    device_map: str | None = None,
+    trust_remote_code: bool = False,
+    chat_template: str | Path | None = None,
+    source: str | None = None,
+) -> ChatModel:
+    """Load a chat model from a hub id, a local directory or a ``.gguf`` file (``models.load_model`` also takes packaged names).
+
+    ``source`` is the name the user gave (default: ``location``), kept as ``ChatModel.source``.
+    ``dtype='auto'`` means float32 on CPU (bf16 matmuls are slow there) and the checkpoint's own
+    dtype on accelerators. ``device_map='auto'`` spreads a large model over the available devices.
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = str(location) if source is None else source
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    template_text = None
+    if chat_template is not None:
+        path = Path(chat_template)
+        if not path.is_file():
+            raise RefusalError(f"chat template file {path} does not exist; give a Jinja template file")
+        template_text = path.read_text(encoding="utf-8")
+
+    path = Path(location).expanduser()
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise RefusalError(f"model file {path} is not a .gguf file; give a model directory, a .gguf file or a hub id")
+        where, kwargs["gguf_file"] = str(path.parent), path.name
+    elif path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").exists() and len(ggufs) == 1:
+            where, kwargs["gguf_file"] = str(path), ggufs[0].name
+        elif not (path / "config.json").exists():
+            raise RefusalError(f"model directory {path} has no config.json (and not exactly one .gguf file); is it a Hugging Face checkpoint?")
+        else:
+            where = str(path)
+    elif str(location).startswith((".", "/", "~")) or str(location).endswith(".gguf") or str(location).count("/") > 1:
+        raise RefusalError(f"model path {source} does not exist; check the path, or give a hub id like Qwen/Qwen2.5-0.5B-Instruct")
+    else:
+        where = str(location)
+
+    log(f"loading [bold]{source}[/] ({device}, {torch_dtype if isinstance(torch_dtype, str) else str(torch_dtype).replace('torch.', '')})")
+    try:
+        tokenizer = _load_tokenizer(where, kwargs)
+        model: HFModel = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, device_map=device_map, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RefusalError(f"could not load model {source}: {first}") from None
+    if "gguf_file" in kwargs:
+        mark_dequantized(model)
+    if device_map is None:
+        model.to(device)
+    resolved = str(path.resolve()) if path.exists() else _hub_snapshot(where)
+    return wrap_model(model, tokenizer, source=source, chat_template=template_text, path=resolved, trust_remote_code=trust_remote_code)

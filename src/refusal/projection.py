@@ -1,0 +1,42 @@
+"""The one projection primitive: remove a vector's component along a unit direction.
+
+Used by the hooks (activations: functional, so gradients flow), by weight edits (in place, a
+rank-1 update of a matrix's rows or columns with an optional norm restore) and by bias edits.
+Always computed in float32 and cast back to the tensor's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def project_out(
+    x: torch.Tensor, u: torch.Tensor, strength: float = 1.0, rows: bool = True, norms: torch.Tensor | None = None, in_place: bool = False
+) -> torch.Tensor:
+    """``x``'s vectors lose ``strength`` times their component along unit ``u``.
+
+    The vectors are ``x``'s last dimension when ``rows`` (activations, biases, embedding rows,
+    GPT-2 Conv1D rows), else a matrix's columns (``nn.Linear`` weights ``[d_model, in]``). With
+    ``norms`` every vector is then rescaled to that norm. ``in_place`` writes the result into ``x``
+    (call under ``torch.no_grad()`` for parameters): a float32 matrix gets a rank-1 update with no
+    copy of it (the 0.5 GB embedding of a small model stays one tensor).
+    """
+    u = u.to(x.device, torch.float32)
+    if in_place and x.dim() == 2:  # a weight matrix: rank-1 update (of x itself when it is float32)
+        y = x if x.dtype == torch.float32 else x.float()
+        y = y.addr_(y @ u, u, alpha=-strength) if rows else y.addr_(u, u @ y, alpha=-strength)
+    elif rows:
+        x32 = x.float()
+        y = x32 - strength * (x32 @ u).unsqueeze(-1) * u
+    else:
+        x32 = x.float()
+        y = x32 - strength * torch.outer(u, u @ x32)
+    if norms is not None:
+        dim = -1 if rows else 0
+        scale = (norms.to(y.device) / y.norm(dim=dim).clamp_min(1e-12)).unsqueeze(dim)
+        y = y.mul_(scale) if y is x else y * scale
+    if in_place:
+        if y is not x:
+            x.copy_(y.to(x.dtype))
+        return x
+    return y.to(x.dtype)
