@@ -19,63 +19,62 @@ from pathlib import Path
 import torch
 
 from _stages import Stages, peak_rss_gb
-from refusal.cli import _int_list, _join_negative_lists
-from refusal.directions import Direction
+from refusal.assess import evaluate_run
+from refusal.cli import join_negative_lists
+from refusal.edits import Orthogonalization
 from refusal.generation import generate
 from refusal.interventions import ablate, add
 from refusal.judges import refusal_rate
-from refusal.models import load_model
-from refusal.pipeline import Run, RunConfig, evaluate, export, extract, run_data, select
+from refusal.pipeline import candidates, export, selection
 from refusal.progress import set_quiet
-from refusal.selection import SelectionConfig
+from refusal.settings import Settings, int_list
 from refusal.stats import format_rate
+from refusal.workspace import start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="demo")
-    parser.add_argument("--layers", type=_int_list, default=_int_list("8-18"))
-    parser.add_argument("--positions", type=_int_list, default=[-1, -2])
+    parser.add_argument("--layers", type=int_list, default=int_list("8-18"))
+    parser.add_argument("--positions", type=int_list, default=[-1, -2])
     parser.add_argument("--n-train", type=int, default=64)
     parser.add_argument("--n-val", type=int, default=16)
     parser.add_argument("--n-test", type=int, default=32)
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(_join_negative_lists(sys.argv[1:]))
+    args = parser.parse_args(join_negative_lists(sys.argv[1:]))
     set_quiet(True)
     out = args.out or Path(tempfile.mkdtemp(prefix="refusal-bench-")) / "run"
-    config = RunConfig(
-        model=args.model,
-        n_train=args.n_train,
-        n_val=args.n_val,
-        n_test=args.n_test,
-        selection=SelectionConfig(layers=args.layers, positions=args.positions),
-    )
+    settings = Settings()
+    settings.model.model, settings.model.device = args.model, "cpu"
+    settings.data.n_train, settings.data.n_val, settings.data.n_test = args.n_train, args.n_val, args.n_test
+    settings.selection.layers, settings.selection.positions = args.layers, args.positions
     stages = Stages()
     stage = stages.run
 
-    chat = stage("load model", lambda: load_model(args.model, device="cpu"))
-    run = Run.create(out, config, overwrite=True)
-    stage("extract", lambda: extract(run, chat))
-    selection = stage("select", lambda: select(run, chat))
-    stage("export + fidelity", lambda: export(run, chat, out / "model", overwrite=True))
-    report = stage("evaluate (report)", lambda: evaluate(run, chat))
+    ctx = stage("load model", lambda: start(settings, out, overwrite=True))
+    chat = ctx.chat
+    cands = stage("extract", lambda: candidates(ctx))
+    chosen_record, direction = stage("select", lambda: selection(ctx, cands))
+    stage("export + fidelity", lambda: export(ctx, Orthogonalization(direction.vector), out / "model", "selection"))
+    report = stage("evaluate (report)", lambda: evaluate_run(ctx, cands, chosen_record, direction, edited="selection"))
 
     # An independent recount: full-length generation (no early stop) with the plain helper, so the
     # report's numbers can be checked against a second path through the code.
-    data = run_data(config)
-    direction = Direction.load(out / "direction.safetensors")
+    harmful, harmless = ctx.prompts.get("harmful", "test"), ctx.prompts.get("harmless", "test")
+    e = settings.evaluation
 
     def recount():
-        counts = {("original", "harmful"): refusal_rate(generate(chat, data["harmful_test"], config.max_new_tokens, config.batch_size))}
+        counts = {("original", "harmful"): refusal_rate(generate(chat, harmful, e.max_new_tokens, e.batch_size))}
         with ablate(chat, direction.vector):
-            counts["ablated", "harmful"] = refusal_rate(generate(chat, data["harmful_test"], config.max_new_tokens, config.batch_size))
+            counts["ablated", "harmful"] = refusal_rate(generate(chat, harmful, e.max_new_tokens, e.batch_size))
         with add(chat, direction.vector, direction.layer):
-            counts["added", "harmless"] = refusal_rate(generate(chat, data["harmless_test"], config.max_new_tokens, config.batch_size))
+            counts["added", "harmless"] = refusal_rate(generate(chat, harmless, e.max_new_tokens, e.batch_size))
         return counts
 
     counts = stage("recount (full length)", recount)
 
-    chosen = selection["chosen"]
+    selection_record = chosen_record
+    chosen = selection_record["chosen"]
     rates = report["rates"]
     print()
     print(

@@ -19,52 +19,50 @@ from pathlib import Path
 import torch
 
 from _stages import Stages, peak_rss_gb
-from refusal.cli import _int_list, _join_negative_lists
-from refusal.directions import Candidates
+from refusal.cli import join_negative_lists
 from refusal.edits import Editor, EditParams, KernelEdit
 from refusal.evaluation import Condition, EvalSettings, evaluate
-from refusal.models import load_model
-from refusal.pipeline import Run, RunConfig, extract, run_data, search, select
+from refusal.pipeline import candidates, selection
 from refusal.progress import set_quiet
-from refusal.search import SearchConfig, parse_duration
-from refusal.selection import SelectionConfig
+from refusal.search_run import study
+from refusal.settings import Settings, duration, int_list
 from refusal.stats import format_rate
+from refusal.workspace import start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="demo")
-    parser.add_argument("--layers", type=_int_list, default=_int_list("8-18"))
-    parser.add_argument("--positions", type=_int_list, default=[-1])
+    parser.add_argument("--layers", type=int_list, default=int_list("8-18"))
+    parser.add_argument("--positions", type=int_list, default=[-1])
     parser.add_argument("--n-val", type=int, default=32)
     parser.add_argument("--n-test", type=int, default=32)
     parser.add_argument("--trials", type=int, default=200)
-    parser.add_argument("--time-budget", default="10m")
+    parser.add_argument("--time-budget", type=duration, default=duration("10m"))
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(_join_negative_lists(sys.argv[1:]))
+    args = parser.parse_args(join_negative_lists(sys.argv[1:]))
     set_quiet(True)
     out = args.out or Path(tempfile.mkdtemp(prefix="refusal-search-")) / "run"
-    config = RunConfig(
-        model=args.model, n_train=128, n_val=args.n_val, n_test=args.n_test, selection=SelectionConfig(layers=args.layers, positions=args.positions)
-    )
+    settings = Settings()
+    settings.model.model, settings.model.device = args.model, "cpu"
+    settings.data.n_train, settings.data.n_val, settings.data.n_test = 128, args.n_val, args.n_test
+    settings.selection.layers, settings.selection.positions = args.layers, args.positions
+    settings.search.trials, settings.search.time_budget = args.trials, args.time_budget
     stages = Stages()
     stage = stages.run
 
-    chat = stage("load model", lambda: load_model(args.model, device="cpu"))
-    run = Run.create(out, config, overwrite=True)
-    stage("extract", lambda: extract(run, chat))
-    stage("paper selection", lambda: select(run, chat))
-    search_config = SearchConfig(trials=args.trials, time_budget=parse_duration(args.time_budget))
-    result = stage("search (trials+confirm)", lambda: search(run, chat, search_config))
+    ctx = stage("load model", lambda: start(settings, out, overwrite=True))
+    chat = ctx.chat
+    cands = stage("extract", lambda: candidates(ctx))
+    stage("paper selection", lambda: selection(ctx, cands))
+    result = stage("search (trials+confirm)", lambda: study(ctx, cands))
 
     trials = {t["trial"]: t for t in result["trials"]}
     paper, chosen = trials[result["paper_trial"]["trial"]], trials[result["chosen"]["trial"]]
-    candidates = Candidates.load(run.path / "candidates.safetensors")
-    data = run_data(config)
     editor = Editor(chat)
 
     def edited(record):
-        edit = KernelEdit.from_candidates(candidates, EditParams.from_dict(record["params"]))
+        edit = KernelEdit.from_candidates(cands, EditParams.from_dict(record["params"]))
         return lambda: editor.applied(edit)
 
     conditions = [
@@ -72,12 +70,13 @@ def main() -> None:
         Condition("paper", "paper's edit", chat, edited(paper)),
         Condition("search", "search's choice", chat, edited(chosen)),
     ]
+    e = settings.evaluation
     test = stage(
         "test-split evaluation",
         lambda: evaluate(
             conditions,
-            {"harmful": data["harmful_test"], "harmless": data["harmless_test"]},
-            EvalSettings(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, kl_tokens=16, ce_max_tokens=0),
+            {"harmful": ctx.prompts.get("harmful", "test"), "harmless": ctx.prompts.get("harmless", "test")},
+            EvalSettings(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, kl_tokens=16, ce_max_tokens=0),
         ),
     )
     editor.close()

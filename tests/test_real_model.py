@@ -13,7 +13,7 @@ from refusal.generation import generate
 from refusal.interventions import ablate
 from refusal.judges import is_refusal
 from refusal.models import load_model
-from refusal.pipeline import Run, run_data
+from refusal.run_dir import RunDir
 
 pytestmark = pytest.mark.slow
 
@@ -59,15 +59,15 @@ def test_ablation_removes_most_refusals_without_refusing_harmless(real_run):
 def test_exported_model_decides_like_hooked_ablation(real_run):
     info = json.loads((real_run / "model" / "refusal.json").read_text())
     assert info["fidelity_max_abs_diff"] < 1e-2
-    config = Run(real_run).config
-    prompts = run_data(config)["harmful_test"]
+    settings = RunDir.open(real_run).settings.evaluation
+    prompts = json.loads((real_run / "prompts.json").read_text())["prompts"]["harmful"]["test"]
     exported = load_model(str(real_run / "model"), device="cpu")
-    edited = [is_refusal(c) for c in generate(exported, prompts, config.max_new_tokens, config.batch_size)]
+    edited = [is_refusal(c) for c in generate(exported, prompts, settings.max_new_tokens, settings.batch_size)]
     del exported
     original = load_model("demo", device="cpu")
     from refusal.directions import Direction
 
     direction = Direction.load(real_run / "direction.safetensors")
     with ablate(original, direction.vector):
-        hooked = [is_refusal(c) for c in generate(original, prompts, config.max_new_tokens, config.batch_size)]
+        hooked = [is_refusal(c) for c in generate(original, prompts, settings.max_new_tokens, settings.batch_size)]
     assert edited == hooked

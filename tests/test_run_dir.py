@@ -67,7 +67,7 @@ def test_a_replaced_model_is_refused_by_readers_and_recomputed_by_run(finished, 
     old = json.loads((finished / "run.json").read_text())["model"]["sha256"]
     shutil.rmtree(model_dir)
     save_tiny(model_dir, seed=1)
-    err = error_line(capsys, ["export", "--run", str(finished), "--out", str(tmp_path / "x")])
+    err = error_line(capsys, ["export", "--run", str(finished), "--out", str(tmp_path / "x"), "--quiet"])
     assert re.search(r"candidates\.safetensors is stale.*re-run `refusal run", err) and not (tmp_path / "x").exists()
     before = stamps(finished)
     assert main(["run", "--model", str(model_dir), "--out", str(finished), *FAST]) == 0
@@ -106,7 +106,7 @@ def test_a_stale_format_version_is_refused(finished, capsys):
     info = json.loads((finished / "run.json").read_text())
     info["format_version"] = "1"
     (finished / "run.json").write_text(json.dumps(info))
-    err = error_line(capsys, ["select", "--run", str(finished)])
+    err = error_line(capsys, ["select", "--run", str(finished), "--quiet"])
     assert "format version '1', this refusal reads version '2'" in err
 
 
@@ -155,7 +155,7 @@ def test_search_with_a_changed_trial_setting_starts_a_fresh_study_but_more_trial
 
 
 def test_a_search_killed_during_the_papers_trial_scores_it_on_resume(model_dir, tmp_path, monkeypatch):
-    from refusal import search as search_module
+    import refusal.search as search_module
 
     out = tmp_path / "run"
     calls = {"n": 0}
@@ -194,6 +194,6 @@ def test_export_never_writes_into_a_symlinked_source(tmp_path, capsys):
     before = {f.name: f.read_bytes() for f in blobs.iterdir()}
     out = tmp_path / "run"
     assert main(["run", "--model", str(snapshot), "--out", str(out), "--no-export", *FAST]) == 0
-    err = error_line(capsys, ["export", "--run", str(out), "--out", str(blobs), "--overwrite"])
+    err = error_line(capsys, ["export", "--run", str(out), "--out", str(blobs), "--overwrite", "--quiet"])
     assert "overlaps the source model" in err
     assert {f.name: f.read_bytes() for f in blobs.iterdir()} == before

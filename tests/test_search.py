@@ -120,7 +120,7 @@ def test_time_budget_stops_cleanly_with_the_best_point_so_far(organism_dir, tmp_
     # the report's edited KL is exactly the chosen trial's edit, measured on the test prompts (exported checkpoint vs in memory)
     from refusal.directions import Candidates
     from refusal.edits import Editor, KernelEdit
-    from refusal.model import load_model
+    from refusal.models import load_model
     from refusal.scoring import kl_divergence, last_logits, prepare_batches
 
     chosen = next(t for t in result["trials"] if t["trial"] == result["chosen"]["trial"])

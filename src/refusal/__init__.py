@@ -2,8 +2,8 @@
 
 The public API mirrors the pipeline: load a model, compute candidate directions from harmful and
 harmless instructions, select one, then ablate/add it with hooks or apply an ``Edit`` to the weights
-and export a checkpoint; evaluate conditions against the original; or run whole commands
-(``run``, ``search``) with a ``Settings`` tree.
+and export a checkpoint; evaluate conditions against the original. Whole commands are library
+functions too: ``refusal.pipeline.run`` and ``refusal.search_run.search`` take a ``Settings`` tree.
 """
 
 __version__ = "0.1.0"
@@ -20,9 +20,7 @@ from .interventions import ablate, add
 from .judges import is_refusal
 from .model import ChatModel, wrap_model
 from .models import load_model
-from .pipeline import run
 from .scoring import kl_divergence, refusal_score
-from .search_run import search
 from .selection import score_candidates, select_direction
 from .settings import Settings
 from .weights import orthogonalize_weights

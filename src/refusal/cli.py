@@ -22,8 +22,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
 
+class Parser(argparse.ArgumentParser):
+    """An option error is a RefusalError like any other: one line, exit code 1."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise RefusalError(f"{self.prog}: {message}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="refusal", description="Find, select, apply and export the refusal direction of a chat model.")
+    parser = Parser(prog="refusal", description="Find, select, apply and export the refusal direction of a chat model.")
     parser.add_argument("--version", action="version", version=f"refusal {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -227,7 +234,7 @@ def _print_search(result: dict) -> None:
 
 
 # ---- entry point ----------------------------------------------------------------------------------
-def _join_negative_lists(argv: list[str]) -> list[str]:
+def join_negative_lists(argv: list[str]) -> list[str]:
     """argparse reads '--positions -1,-2' as two options; pass it on as '--positions=-1,-2'."""
     out: list[str] = []
     for arg in argv:
@@ -239,7 +246,11 @@ def _join_negative_lists(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(_join_negative_lists(sys.argv[1:] if argv is None else list(argv)))
+    try:
+        args = build_parser().parse_args(join_negative_lists(sys.argv[1:] if argv is None else list(argv)))
+    except RefusalError as e:
+        print(f"refusal: error: {e}", file=sys.stderr)
+        return 1
     previous = set_quiet(args.quiet or args.json)
     try:
         result = COMMANDS[args.command](args)

@@ -18,11 +18,13 @@ from pathlib import Path
 
 from .activations import mean_activations
 from .directions import Candidates, Direction, compute_candidates
-from .edits import Edit, Orthogonalization
+from .edits import Edit, EditParams, KernelEdit, Orthogonalization
+from .errors import RefusalError
 from .export import check_target, export_model
 from .progress import log
 from .provenance import environment, timestamp
 from .run_dir import RunDir, read_json, write_json
+from .search import paper_params
 from .selection import score_candidates, select_direction
 from .settings import Settings
 from .workspace import Context, reopen, start
@@ -167,6 +169,36 @@ def _relative(run_path: Path, out: Path) -> str:
     return os.path.relpath(run_path.resolve(), out.resolve())
 
 
+# ---- the search's artifacts, as the export reads them ---------------------------------------------
+def paper_edit(ctx: Context, cands: Candidates) -> tuple[EditParams, str, tuple[str, ...]]:
+    """The study's first trial: the paper's selected direction where the run has a fresh selection."""
+    if ctx.run.fresh("selection", ctx.settings, selection_inputs(ctx), ("candidates",)):
+        chosen = read_json(ctx.run.file("selection"), "re-run `refusal select`")["chosen"]
+        return paper_params(chosen["layer"], chosen["position"]), "the paper's selection (selection.json)", ("candidates", "selection")
+    layer = max(1, int(ctx.settings.search.max_layer_fraction * cands.n_layers))
+    return paper_params(layer, ctx.settings.search.source_positions[0]), f"strength 1 at layer {layer} (no selection.json)", ("candidates",)
+
+
+def study_inputs(ctx: Context) -> dict:
+    return {"harmful_val": ctx.prompts.hash("harmful", "val"), "harmless_val": ctx.prompts.hash("harmless", "val")}
+
+
+def trial_edit(ctx: Context, cands: Candidates, trial: int, result: dict | None = None) -> tuple[KernelEdit, dict]:
+    """The edit of finished trial ``trial`` (from ``result`` or a fresh search.json) and its refusal.json metadata."""
+    if result is None:
+        _, _, upstream = paper_edit(ctx, cands)
+        ctx.run.ensure_fresh("search", ctx.settings, study_inputs(ctx), upstream)
+        result = read_json(ctx.run.file("search"), "run `refusal search` first")
+    record = next((t for t in result.get("trials", []) if t.get("trial") == trial), None)
+    if record is None:
+        known = ", ".join(str(t) for t in result.get("front", []))
+        raise RefusalError(f"trial {trial} is not a finished trial in {ctx.run.file('search')}; front trials: {known}")
+    params = EditParams.from_dict(record["params"])
+    params.validate(cands.n_layers, cands.n_post)  # search.json may have been edited by hand
+    extra = {"search_trial": {"trial": trial, "params": record["params"], "refusal": record["refusal"], "kl": record["kl"]}}
+    return KernelEdit.from_candidates(cands, params), extra
+
+
 # ---- commands ---------------------------------------------------------------------------------------
 def run(settings: Settings, out: Path, overwrite: bool = False, export_model_dir: bool = True) -> RunResult:
     """``refusal run``: every stage, each reused while fresh, then the report (original, ablated, added, edited)."""
@@ -220,8 +252,6 @@ def export_run(path: Path, out: Path, overwrite: bool = False, trial: int | None
     ctx = reopen(path)
     cands = candidates(ctx, reuse_only=True)
     if trial is not None:
-        from .search_run import trial_edit
-
         edit, extra = trial_edit(ctx, cands, trial)
         info = export(ctx, edit, out, "search", overwrite, extra)
         return {"out": str(out), "trial": trial, "fidelity_max_abs_diff": info.get("fidelity_max_abs_diff")}

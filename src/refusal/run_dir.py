@@ -57,7 +57,7 @@ ARTIFACTS = {
         # The study: what changes a trial's values (its stopping rule, confirmation and choice are redone on every call).
         Artifact(
             "search",
-            ("search.journal", "search.json"),
+            ("search.json", "search.journal"),
             "search",
             "1",
             tuple(

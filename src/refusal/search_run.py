@@ -14,15 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .directions import Candidates
-from .edits import EditParams, KernelEdit
-from .errors import RefusalError
 from .generation import HFEngine
 from .judges import REFUSAL_PHRASES, judge_refusals, load_phrases
-from .pipeline import candidates, export, selection_inputs
+from .pipeline import candidates, export, paper_edit, study_inputs, trial_edit
 from .progress import log
 from .provenance import timestamp
-from .run_dir import read_json, write_json
-from .search import Objectives, choose, confirm_points, paper_params, pareto_front, points_to_confirm, run_trials
+from .run_dir import write_json
+from .search import Objectives, choose, confirm_points, pareto_front, points_to_confirm, run_trials
 from .settings import Settings
 from .workspace import Context, start
 
@@ -40,24 +38,11 @@ class SearchResult:
         return out
 
 
-def _paper_edit(ctx: Context, cands: Candidates) -> tuple[EditParams, str, tuple[str, ...]]:
-    """The study's first trial: the paper's selected direction where the run has a fresh selection."""
-    if ctx.run.fresh("selection", ctx.settings, selection_inputs(ctx), ("candidates",)):
-        chosen = read_json(ctx.run.file("selection"), "re-run `refusal select`")["chosen"]
-        return paper_params(chosen["layer"], chosen["position"]), "the paper's selection (selection.json)", ("candidates", "selection")
-    layer = max(1, int(ctx.settings.search.max_layer_fraction * cands.n_layers))
-    return paper_params(layer, ctx.settings.search.source_positions[0]), f"strength 1 at layer {layer} (no selection.json)", ("candidates",)
-
-
-def _study_inputs(ctx: Context) -> dict:
-    return {"harmful_val": ctx.prompts.hash("harmful", "val"), "harmless_val": ctx.prompts.hash("harmless", "val")}
-
-
 def study(ctx: Context, cands: Candidates) -> dict:
     """Trials (resumed while fresh), confirmation and choice -> search.json; returns its content."""
     s, run = ctx.settings, ctx.run
-    paper, paper_note, upstream = _paper_edit(ctx, cands)
-    inputs = _study_inputs(ctx)
+    paper, paper_note, upstream = paper_edit(ctx, cands)
+    inputs = study_inputs(ctx)
     if not run.fresh("search", s, inputs, upstream, require_file=False):
         run.remove("search")
     run.record("search", s, inputs, upstream)  # before the first trial: an interrupted study resumes under this fingerprint
@@ -107,22 +92,6 @@ def study(ctx: Context, cands: Candidates) -> dict:
     for stage_name, seconds in timings.items():
         run.record_time(f"search_{stage_name}", seconds)
     return result
-
-
-def trial_edit(ctx: Context, cands: Candidates, trial: int, result: dict | None = None) -> tuple[KernelEdit, dict]:
-    """The edit of finished trial ``trial`` (from ``result`` or a fresh search.json) and its refusal.json metadata."""
-    if result is None:
-        _, _, upstream = _paper_edit(ctx, cands)
-        ctx.run.ensure_fresh("search", ctx.settings, _study_inputs(ctx), upstream)
-        result = read_json(ctx.run.file("search"), "run `refusal search` first")
-    record = next((t for t in result.get("trials", []) if t.get("trial") == trial), None)
-    if record is None:
-        known = ", ".join(str(t) for t in result.get("front", []))
-        raise RefusalError(f"trial {trial} is not a finished trial in {ctx.run.file('search')}; front trials: {known}")
-    params = EditParams.from_dict(record["params"])
-    params.validate(cands.n_layers, cands.n_post)  # search.json may have been edited by hand
-    extra = {"search_trial": {"trial": trial, "params": record["params"], "refusal": record["refusal"], "kl": record["kl"]}}
-    return KernelEdit.from_candidates(cands, params), extra
 
 
 def search_summary(result: dict) -> dict:
