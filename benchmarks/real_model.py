@@ -56,7 +56,7 @@ def main() -> None:
     cands = stage("extract", lambda: candidates(ctx))
     chosen_record, direction = stage("select", lambda: selection(ctx, cands))
     stage("export + fidelity", lambda: export(ctx, Orthogonalization(direction.vector), out / "model", "selection"))
-    report = stage("evaluate (report)", lambda: evaluate_run(ctx, cands, chosen_record, direction, edited="selection"))
+    report = stage("evaluate (report)", lambda: evaluate_run(ctx, cands, chosen_record, direction, edited=True))
 
     # An independent recount: full-length generation (no early stop) with the plain helper, so the
     # report's numbers can be checked against a second path through the code.

@@ -172,3 +172,13 @@ def test_evaluate_command_on_the_exported_model_agrees_with_the_run(organism_run
     assert mine["kl"]["edited"]["first_token"]["mean"] == pytest.approx(runs["kl"]["edited"]["first_token"]["mean"], rel=1e-4)
     assert mine["direction"] == runs["direction"]  # found through the export's refusal.json
     assert main(argv) == 1  # the report directory is not empty now
+
+
+def test_the_organism_by_name_brings_its_own_prompts(tmp_path):
+    out = tmp_path / "run"
+    argv = ["run", "--model", "organism", "--out", str(out), "--n-val", "8", "--n-test", "8", "--max-new-tokens", "8", "--layers", "2-3"]
+    assert main([*argv, "--no-export", "--ce-tokens", "0", "--quiet"]) == 0
+    sources = json.loads((out / "prompts.json").read_text())["sources"]
+    assert sources["harmful"].endswith("harmful.jsonl") and sources["harmless"].endswith("harmless.jsonl")
+    rates = json.loads((out / "report" / "report.json").read_text())["rates"]
+    assert rates["original"]["harmful"]["refused"] >= 6 and rates["ablated"]["harmful"]["refused"] <= 1

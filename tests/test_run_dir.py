@@ -197,3 +197,11 @@ def test_export_never_writes_into_a_symlinked_source(tmp_path, capsys):
     err = error_line(capsys, ["export", "--run", str(out), "--out", str(blobs), "--overwrite", "--quiet"])
     assert "overlaps the source model" in err
     assert {f.name: f.read_bytes() for f in blobs.iterdir()} == before
+
+
+def test_an_artifact_file_of_another_format_version_is_refused(finished, model_dir, capsys):
+    selection = json.loads((finished / "selection.json").read_text())
+    selection["format_version"] = "0"
+    (finished / "selection.json").write_text(json.dumps(selection))
+    err = error_line(capsys, ["run", "--model", str(model_dir), "--out", str(finished), *FAST])
+    assert "selection.json has format version '0', this refusal reads version '1'" in err

@@ -22,9 +22,10 @@ from .model import ChatModel
 from .models import load_model
 from .provenance import digest, environment, timestamp
 from .report import write_report
+from .report_schema import FORMAT_VERSION as REPORT_FORMAT
 from .run_dir import RunDir, read_json
 from .settings import Settings
-from .workspace import Context, load, model_identity
+from .workspace import Context, load, model_identity, run_prompts
 
 LABELS = {"original": "original", "ablated": "ablated (hooks)", "added": "activation addition", "edited": "edited checkpoint"}
 
@@ -69,7 +70,7 @@ def build_report(
     results = evaluate(conditions, prompts, settings, corpus=corpus, safety=safety, corpus_name=e.corpus)
     edited = next((c for c in conditions if c.name == "edited"), None)
     report = {
-        "format_version": "2",
+        "format_version": REPORT_FORMAT,
         "created": timestamp(),
         "refusal_version": environment()["refusal"],
         "model": model_record,
@@ -104,16 +105,16 @@ def build_report(
 
 
 def evaluate_run(
-    ctx: Context, cands: Candidates, selection: dict | None, direction: Direction | None, edited: str | None, search: dict | None = None
+    ctx: Context, cands: Candidates, selection: dict | None, direction: Direction | None, edited: bool, search: dict | None = None
 ) -> dict:
-    """RUN/report: original, the direction ablated and added (when the run has one), RUN/model (made from ``edited``).
+    """RUN/report: original, the direction ablated and added (when the run has one), and RUN/model when ``edited``.
     Reused while fresh (same test prompts, evaluation settings, direction, export and search summary)."""
     begin = time.perf_counter()
     chat, run = ctx.chat, ctx.run
     upstream = tuple(u for u in ("selection" if selection else "", "search" if search else "", "model" if edited else "") if u)
     inputs = {"test": [ctx.prompts.hash(k, "test") for k in ("harmful", "harmless")], "search": digest(search) if search else None}
     if run.fresh("report", ctx.settings, inputs, upstream):
-        return read_json(run.file("report") / "report.json", f"re-run `refusal run --out {run.path}`")
+        return run.read("report")
     conditions = [Condition("original", LABELS["original"], chat)]
     if direction is not None:
         conditions += hook_conditions(chat, direction)
@@ -160,7 +161,6 @@ def evaluate_model(
     safety_format: str = "llama-guard-3",
 ) -> dict:
     """``refusal evaluate``: the original model against one edit (hooks from a run, or an exported checkpoint) -> OUT/report.*"""
-    from .workspace import load_prompts
 
     settings.validate()
     if edited is not None and not (edited / "config.json").is_file():
@@ -174,7 +174,7 @@ def evaluate_model(
         raise RefusalError(f"report directory {out} is a file; choose a directory path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise RefusalError(f"report directory {out} is not empty; choose another --out or pass --overwrite")
-    prompts_all = load_prompts(None, settings)
+    prompts_all = run_prompts(None, settings)
     if settings.evaluation.ce_tokens > 0:
         load_corpus(settings.evaluation.corpus)
     chat = load(settings)

@@ -29,16 +29,21 @@ class Parser(argparse.ArgumentParser):
         raise RefusalError(f"{self.prog}: {message}")
 
 
+def _whole_run(sub, name: str, help: str, suffix: str, groups: tuple[str, ...]) -> None:
+    """`refusal run` and `refusal search`: a run directory, made or resumed, exported and evaluated."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--out", type=Path, default=None, help=f"run directory (default: runs/<model name>{suffix})")
+    p.add_argument("--overwrite", action="store_true", help="start the run directory again (every artifact, the study and the export included)")
+    p.add_argument("--no-export", action="store_true", help="skip writing RUN/model")
+    add_arguments(p, groups)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="refusal", description="Find, select, apply and export the refusal direction of a chat model.")
     parser.add_argument("--version", action="version", version=f"refusal {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="extract -> select -> export -> evaluate (report)")
-    p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<model name>)")
-    p.add_argument("--overwrite", action="store_true", help="start the run directory again (every artifact, the export included)")
-    p.add_argument("--no-export", action="store_true", help="skip writing RUN/model")
-    add_arguments(p, ("model", "data", "selection", "evaluation"))
+    _whole_run(sub, "run", "extract -> select -> export -> evaluate (report)", "", ("model", "data", "selection", "evaluation"))
 
     p = sub.add_parser("extract", help="difference-in-means candidate directions -> RUN/candidates.safetensors")
     p.add_argument("--out", required=True, type=Path, help="run directory")
@@ -49,11 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, type=Path)
     add_arguments(p, ("selection",))
 
-    p = sub.add_parser("search", help="search edits for the best refusals-vs-KL trade-off -> RUN/search.json, RUN/model")
-    p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<model name>-search)")
-    p.add_argument("--overwrite", action="store_true", help="start the run directory again (the study and the export included)")
-    p.add_argument("--no-export", action="store_true", help="skip writing RUN/model")
-    add_arguments(p, ("model", "data", "evaluation", "search"))
+    _whole_run(
+        sub,
+        "search",
+        "search edits for the best refusals-vs-KL trade-off -> RUN/search.json, RUN/model",
+        "-search",
+        ("model", "data", "evaluation", "search"),
+    )
 
     p = sub.add_parser("export", help="orthogonalize the weights along RUN's direction (or a search trial's edit) and save a checkpoint")
     p.add_argument("--run", required=True, type=Path)

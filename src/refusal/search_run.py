@@ -19,7 +19,7 @@ from .judges import REFUSAL_PHRASES, judge_refusals, load_phrases
 from .pipeline import candidates, export, paper_edit, study_inputs, trial_edit
 from .progress import log
 from .provenance import timestamp
-from .run_dir import write_json
+from .run_dir import ARTIFACTS, write_json
 from .search import Objectives, choose, confirm_points, pareto_front, points_to_confirm, run_trials
 from .settings import Settings
 from .workspace import Context, start
@@ -70,7 +70,7 @@ def study(ctx: Context, cands: Candidates) -> dict:
     timings["confirm"] = round(time.perf_counter() - begin, 2)
     paper_trial = next((r["trial"] for r in records if r["role"] == "paper"), None)
     result = {
-        "format_version": "1",
+        "format_version": ARTIFACTS["search"].format_version,
         "created": timestamp(),
         "settings": s.to_dict()["search"],
         "objectives": {
@@ -110,7 +110,7 @@ def search(settings: Settings, out: Path, overwrite: bool = False, export_model_
     from .assess import evaluate_run
 
     begin = time.perf_counter()
-    ctx = start(settings, out, overwrite, export_to=Path(out) / "model" if export_model_dir else None)
+    ctx = start(settings, out, overwrite, export_to=Path(out) / "model" if export_model_dir else None, inherit=("selection",))
     cands = candidates(ctx)
     result = study(ctx, cands)
     report = None
@@ -118,6 +118,6 @@ def search(settings: Settings, out: Path, overwrite: bool = False, export_model_
         edit, extra = trial_edit(ctx, cands, result["chosen"]["trial"], result)
         if not ctx.run.fresh("model", settings, {"edit": edit.describe()}, ("search",)):
             export(ctx, edit, ctx.run.file("model"), "search", extra=extra, inputs={"edit": edit.describe()})
-        report = evaluate_run(ctx, cands, None, None, edited="search", search=search_summary(result))
+        report = evaluate_run(ctx, cands, None, None, edited=True, search=search_summary(result))
     ctx.timed("total", begin)
     return SearchResult(ctx.run.path, result, report)

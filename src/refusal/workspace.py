@@ -18,7 +18,7 @@ from .export import check_target
 from .model import ChatModel
 from .models import load_model, packaged_prompts
 from .provenance import model_fingerprint, source_fingerprint
-from .run_dir import RunDir, read_json, write_json
+from .run_dir import ARTIFACTS, RunDir, write_json
 from .settings import Settings
 
 
@@ -48,24 +48,32 @@ def _source_identity(spec: str) -> str:
     return "builtin:" + builtin_hash() if spec == "builtin" else source_fingerprint(spec)
 
 
-def load_prompts(run: RunDir | None, settings: Settings, write: bool = True) -> Prompts:
+def run_prompts(run: RunDir | None, settings: Settings) -> Prompts:
     """The run's prompt lists: from RUN/prompts.json while its sources and data settings are unchanged,
-    otherwise read (or fetched) again and, with ``write``, saved there."""
+    otherwise read (or fetched) from the sources."""
     sources = prompt_sources(settings)
-    inputs = {kind: _source_identity(spec) for kind, spec in sources.items()}
-    if run is not None and run.fresh("prompts", settings, inputs):
+    if run is not None and run.fresh("prompts", settings, _prompt_inputs(sources)):
         return Prompts(_read_prompts(run))
     caps = {"train": settings.data.n_train, "val": settings.data.n_val, "test": settings.data.n_test}
-    prompts = Prompts.load(sources, settings.data.seed, caps)
-    if run is not None and write:
-        write_json(run.file("prompts"), {"format_version": "1", "sources": sources, "prompts": prompts.lists})
+    return Prompts.load(sources, settings.data.seed, caps)
+
+
+def save_prompts(run: RunDir, settings: Settings, prompts: Prompts) -> None:
+    """Write RUN/prompts.json (unless it is fresh), so a resume or a re-evaluation reads no source again."""
+    sources = prompt_sources(settings)
+    inputs = _prompt_inputs(sources)
+    if not run.fresh("prompts", settings, inputs):
+        write_json(run.file("prompts"), {"format_version": ARTIFACTS["prompts"].format_version, "sources": sources, "prompts": prompts.lists})
         run.record("prompts", settings, inputs)
-        run.update(datasets=prompts.summary())
-    return prompts
+    run.update(datasets=prompts.summary())
+
+
+def _prompt_inputs(sources: dict[str, str]) -> dict:
+    return {kind: _source_identity(spec) for kind, spec in sources.items()}
 
 
 def _read_prompts(run: RunDir) -> dict:
-    data = read_json(run.file("prompts"), f"delete it and re-run `refusal run --out {run.path}`")
+    data = run.read("prompts")
     lists = data.get("prompts")
     if not isinstance(lists, dict) or any(not isinstance(lists.get(k), dict) for k in ("harmful", "harmless")):
         raise RefusalError(f"{run.file('prompts')} has the wrong shape; delete it and re-run `refusal run --out {run.path}`")
@@ -91,13 +99,16 @@ def model_identity(chat: ChatModel, run: RunDir | None) -> tuple[str, dict]:
     return identity, record
 
 
-def start(settings: Settings, out: Path, overwrite: bool = False, export_to: Path | None = None) -> Context:
+def start(settings: Settings, out: Path, overwrite: bool = False, export_to: Path | None = None, inherit: tuple[str, ...] = ()) -> Context:
     """Validate everything (settings, run directory, prompts, corpus, model, export target) before anything
-    is written; then open or create the run directory."""
+    is written; then open or create the run directory. The settings groups in ``inherit`` (those the
+    command does not take, e.g. the selection for `refusal search`) are kept from a run being resumed."""
     settings.validate()
     RunDir.check_target(out, overwrite)
     existing = RunDir(out) if (Path(out) / "run.json").is_file() and not overwrite else None
-    load_prompts(existing, settings, write=False)  # bad prompt files fail here, before anything is written
+    for group in inherit if existing is not None else ():
+        setattr(settings, group, getattr(existing.settings, group))  # type: ignore[union-attr]
+    prompts = run_prompts(existing, settings)  # bad prompt files fail here, before anything is written
     if settings.evaluation.ce_tokens > 0:
         from .data import load_corpus
 
@@ -112,7 +123,7 @@ def start(settings: Settings, out: Path, overwrite: bool = False, export_to: Pat
     if export_to is not None:
         check_target(export_to, chat.path, overwrite=True)
     run = RunDir.create(out, settings, overwrite)
-    prompts = load_prompts(run, settings)
+    save_prompts(run, settings, prompts)
     identity, record = model_identity(chat, run)
     run.update(model=record)
     return Context(run, settings, chat, prompts, identity)
@@ -130,7 +141,7 @@ def reopen(path: Path) -> Context:
     run = RunDir.open(path)
     settings = run.settings
     chat = load(settings)
-    prompts = load_prompts(run, settings)
+    prompts = run_prompts(run, settings)
     identity, record = model_identity(chat, run)
     return Context(run, settings, chat, prompts, identity)
 
