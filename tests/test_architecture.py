@@ -5,7 +5,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "refusal"
 # Modules allowed over 300 lines, with the reason stated in ARCHITECTURE.md.
-LONG_MODULES = {"organism.py", "model.py", "judges.py"}
+LONG_MODULES = {"organism.py"}
 
 
 def _modules() -> dict[str, ast.Module]:
@@ -64,7 +64,7 @@ def test_modules_stay_small_unless_a_reason_is_stated():
     for path in SRC.glob("*.py"):
         lines = len(path.read_text(encoding="utf-8").splitlines())
         if path.name in LONG_MODULES:
-            assert path.name in architecture and "over 300 lines" in architecture
+            assert f"**{path.name}**" in architecture and "over 300 lines" in architecture.lower()
         else:
             assert lines <= 320, f"{path.name} has {lines} lines; split it or state the reason in ARCHITECTURE.md"
 
@@ -72,8 +72,8 @@ def test_modules_stay_small_unless_a_reason_is_stated():
 def test_the_cli_reads_no_run_file_and_calls_one_library_function_per_command():
     tree = _modules()["cli"]
     text = (SRC / "cli.py").read_text(encoding="utf-8")
-    for needle in ("run.json", "selection.json", "search.json", "refusal.json", "read_json", "open("):
-        assert needle not in text, f"cli.py mentions {needle}"
+    for needle in ("read_json", "open(", "json.load", "read_text", "RunDir", "safe_open"):
+        assert needle not in text, f"cli.py uses {needle}: reading run files belongs in the library"
     for node in tree.body:
         if isinstance(node, ast.FunctionDef) and node.name.startswith("cmd_"):
             imported = [n for sub in ast.walk(node) if isinstance(sub, ast.ImportFrom) for n in sub.names]
