@@ -25,9 +25,10 @@ from refusal.edits import Orthogonalization
 from refusal.generation import generate
 from refusal.interventions import ablate, add
 from refusal.judges import refusal_rate
+from refusal.parsing import int_list
 from refusal.pipeline import candidates, export, selection
 from refusal.progress import set_quiet
-from refusal.settings import Settings, int_list
+from refusal.settings import Settings
 from refusal.stats import format_rate
 from refusal.workspace import start
 

@@ -22,10 +22,11 @@ from _stages import Stages, peak_rss_gb
 from refusal.cli import join_negative_lists
 from refusal.edits import Editor, EditParams, KernelEdit
 from refusal.evaluation import Condition, EvalSettings, evaluate
+from refusal.parsing import duration, int_list
 from refusal.pipeline import candidates, selection
 from refusal.progress import set_quiet
 from refusal.search_run import study
-from refusal.settings import Settings, duration, int_list
+from refusal.settings import Settings
 from refusal.stats import format_rate
 from refusal.workspace import start
 

@@ -7,10 +7,11 @@ import pytest
 from refusal.cli import main
 from refusal.edits import EditParams
 from refusal.errors import RefusalError
+from refusal.parsing import duration
 from refusal.pipeline import extract, select
 from refusal.search import anchor_params, choose
 from refusal.search_run import search
-from refusal.settings import SearchSettings, Settings, duration
+from refusal.settings import SearchSettings, Settings
 
 
 def organism_settings(organism_dir, **search) -> Settings:

@@ -6,7 +6,8 @@ from dataclasses import fields
 import pytest
 
 from refusal.errors import RefusalError
-from refusal.settings import GROUPS, SearchSettings, SelectionSettings, Settings, add_arguments, duration, flag, from_args, given, int_list
+from refusal.parsing import duration, int_list
+from refusal.settings import GROUPS, SearchSettings, SelectionSettings, Settings, add_arguments, flag, from_args, given
 
 
 def parser(groups=GROUPS) -> argparse.ArgumentParser:

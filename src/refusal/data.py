@@ -94,6 +94,8 @@ def _pick_field(record: dict, where: str) -> str:
 def _load_file(path: Path) -> list:
     if not path.exists():
         raise RefusalError(f"prompt file {path} does not exist; check the path")
+    if path.is_dir():
+        raise RefusalError(f"prompt file {path} is a directory; give one .txt, .json, .jsonl or .csv file")
     suffix = path.suffix.lower()
     try:
         text = path.read_text(encoding="utf-8")

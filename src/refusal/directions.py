@@ -119,12 +119,18 @@ def _load(path: Path, required: tuple[str, ...]) -> tuple[dict, dict]:
     path = Path(path)
     if not path.is_file():
         raise RefusalError(f"{path} does not exist; run the stage that writes it first")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = dict(f.metadata() or {})
-        missing = [k for k in required if k not in f.keys()]
-        if missing:
-            raise RefusalError(f"{path} lacks tensor(s) {', '.join(missing)}; it was not written by refusal")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            keys = list(f.keys())
+            missing = [k for k in required if k not in keys]
+            tensors = {k: f.get_tensor(k) for k in keys if not missing}
+    except Exception as e:  # safetensors raises its own error type for a truncated or foreign file
+        raise RefusalError(
+            f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:200]}); delete it and re-run the stage that writes it"
+        ) from None
+    if missing:
+        raise RefusalError(f"{path} lacks tensor(s) {', '.join(missing)}; it was not written by refusal")
     version = metadata.pop("format_version", None)
     if version != FORMAT_VERSION:
         raise RefusalError(f"{path} has format version {version!r}; this refusal reads version {FORMAT_VERSION}")

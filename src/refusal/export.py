@@ -31,6 +31,40 @@ def _resolved_files(source: Path) -> set[Path]:
     return {p.resolve() for p in files}
 
 
+def remove_dead_partials(directory: Path, name: str = "*") -> None:
+    """Remove ``.NAME.partial-PID`` outputs (a whole checkpoint on a real model) left by processes that are gone."""
+    for partial in Path(directory).glob(f".{name}.partial-*"):
+        pid = partial.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_overlap(target: Path, source: str, what: str = "export target") -> None:
+    """Raise if ``target`` is, contains or lies inside the source model's directory, or holds a file its symlinks resolve to."""
+    out = Path(target).expanduser().resolve()
+    src = packaged_path(source) if is_packaged(source) else Path(source).expanduser()
+    if not src.exists():
+        return
+    src_dir = (src.parent if src.is_file() else src).resolve()
+    overlap = out == src_dir or src_dir in out.parents or out in src_dir.parents
+    if not overlap:
+        overlap = any(out == f.parent or out in f.parents for f in _resolved_files(src))
+    if overlap:
+        raise RefusalError(f"{what} {out} overlaps the source model {src_dir}; choose another --out directory")
+
+
 def check_target(out_dir: Path, source: str, overwrite: bool) -> Path:
     """Validate the export target before any work; return it resolved.
 
@@ -38,14 +72,7 @@ def check_target(out_dir: Path, source: str, overwrite: bool) -> Path:
     contain, or lie inside, the source directory, nor hold any file the source's files resolve to.
     """
     out = Path(out_dir).expanduser().resolve()
-    src = packaged_path(source) if is_packaged(source) else Path(source).expanduser()
-    if src.exists():
-        src_dir = (src.parent if src.is_file() else src).resolve()
-        overlap = out == src_dir or src_dir in out.parents or out in src_dir.parents
-        if not overlap:
-            overlap = any(out == f.parent or out in f.parents for f in _resolved_files(src))
-        if overlap:
-            raise RefusalError(f"export target {out} overlaps the source model {src_dir}; choose another --out directory")
+    check_overlap(out, source)
     if out.exists() and not out.is_dir():
         raise RefusalError(f"export target {out} is a file; choose a directory path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -89,7 +116,11 @@ def export_model(chat: ChatModel, edit: Edit, out_dir: Path, metadata: dict | No
     a hooked equivalent, the edited model in memory). The model is unchanged afterwards.
     """
     out = check_target(out_dir, chat.path, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RefusalError(f"cannot create {out.parent} for the export ({e.strerror}); choose another --out") from None
+    remove_dead_partials(out.parent, out.name)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)

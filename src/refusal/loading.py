@@ -8,6 +8,7 @@ that remembers where it came from (``path``) and how (``trust_remote_code``), so
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,6 +29,10 @@ def resolve_device(device: str) -> str:
         return "cpu"
     if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
         raise RefusalError(f"unknown device {device!r}; choose auto, cpu, cuda or mps")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RefusalError(f"--device {device}: there is no CUDA GPU on this machine; use --device cpu (or auto)")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise RefusalError("--device mps: Apple's MPS is not available on this machine; use --device cpu (or auto)")
     return device
 
 
@@ -105,7 +110,10 @@ def load_checkpoint(
         path = Path(chat_template)
         if not path.is_file():
             raise RefusalError(f"chat template file {path} does not exist; give a Jinja template file")
-        template_text = path.read_text(encoding="utf-8")
+        try:
+            template_text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError) as e:
+            raise RefusalError(f"chat template file {path} is not readable UTF-8 text ({type(e).__name__}); give a Jinja template file") from None
 
     path = Path(location).expanduser()
     kwargs: dict = {"trust_remote_code": trust_remote_code}
@@ -127,15 +135,47 @@ def load_checkpoint(
         where = str(location)
 
     log(f"loading [bold]{source}[/] ({device}, {torch_dtype if isinstance(torch_dtype, str) else str(torch_dtype).replace('torch.', '')})")
+    _check_remote_code(path, trust_remote_code, source)
     try:
         tokenizer = _load_tokenizer(where, kwargs)
-        model: HFModel = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, device_map=device_map, **kwargs)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RefusalError(f"could not load model {source}: {first}") from None
+        loaded: Any = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, device_map=device_map, output_loading_info=True, **kwargs)
+        model: HFModel = loaded[0]
+        info: dict = loaded[1]
+    except Exception as e:  # transformers, safetensors and tokenizers raise many types for a broken checkpoint
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        hint = "; if the model needs its own code, pass --trust-remote-code" if "trust_remote_code" in str(e) and not trust_remote_code else ""
+        raise RefusalError(f"could not load model {source}: {first}{hint}") from None
+    missing = [k for k in info.get("missing_keys", []) if not (k.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False))]
+    if missing:
+        raise RefusalError(
+            f"checkpoint {source} is missing {len(missing)} tensor(s), e.g. {missing[0]}; they would be random: re-download or re-save it"
+        )
     if "gguf_file" in kwargs:
         mark_dequantized(model)
     if device_map is None:
         model.to(device)
     resolved = str(path.resolve()) if path.exists() else _hub_snapshot(where)
-    return wrap_model(model, tokenizer, source=source, chat_template=template_text, path=resolved, trust_remote_code=trust_remote_code)
+    chat = wrap_model(model, tokenizer, source=source, chat_template=template_text, path=resolved, trust_remote_code=trust_remote_code)
+    try:
+        chat.format_chat("Say hello")
+    except Exception as e:  # jinja2 syntax and runtime errors
+        raise RefusalError(
+            f"the chat template of {source} cannot be rendered ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "fix it or pass --chat-template FILE"
+        ) from None
+    return chat
+
+
+def _check_remote_code(path: Path, trust_remote_code: bool, source: str) -> None:
+    """A checkpoint whose config maps the model to its own code needs --trust-remote-code; say so up front."""
+    config = path / "config.json" if path.is_dir() else None
+    if trust_remote_code or config is None or not config.is_file():
+        return
+    import json
+
+    try:
+        auto_map = json.loads(config.read_text(encoding="utf-8")).get("auto_map")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return
+    if isinstance(auto_map, dict) and "AutoModelForCausalLM" in auto_map:
+        raise RefusalError(f"model {source} runs its own code ({auto_map['AutoModelForCausalLM']}); read it, then pass --trust-remote-code")

@@ -20,12 +20,12 @@ removes every registered artifact. Paths inside artifacts are relative to the ru
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RefusalError
+from .export import remove_dead_partials
 from .progress import log
 from .provenance import digest, environment, timestamp
 from .report_schema import FORMAT_VERSION as REPORT_FORMAT
@@ -129,6 +129,9 @@ class RunDir:
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise RefusalError(f"run directory {path} is a file; choose a directory path")
+        blocked = next((p for p in path.absolute().parents if p.exists() and not p.is_dir()), None)
+        if blocked is not None:
+            raise RefusalError(f"run directory {path} lies under {blocked}, which is a file; choose another --out")
         if overwrite or not path.is_dir():
             return
         if (path / "run.json").exists():
@@ -150,7 +153,10 @@ class RunDir:
         run = cls(path)
         if overwrite and run.path.is_dir():
             run.clear()
-        run.path.mkdir(parents=True, exist_ok=True)
+        try:
+            run.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RefusalError(f"cannot create run directory {run.path} ({e.strerror}); choose another --out") from None
         run.remove_orphans()
         if (run.path / "run.json").exists():
             log(f"resuming run in {run.path}")
@@ -178,10 +184,7 @@ class RunDir:
 
     def remove_orphans(self) -> None:
         """Partial outputs of killed processes (``.NAME.partial-PID``), once that process is gone."""
-        for partial in self.path.glob(".*.partial-*"):
-            pid = partial.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
+        remove_dead_partials(self.path)
 
     # ---- run.json ------------------------------------------------------------------------------
     @property
@@ -197,7 +200,10 @@ class RunDir:
 
     @property
     def settings(self) -> Settings:
-        return Settings.from_dict(self.info["settings"])
+        try:
+            return Settings.from_dict(self.info["settings"])
+        except RefusalError as e:
+            raise RefusalError(f"{self.path / 'run.json'}: {e}; fix it, or pass --overwrite to start the run again") from None
 
     def update(self, **fields) -> dict:
         info = self.info
@@ -288,15 +294,3 @@ class RunDir:
                 write_json(self.path / "run.json", info)
                 if existed and not quiet:
                     log(f"{name} is stale (inputs or settings changed): recomputing it")
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from .errors import RefusalError
+from .parsing import duration, int_list, local_path, word_list
 
 REFUSAL_WORDS = ("I", "As", "Sorry", "I'm", "Unfortunately", "Apologies")
 VARIANTS = ("projection", "norm_preserving", "biprojected")
@@ -33,52 +34,6 @@ def setting(default: Any, help: str, *, choices: tuple | None = None, metavar: s
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
-
-
-# ---- parsers for option text ---------------------------------------------------------------------
-def int_list(text: str) -> list[int]:
-    """'8-12,15' -> [8, 9, 10, 11, 12, 15]; '-1,-2' -> [-1, -2]."""
-    out: list[int] = []
-    try:
-        for part in text.split(","):
-            part = part.strip()
-            if "-" in part[1:]:
-                lo, hi = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
-                if int(hi) < int(lo):
-                    raise argparse.ArgumentTypeError(f"{part!r} is an empty range; write it low-high, e.g. '{hi}-{lo}'")
-                out.extend(range(int(lo), int(hi) + 1))
-            else:
-                out.append(int(part))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a list of integers like '8-12,15' or '-1,-2'") from None
-    return out
-
-
-def word_list(text: str) -> list[str]:
-    words = [w.strip() for w in text.split(",") if w.strip()]
-    if not words:
-        raise argparse.ArgumentTypeError(f"{text!r} names no words; give a comma-separated list like 'I,As,Sorry'")
-    return words
-
-
-def duration(text: str) -> float | None:
-    """'20m', '90s', '1h', '300' -> seconds; 'none' -> no limit."""
-    if text.strip().lower() == "none":
-        return None
-    units = {"s": 1, "m": 60, "h": 3600}
-    try:
-        value = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like '20m', '90s', '1h' or 'none'") from None
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"duration {text!r} must be positive")
-    return value
-
-
-def local_path(text: str) -> str:
-    """A path that exists here becomes absolute (a run read from another directory finds it); anything else is kept."""
-    path = Path(text).expanduser()
-    return str(path.resolve()) if path.exists() else text
 
 
 # ---- the tree ------------------------------------------------------------------------------------
@@ -235,6 +190,10 @@ class Settings:
             unknown = set(values) - known
             if unknown:
                 raise RefusalError(f"unknown setting(s) {', '.join(sorted(unknown))} in group {f.name!r}")
+            hints = typing.get_type_hints(group_type)
+            for name, value in values.items():
+                if not _fits(value, hints[name]):
+                    raise RefusalError(f"setting {f.name}.{name} is {value!r}, which is not a {_type_name(hints[name])}")
             groups[f.name] = group_type(**values)
         return cls(**groups)
 
@@ -244,6 +203,27 @@ GROUPS = ("model", "data", "selection", "evaluation", "search")
 
 def _group_types() -> dict[str, type]:
     return {"model": ModelSettings, "data": DataSettings, "selection": SelectionSettings, "evaluation": EvaluationSettings, "search": SearchSettings}
+
+
+def _fits(value: object, hint) -> bool:
+    """Whether a JSON value read back from run.json has the setting's type (int is accepted for float)."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for option in options:
+        if option is type(None) and value is None:
+            return True
+        origin = typing.get_origin(option) or option
+        if origin is list and isinstance(value, list):
+            inner = typing.get_args(option)
+            return not inner or all(_fits(v, inner[0]) for v in value)
+        if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return True
+        if origin in (int, str, bool) and type(value) is origin:
+            return True
+    return False
+
+
+def _type_name(hint) -> str:
+    return str(hint).replace("typing.", "")
 
 
 def _at_least(name: str, value: int, low: int, note: str = "") -> None:

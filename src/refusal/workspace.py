@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .data import Prompts, builtin_hash, resolve_source
 from .errors import RefusalError
-from .export import check_target
+from .export import check_overlap, check_target
 from .model import ChatModel
 from .models import load_model, packaged_prompts
 from .provenance import model_fingerprint, source_fingerprint
@@ -120,6 +120,7 @@ def start(settings: Settings, out: Path, overwrite: bool = False, export_to: Pat
     chat = load(settings)
     settings.selection.validate(chat.n_layers, chat.n_post)
     chat.refusal_token_ids(settings.evaluation.refusal_tokens)
+    check_overlap(out, chat.path, "run directory")  # run files never go into the model's own directory
     if export_to is not None:
         check_target(export_to, chat.path, overwrite=True)
     run = RunDir.create(out, settings, overwrite)
