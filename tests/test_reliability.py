@@ -203,3 +203,64 @@ def test_the_source_model_is_never_modified_by_a_whole_run(model_dir, tmp_path):
     assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "again"), "--quiet"]) == 0
     assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before
     assert sorted(os.listdir(model_dir)) == sorted(before)
+
+
+def test_a_template_that_ignores_the_prompt_is_named(model_dir, tmp_path, capsys):
+    template = tmp_path / "template.jinja"
+    template.write_text("<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n")
+    err = error_line(capsys, run(model_dir, tmp_path / "run", "--chat-template", str(template)))
+    assert "ignores the user's message" in err
+
+
+def test_a_full_disk_is_one_line(model_dir, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import refusal.run_dir
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(refusal.run_dir, "write_json", full)
+    err = error_line(capsys, run(model_dir, tmp_path / "run"))
+    assert "No space left on device" in err
+
+
+def test_select_with_new_options_then_run_exports_the_new_direction(model_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(run(model_dir, out)) == 0
+    stamp = (out / "model" / "model.safetensors").stat().st_mtime_ns
+    assert main(["select", "--run", str(out), "--layers", "1", "--positions", "-2", "--quiet"]) == 0
+    assert main(run(model_dir, out, "--layers", "1", "--positions", "-2")) == 0
+    chosen = json.loads((out / "selection.json").read_text())["chosen"]
+    exported = json.loads((out / "model" / "refusal.json").read_text())["direction"]
+    report = json.loads((out / "report" / "report.json").read_text())["direction"]
+    assert (chosen["layer"], chosen["position"]) == (1, -2) == (exported["layer"], exported["position"]) == (report["layer"], report["position"])
+    assert (out / "model" / "model.safetensors").stat().st_mtime_ns != stamp
+
+
+MODELING = """
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+class RemoteConfig(LlamaConfig):
+    model_type = "refusal-remote-llama"
+
+
+class RemoteForCausalLM(LlamaForCausalLM):
+    config_class = RemoteConfig
+"""
+
+
+def test_a_remote_code_model_runs_and_exports_with_the_flag(tmp_path):
+    """Case 8: the fidelity check reloads the export with --trust-remote-code too."""
+    model_dir = save_tiny(tmp_path / "remote", family="llama")
+    (model_dir / "modeling_remote.py").write_text(MODELING)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["model_type"] = "refusal-remote-llama"
+    config["architectures"] = ["RemoteForCausalLM"]
+    config["auto_map"] = {"AutoConfig": "modeling_remote.RemoteConfig", "AutoModelForCausalLM": "modeling_remote.RemoteForCausalLM"}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "run"
+    assert main(["run", "--model", str(model_dir), "--out", str(out), "--trust-remote-code", *FAST]) == 0
+    info = json.loads((out / "model" / "refusal.json").read_text())
+    assert info["fidelity_max_abs_diff"] < 1e-3

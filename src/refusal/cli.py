@@ -264,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     except RefusalError as e:
         print(f"refusal: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # disk full, read-only directory, ...: one line, not a traceback
+        place = f" ({e.filename})" if e.filename else ""
+        print(f"refusal: error: {e.strerror or e}{place}; free space or choose another location, then re-run", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         resumable = args.command in ("run", "extract", "select", "search")
         print(f"refusal: interrupted{'; re-run the same command to resume' if resumable else ''}", file=sys.stderr)

@@ -157,12 +157,14 @@ def load_checkpoint(
     resolved = str(path.resolve()) if path.exists() else _hub_snapshot(where)
     chat = wrap_model(model, tokenizer, source=source, chat_template=template_text, path=resolved, trust_remote_code=trust_remote_code)
     try:
-        chat.format_chat("Say hello")
+        rendered = {chat.format_chat("Say hello"), chat.format_chat("List three colours.")}
     except Exception as e:  # jinja2 syntax and runtime errors
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
+        raise RefusalError(f"the chat template of {source} cannot be rendered ({why}); fix it or pass --chat-template FILE") from None
+    if len(rendered) == 1:
         raise RefusalError(
-            f"the chat template of {source} cannot be rendered ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-            "fix it or pass --chat-template FILE"
-        ) from None
+            f"the chat template of {source} ignores the user's message (two instructions render alike); fix it or pass --chat-template FILE"
+        )
     return chat
 
 
