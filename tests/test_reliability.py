@@ -140,7 +140,7 @@ def test_identical_harmful_and_harmless_sets_are_named(model_dir, tmp_path, caps
 
 def test_confirm_zero_names_the_right_option(model_dir, tmp_path, capsys):
     err = error_line(capsys, ["search", "--model", str(model_dir), "--out", str(tmp_path / "run"), "--confirm", "0", *FAST])
-    assert "--confirm must be at least 1" in err
+    assert "--confirm must be at least 1 (got 0)" in err and "--refusal-positions" not in err  # the old line named an option that did not exist
 
 
 @pytest.mark.parametrize(
