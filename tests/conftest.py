@@ -80,3 +80,8 @@ def save_tiny(path, family: str = "qwen2", seed: int = 0, tie: bool = True):
     build_model(family, len(tok), tie=tie, seed=seed).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def organism_args(organism_dir) -> list[str]:
+    """--model and --harmful/--harmless for the organism at ``organism_dir`` (its own prompt files)."""
+    return ["--model", str(organism_dir), "--harmful", str(organism_dir / "harmful.jsonl"), "--harmless", str(organism_dir / "harmless.jsonl")]

@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 
+from conftest import organism_args
 from refusal.cli import main
 from refusal.data import load_splits
 from refusal.directions import Direction
@@ -28,12 +29,7 @@ def organism_run(organism_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("organism") / "run"
     argv = [
         "run",
-        "--model",
-        str(organism_dir),
-        "--harmful",
-        str(organism_dir / "harmful.jsonl"),
-        "--harmless",
-        str(organism_dir / "harmless.jsonl"),
+        *organism_args(organism_dir),
         "--out",
         str(out),
         "--n-val",

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from conftest import organism_args
 from refusal.cli import main
 from refusal.edits import EditParams
 from refusal.errors import RefusalError
@@ -89,12 +90,7 @@ def test_time_budget_stops_cleanly_with_the_best_point_so_far(organism_dir, tmp_
     out = tmp_path / "run"
     argv = [
         "search",
-        "--model",
-        str(organism_dir),
-        "--harmful",
-        str(organism_dir / "harmful.jsonl"),
-        "--harmless",
-        str(organism_dir / "harmless.jsonl"),
+        *organism_args(organism_dir),
         "--out",
         str(out),
         "--n-val",

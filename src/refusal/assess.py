@@ -9,6 +9,8 @@ report (report.json, report.md, report.html).
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 from .data import dataset_hash, load_corpus
@@ -150,6 +152,16 @@ def _run_of_export(edited: Path) -> Path | None:
     return path if (path / "run.json").is_file() else None
 
 
+@dataclass
+class EvaluateResult:
+    out: Path
+    html: Path
+    report: dict
+
+    def summary(self) -> dict:
+        return {"out": str(self.out), "report": str(self.html), "refusal_rates": self.report["rates"], "kl": self.report["kl"]}
+
+
 def evaluate_model(
     settings: Settings,
     out: Path,
@@ -159,17 +171,14 @@ def evaluate_model(
     overwrite: bool = False,
     safety_judge: str | None = None,
     safety_format: str = "llama-guard-3",
-) -> dict:
+) -> EvaluateResult:
     """``refusal evaluate``: the original model against one edit (hooks from a run, or an exported checkpoint) -> OUT/report.*"""
-
     settings.validate()
     if edited is not None and not (edited / "config.json").is_file():
         raise RefusalError(f"--edited {edited} is not a checkpoint directory (no config.json); give the directory `refusal export` wrote")
     source_run = ablate_run or add_run or (_run_of_export(edited) if edited is not None else None)
-    direction = None
-    if source_run is not None:
-        run = RunDir.open(source_run)
-        direction = Direction.load(run.file("selection", 1))
+    run = RunDir.open(source_run) if source_run is not None else None
+    direction = Direction.load(run.file("selection", 1)) if run is not None else None
     if out.exists() and not out.is_dir():
         raise RefusalError(f"report directory {out} is a file; choose a directory path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -179,8 +188,8 @@ def evaluate_model(
         load_corpus(settings.evaluation.corpus)
     chat = load(settings)
     _, record = model_identity(chat, None)
-    if source_run is not None and (ablate_run or add_run):
-        ran_on = RunDir.open(source_run).info.get("model", {})
+    if run is not None and (ablate_run or add_run):
+        ran_on = run.info.get("model", {})
         if ran_on.get("sha256") != record["sha256"] or (record["sha256"] is None and ran_on.get("path") != record["path"]):
             raise RefusalError(
                 f"run {source_run} was made on another model ({ran_on.get('source')}, sha256 {str(ran_on.get('sha256'))[:12]}); "
@@ -209,7 +218,7 @@ def evaluate_model(
     report = build_report(settings, chat, record, conditions, prompts, direction, safety=safety)
     report["timings"] = {"evaluate": round(time.perf_counter() - begin, 2)}
     paths = write_report(report, out)
-    return {"out": str(out), "report": str(paths["html"]), "refusal_rates": report["rates"], "kl": report["kl"], "_report": report}
+    return EvaluateResult(out, paths["html"], report)
 
 
 def generate_completions(
@@ -217,7 +226,6 @@ def generate_completions(
 ) -> list[str]:
     """``refusal generate``: greedy completions, with a run's direction ablated or added (hooks) if asked."""
     import math
-    from contextlib import nullcontext
 
     if not 1 <= max_new_tokens <= 4096:
         raise RefusalError(f"--max-new-tokens must be between 1 and 4096 (got {max_new_tokens})")
@@ -235,10 +243,8 @@ def generate_completions(
             f"the direction of {ablate_run or add_run} has {direction.vector.shape[-1]} dimensions, the model {chat.d_model}; "
             "give a run of this model"
         )
-    context = (
-        ablate(chat, direction.vector)
-        if ablate_run and direction is not None
-        else (add(chat, direction.vector, direction.layer, coeff) if direction is not None else nullcontext())
-    )
+    context: AbstractContextManager = nullcontext()
+    if direction is not None:
+        context = ablate(chat, direction.vector) if ablate_run else add(chat, direction.vector, direction.layer, coeff)
     with context:
         return HFEngine(chat, 8).generate(prompts, max_new_tokens)

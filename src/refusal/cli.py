@@ -171,8 +171,8 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
         safety_judge=args.safety_judge,
         safety_format=args.safety_format,
     )
-    _print_report(args, result.pop("_report"), None)
-    return result
+    _print_report(args, result.report, None)
+    return result.summary()
 
 
 def cmd_models(args: argparse.Namespace) -> dict:
