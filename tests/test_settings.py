@@ -7,7 +7,8 @@ import pytest
 
 from refusal.errors import RefusalError
 from refusal.parsing import duration, int_list
-from refusal.settings import GROUPS, SearchSettings, SelectionSettings, Settings, add_arguments, flag, from_args, given
+from refusal.options import add_arguments, flag, from_args, given
+from refusal.settings import GROUPS, SearchSettings, SelectionSettings, Settings
 
 
 def parser(groups=GROUPS) -> argparse.ArgumentParser:
@@ -16,17 +17,33 @@ def parser(groups=GROUPS) -> argparse.ArgumentParser:
     return p
 
 
+# Flags two settings share: each pair lives in groups no command takes together (search vs attack, attack vs analysis).
+SHARED_FLAGS = {"--time-budget": {"search", "attack"}, "--suffix-file": {"attack", "analysis"}}
+
+
 def test_every_setting_has_help_and_a_unique_flag():
-    seen = set()
+    seen: dict[str, set[str]] = {}
     for group in GROUPS:
         for f in fields(type(getattr(Settings(), group))):
             assert f.metadata["help"], f"{group}.{f.name} has no help text"
-            assert flag(f) not in seen, f"{flag(f)} is defined twice"
-            seen.add(flag(f))
+            seen.setdefault(flag(f), set()).add(group)
+    shared = {name: groups for name, groups in seen.items() if len(groups) > 1}
+    assert shared == SHARED_FLAGS
+
+
+def test_no_command_takes_two_settings_with_one_flag():
+    from refusal.cli import build_parser
+
+    parser = build_parser()  # argparse refuses a flag defined twice in one command
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, sub in commands.items():
+        groups = {g.title.removesuffix(" settings") for g in sub._action_groups if g.title and g.title.endswith(" settings")}
+        for flag_name, pair in SHARED_FLAGS.items():
+            assert not pair <= groups, f"`refusal {name}` takes both {sorted(pair)}, which share {flag_name}"
 
 
 def test_options_override_defaults_and_nothing_else():
-    args = parser().parse_args(["--layers", "3-5", "--n-val", "7", "--trust-remote-code", "--time-budget", "90s", "--refusal-tokens", "I,No"])
+    args = parser(tuple(g for g in GROUPS if g not in ("attack", "analysis"))).parse_args(["--layers", "3-5", "--n-val", "7", "--trust-remote-code", "--time-budget", "90s", "--refusal-tokens", "I,No"])
     settings = from_args(args)
     assert settings.selection.layers == [3, 4, 5] and settings.data.n_val == 7 and settings.model.trust_remote_code
     assert settings.search.time_budget == 90 and settings.evaluation.refusal_tokens == ["I", "No"]

@@ -133,10 +133,19 @@ def evaluate_run(
     del edited_chat
     ctx.timed("evaluate", begin)
     report["timings"] = run.info.get("timings", {})
+    report["mechanisms"] = current_mechanisms(run)
     run.remove("report", quiet=True)
     write_report(report, run.file("report"))
     run.record("report", ctx.settings, inputs, upstream)
     return report
+
+
+def current_mechanisms(run: RunDir) -> dict | None:
+    """RUN/analysis.json's numbers while they were measured on the run's current direction (the report's "Mechanisms")."""
+    entry, chosen = run.entry("analysis"), run.entry("selection")
+    if not entry or not chosen or entry.get("selection") != chosen.get("fingerprint") or not run.file("analysis").is_file():
+        return None
+    return run.read("analysis").get("mechanisms")
 
 
 def _run_of_export(edited: Path) -> Path | None:

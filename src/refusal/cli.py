@@ -1,6 +1,6 @@
 """Command line: parse, call one library function, print. Errors print one line and exit 1.
 
-Options come from the settings tree (``settings.add_arguments``); each command names the groups it takes.
+Options come from the settings tree (``options.add_arguments``); each command names the groups it takes.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from pathlib import Path
 
 from . import __version__
 from .errors import RefusalError
-from .progress import console, log, set_quiet
-from .settings import Settings, add_arguments, from_args, given
+from .options import add_arguments, from_args, given
+from .printing import print_analysis, print_attack, print_report, print_search
+from .progress import log, set_quiet
+from .settings import Settings
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -61,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
         "-search",
         ("model", "data", "evaluation", "search"),
     )
+
+    p = sub.add_parser("attack", help="optimise an adversarial suffix (GCG) and measure how often it stops refusal -> RUN/attack.json")
+    p.add_argument("--out", required=True, type=Path, help="run directory (new, or an existing run: its model and prompts unless given here)")
+    p.add_argument("--overwrite", action="store_true", help="start the run directory again")
+    add_arguments(p, ("model", "data", "evaluation", "attack"))
+
+    p = sub.add_parser("analyze", help="how the suffix suppresses the direction (paper §5) -> RUN/analysis.json and the report")
+    p.add_argument("--run", required=True, type=Path)
+    add_arguments(p, ("analysis",))
 
     p = sub.add_parser("export", help="orthogonalize the weights along RUN's direction (or a search trial's edit) and save a checkpoint")
     p.add_argument("--run", required=True, type=Path)
@@ -115,7 +126,8 @@ def cmd_run(args: argparse.Namespace) -> dict:
 
     settings = from_args(args)
     result = run(settings, _out(args, settings), overwrite=args.overwrite, export_model_dir=not args.no_export)
-    _print_report(args, result.report, result.path)
+    if not args.quiet and not args.json:
+        print_report(result.report, result.path)
     return result.summary()
 
 
@@ -137,8 +149,28 @@ def cmd_search(args: argparse.Namespace) -> dict:
     settings = from_args(args)
     result = search(settings, _out(args, settings, "-search"), overwrite=args.overwrite, export_model_dir=not args.no_export)
     if not args.quiet and not args.json:
-        _print_search(result.search)
-    _print_report(args, result.report, result.path)
+        print_search(result.search)
+        print_report(result.report, result.path)
+    return result.summary()
+
+
+def cmd_attack(args: argparse.Namespace) -> dict:
+    from .attack_run import attack
+
+    existing = (args.out / "run.json").is_file() and not args.overwrite
+    inherit = tuple(g for g in ("model", "data", "evaluation") if existing and not given(args, g))
+    result = attack(from_args(args), args.out, overwrite=args.overwrite, inherit=inherit)
+    if not args.quiet and not args.json:
+        print_attack(result.attack)
+    return result.summary()
+
+
+def cmd_analyze(args: argparse.Namespace) -> dict:
+    from .analyze import analyze
+
+    result = analyze(args.run, given(args, "analysis"))
+    if not args.quiet and not args.json:
+        print_analysis(result.mechanisms)
     return result.summary()
 
 
@@ -171,7 +203,8 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
         safety_judge=args.safety_judge,
         safety_format=args.safety_format,
     )
-    _print_report(args, result.report, None)
+    if not args.quiet and not args.json:
+        print_report(result.report, None)
     return result.summary()
 
 
@@ -193,51 +226,12 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], dict]] = {
     "search": cmd_search,
     "extract": cmd_extract,
     "select": cmd_select,
+    "attack": cmd_attack,
+    "analyze": cmd_analyze,
     "export": cmd_export,
     "generate": cmd_generate,
     "models": cmd_models,
 }
-
-
-# ---- printing ---------------------------------------------------------------------------------------
-def _print_report(args: argparse.Namespace, report: dict | None, path: Path | None) -> None:
-    if report is None or args.quiet or args.json:
-        return
-    from .report import fmt
-
-    labels = {c["name"]: c["label"] for c in report["conditions"]}
-    console.print("\n[bold]refusal rate on the test split[/] (substring judge, 95% Wilson interval)")
-    for condition, kinds in report["rates"].items():
-        for kind, entry in kinds.items():
-            console.print(
-                f"  {kind:9s} {labels[condition]:22s} {entry['refused']:3d}/{entry['total']:<3d} {entry['rate']:6.1%}  "
-                f"[{entry['low']:.0%}, {entry['high']:.0%}]",
-                highlight=False,
-            )
-    for name, kl in (report.get("kl") or {}).items():
-        console.print(
-            f"  KL on harmless ({labels[name]}): first token {fmt('kl', kl['first_token']['mean'])}, "
-            f"first {kl['multi_token']['tokens']} tokens {fmt('kl', kl['multi_token']['mean'])}",
-            highlight=False,
-        )
-    if ce := report.get("ce_loss"):
-        losses = ", ".join(f"{labels[name]} {loss:.4f}" for name, loss in ce["loss"].items())
-        console.print(f"  cross-entropy on {ce['tokens']} corpus tokens (nats/token): {losses}", highlight=False)
-    if path is not None:
-        log(f"report: {path / 'report' / 'report.html'}")
-
-
-def _print_search(result: dict) -> None:
-    trials = {t["trial"]: t for t in result["trials"]}
-    confirmed = {p["trial"]: p["confirmed"] for p in result["confirmed"]}
-    console.print(f"\n[bold]search front[/] ({len(trials)} trials; validation prompts; * = chosen, P = paper's edit)")
-    console.print("  trial  refusal score  first-token KL  multi-token KL  confirmed harmful / harmless refused", highlight=False)
-    for number in result["front"]:
-        t, c = trials[number], confirmed.get(number)
-        mark = ("*" if number == result["chosen"]["trial"] else " ") + ("P" if number == result["paper_trial"]["trial"] else " ")
-        counts = f"{c['harmful_refused']}/{c['harmful_total']} / {c['harmless_refused']}/{c['harmless_total']}" if c else "-"
-        console.print(f"{mark}{number:5d}  {t['refusal']:13.3f}  {t['kl']:14.4f}  {t['kl_multi']:14.4f}  {counts}", highlight=False)
-    console.print(f"chosen: trial {result['chosen']['trial']} ({result['chosen']['rule']})", highlight=False)
 
 
 # ---- entry point ----------------------------------------------------------------------------------
@@ -269,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"refusal: error: {e.strerror or e}{place}; free space or choose another location, then re-run", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        resumable = args.command in ("run", "extract", "select", "search")
+        resumable = args.command in ("run", "extract", "select", "search", "attack")
         print(f"refusal: interrupted{'; re-run the same command to resume' if resumable else ''}", file=sys.stderr)
         return 130
     finally:

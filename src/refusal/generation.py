@@ -7,12 +7,14 @@ order. ``stop_when`` ends a sequence as soon as a judge can decide from its text
 phrase has appeared), which saves most of the tokens of refused prompts; leave it out to read full
 completions. Another backend (vLLM) plugs in by implementing ``Engine`` (token ids, decoding, text);
 it can only serve edits baked into weights (an exported checkpoint), not hooks. Everything that
-generates (evaluation, the search's confirmation and original prefixes) takes an ``Engine``.
+generates (evaluation, the search's confirmation and original prefixes) takes an ``Engine``. A prompt
+is an instruction (chat-formatted here) or a list of token ids already formatted (a prompt with an
+adversarial suffix, ``suffixes.SuffixedPrompt.ids``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -22,20 +24,21 @@ from .model import ChatModel
 from .progress import track
 
 StopWhen = Callable[[str], bool]
+Prompt = str | list[int]  # an instruction, or the token ids of a chat-formatted prompt
 
 
 class Engine(Protocol):
     """A generation backend: greedy (or seeded sampled) completions of chat-formatted instructions."""
 
-    def generate_ids(self, instructions: list[str], max_new_tokens: int, stop_when: StopWhen | None = None) -> list[list[int]]:
-        """New token ids per instruction, in input order, cut after the first end-of-sequence token."""
+    def generate_ids(self, instructions: Sequence[Prompt], max_new_tokens: int, stop_when: StopWhen | None = None) -> list[list[int]]:
+        """New token ids per prompt, in input order, cut after the first end-of-sequence token."""
         ...
 
     def decode(self, ids: list[list[int]]) -> list[str]:
         """Texts of ``generate_ids``' output, without special tokens."""
         ...
 
-    def generate(self, instructions: list[str], max_new_tokens: int, stop_when: StopWhen | None = None) -> list[str]:
+    def generate(self, instructions: Sequence[Prompt], max_new_tokens: int, stop_when: StopWhen | None = None) -> list[str]:
         """Completions of chat-formatted ``instructions``, in input order, without special tokens."""
         ...
 
@@ -69,14 +72,14 @@ class HFEngine:
     def __init__(self, chat: ChatModel, batch_size: int = 16, sampling: Sampling | None = None, description: str = "generating"):
         self.chat, self.batch_size, self.sampling, self.description = chat, batch_size, sampling, description
 
-    def generate_ids(self, instructions: list[str], max_new_tokens: int, stop_when: StopWhen | None = None) -> list[list[int]]:
-        """New token ids per instruction (input order), cut after the first EOS."""
+    def generate_ids(self, instructions: Sequence[Prompt], max_new_tokens: int, stop_when: StopWhen | None = None) -> list[list[int]]:
+        """New token ids per prompt (input order), cut after the first EOS."""
         chat = self.chat
         tokenizer: Any = chat.tokenizer  # typed loosely in ChatModel; a transformers tokenizer
         model: Any = chat.model
         from transformers import StoppingCriteriaList
 
-        encoded = [chat.encode(x) for x in instructions]
+        encoded = [list(x) if isinstance(x, list) else chat.encode(x) for x in instructions]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         groups = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -112,7 +115,7 @@ class HFEngine:
         tokenizer: Any = self.chat.tokenizer
         return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
-    def generate(self, instructions: list[str], max_new_tokens: int, stop_when: StopWhen | None = None) -> list[str]:
+    def generate(self, instructions: Sequence[Prompt], max_new_tokens: int, stop_when: StopWhen | None = None) -> list[str]:
         """Completions in input order, without special tokens."""
         return self.decode(self.generate_ids(instructions, max_new_tokens, stop_when))
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from .errors import RefusalError, check_finite
 
 if TYPE_CHECKING:
-    from .generation import Engine
+    from .generation import Engine, Prompt
     from .model import ChatModel
 
 REFUSAL_PHRASES = (
@@ -112,7 +113,7 @@ class Judged:
 
 
 def judge_refusals(
-    engine: Engine, instructions: list[str], max_new_tokens: int, phrases: tuple[str, ...] | list[str] = REFUSAL_PHRASES, full: bool = False
+    engine: Engine, instructions: Sequence[Prompt], max_new_tokens: int, phrases: tuple[str, ...] | list[str] = REFUSAL_PHRASES, full: bool = False
 ) -> Judged:
     """Generate with ``engine`` and judge each completion by substring match.
 

@@ -31,6 +31,7 @@ from .report_html import (
     selection_section,
     table,
 )
+from .report_mechanisms import mechanisms_html, mechanisms_markdown
 from .report_schema import FORMAT_VERSION, REQUIRED, fmt, kinds, labels, validate_report
 from .stats import rate_values
 
@@ -174,6 +175,7 @@ def render_html(report: dict) -> str:
         ),
         section("samples", "Sample completions", _samples_html(report)),
         section("search", "Search: refusal score vs KL", search_section(report)),
+        section("mechanisms", "Mechanisms: how a suffix suppresses the direction", mechanisms_html(report)),
         section("metadata", "Metadata", metadata_section(report)),
     ]
     return (
@@ -234,6 +236,7 @@ def render_markdown(report: dict, samples_per_kind: int = 2, max_chars: int = 16
             "",
             *_md_table(list(fields), rows),
         ]
+    lines += mechanisms_markdown(report, _plain)
     if timings := report.get("timings"):
         rows = [[_md(k), _plain(f"timings.{k}", v)] for k, v in timings.items()]
         lines += ["", "## Timings", "", *_md_table(["stage", "seconds"], rows)]

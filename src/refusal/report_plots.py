@@ -146,3 +146,66 @@ def search_plot(search: dict) -> str:
     ax.set(xlabel="first-token KL on harmless prompts", ylabel="refusal score (log-odds)")
     ax.legend(fontsize=8)
     return _png(fig)
+
+
+# ---- mechanisms (refusal analyze) -----------------------------------------------------------------
+GROUP_COLORS = {"harmful": COLORS["harmful"], "harmful_suffix": "#b9770e", "harmful_random": "#7d3c98", "harmless": COLORS["harmless"]}
+
+
+def layer_cosine_plot(mechanisms: dict) -> str:
+    """The paper's Fig. 5: cosine of the last position with the direction per layer, mean ± std, per prompt group."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    layers = mechanisms["layers"]
+    for group, label in mechanisms["groups"].items():
+        mean, std = mechanisms["cosine"][group]["mean"], mechanisms["cosine"][group]["std"]
+        ax.plot(layers, mean, color=GROUP_COLORS.get(group, "0.4"), label=label)
+        ax.fill_between(
+            layers, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=GROUP_COLORS.get(group, "0.4"), alpha=0.15
+        )
+    ax.axvline(mechanisms["direction"]["layer"], color="0.5", linestyle="--", linewidth=1)
+    ax.set(xlabel="layer (last: final residual)", ylabel="cosine with the direction")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def heads_plot(mechanisms: dict) -> str:
+    """The paper's Fig. 6: the top heads' direct attribution (left) and their attention on the prompt's regions (right)."""
+    heads, groups = mechanisms["heads"], [g for g in mechanisms["groups"] if g != "harmless"]
+    names = [f"L{h['layer']}H{h['head']}" for h in heads]
+    fig = _figure(9.0, 3.6)
+    ax = fig.add_subplot(1, 2, 1)
+    width = 0.8 / len(groups)
+    for i, group in enumerate(groups):
+        xs = [j + (i - (len(groups) - 1) / 2) * width for j in range(len(heads))]
+        ax.bar(xs, [h["attribution"][group] for h in heads], width, color=GROUP_COLORS[group], label=mechanisms["groups"][group])
+    ax.set_xticks(range(len(heads)), names, rotation=45, fontsize=7)
+    ax.set(ylabel="projection on the direction", title="direct attribution")
+    ax.legend(fontsize=7)
+    ax = fig.add_subplot(1, 2, 2)
+    regions = list(heads[0]["attention"][groups[0]]) if heads else []
+    shades = dict(zip(regions, ("#2e6da4", "#b9770e", "#aab7b8")))
+    for i, group in enumerate(groups):
+        xs = [j + (i - (len(groups) - 1) / 2) * width for j in range(len(heads))]
+        bottom = [0.0] * len(heads)
+        for region in regions:
+            values = [h["attention"][group][region] for h in heads]
+            ax.bar(xs, values, width * 0.95, bottom=bottom, color=shades[region], edgecolor="white", label=region if i == 0 else None)
+            bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_xticks(range(len(heads)), names, rotation=45, fontsize=7)
+    ax.set(ylim=(0, 1), ylabel="attention of the last position", title="bars per head: " + ", ".join(g.replace("harmful", "h") for g in groups))
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def across_layers_plot(mechanisms: dict) -> str:
+    """Cosine of each layer's candidate direction with the chosen one (and with a second model's, when given)."""
+    fig = _figure(6.0, 3.0)
+    ax = fig.add_subplot()
+    across = mechanisms["direction_across_layers"]
+    ax.plot(range(len(across)), across, color=COLORS["harmful"], label="layer's direction vs the chosen direction")
+    if base := mechanisms.get("base"):
+        ax.plot(range(len(base["cosine"])), base["cosine"], color=COLORS["harmless"], label=f"vs {base['model']} at the same layer")
+    ax.set(xlabel="layer", ylabel="cosine", ylim=(-1.05, 1.05))
+    ax.legend(fontsize=8)
+    return _png(fig)

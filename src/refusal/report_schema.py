@@ -111,10 +111,27 @@ def validate_report(report: dict) -> None:
         for key in ("harmful_mean", "harmful_std", "harmless_mean", "harmless_std"):
             if len(proj.get(key) or []) != n:
                 raise RefusalError(f"report projections.{key} must have one value per layer ({n}); regenerate the report")
+    validate_mechanisms(report.get("mechanisms"))
     if cos := report.get("cosine"):
         n = len(cos.get("layers", []))
         if len(cos.get("matrix", [])) != n or any(len(row) != n for row in cos["matrix"]):
             raise RefusalError(f"report cosine.matrix must be {n} x {n} (one row and column per layer)")
+
+
+def validate_mechanisms(m: object) -> None:
+    """The shape the renderers rely on; a one-line error naming the key otherwise."""
+    if m is None:
+        return
+    if not isinstance(m, dict):
+        raise RefusalError("report 'mechanisms' must be an object or null; regenerate it with `refusal analyze`")
+    for key in ("layers", "groups", "cosine", "gap_closed", "heads", "decomposition", "direction", "direction_across_layers"):
+        if key not in m:
+            raise RefusalError(f"report mechanisms.{key} is missing; regenerate it with `refusal analyze`")
+    n = len(m["layers"])
+    for group in m["groups"]:
+        entry = m["cosine"].get(group) or {}
+        if len(entry.get("mean") or []) != n or len(entry.get("std") or []) != n:
+            raise RefusalError(f"report mechanisms.cosine.{group} needs a mean and a std per layer ({n}); regenerate it with `refusal analyze`")
 
 
 # ---- the one formatter -------------------------------------------------------------------------

@@ -8,6 +8,8 @@
     RUN/search.journal, RUN/search.json                                                         search
     RUN/model/                    export (of the selected direction or of the search's choice)
     RUN/report/                   evaluate
+    RUN/attack.json (+ attack.state.json while optimising)                                      attack
+    RUN/analysis.json             analyze (also shown as the report's "Mechanisms" section)
 
 An artifact's fingerprint is the sha256 of its format version, the settings it depends on, the
 content hashes of its external inputs (model files, prompt lists) and its upstream artifacts'
@@ -78,6 +80,21 @@ ARTIFACTS = {
         ),
         Artifact("model", ("model",), "export", "1", ()),
         Artifact("report", ("report",), "evaluate", REPORT_FORMAT, ("evaluation",)),
+        # The suffix's evaluation on held-out prompts; the optimisation resumes from attack.state.json (its own fingerprint).
+        Artifact(
+            "attack",
+            ("attack.json", "attack.state.json"),
+            "attack",
+            "1",
+            ("evaluation.max_new_tokens", "evaluation.refusal_phrases", "evaluation.refusal_tokens", "evaluation.batch_size", "data.seed"),
+        ),
+        Artifact(
+            "analysis",
+            ("analysis.json",),
+            "analyze",
+            "1",
+            ("analysis.base", "analysis.top_heads", "analysis.analysis_prompts", "evaluation.batch_size"),
+        ),
     )
 }
 

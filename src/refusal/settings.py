@@ -6,7 +6,9 @@ the command line is generated from it (``add_arguments`` / ``from_args``).
     ├── data        prompt sets and split sizes
     ├── selection   the paper's candidate scores and filters
     ├── evaluation  generation, judges, KL and cross-entropy on the test split
-    └── search      the edit search (``refusal search``)
+    ├── search      the edit search (``refusal search``)
+    ├── attack      the adversarial suffix (``refusal attack``)
+    └── analysis    the mechanism analysis (``refusal analyze``)
 
 A run saves the whole tree in ``run.json``; ``run_dir`` fingerprints the parts each artifact
 depends on. No module but this one holds a default for a user-facing setting.
@@ -14,11 +16,10 @@ depends on. No module but this one holds a default for a user-facing setting.
 
 from __future__ import annotations
 
-import argparse
 import math
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import RefusalError
@@ -59,7 +60,7 @@ class DataSettings:
     n_train: int | None = setting(None, "train prompts per class (default: the whole split)")
     n_val: int = setting(32, "validation prompts per class (selection, search)")
     n_test: int = setting(32, "test prompts per class (the before/after evaluation)")
-    seed: int = setting(0, "seed of the 60/20/20 split of user prompt files and of the search's sampler")
+    seed: int = setting(0, "seed of the 60/20/20 split of user prompt files, of the search's sampler and of the attack")
 
     def validate(self) -> None:
         for name in ("n_val", "n_test"):
@@ -158,12 +159,57 @@ class SearchSettings:
 
 
 @dataclass
+class AttackSettings:
+    steps: int = setting(500, "optimisation steps to reach (a resumed attack counts its earlier ones)")
+    time_budget: float | None = setting(
+        1200.0, "stop starting steps after this long in total, e.g. 20m, 90s, 1h; 'none' for no limit", parse=duration
+    )
+    candidates: int = setting(64, "candidate suffixes scored per step")
+    top_k: int = setting(128, "substitutions considered per suffix position (largest negative gradient)")
+    suffix_length: int | None = setting(None, "suffix tokens (default 20; with --suffix-file: the length the file must tokenize to)")
+    attack_prompts: int = setting(8, "harmful train prompts the universal suffix is optimised on")
+    target: str | None = setting(None, "optimise towards this completion (e.g. 'Sure, here is') instead of the refusal score")
+    attack_floor: float = setting(-3.0, "a prompt's refusal log-odds below this count as this (the attack stops pushing it)")
+    candidate_batch: int = setting(64, "candidate sequences per forward pass")
+    suffix_file: str | None = setting(None, "a suffix from elsewhere (text file) instead of optimising one", metavar="FILE", parse=local_path)
+
+    def validate(self) -> None:
+        for name in ("steps", "candidates", "top_k", "attack_prompts", "candidate_batch"):
+            _at_least(name, getattr(self, name), 1)
+        if self.suffix_length is not None:
+            _at_least("suffix_length", self.suffix_length, 1, " token")
+        if not math.isfinite(self.attack_floor):
+            raise RefusalError(f"--attack-floor must be a finite log-odds (got {self.attack_floor})")
+        if self.target is not None and not self.target.strip():
+            raise RefusalError("--target is empty; give the completion to optimise towards, or leave it out")
+
+    @property
+    def length(self) -> int:
+        return self.suffix_length if self.suffix_length is not None else 20
+
+
+@dataclass
+class AnalysisSettings:
+    suffix_file: str | None = setting(None, "analyse this suffix (text file) instead of RUN/attack.json's", metavar="FILE", parse=local_path)
+    base: str | None = setting(None, "a second model (e.g. the base model) whose directions are compared layer by layer", parse=local_path)
+    top_heads: int = setting(8, "attention heads shown by direct attribution to the direction")
+    analysis_prompts: int | None = setting(None, "test prompts per class analysed (default: the whole test split)")
+
+    def validate(self) -> None:
+        _at_least("top_heads", self.top_heads, 1)
+        if self.analysis_prompts is not None:
+            _at_least("analysis_prompts", self.analysis_prompts, 1)
+
+
+@dataclass
 class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
     selection: SelectionSettings = field(default_factory=SelectionSettings)
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
     search: SearchSettings = field(default_factory=SearchSettings)
+    attack: AttackSettings = field(default_factory=AttackSettings)
+    analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
 
     def validate(self) -> None:
         """Every check that needs no model: run before anything is loaded or written."""
@@ -171,6 +217,8 @@ class Settings:
         self.selection.validate()
         self.evaluation.validate()
         self.search.validate()
+        self.attack.validate()
+        self.analysis.validate()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -182,7 +230,7 @@ class Settings:
             raise RefusalError(f"settings must be an object of groups, got {type(data).__name__}")
         groups = {}
         for f in fields(cls):
-            group_type = _group_types()[f.name]
+            group_type = group_types()[f.name]
             values = data.get(f.name, {})
             if not isinstance(values, dict):
                 raise RefusalError(f"settings group {f.name!r} must be an object")
@@ -198,11 +246,19 @@ class Settings:
         return cls(**groups)
 
 
-GROUPS = ("model", "data", "selection", "evaluation", "search")
+GROUPS = ("model", "data", "selection", "evaluation", "search", "attack", "analysis")
 
 
-def _group_types() -> dict[str, type]:
-    return {"model": ModelSettings, "data": DataSettings, "selection": SelectionSettings, "evaluation": EvaluationSettings, "search": SearchSettings}
+def group_types() -> dict[str, type]:
+    return {
+        "model": ModelSettings,
+        "data": DataSettings,
+        "selection": SelectionSettings,
+        "evaluation": EvaluationSettings,
+        "search": SearchSettings,
+        "attack": AttackSettings,
+        "analysis": AnalysisSettings,
+    }
 
 
 def _fits(value: object, hint) -> bool:
@@ -229,53 +285,3 @@ def _type_name(hint) -> str:
 def _at_least(name: str, value: int, low: int, note: str = "") -> None:
     if value < low:
         raise RefusalError(f"--{name.replace('_', '-')} must be at least {low}{note} (got {value})")
-
-
-# ---- the command line ----------------------------------------------------------------------------
-def flag(f) -> str:
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-
-
-def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...]) -> None:
-    """One option per setting of ``groups``; defaults stay None so ``from_args`` can tell what was given."""
-    hints = {name: typing.get_type_hints(group_type) for name, group_type in _group_types().items()}
-    for group_name in groups:
-        group = parser.add_argument_group(f"{group_name} settings")
-        for f in fields(_group_types()[group_name]):
-            meta, default = f.metadata, (f.default if f.default is not MISSING else f.default_factory())  # type: ignore[misc,operator]
-            shown = ",".join(map(str, default)) if isinstance(default, list) else default
-            help_text = f"{meta['help']} (default: {shown})"
-            if hints[group_name][f.name] is bool:
-                group.add_argument(flag(f), dest=f"{group_name}.{f.name}", action="store_true", default=None, help=help_text)
-                continue
-            parse = meta["parse"] or _scalar_parser(hints[group_name][f.name])
-            group.add_argument(
-                flag(f),
-                dest=f"{group_name}.{f.name}",
-                type=parse,
-                default=None,
-                choices=meta["choices"],
-                metavar=meta["metavar"] or (None if meta["choices"] else f.name.upper()),
-                help=help_text,
-            )
-
-
-def _scalar_parser(hint) -> Any:
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    base = args[0] if args else hint
-    return {int: int, float: float, str: str}.get(base, str)
-
-
-def from_args(args: argparse.Namespace, base: Settings | None = None) -> Settings:
-    """``base`` (defaults, or a run's saved tree) with every option given on the command line applied."""
-    settings = Settings.from_dict(base.to_dict()) if base is not None else Settings()
-    for key, value in vars(args).items():
-        if "." in key and value is not None:
-            group_name, name = key.split(".", 1)
-            setattr(getattr(settings, group_name), name, value)
-    return settings
-
-
-def given(args: argparse.Namespace, group: str) -> dict:
-    """The options of ``group`` that were given on the command line."""
-    return {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith(group + ".") and v is not None}

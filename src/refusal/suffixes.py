@@ -104,7 +104,9 @@ def suffix_from_text(chat: ChatModel, text: str, length: int | None = None, wher
         raise RefusalError(f"{where} is empty; give the suffix text, or leave the suffix out to optimise one")
     ids = chat.tokenizer(text, add_special_tokens=False)["input_ids"]
     if length is not None and len(ids) != length:
-        raise RefusalError(f"{where} is {len(ids)} tokens long for this tokenizer, not --suffix-length {length}; drop --suffix-length or fix the text")
+        raise RefusalError(
+            f"{where} is {len(ids)} tokens long for this tokenizer, not --suffix-length {length}; drop --suffix-length or fix the text"
+        )
     return [int(t) for t in ids]
 
 

@@ -1,0 +1,203 @@
+"""``refusal analyze --run RUN``: how a suffix suppresses the refusal direction (the paper's §5) -> RUN/analysis.json.
+
+    reopen(RUN); candidates + selection      reused while fresh, else computed as `refusal run` would
+    the suffix                               RUN/attack.json (fresh) or --suffix-file; a random one of the same length
+    per-layer cosine (Fig. 5)                harmful, harmful + suffix, harmful + random suffix, harmless: mean ± std
+    direct attribution (Fig. 6)              top heads by their output on the direction, with and without the suffixes,
+                                             and their attention on instruction / suffix / template tokens
+    decomposition                            embedding + heads + attention biases + MLPs = the final projection
+    the direction across layers              and against a second model's (--base), the paper's App. J
+    -> RUN/analysis.json, and the report's "Mechanisms" section (RUN/report, made if missing)
+
+All on the test split (``--analysis-prompts`` caps it); directions and projections in float32.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .activations import mean_activations
+from .assess import evaluate_run
+from .attack_run import fresh_attack
+from .directions import Candidates, Direction, compute_candidates
+from .errors import RefusalError
+from .mechanisms import attention_masses, compare_directions, decompose, direction_cosines, layer_cosines, top_heads
+from .models import load_model, resolve_model
+from .pipeline import candidates, selection
+from .progress import log
+from .provenance import model_fingerprint, timestamp
+from .report import write_report
+from .run_dir import ARTIFACTS, RunDir, write_json
+from .suffixes import REGIONS, SuffixedPrompt, random_suffix, read_suffix_file, split_prompt
+from .workspace import Context, reopen
+
+GROUPS = {
+    "harmful": "harmful",
+    "harmful_suffix": "harmful + adversarial suffix",
+    "harmful_random": "harmful + random suffix",
+    "harmless": "harmless",
+}
+HARMFUL_GROUPS = ("harmful", "harmful_suffix", "harmful_random")
+
+
+@dataclass
+class AnalyzeResult:
+    path: Path
+    mechanisms: dict
+    timings: dict
+
+    def summary(self) -> dict:
+        m = self.mechanisms
+        return {
+            "run": str(self.path),
+            "gap_closed": m["gap_closed"],
+            "top_heads": [[h["layer"], h["head"]] for h in m["heads"]],
+            "decomposition_max_error": max(d["max_abs_error"] for d in m["decomposition"].values()),
+            "timings": self.timings,
+        }
+
+
+# ---- the measurements --------------------------------------------------------------------------------
+def _mean_std(values: torch.Tensor) -> dict:
+    """Per-column mean and standard deviation of [n, ...] values, as lists."""
+    std = values.std(0) if values.shape[0] > 1 else torch.zeros_like(values[0])
+    return {"mean": values.mean(0).tolist(), "std": std.tolist()}
+
+
+def gap_closed(cosine: dict, layers: list[int], group: str) -> dict:
+    """Fraction of the harmful - harmless cosine gap that ``group`` removes, per layer and averaged from the direction's layer on."""
+    harmful, harmless, other = (torch.tensor(cosine[g]["mean"]) for g in ("harmful", "harmless", group))
+    gap = harmful - harmless
+    per_layer = torch.where(gap.abs() > 1e-6, (harmful - other) / gap, torch.zeros_like(gap))
+    tail = per_layer[layers[0] :] if layers else per_layer
+    return {"per_layer": per_layer.tolist(), "mean_from_direction_layer": float(tail.mean())}
+
+
+def measure(ctx: Context, cands: Candidates, direction: Direction, suffix: list[int], baseline: list[int], base: Candidates | None) -> dict:
+    """The mechanisms section of the report: every number the figures show."""
+    chat, s = ctx.chat, ctx.settings
+    cap, batch = s.analysis.analysis_prompts, s.evaluation.batch_size
+    harmful, harmless = (ctx.prompts.get(k, "test")[:cap] for k in ("harmful", "harmless"))
+    prompts: dict[str, list[SuffixedPrompt]] = {
+        "harmful": [split_prompt(chat, x) for x in harmful],
+        "harmful_suffix": [split_prompt(chat, x, suffix) for x in harmful],
+        "harmful_random": [split_prompt(chat, x, baseline) for x in harmful],
+        "harmless": [split_prompt(chat, x) for x in harmless],
+    }
+    unit = direction.vector.float() / direction.vector.float().norm()
+    cosine = {g: _mean_std(layer_cosines(chat, [p.ids for p in ps], unit, batch)) for g, ps in prompts.items()}
+    log("analyze: per-layer cosine done; decomposing the projection")
+    parts = {g: decompose(chat, [p.ids for p in prompts[g]], unit, batch) for g in HARMFUL_GROUPS}
+    heads = top_heads(parts["harmful"], s.analysis.top_heads)
+    masses = {g: attention_masses(chat, prompts[g], heads, batch) for g in HARMFUL_GROUPS}  # [n, k, 3]
+    layers = list(range(direction.layer, chat.n_layers + 1))
+    return {
+        "created": timestamp(),
+        "direction": {"layer": direction.layer, "position": direction.position},
+        "suffix": {"text": chat.tokenizer.decode(suffix), "ids": suffix, "random_text": chat.tokenizer.decode(baseline), "random_ids": baseline},
+        "n_prompts": {"harmful": len(harmful), "harmless": len(harmless)},
+        "groups": GROUPS,
+        "layers": list(range(chat.n_layers + 1)),  # decoder-layer inputs, then the final residual
+        "cosine": cosine,
+        "gap_closed": {g: gap_closed(cosine, layers, g) for g in ("harmful_suffix", "harmful_random")},
+        "heads": [
+            {
+                "layer": layer,
+                "head": head,
+                "attribution": {g: float(parts[g].heads[:, layer, head].mean()) for g in HARMFUL_GROUPS},
+                "attention": {g: {r: float(masses[g][:, i, j].mean()) for j, r in enumerate(REGIONS)} for g in HARMFUL_GROUPS},
+            }
+            for i, (layer, head) in enumerate(heads)
+        ],
+        "decomposition": {
+            g: {
+                "total": float(d.total.mean()),
+                "embed": float(d.embed.mean()),
+                "heads": float(d.heads.sum((1, 2)).mean()),
+                "top_heads": float(sum(d.heads[:, layer, head] for layer, head in heads).mean()),  # type: ignore[union-attr]
+                "attn_bias": float(d.attn_bias.sum(1).mean()),
+                "mlp": float(d.mlp.sum(1).mean()),
+                "max_abs_error": float((d.summed() - d.total).abs().max()),
+            }
+            for g, d in parts.items()
+        },
+        "direction_across_layers": direction_cosines(cands, unit, direction.position),
+        "base": None if base is None else {"model": s.analysis.base, "cosine": compare_directions(cands, base, direction.position)},
+    }
+
+
+def base_candidates(ctx: Context) -> Candidates | None:
+    """Difference-in-means directions of ``--base`` on the run's train prompts, formatted with the run model's chat template."""
+    source = ctx.settings.analysis.base
+    if source is None:
+        return None
+    chat, m, batch = ctx.chat, ctx.settings.model, ctx.settings.evaluation.batch_size
+    template = chat.chat_template or chat.tokenizer.chat_template
+    base = load_model(source, dtype=m.dtype, device=m.device, device_map=m.device_map, trust_remote_code=m.trust_remote_code, chat_template=template)
+    if base.d_model != chat.d_model or base.n_layers != chat.n_layers:
+        raise RefusalError(
+            f"--base {source} has {base.n_layers} layers of width {base.d_model}, the run's model {chat.n_layers} of {chat.d_model}; "
+            "give the base model of the same architecture"
+        )
+    harmful = mean_activations(base, ctx.prompts.get("harmful", "train"), batch, "base: harmful activations")
+    harmless = mean_activations(base, ctx.prompts.get("harmless", "train"), batch, "base: harmless activations")
+    return compute_candidates(harmful, harmless, {"model": source})
+
+
+# ---- the command ---------------------------------------------------------------------------------
+def the_suffix(ctx: Context) -> tuple[list[int], list[int], str]:
+    """(suffix ids, random ids of the same length, where the suffix came from)."""
+    file = ctx.settings.analysis.suffix_file
+    if file is not None:
+        _, ids = read_suffix_file(ctx.chat, file)
+        return ids, random_suffix(ctx.chat, len(ids), ctx.settings.data.seed), f"file {file}"
+    attack = fresh_attack(ctx)
+    return attack["suffix_ids"], attack["random_suffix_ids"], "attack.json"
+
+
+def analyze(path: Path, options: dict) -> AnalyzeResult:
+    """``refusal analyze --run RUN``: the mechanisms analysis, written to RUN/analysis.json and the run's report."""
+    begin = time.perf_counter()
+    run = RunDir.open(path)
+    settings = run.settings
+    for name, value in options.items():
+        setattr(settings.analysis, name, value)
+    settings.validate()
+    if settings.analysis.suffix_file is None and not run.file("attack").is_file():
+        raise RefusalError(f"{path} has no attack.json; run `refusal attack --out {path}` first, or pass --suffix-file FILE")
+    run.update(settings=settings.to_dict())
+    ctx = reopen(path)
+    suffix, baseline, source = the_suffix(ctx)  # before any long computation: a bad suffix fails here
+    cands = candidates(ctx)
+    chosen, direction = selection(ctx, cands)
+    base_id = model_fingerprint(resolve_model(ctx.settings.analysis.base))["sha256"] if ctx.settings.analysis.base else None
+    inputs = {
+        "model": ctx.model_id,
+        "test": [ctx.prompts.hash(k, "test") for k in ("harmful", "harmless")],
+        "suffix": suffix,
+        "random": baseline,
+        "base": base_id or ctx.settings.analysis.base,
+    }
+    upstream = ("candidates", "selection")
+    if run.fresh("analysis", ctx.settings, inputs, upstream):
+        mechanisms = run.read("analysis")["mechanisms"]
+    else:
+        run.remove("analysis", quiet=True)
+        start = time.perf_counter()
+        mechanisms = measure(ctx, cands, direction, suffix, baseline, base_candidates(ctx))
+        mechanisms["suffix"]["source"] = source
+        write_json(run.file("analysis"), {"format_version": ARTIFACTS["analysis"].format_version, "mechanisms": mechanisms})
+        run.record("analysis", ctx.settings, inputs, upstream, selection=run.entry("selection").get("fingerprint"))
+        ctx.timed("analyze", start)
+    if run.file("report").is_dir() and (run.file("report") / "report.json").is_file():
+        report = run.read("report")
+        report["mechanisms"] = mechanisms
+        write_report(report, run.file("report"))
+    else:
+        evaluate_run(ctx, cands, chosen, direction, edited=False)
+    ctx.timed("analyze_total", begin)
+    return AnalyzeResult(ctx.run.path, mechanisms, ctx.run.info.get("timings", {}))

@@ -1,0 +1,386 @@
+"""GCG: optimise an adversarial suffix that stops a chat model refusing (Zou et al., 2023).
+
+One suffix of ``L`` token ids is shared by every prompt ("universal"). Each step takes the gradient
+of the loss with respect to the suffix as one-hot vectors over the vocabulary (``suffix_gradient``),
+samples candidates that swap one position for a token whose gradient promises the largest decrease
+(``sample_candidates``), drops those that would not survive being written out as text
+(``roundtrip_ok``) and scores them exactly with forward passes (``CandidateScorer``, which keeps each
+prompt's key/value cache up to the suffix so only the suffix and what follows it is run per candidate).
+The best candidate is kept, even if it is worse than the current suffix, as in GCG.
+
+The loss (``Objective``) is either the refusal log-odds of the first response token (the refusal
+direction's behavioural read-out, ``scoring.refusal_score``) or the cross-entropy of a target
+response such as "Sure, here is" teacher-forced after the prompt. ``optimize_suffix`` runs the loop;
+its ``AttackState`` is all a resumed run needs, and the candidate sampler is seeded by seed and step,
+so a resumed run continues exactly where an uninterrupted one would be.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+from .errors import RefusalError
+from .model import ChatModel
+from .progress import log
+from .scoring import _cache_argument, refusal_score
+from .suffixes import SuffixedPrompt, allowed_tokens
+
+
+@dataclass
+class Objective:
+    """What the suffix minimises, per prompt, averaged over prompts."""
+
+    refusal_ids: list[int] | None = None  # log-odds that the first response token is one of these (a refusal)
+    target_ids: list[int] | None = None  # mean cross-entropy of these tokens teacher-forced after the prompt
+    floor: float = -5.0  # refusal objective only: log-odds below this count as this (stop pushing prompts that comply)
+
+    def validate(self) -> None:
+        if (self.refusal_ids is None) == (self.target_ids is None):
+            raise RefusalError("an attack objective needs exactly one of refusal token ids or target token ids; give one of them")
+        if not (self.refusal_ids or self.target_ids):
+            raise RefusalError("the attack objective's token list is empty; give at least one refusal token or target token")
+
+    @property
+    def n_predicted(self) -> int:
+        """Positions whose logits the loss reads: the last prompt token, plus one per further target token."""
+        return len(self.target_ids) if self.target_ids is not None else 1
+
+    def continuation(self) -> list[int]:
+        """Tokens fed after the prompt (the target, teacher-forced, minus its last token)."""
+        return list(self.target_ids[:-1]) if self.target_ids is not None else []
+
+    def loss(self, logits: torch.Tensor) -> torch.Tensor:
+        """[rows] float64 loss from [rows, n_predicted, vocab] logits at the predicting positions."""
+        if self.refusal_ids is not None:
+            score = refusal_score(logits[:, -1], self.refusal_ids).to(logits.device)  # [rows]
+            return score.clamp_min(self.floor)  # no gradient below the floor
+        target = torch.tensor(self.target_ids, device=logits.device).expand(logits.shape[0], -1)  # [rows, T]
+        return F.cross_entropy(logits.double().transpose(1, 2), target, reduction="none").mean(-1)  # [rows]
+
+
+# ---- gradient -------------------------------------------------------------------------------------
+def _suffix_of(prompts: list[SuffixedPrompt]) -> list[int]:
+    """The suffix all prompts share (the one the gradient is taken at)."""
+    if not prompts:
+        raise RefusalError("the attack needs at least one prompt")
+    suffix = list(prompts[0].suffix)
+    if not suffix:
+        raise RefusalError("the suffix is empty; the attack needs a suffix of at least one token (e.g. --suffix-length 20)")
+    if any(list(p.suffix) != suffix for p in prompts):
+        raise RefusalError("the prompts carry different suffixes; the attack optimises one suffix shared by all prompts")
+    return suffix
+
+
+def _relaxed_loss(chat: ChatModel, prompts: list[SuffixedPrompt], objective: Objective, one_hot: torch.Tensor) -> torch.Tensor:
+    """Mean loss with the suffix tokens given as (relaxed) one-hot rows ``one_hot`` [L, vocab] (differentiable)."""
+    objective.validate()
+    length = len(_suffix_of(prompts))
+    embed = chat.model.get_input_embeddings()
+    weight = embed.weight  # [vocab, d]
+    rows = [p.ids + objective.continuation() for p in prompts]
+    batch = chat.pad(rows)
+    plain = embed(batch["input_ids"])  # [B, S, d], scaled as the model scales its embeddings
+    suffix_ids = torch.tensor(prompts[0].suffix, device=chat.device)
+    unscaled = weight[suffix_ids].detach().double()  # [L, d]
+    with torch.no_grad():  # the factor the embedding module applies (Gemma: sqrt(d)), read off the suffix's own rows
+        scale = float((embed(suffix_ids).double() * unscaled).sum() / (unscaled * unscaled).sum().clamp_min(1e-30))
+    suffix = (one_hot.to(weight.dtype) @ weight) * scale  # [L, d]
+    width = batch["input_ids"].shape[1]
+    embeds = []
+    for i, p in enumerate(prompts):
+        start = width - len(rows[i]) + len(p.prefix)  # left padding, then head + instruction
+        embeds.append(torch.cat([plain[i, :start], suffix, plain[i, start + length :]]))
+    inputs = torch.stack(embeds)  # [B, S, d]
+    n = objective.n_predicted
+    out = chat.model(
+        inputs_embeds=inputs, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"], use_cache=False, logits_to_keep=n
+    )
+    return objective.loss(out.logits[:, -n:]).mean()
+
+
+def suffix_gradient(chat: ChatModel, prompts: list[SuffixedPrompt], objective: Objective) -> torch.Tensor:
+    """[suffix_len, vocab] float32 gradient of the mean loss w.r.t. the one-hot suffix tokens (all prompts share one suffix).
+
+    ``vocab`` is the number of embedding rows. Only the one-hot tensor is differentiated: the
+    model's parameters accumulate no gradients.
+    """
+    suffix = _suffix_of(prompts)
+    vocab = chat.model.get_input_embeddings().weight.shape[0]
+    one_hot = F.one_hot(torch.tensor(suffix, device=chat.device), vocab).to(chat.dtype).requires_grad_(True)  # [L, vocab]
+    with torch.enable_grad():
+        loss = _relaxed_loss(chat, prompts, objective, one_hot)
+        (grad,) = torch.autograd.grad(loss, [one_hot])
+    return grad.float()
+
+
+# ---- candidates -----------------------------------------------------------------------------------
+def sample_candidates(
+    grad: torch.Tensor, current: torch.Tensor, allowed: torch.Tensor, n: int, top_k: int, generator: torch.Generator
+) -> torch.Tensor:
+    """[n, L] candidates: each is ``current`` ([L] long) with one position (uniform) replaced by a token drawn
+    uniformly from the ``top_k`` tokens of -grad at that position among ``allowed`` ([vocab] bool mask).
+
+    Deterministic given the generator (a CPU generator; the result is on CPU).
+    """
+    grad, current, allowed = grad.detach().float().cpu(), current.cpu().long(), allowed.cpu()
+    k = min(top_k, int(allowed.sum()))
+    if k < 1:
+        raise RefusalError("no token is allowed in the suffix; check the tokenizer's vocabulary")
+    promise = (-grad).masked_fill(~allowed, -math.inf)  # [L, vocab]
+    top = promise.topk(k, dim=-1).indices  # [L, k]
+    length = current.shape[0]
+    positions = torch.randint(0, length, (n,), generator=generator)  # [n]
+    picks = torch.randint(0, k, (n,), generator=generator)  # [n]
+    out = current.repeat(n, 1)  # [n, L]
+    out[torch.arange(n), positions] = top[positions, picks]
+    return out
+
+
+def roundtrip_ok(chat: ChatModel, candidates: torch.Tensor) -> torch.Tensor:
+    """[C] bool: the candidate's decoded text re-encodes (add_special_tokens=False) to exactly its ids (so a suffix can be written out as text)."""
+    rows = candidates.tolist()
+    texts = chat.tokenizer.batch_decode(rows)
+    encoded = chat.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return torch.tensor([list(e) == r for e, r in zip(encoded, rows)], dtype=torch.bool)
+
+
+# ---- exact scoring --------------------------------------------------------------------------------
+class CandidateScorer:
+    """Scores many candidate suffixes on fixed prompts, reusing each prompt's prefix (head+instruction) key/value cache.
+
+    With ``share_prefix`` each prompt's prefix is run once, here, and its cache repeated over a batch
+    of candidates, which then run only [suffix + tail (+ target[:-1])]. On the first call the first
+    batch is also scored from full sequences; if the family's cache cannot be repeated (an exception)
+    or the two disagree, full sequences are used throughout, so the numbers never depend on it.
+    """
+
+    def __init__(self, chat: ChatModel, prompts: list[SuffixedPrompt], objective: Objective, batch_size: int = 64, share_prefix: bool = True):
+        objective.validate()
+        if not prompts:
+            raise RefusalError("the attack needs at least one prompt")
+        self.chat, self.objective, self.batch_size = chat, objective, max(1, batch_size)
+        self.prefixes = [p.prefix for p in prompts]
+        self.afters = [list(p.tail) + objective.continuation() for p in prompts]  # what follows the suffix
+        self.caches: list | None = None
+        self.checked = not share_prefix
+        if share_prefix:
+            try:
+                self.caches = [self._prefix_cache(prefix) for prefix in self.prefixes]
+            except Exception as error:  # any family-specific cache failure: run full sequences
+                log(f"attack: this model's key/value cache cannot be reused ({type(error).__name__}); scoring full sequences")
+                self.checked = True
+
+    @property
+    def share_prefix(self) -> bool:
+        return self.caches is not None
+
+    def _prefix_cache(self, prefix: list[int]):
+        ids = torch.tensor([prefix], device=self.chat.device)  # [1, P]
+        with torch.inference_mode():
+            out = self.chat.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        return out.cache if hasattr(out, "cache") else out.past_key_values
+
+    def _losses(self, k: int, batch: torch.Tensor, shared: bool) -> torch.Tensor:
+        """[B] float64 loss of prompt k with each suffix of ``batch`` [B, L]."""
+        chat, n = self.chat, self.objective.n_predicted
+        after = torch.tensor(self.afters[k], dtype=torch.long).expand(len(batch), -1)  # [B, A]
+        rows = torch.cat([batch.cpu(), after], dim=1)  # [B, L + A]
+        if not shared:
+            prefix = torch.tensor(self.prefixes[k], dtype=torch.long).expand(len(batch), -1)  # [B, P]
+            inputs = chat.pad(torch.cat([prefix, rows], dim=1).tolist())
+            kwargs: dict = {"use_cache": False}
+        else:
+            skip = len(self.prefixes[k])
+            assert self.caches is not None
+            cache = copy.deepcopy(self.caches[k])
+            cache.batch_repeat_interleave(len(batch))
+            width = rows.shape[1]
+            inputs = {
+                "input_ids": rows.to(chat.device),
+                "attention_mask": torch.ones(len(batch), skip + width, dtype=torch.long, device=chat.device),  # [B, P + L + A]
+                "position_ids": (skip + torch.arange(width, device=chat.device)).expand(len(batch), -1),  # [B, L + A]
+            }
+            kwargs = {_cache_argument(chat.model): cache, "use_cache": True}
+        with torch.inference_mode():
+            logits = chat.model(**inputs, logits_to_keep=n, **kwargs).logits[:, -n:]  # [B, n, vocab]
+            return self.objective.loss(logits).cpu()
+
+    def _check(self, candidates: torch.Tensor) -> None:
+        """Compare cached with full-sequence scores once; switch the cache off if they differ."""
+        self.checked = True
+        sample = candidates[: min(len(candidates), 4)]
+        try:
+            shared = self._losses(0, sample, shared=True)
+        except Exception as error:
+            log(f"attack: this model's key/value cache cannot be repeated over candidates ({type(error).__name__}); scoring full sequences")
+            self.caches = None
+            return
+        full = self._losses(0, sample, shared=False)
+        if not torch.allclose(shared, full, rtol=1e-3, atol=1e-3):
+            log(f"attack: reusing the prompt prefix changes the scores by {float((shared - full).abs().max()):.2g}; scoring full sequences")
+            self.caches = None
+
+    def scores(self, candidates: torch.Tensor) -> torch.Tensor:
+        """[C] float64 mean loss over prompts of each candidate suffix [C, L] (lower is better); no gradient."""
+        if candidates.dim() != 2 or candidates.shape[1] == 0:
+            raise RefusalError("candidate suffixes must be a [count, length] tensor of token ids with length >= 1")
+        if not self.checked and len(candidates):
+            self._check(candidates)
+        total = torch.zeros(len(candidates), dtype=torch.float64)
+        for k in range(len(self.prefixes)):
+            for start in range(0, len(candidates), self.batch_size):
+                batch = candidates[start : start + self.batch_size]
+                total[start : start + len(batch)] += self._losses(k, batch, shared=self.share_prefix)
+        return total / len(self.prefixes)
+
+
+# ---- the loop -------------------------------------------------------------------------------------
+@dataclass
+class AttackState:
+    """Everything needed to resume: JSON-serialisable via to_dict/from_dict."""
+
+    step: int  # finished steps
+    suffix: list[int]  # the current suffix (ids)
+    best_suffix: list[int]
+    best_loss: float
+    losses: list[float]  # loss of the kept suffix after each step
+    elapsed: float  # seconds spent so far (over all resumed sessions)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AttackState:
+        """The state saved by ``to_dict``; RefusalError if it is not one."""
+        names = [f.name for f in fields(cls)]
+        if not isinstance(data, dict) or sorted(data) != sorted(names):
+            got = sorted(data) if isinstance(data, dict) else type(data).__name__
+            raise RefusalError(f"the saved attack state has fields {got}, expected {names}; delete it to start the attack afresh")
+
+        def ints(x) -> bool:
+            return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in x)
+
+        def number(x) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+        ok = (
+            isinstance(data["step"], int)
+            and data["step"] >= 0
+            and ints(data["suffix"])
+            and ints(data["best_suffix"])
+            and len(data["suffix"]) == len(data["best_suffix"]) > 0
+            and number(data["best_loss"])
+            and isinstance(data["losses"], list)
+            and len(data["losses"]) == data["step"]
+            and all(number(x) for x in data["losses"])
+            and number(data["elapsed"])
+        )
+        if not ok:
+            raise RefusalError("the saved attack state is malformed (wrong types, or losses not one per step); delete it to start the attack afresh")
+        return cls(
+            int(data["step"]),
+            list(data["suffix"]),
+            list(data["best_suffix"]),
+            float(data["best_loss"]),
+            [float(x) for x in data["losses"]],
+            float(data["elapsed"]),
+        )
+
+
+def optimize_suffix(
+    chat: ChatModel,
+    prompts: list[SuffixedPrompt],
+    objective: Objective,
+    init: list[int],
+    steps: int,
+    candidates: int = 128,
+    top_k: int = 256,
+    seed: int = 0,
+    time_budget: float | None = None,
+    state: AttackState | None = None,
+    on_step: Callable[[AttackState], None] | None = None,
+    batch_size: int = 64,
+    early_stop: float | None = None,
+) -> AttackState:
+    """GCG on one suffix shared by ``prompts`` (their own ``.suffix`` is ignored), from ``init`` or a resumed ``state``.
+
+    Per step: the gradient w.r.t. the one-hot suffix, ``candidates`` single-token substitutions from
+    the ``top_k`` most promising allowed tokens per position, those that do not round-trip through
+    text dropped, all scored exactly with the prefix cache, the best kept (even if worse than the
+    current suffix, as GCG does; ``best_*`` tracks the best seen). Runs until ``steps`` steps are done
+    (a resumed state counts its earlier ones), ``time_budget`` seconds (with ``state.elapsed``) have
+    passed, or the kept loss is at or below ``early_stop``. ``on_step`` sees the state after each step.
+    """
+    objective.validate()
+    if not init:
+        raise RefusalError("the initial suffix is empty; the attack needs a suffix of at least one token (e.g. --suffix-length 20)")
+    if candidates < 1 or top_k < 1:
+        raise RefusalError(f"the attack needs candidates >= 1 and top_k >= 1 (got {candidates} and {top_k})")
+    if state is not None and len(state.suffix) != len(init):
+        raise RefusalError(
+            f"the saved attack state's suffix has {len(state.suffix)} tokens, not {len(init)}; resume with the same suffix length or start afresh"
+        )
+    vocab = chat.model.get_input_embeddings().weight.shape[0]
+    allowed = torch.zeros(vocab, dtype=torch.bool)
+    allowed[allowed_tokens(chat)] = True
+    scorer = CandidateScorer(chat, prompts, objective, batch_size=batch_size)
+    if state is None:
+        start_loss = float(scorer.scores(torch.tensor([init]))[0])
+        state = AttackState(step=0, suffix=list(init), best_suffix=list(init), best_loss=start_loss, losses=[], elapsed=0.0)
+        log(f"attack: {len(prompts)} prompts, suffix of {len(init)} tokens, start loss {start_loss:.4f}")
+    else:
+        state = AttackState.from_dict(copy.deepcopy(state.to_dict()))  # leave the caller's object alone
+    began, spent = time.perf_counter(), state.elapsed
+    while state.step < steps:
+        loss = state.losses[-1] if state.losses else state.best_loss  # a fresh start: best_loss is the initial suffix's
+        if early_stop is not None and loss <= early_stop:
+            log(f"attack: loss {loss:.4f} is at or below {early_stop}; stopping after {state.step} steps")
+            break
+        if time_budget is not None and spent + time.perf_counter() - began >= time_budget:
+            log(f"attack: time budget of {time_budget:.0f}s spent; stopping after {state.step} steps")
+            break
+        t0 = time.perf_counter()
+        current = torch.tensor(state.suffix)  # [L]
+        grad = suffix_gradient(chat, [p.with_suffix(state.suffix) for p in prompts], objective)  # [L, vocab]
+        t1 = time.perf_counter()
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + state.step) % 2**63)
+        pool = sample_candidates(grad, current, allowed, candidates, top_k, generator)  # [n, L]
+        pool = pool[roundtrip_ok(chat, pool)]
+        pool = _unique_rows(pool)
+        if len(pool) == 0:  # nothing writable: keep the suffix
+            pool = current.unsqueeze(0)
+        losses = scorer.scores(pool)  # [n']
+        best = int(losses.argmin())
+        state.suffix, loss = pool[best].tolist(), float(losses[best])
+        state.step += 1
+        state.losses.append(loss)
+        if loss < state.best_loss:
+            state.best_suffix, state.best_loss = list(state.suffix), loss
+        state.elapsed = spent + time.perf_counter() - began
+        t2 = time.perf_counter()
+        log(
+            f"attack step {state.step}/{steps}  loss {loss:.4f}  best {state.best_loss:.4f}  ({len(pool)} candidates; {t1 - t0:.1f}s gradient, {t2 - t1:.1f}s scoring)"
+        )
+        if on_step is not None:
+            on_step(state)
+    state.elapsed = spent + time.perf_counter() - began
+    return state
+
+
+def _unique_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Rows of ``rows`` [n, L] without repeats, in order of first appearance."""
+    seen: set[tuple[int, ...]] = set()
+    keep = []
+    for i, row in enumerate(rows.tolist()):
+        key = tuple(row)
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return rows[keep]

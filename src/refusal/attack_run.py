@@ -1,0 +1,228 @@
+"""``refusal attack``: an adversarial suffix for the run's model, and how often it stops refusal -> RUN/attack.json.
+
+    workspace.start(...)            validate, load the model and the prompts, open or create the run directory
+    suffix(ctx)                     optimise one (``attack.optimize_suffix``, resumable) or read --suffix-file
+    held_out(ctx, suffix)           harmful test prompts with no suffix, the suffix, a random suffix of the same
+                                    length: refusal log-odds and generation + substring judge (Wilson intervals)
+    RUN/attack.json                 the suffix (text, ids, tokens), the loss curve, the settings, the results
+
+The optimisation writes ``attack.state.json`` after every step with the fingerprint of what it depends
+on (model, train prompts, the attack's settings but its step count and time budget): re-running the
+command resumes it, more ``--steps`` or a longer ``--time-budget`` continue it, anything else starts it
+again. ``attack.json`` is fingerprinted by the suffix it evaluates and the evaluation settings.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .attack import AttackState, Objective, optimize_suffix
+from .errors import RefusalError
+from .evaluation import rate
+from .generation import HFEngine
+from .judges import REFUSAL_PHRASES, judge_refusals, load_phrases
+from .progress import log
+from .provenance import digest, timestamp
+from .run_dir import ARTIFACTS, read_json, write_json
+from .scoring import refusal_score
+from .settings import Settings
+from .suffixes import SuffixedPrompt, random_suffix, read_suffix_file, split_prompt, suffix_from_text
+from .workspace import Context, start
+
+CONDITIONS = {"none": "no suffix", "suffix": "adversarial suffix", "random": "random suffix of the same length"}
+# What the optimisation's result depends on (its step count and time budget only say how far it goes).
+OPTIMISATION_SETTINGS = ("candidates", "top_k", "suffix_length", "attack_prompts", "target", "attack_floor")
+
+
+@dataclass
+class AttackResult:
+    path: Path
+    attack: dict
+    timings: dict
+
+    def summary(self) -> dict:
+        return {
+            "run": str(self.path),
+            "suffix": self.attack["suffix"],
+            "steps": self.attack["optimisation"]["steps"] if self.attack["optimisation"] else None,
+            "refusal": {k: v["refused"] for k, v in self.attack["refusal"].items()},
+            "total": self.attack["n_test"],
+            "timings": self.timings,
+        }
+
+
+# ---- the suffix ------------------------------------------------------------------------------------
+def objective(ctx: Context) -> Objective:
+    s, chat = ctx.settings, ctx.chat
+    if s.attack.target is not None:
+        return Objective(target_ids=chat.tokenizer(s.attack.target, add_special_tokens=False)["input_ids"])
+    return Objective(refusal_ids=chat.refusal_token_ids(s.evaluation.refusal_tokens), floor=s.attack.attack_floor)
+
+
+def initial_suffix(ctx: Context, length: int) -> list[int]:
+    """GCG's customary start, '! ! ! ...', as ``length`` tokens (any single repeated printable token if '!' merges)."""
+    for text in ("!", " !", "x", " x"):
+        ids = ctx.chat.tokenizer(text * length, add_special_tokens=False)["input_ids"]
+        if len(ids) == length:
+            return [int(t) for t in ids]
+    one = suffix_from_text(ctx.chat, " x")
+    return one[:1] * length
+
+
+def optimisation_fingerprint(ctx: Context, train: list[str]) -> str:
+    a = ctx.settings.attack
+    return digest(
+        {
+            "model": ctx.model_id,
+            "train": train,
+            "settings": {k: getattr(a, k) for k in OPTIMISATION_SETTINGS},
+            "refusal_tokens": ctx.settings.evaluation.refusal_tokens,
+            "seed": ctx.settings.data.seed,
+        }
+    )
+
+
+def optimise(ctx: Context, train: list[str]) -> AttackState:
+    """The optimised suffix, resumed from RUN/attack.state.json while it was made from the same inputs."""
+    a, run = ctx.settings.attack, ctx.run
+    state_path = run.file("attack", 1)
+    fingerprint = optimisation_fingerprint(ctx, train)
+    state = None
+    if state_path.is_file():
+        saved = read_json(state_path, f"delete it, or pass --overwrite to start the attack in {run.path} again")
+        if saved.get("fingerprint") == fingerprint:
+            state = AttackState.from_dict(saved.get("state") or {})
+            log(f"attack: resuming after step {state.step} (best loss {state.best_loss:.3f})")
+        else:
+            log("attack: the model, prompts or attack settings changed; starting the optimisation again")
+
+    def save(state: AttackState) -> None:
+        write_json(state_path, {"format_version": ARTIFACTS["attack"].format_version, "fingerprint": fingerprint, "state": state.to_dict()})
+
+    obj = objective(ctx)
+    prompts = [split_prompt(ctx.chat, x) for x in train]
+    return optimize_suffix(
+        ctx.chat,
+        prompts,
+        obj,
+        initial_suffix(ctx, a.length),
+        a.steps,
+        candidates=a.candidates,
+        top_k=a.top_k,
+        seed=ctx.settings.data.seed,
+        time_budget=a.time_budget,
+        state=state,
+        on_step=save,
+        batch_size=a.candidate_batch,
+        early_stop=obj.floor if obj.refusal_ids is not None else None,
+    )
+
+
+# ---- held-out evaluation -------------------------------------------------------------------------------
+def held_out(ctx: Context, suffixes: dict[str, list[int]]) -> dict:
+    """Refusal log-odds (first response token) and judged generations on the harmful test prompts, per suffix."""
+    chat, e = ctx.chat, ctx.settings.evaluation
+    phrases = load_phrases(e.refusal_phrases) if e.refusal_phrases else REFUSAL_PHRASES
+    refusal_ids = chat.refusal_token_ids(e.refusal_tokens)
+    test = ctx.prompts.get("harmful", "test")
+    engine = HFEngine(chat, e.batch_size, description="attack: generating")
+    out: dict = {"refusal": {}, "refusal_score": {}, "completions": {}}
+    for name, ids in suffixes.items():
+        prompts = [split_prompt(chat, x, ids) for x in test]
+        judged = judge_refusals(engine, [p.ids for p in prompts], e.max_new_tokens, phrases)
+        out["refusal"][name] = rate(*judged.count)
+        out["refusal_score"][name] = float(first_token_scores(ctx, prompts, refusal_ids).mean())
+        out["completions"][name] = [{"instruction": x, "completion": t, "refused": r} for x, t, r in zip(test, judged.texts, judged.refused)]
+        log(f"attack: {CONDITIONS[name]}: {judged.count[0]}/{len(test)} refused")
+    return out
+
+
+def first_token_scores(ctx: Context, prompts: list[SuffixedPrompt], refusal_ids: list[int]) -> torch.Tensor:
+    """[n] refusal log-odds at the last prompt position."""
+    size = ctx.settings.evaluation.batch_size
+    logits = torch.cat([ctx.chat.logits(ctx.chat.pad([p.ids for p in prompts[i : i + size]])).cpu() for i in range(0, len(prompts), size)])
+    return refusal_score(logits, refusal_ids)
+
+
+# ---- the command ---------------------------------------------------------------------------------
+def attack(settings: Settings, out: Path, overwrite: bool = False, inherit: tuple[str, ...] = ()) -> AttackResult:
+    """``refusal attack``: optimise (or read) a suffix, evaluate it on held-out harmful prompts, write RUN/attack.json."""
+    begin = time.perf_counter()
+    ctx = start(settings, out, overwrite, inherit=("selection", "search", "analysis", *inherit))
+    chat, a, run = ctx.chat, ctx.settings.attack, ctx.run
+    train = ctx.prompts.get("harmful", "train")[: a.attack_prompts]
+    state: AttackState | None = None
+    if a.suffix_file is not None:
+        text, ids = read_suffix_file(chat, a.suffix_file, a.suffix_length)
+        source = f"file {a.suffix_file}"
+    else:
+        step_start = time.perf_counter()
+        state = optimise(ctx, train)
+        ctx.timed("attack", step_start)
+        ids, source = state.best_suffix, "optimised"
+        text = chat.tokenizer.decode(ids)
+    baseline = random_suffix(chat, len(ids), ctx.settings.data.seed)
+    inputs = attack_inputs(ctx, ids, baseline, source)
+    if run.fresh("attack", ctx.settings, inputs) and run.read("attack").get("optimisation") == _optimisation(state, train):
+        return AttackResult(run.path, run.read("attack"), run.info.get("timings", {}))
+    eval_start = time.perf_counter()
+    results = held_out(ctx, {"none": [], "suffix": ids, "random": baseline})
+    ctx.timed("attack_evaluation", eval_start)
+    result = {
+        "format_version": ARTIFACTS["attack"].format_version,
+        "created": timestamp(),
+        "model": run.info.get("model", {}),
+        "suffix": text,
+        "suffix_ids": ids,
+        "suffix_tokens": chat.tokenizer.convert_ids_to_tokens(ids),
+        "source": source,
+        "random_suffix": chat.tokenizer.decode(baseline),
+        "random_suffix_ids": baseline,
+        "conditions": CONDITIONS,
+        "n_test": len(ctx.prompts.get("harmful", "test")),
+        "optimisation": _optimisation(state, train),
+        "settings": ctx.settings.to_dict()["attack"],
+        **results,
+    }
+    write_json(run.file("attack"), result)
+    run.record("attack", ctx.settings, inputs)
+    ctx.timed("attack_total", begin)
+    return AttackResult(run.path, result, run.info.get("timings", {}))
+
+
+def _optimisation(state: AttackState | None, train: list[str]) -> dict | None:
+    if state is None:
+        return None
+    return {
+        "steps": state.step,
+        "loss_curve": state.losses,
+        "best_loss": state.best_loss,
+        "seconds": round(state.elapsed, 1),
+        "train_prompts": train,
+    }
+
+
+def attack_inputs(ctx: Context, suffix: list[int], baseline: list[int], source: str) -> dict:
+    """What RUN/attack.json is made from besides its settings: the model, the held-out prompts and the two suffixes."""
+    return {"model": ctx.model_id, "harmful_test": ctx.prompts.hash("harmful", "test"), "suffix": suffix, "random": baseline, "source": source}
+
+
+def fresh_attack(ctx: Context) -> dict:
+    """RUN/attack.json for ``refusal analyze``: a one-line error if it is missing or was made from other inputs."""
+    run = ctx.run
+    if not run.file("attack").is_file():
+        raise RefusalError(f"{run.path} has no attack.json; run `refusal attack --out {run.path}` first, or pass --suffix-file FILE")
+    data = run.read("attack")
+    ids, baseline = data.get("suffix_ids"), data.get("random_suffix_ids")
+    if not isinstance(ids, list) or not ids or not isinstance(baseline, list) or not isinstance(data.get("source"), str):
+        raise RefusalError(f"{run.file('attack')} has the wrong shape; re-run `refusal attack --out {run.path}`")
+    inputs = attack_inputs(ctx, ids, baseline, data["source"])
+    if not run.fresh("attack", ctx.settings, inputs):
+        raise RefusalError(
+            f"{run.file('attack')} is stale: the model, prompts or settings changed since it was made; re-run `refusal attack --out {run.path}`"
+        )
+    return data

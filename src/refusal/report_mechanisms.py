@@ -1,0 +1,96 @@
+"""The report's "Mechanisms" section (``refusal analyze``): how a suffix suppresses the refusal direction.
+
+Reads ``report["mechanisms"]`` (written by ``analyze``): the per-layer cosine of four prompt groups
+(the paper's Fig. 5), the top heads' direct attribution and attention (Fig. 6), the decomposition
+check and the direction across layers. HTML figures come from ``report_plots``; every number sits
+in a ``num`` element with its JSON path, as everywhere in the report.
+"""
+
+from __future__ import annotations
+
+from . import report_plots as plots
+from .report_html import esc, img, missing, num, table
+
+DECOMPOSITION_FIELDS = ("total", "embed", "heads", "top_heads", "attn_bias", "mlp", "max_abs_error")
+
+
+def _gap_rows(m: dict, tag) -> list[list[str]]:
+    return [
+        [esc(m["groups"][g]), tag(f"mechanisms.gap_closed.{g}.mean_from_direction_layer", entry["mean_from_direction_layer"])]
+        for g, entry in m["gap_closed"].items()
+    ]
+
+
+def _head_rows(m: dict, tag) -> list[list[str]]:
+    rows = []
+    for i, h in enumerate(m["heads"]):
+        for g in h["attribution"]:
+            rows.append(
+                [
+                    tag(f"mechanisms.heads.{i}.layer", h["layer"]),
+                    tag(f"mechanisms.heads.{i}.head", h["head"]),
+                    esc(m["groups"][g]),
+                    tag(f"mechanisms.heads.{i}.attribution.{g}", h["attribution"][g]),
+                    *(tag(f"mechanisms.heads.{i}.attention.{g}.{r}", v) for r, v in h["attention"][g].items()),
+                ]
+            )
+    return rows
+
+
+def _decomposition_rows(m: dict, tag) -> list[list[str]]:
+    return [
+        [esc(m["groups"][g]), *(tag(f"mechanisms.decomposition.{g}.{f}", d.get(f)) for f in DECOMPOSITION_FIELDS)]
+        for g, d in m["decomposition"].items()
+    ]
+
+
+def _regions(m: dict) -> list[str]:
+    first = m["heads"][0]["attention"] if m["heads"] else {}
+    return list(next(iter(first.values()), {}))
+
+
+def mechanisms_html(report: dict) -> str:
+    m = report.get("mechanisms")
+    if not m:
+        return missing("mechanisms (run `refusal attack` and `refusal analyze`)")
+    suffix = m.get("suffix") or {}
+    return "\n".join(
+        [
+            f"<p>Suffix ({esc(suffix.get('source', ''))}): <code>{esc(suffix.get('text', ''))}</code>; "
+            f"{num('mechanisms.n_prompts.harmful', m['n_prompts']['harmful'])} harmful and "
+            f"{num('mechanisms.n_prompts.harmless', m['n_prompts']['harmless'])} harmless test prompts; direction from layer "
+            f"{num('mechanisms.direction.layer', m['direction']['layer'])}.</p>",
+            "<h3>Cosine with the direction at the last position, per layer (mean ± std)</h3>",
+            img(plots.layer_cosine_plot(m), "cosine per layer"),
+            "<p>Share of the harmful − harmless gap the suffix closes (mean over layers from the direction's on):</p>",
+            table(["prompts", "gap closed"], _gap_rows(m, num)),
+            "<h3>Top heads by direct attribution, and where they attend</h3>",
+            img(plots.heads_plot(m), "top heads"),
+            table(["layer", "head", "prompts", "attribution", *(f"attention on {r}" for r in _regions(m))], _head_rows(m, num)),
+            "<h3>Decomposition of the final projection (means; max_abs_error: the largest |sum of parts − total| over prompts)</h3>",
+            table(["prompts", *DECOMPOSITION_FIELDS], _decomposition_rows(m, num)),
+            "<h3>The direction across layers</h3>",
+            img(plots.across_layers_plot(m), "direction across layers"),
+        ]
+    )
+
+
+def mechanisms_markdown(report: dict, plain) -> list[str]:
+    """Markdown lines of the section (empty when there is no analysis); ``plain`` formats a value by its JSON path."""
+    m = report.get("mechanisms")
+    if not m:
+        return []
+    md_table = lambda header, rows: [f"| {' | '.join(header)} |", "|" + "---|" * len(header), *(f"| {' | '.join(r)} |" for r in rows)]
+    suffix = (m.get("suffix") or {}).get("text", "").replace("`", "'")
+    return [
+        "",
+        "## Mechanisms (refusal analyze)",
+        "",
+        f"Suffix: `{suffix}`",
+        "",
+        *md_table(["prompts", "gap closed"], _gap_rows(m, plain)),
+        "",
+        *md_table(["layer", "head", "prompts", "attribution", *(f"attention on {r}" for r in _regions(m))], _head_rows(m, plain)),
+        "",
+        *md_table(["prompts", *DECOMPOSITION_FIELDS], _decomposition_rows(m, plain)),
+    ]
