@@ -74,6 +74,15 @@ def organism_dir():
     return build_organism(log=lambda *a: None)
 
 
+@pytest.fixture(scope="session")
+def robust_organism_dir():
+    """The organism trained to ignore random trailing words (``--model organism-robust``): the attack's model organism."""
+    from refusal.models import ORGANISMS
+    from refusal.organism import build_organism
+
+    return build_organism(ORGANISMS["organism-robust"][0], log=lambda *a: None)
+
+
 def save_tiny(path, family: str = "qwen2", seed: int = 0, tie: bool = True):
     """A tiny random-init checkpoint with the word-level tokenizer, saved to ``path``."""
     tok = build_tokenizer()

@@ -43,7 +43,9 @@ def test_no_command_takes_two_settings_with_one_flag():
 
 
 def test_options_override_defaults_and_nothing_else():
-    args = parser(tuple(g for g in GROUPS if g not in ("attack", "analysis"))).parse_args(["--layers", "3-5", "--n-val", "7", "--trust-remote-code", "--time-budget", "90s", "--refusal-tokens", "I,No"])
+    args = parser(tuple(g for g in GROUPS if g not in ("attack", "analysis"))).parse_args(
+        ["--layers", "3-5", "--n-val", "7", "--trust-remote-code", "--time-budget", "90s", "--refusal-tokens", "I,No"]
+    )
     settings = from_args(args)
     assert settings.selection.layers == [3, 4, 5] and settings.data.n_val == 7 and settings.model.trust_remote_code
     assert settings.search.time_budget == 90 and settings.evaluation.refusal_tokens == ["I", "No"]

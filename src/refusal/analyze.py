@@ -169,9 +169,10 @@ def analyze(path: Path, options: dict) -> AnalyzeResult:
     settings.validate()
     if settings.analysis.suffix_file is None and not run.file("attack").is_file():
         raise RefusalError(f"{path} has no attack.json; run `refusal attack --out {path}` first, or pass --suffix-file FILE")
-    run.update(settings=settings.to_dict())
     ctx = reopen(path)
-    suffix, baseline, source = the_suffix(ctx)  # before any long computation: a bad suffix fails here
+    ctx.settings = settings
+    suffix, baseline, source = the_suffix(ctx)  # a bad suffix fails here, before anything is written
+    run.update(settings=settings.to_dict())
     cands = candidates(ctx)
     chosen, direction = selection(ctx, cands)
     base_id = model_fingerprint(resolve_model(ctx.settings.analysis.base))["sha256"] if ctx.settings.analysis.base else None

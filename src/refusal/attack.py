@@ -1,18 +1,14 @@
-"""GCG: optimise an adversarial suffix that stops a chat model refusing (Zou et al., 2023).
+"""GCG: optimise one adversarial suffix that stops a chat model refusing many prompts (Zou et al., 2023).
 
-One suffix of ``L`` token ids is shared by every prompt ("universal"). Each step takes the gradient
-of the loss with respect to the suffix as one-hot vectors over the vocabulary (``suffix_gradient``),
-samples candidates that swap one position for a token whose gradient promises the largest decrease
-(``sample_candidates``), drops those that would not survive being written out as text
-(``roundtrip_ok``) and scores them exactly with forward passes (``CandidateScorer``, which keeps each
-prompt's key/value cache up to the suffix so only the suffix and what follows it is run per candidate).
-The best candidate is kept, even if it is worse than the current suffix, as in GCG.
-
-The loss (``Objective``) is either the refusal log-odds of the first response token (the refusal
-direction's behavioural read-out, ``scoring.refusal_score``) or the cross-entropy of a target
-response such as "Sure, here is" teacher-forced after the prompt. ``optimize_suffix`` runs the loop;
-its ``AttackState`` is all a resumed run needs, and the candidate sampler is seeded by seed and step,
-so a resumed run continues exactly where an uninterrupted one would be.
+Per step: the gradient of the loss w.r.t. the suffix as one-hot rows over the vocabulary
+(``suffix_gradient``) names, per position, the tokens most likely to lower the loss; candidates
+swap one position for one of them (``sample_candidates``), those that do not survive being written
+out as text are dropped (``roundtrip_ok``), and the rest are scored exactly (``CandidateScorer``,
+which runs each prompt's head + instruction once and reuses its key/value cache). The best candidate
+is kept even if worse than the current suffix, as in GCG. The loss (``Objective``) is the refusal
+log-odds of the first response token or the cross-entropy of a target such as "Sure, here is".
+``AttackState`` is all a resumed run needs; sampling is seeded by seed and step, so resuming
+continues exactly where an uninterrupted run would be.
 """
 
 from __future__ import annotations
@@ -26,7 +22,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from .errors import RefusalError
+from .errors import RefusalError, UnsupportedModelError
 from .model import ChatModel
 from .progress import log
 from .scoring import _cache_argument, refusal_score
@@ -41,7 +37,7 @@ class Objective:
     target_ids: list[int] | None = None  # mean cross-entropy of these tokens teacher-forced after the prompt
     floor: float = -5.0  # refusal objective only: log-odds below this count as this (stop pushing prompts that comply)
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if (self.refusal_ids is None) == (self.target_ids is None):
             raise RefusalError("an attack objective needs exactly one of refusal token ids or target token ids; give one of them")
         if not (self.refusal_ids or self.target_ids):
@@ -62,7 +58,8 @@ class Objective:
             score = refusal_score(logits[:, -1], self.refusal_ids).to(logits.device)  # [rows]
             return score.clamp_min(self.floor)  # no gradient below the floor
         target = torch.tensor(self.target_ids, device=logits.device).expand(logits.shape[0], -1)  # [rows, T]
-        return F.cross_entropy(logits.double().transpose(1, 2), target, reduction="none").mean(-1)  # [rows]
+        logits = logits if logits.dtype == torch.float64 else logits.float()  # float32 at least, not a float64 copy of the vocabulary
+        return F.cross_entropy(logits.transpose(1, 2), target, reduction="none").mean(-1).double()  # [rows]
 
 
 # ---- gradient -------------------------------------------------------------------------------------
@@ -80,7 +77,6 @@ def _suffix_of(prompts: list[SuffixedPrompt]) -> list[int]:
 
 def _relaxed_loss(chat: ChatModel, prompts: list[SuffixedPrompt], objective: Objective, one_hot: torch.Tensor) -> torch.Tensor:
     """Mean loss with the suffix tokens given as (relaxed) one-hot rows ``one_hot`` [L, vocab] (differentiable)."""
-    objective.validate()
     length = len(_suffix_of(prompts))
     embed = chat.model.get_input_embeddings()
     weight = embed.weight  # [vocab, d]
@@ -90,7 +86,10 @@ def _relaxed_loss(chat: ChatModel, prompts: list[SuffixedPrompt], objective: Obj
     suffix_ids = torch.tensor(prompts[0].suffix, device=chat.device)
     unscaled = weight[suffix_ids].detach().double()  # [L, d]
     with torch.no_grad():  # the factor the embedding module applies (Gemma: sqrt(d)), read off the suffix's own rows
-        scale = float((embed(suffix_ids).double() * unscaled).sum() / (unscaled * unscaled).sum().clamp_min(1e-30))
+        looked_up = embed(suffix_ids).double()  # [L, d]
+        scale = float((looked_up * unscaled).sum() / (unscaled * unscaled).sum().clamp_min(1e-30))
+        if not torch.allclose(looked_up, unscaled * scale, rtol=1e-2, atol=1e-6):
+            raise UnsupportedModelError(f"{type(embed).__name__} is not a scaled lookup of its weight, so the attack cannot take its gradient")
     suffix = (one_hot.to(weight.dtype) @ weight) * scale  # [L, d]
     width = batch["input_ids"].shape[1]
     embeds = []
@@ -162,20 +161,13 @@ class CandidateScorer:
     """
 
     def __init__(self, chat: ChatModel, prompts: list[SuffixedPrompt], objective: Objective, batch_size: int = 64, share_prefix: bool = True):
-        objective.validate()
         if not prompts:
             raise RefusalError("the attack needs at least one prompt")
         self.chat, self.objective, self.batch_size = chat, objective, max(1, batch_size)
         self.prefixes = [p.prefix for p in prompts]
         self.afters = [list(p.tail) + objective.continuation() for p in prompts]  # what follows the suffix
-        self.caches: list | None = None
-        self.checked = not share_prefix
-        if share_prefix:
-            try:
-                self.caches = [self._prefix_cache(prefix) for prefix in self.prefixes]
-            except Exception as error:  # any family-specific cache failure: run full sequences
-                log(f"attack: this model's key/value cache cannot be reused ({type(error).__name__}); scoring full sequences")
-                self.checked = True
+        self.caches = [self._prefix_cache(prefix) for prefix in self.prefixes] if share_prefix else None
+        self.checked = not share_prefix  # whether the cache was checked against full sequences (on the first call)
 
     @property
     def share_prefix(self) -> bool:
@@ -213,18 +205,16 @@ class CandidateScorer:
             return self.objective.loss(logits).cpu()
 
     def _check(self, candidates: torch.Tensor) -> None:
-        """Compare cached with full-sequence scores once; switch the cache off if they differ."""
-        self.checked = True
-        sample = candidates[: min(len(candidates), 4)]
+        """Score a few candidates both ways once; run full sequences from now on if the cache fails or changes the scores."""
+        self.checked, sample = True, candidates[:4]
         try:
-            shared = self._losses(0, sample, shared=True)
-        except Exception as error:
-            log(f"attack: this model's key/value cache cannot be repeated over candidates ({type(error).__name__}); scoring full sequences")
-            self.caches = None
-            return
-        full = self._losses(0, sample, shared=False)
-        if not torch.allclose(shared, full, rtol=1e-3, atol=1e-3):
-            log(f"attack: reusing the prompt prefix changes the scores by {float((shared - full).abs().max()):.2g}; scoring full sequences")
+            difference = float((self._losses(0, sample, shared=True) - self._losses(0, sample, shared=False)).abs().max())
+        except Exception as error:  # a family whose cache cannot be repeated over the batch
+            difference, why = math.inf, type(error).__name__
+        else:
+            why = f"scores change by {difference:.2g}"
+        if difference > (1e-3 if self.chat.dtype.itemsize >= 4 else 0.1):  # half precision: rounding alone moves scores by ~1e-2
+            log(f"attack: reusing the prompt prefix's cache fails for this model ({why}); scoring full sequences")
             self.caches = None
 
     def scores(self, candidates: torch.Tensor) -> torch.Tensor:
@@ -258,40 +248,17 @@ class AttackState:
 
     @classmethod
     def from_dict(cls, data: dict) -> AttackState:
-        """The state saved by ``to_dict``; RefusalError if it is not one."""
-        names = [f.name for f in fields(cls)]
-        if not isinstance(data, dict) or sorted(data) != sorted(names):
-            got = sorted(data) if isinstance(data, dict) else type(data).__name__
-            raise RefusalError(f"the saved attack state has fields {got}, expected {names}; delete it to start the attack afresh")
-
-        def ints(x) -> bool:
-            return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in x)
-
-        def number(x) -> bool:
-            return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-        ok = (
-            isinstance(data["step"], int)
-            and data["step"] >= 0
-            and ints(data["suffix"])
-            and ints(data["best_suffix"])
-            and len(data["suffix"]) == len(data["best_suffix"]) > 0
-            and number(data["best_loss"])
-            and isinstance(data["losses"], list)
-            and len(data["losses"]) == data["step"]
-            and all(number(x) for x in data["losses"])
-            and number(data["elapsed"])
-        )
-        if not ok:
-            raise RefusalError("the saved attack state is malformed (wrong types, or losses not one per step); delete it to start the attack afresh")
-        return cls(
-            int(data["step"]),
-            list(data["suffix"]),
-            list(data["best_suffix"]),
-            float(data["best_loss"]),
-            [float(x) for x in data["losses"]],
-            float(data["elapsed"]),
-        )
+        """The state ``to_dict`` saved; RefusalError (one line) if ``data`` is not one."""
+        ids = lambda x: isinstance(x, list) and len(x) > 0 and all(type(t) is int and t >= 0 for t in x)
+        number = lambda x: type(x) in (int, float)
+        expected = [f.name for f in fields(cls)]
+        if not isinstance(data, dict) or sorted(data) != sorted(expected):
+            raise RefusalError(f"the saved attack state does not have exactly the fields {expected}; delete it to start the attack afresh")
+        step, losses = data["step"], data["losses"]
+        ok = type(step) is int and ids(data["suffix"]) and ids(data["best_suffix"]) and number(data["best_loss"]) and number(data["elapsed"])
+        if not (ok and isinstance(losses, list) and len(losses) == step and all(map(number, losses))):
+            raise RefusalError("the saved attack state has a field of the wrong type, or not one loss per step; delete it to start the attack afresh")
+        return cls(step, list(data["suffix"]), list(data["best_suffix"]), float(data["best_loss"]), list(map(float, losses)), float(data["elapsed"]))
 
 
 def optimize_suffix(
@@ -318,7 +285,6 @@ def optimize_suffix(
     (a resumed state counts its earlier ones), ``time_budget`` seconds (with ``state.elapsed``) have
     passed, or the kept loss is at or below ``early_stop``. ``on_step`` sees the state after each step.
     """
-    objective.validate()
     if not init:
         raise RefusalError("the initial suffix is empty; the attack needs a suffix of at least one token (e.g. --suffix-length 20)")
     if candidates < 1 or top_k < 1:
@@ -327,6 +293,7 @@ def optimize_suffix(
         raise RefusalError(
             f"the saved attack state's suffix has {len(state.suffix)} tokens, not {len(init)}; resume with the same suffix length or start afresh"
         )
+    began = time.perf_counter()
     vocab = chat.model.get_input_embeddings().weight.shape[0]
     allowed = torch.zeros(vocab, dtype=torch.bool)
     allowed[allowed_tokens(chat)] = True
@@ -336,8 +303,8 @@ def optimize_suffix(
         state = AttackState(step=0, suffix=list(init), best_suffix=list(init), best_loss=start_loss, losses=[], elapsed=0.0)
         log(f"attack: {len(prompts)} prompts, suffix of {len(init)} tokens, start loss {start_loss:.4f}")
     else:
-        state = AttackState.from_dict(copy.deepcopy(state.to_dict()))  # leave the caller's object alone
-    began, spent = time.perf_counter(), state.elapsed
+        state = AttackState.from_dict(state.to_dict())  # checked, and a copy: the caller's object is left alone
+    spent = state.elapsed
     while state.step < steps:
         loss = state.losses[-1] if state.losses else state.best_loss  # a fresh start: best_loss is the initial suffix's
         if early_stop is not None and loss <= early_stop:
@@ -352,10 +319,8 @@ def optimize_suffix(
         t1 = time.perf_counter()
         generator = torch.Generator().manual_seed((seed * 1_000_003 + state.step) % 2**63)
         pool = sample_candidates(grad, current, allowed, candidates, top_k, generator)  # [n, L]
-        pool = pool[roundtrip_ok(chat, pool)]
-        pool = _unique_rows(pool)
-        if len(pool) == 0:  # nothing writable: keep the suffix
-            pool = current.unsqueeze(0)
+        writable = [tuple(row) for row in pool[roundtrip_ok(chat, pool)].tolist()]
+        pool = torch.tensor(list(dict.fromkeys(writable)) or [state.suffix])  # [n', L] distinct (or the suffix kept, if none is writable)
         losses = scorer.scores(pool)  # [n']
         best = int(losses.argmin())
         state.suffix, loss = pool[best].tolist(), float(losses[best])
@@ -365,22 +330,9 @@ def optimize_suffix(
             state.best_suffix, state.best_loss = list(state.suffix), loss
         state.elapsed = spent + time.perf_counter() - began
         t2 = time.perf_counter()
-        log(
-            f"attack step {state.step}/{steps}  loss {loss:.4f}  best {state.best_loss:.4f}  ({len(pool)} candidates; {t1 - t0:.1f}s gradient, {t2 - t1:.1f}s scoring)"
-        )
+        timing = f"{len(pool)} candidates; {t1 - t0:.1f}s gradient, {t2 - t1:.1f}s scoring"
+        log(f"attack step {state.step}/{steps}  loss {loss:.4f}  best {state.best_loss:.4f}  ({timing})")
         if on_step is not None:
             on_step(state)
     state.elapsed = spent + time.perf_counter() - began
     return state
-
-
-def _unique_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Rows of ``rows`` [n, L] without repeats, in order of first appearance."""
-    seen: set[tuple[int, ...]] = set()
-    keep = []
-    for i, row in enumerate(rows.tolist()):
-        key = tuple(row)
-        if key not in seen:
-            seen.add(key)
-            keep.append(i)
-    return rows[keep]

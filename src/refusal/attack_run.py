@@ -152,7 +152,9 @@ def first_token_scores(ctx: Context, prompts: list[SuffixedPrompt], refusal_ids:
 def attack(settings: Settings, out: Path, overwrite: bool = False, inherit: tuple[str, ...] = ()) -> AttackResult:
     """``refusal attack``: optimise (or read) a suffix, evaluate it on held-out harmful prompts, write RUN/attack.json."""
     begin = time.perf_counter()
-    ctx = start(settings, out, overwrite, inherit=("selection", "search", "analysis", *inherit))
+    file, length = settings.attack.suffix_file, settings.attack.suffix_length
+    check = (lambda chat: read_suffix_file(chat, file, length)) if file is not None else None
+    ctx = start(settings, out, overwrite, inherit=("selection", "search", "analysis", *inherit), check=check)
     chat, a, run = ctx.chat, ctx.settings.attack, ctx.run
     train = ctx.prompts.get("harmful", "train")[: a.attack_prompts]
     state: AttackState | None = None

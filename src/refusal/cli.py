@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         set_quiet(previous)
     if args.json:
         print(json.dumps(result, indent=2))
-    else:
+    elif not args.quiet:
         where = result.get("run") or result.get("out")
         log(f"[green]done[/]{': ' + where if where else ''}")
     return 0

@@ -129,7 +129,7 @@ def decompose(chat: ChatModel, prompts: list[list[int]], direction: torch.Tensor
         for w in chat.writers:
             v = _effective_direction(w, seen, unit)  # [batch, d_model]: what a piece of this writer's output is projected on
             if w.component == "mlp":
-                mlps.append((seen[f"mlp.{w.layer}"] * v).sum(-1))  # [batch]
+                mlps.append((seen[f"mlp.{w.layer}"] * v).sum(-1).cpu())  # [batch]
                 continue
             z = seen[f"z.{w.layer}"].to(v.device)  # [batch, n_heads * head_dim]
             if z.shape[-1] != n_heads * head_dim:
@@ -137,15 +137,15 @@ def decompose(chat: ChatModel, prompts: list[list[int]], direction: torch.Tensor
             weight = w.weight.detach().float().to(v.device)
             per_head = (weight if w.rows else weight.T).reshape(n_heads, head_dim, -1)  # [n_heads, head_dim, d_model]: head h's rows of W_O
             read = torch.einsum("hed,bd->bhe", per_head, v)  # [batch, n_heads, head_dim]
-            heads.append((z.view(-1, n_heads, head_dim) * read).sum(-1))  # [batch, n_heads]
+            heads.append((z.view(-1, n_heads, head_dim) * read).sum(-1).cpu())  # [batch, n_heads]
             bias = w.bias
-            biases.append(v @ bias.detach().float().to(v.device) if bias is not None else torch.zeros(len(batch), device=v.device))  # [batch]
-        parts["embed"].append(seen["embed"] @ unit.to(seen["embed"].device))
+            biases.append((v @ bias.detach().float().to(v.device)).cpu() if bias is not None else torch.zeros(len(batch)))  # [batch]
+        parts["embed"].append((seen["embed"] @ unit.to(seen["embed"].device)).cpu())
         parts["heads"].append(torch.stack(heads, dim=1))  # [batch, n_layers, n_heads]
         parts["attn_bias"].append(torch.stack(biases, dim=1))  # [batch, n_layers]
         parts["mlp"].append(torch.stack(mlps, dim=1))  # [batch, n_layers]
-        parts["total"].append(seen["final"] @ unit.to(seen["final"].device))
-    out = {name: torch.cat([t.cpu() for t in tensors]) for name, tensors in parts.items()}
+        parts["total"].append((seen["final"] @ unit.to(seen["final"].device)).cpu())
+    out = {name: torch.cat(tensors) for name, tensors in parts.items()}
     for name, tensor in out.items():
         check_finite(tensor, f"direct attribution ({name})")
     return Decomposition(**out)

