@@ -31,7 +31,7 @@ def main() -> None:
     p.add_argument("--budget", type=duration, default=1200.0, help="attack time budget (default 20m)")
     p.add_argument("--layers", type=int_list, default=list(range(8, 19)))
     p.add_argument("--positions", type=int_list, default=[-1])
-    p.add_argument("--attack-prompts", type=int, default=8)
+    p.add_argument("--attack-prompts", type=int, default=4)
     p.add_argument("--candidates", type=int, default=64)
     p.add_argument("--suffix-length", type=int, default=20)
     args = p.parse_args()

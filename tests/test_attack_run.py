@@ -6,8 +6,8 @@ import json
 import re
 
 import pytest
-from conftest import organism_args
 
+from conftest import organism_args
 from refusal.cli import main
 
 ATTACK = ["--suffix-length", "4", "--steps", "40", "--candidates", "64", "--attack-prompts", "8", "--time-budget", "none", "--quiet"]

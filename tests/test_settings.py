@@ -6,8 +6,8 @@ from dataclasses import fields
 import pytest
 
 from refusal.errors import RefusalError
-from refusal.parsing import duration, int_list
 from refusal.options import add_arguments, flag, from_args, given
+from refusal.parsing import duration, int_list
 from refusal.settings import GROUPS, SearchSettings, SelectionSettings, Settings
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .errors import RefusalError, UnsupportedModelError
 from .model import ChatModel
 from .progress import log
-from .scoring import _cache_argument, refusal_score
+from .scoring import cache_argument, refusal_score
 from .suffixes import SuffixedPrompt, allowed_tokens
 
 
@@ -155,9 +155,9 @@ class CandidateScorer:
     """Scores many candidate suffixes on fixed prompts, reusing each prompt's prefix (head+instruction) key/value cache.
 
     With ``share_prefix`` each prompt's prefix is run once, here, and its cache repeated over a batch
-    of candidates, which then run only [suffix + tail (+ target[:-1])]. On the first call the first
-    batch is also scored from full sequences; if the family's cache cannot be repeated (an exception)
-    or the two disagree, full sequences are used throughout, so the numbers never depend on it.
+    of candidates, which then run only [suffix + tail (+ target[:-1])]. On the first call a few
+    candidates are also scored from full sequences; if the family's cache cannot be repeated (an
+    exception) or the two disagree, full sequences are used throughout, so the numbers never depend on it.
     """
 
     def __init__(self, chat: ChatModel, prompts: list[SuffixedPrompt], objective: Objective, batch_size: int = 64, share_prefix: bool = True):
@@ -199,7 +199,7 @@ class CandidateScorer:
                 "attention_mask": torch.ones(len(batch), skip + width, dtype=torch.long, device=chat.device),  # [B, P + L + A]
                 "position_ids": (skip + torch.arange(width, device=chat.device)).expand(len(batch), -1),  # [B, L + A]
             }
-            kwargs = {_cache_argument(chat.model): cache, "use_cache": True}
+            kwargs = {cache_argument(chat.model): cache, "use_cache": True}
         with torch.inference_mode():
             logits = chat.model(**inputs, logits_to_keep=n, **kwargs).logits[:, -n:]  # [B, n, vocab]
             return self.objective.loss(logits).cpu()
@@ -242,6 +242,7 @@ class AttackState:
     best_loss: float
     losses: list[float]  # loss of the kept suffix after each step
     elapsed: float  # seconds spent so far (over all resumed sessions)
+    initial_loss: float  # the loss of the initial suffix (the curve's step 0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -255,10 +256,23 @@ class AttackState:
         if not isinstance(data, dict) or sorted(data) != sorted(expected):
             raise RefusalError(f"the saved attack state does not have exactly the fields {expected}; delete it to start the attack afresh")
         step, losses = data["step"], data["losses"]
-        ok = type(step) is int and ids(data["suffix"]) and ids(data["best_suffix"]) and number(data["best_loss"]) and number(data["elapsed"])
+        ok = (
+            type(step) is int
+            and ids(data["suffix"])
+            and ids(data["best_suffix"])
+            and all(number(data[k]) for k in ("best_loss", "elapsed", "initial_loss"))
+        )
         if not (ok and isinstance(losses, list) and len(losses) == step and all(map(number, losses))):
             raise RefusalError("the saved attack state has a field of the wrong type, or not one loss per step; delete it to start the attack afresh")
-        return cls(step, list(data["suffix"]), list(data["best_suffix"]), float(data["best_loss"]), list(map(float, losses)), float(data["elapsed"]))
+        return cls(
+            step,
+            list(data["suffix"]),
+            list(data["best_suffix"]),
+            float(data["best_loss"]),
+            list(map(float, losses)),
+            float(data["elapsed"]),
+            float(data["initial_loss"]),
+        )
 
 
 def optimize_suffix(
@@ -300,7 +314,7 @@ def optimize_suffix(
     scorer = CandidateScorer(chat, prompts, objective, batch_size=batch_size)
     if state is None:
         start_loss = float(scorer.scores(torch.tensor([init]))[0])
-        state = AttackState(step=0, suffix=list(init), best_suffix=list(init), best_loss=start_loss, losses=[], elapsed=0.0)
+        state = AttackState(step=0, suffix=list(init), best_suffix=list(init), best_loss=start_loss, losses=[], elapsed=0.0, initial_loss=start_loss)
         log(f"attack: {len(prompts)} prompts, suffix of {len(init)} tokens, start loss {start_loss:.4f}")
     else:
         state = AttackState.from_dict(state.to_dict())  # checked, and a copy: the caller's object is left alone

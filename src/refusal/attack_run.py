@@ -65,8 +65,8 @@ def objective(ctx: Context) -> Objective:
 
 def initial_suffix(ctx: Context, length: int) -> list[int]:
     """GCG's customary start, '! ! ! ...', as ``length`` tokens (any single repeated printable token if '!' merges)."""
-    for text in ("!", " !", "x", " x"):
-        ids = ctx.chat.tokenizer(text * length, add_special_tokens=False)["input_ids"]
+    for text in (" ".join(["!"] * length), " !" * length, "x " * length, " x" * length):
+        ids = ctx.chat.tokenizer(text.strip() if text.startswith("x") else text, add_special_tokens=False)["input_ids"]
         if len(ids) == length:
             return [int(t) for t in ids]
     one = suffix_from_text(ctx.chat, " x")
@@ -201,7 +201,7 @@ def _optimisation(state: AttackState | None, train: list[str]) -> dict | None:
         return None
     return {
         "steps": state.step,
-        "loss_curve": state.losses,
+        "loss_curve": [state.initial_loss, *state.losses],  # step 0 is the initial suffix
         "best_loss": state.best_loss,
         "seconds": round(state.elapsed, 1),
         "train_prompts": train,

@@ -98,7 +98,7 @@ class TeacherForced:
             ones = torch.ones(len(group), skip, dtype=batch["attention_mask"].dtype, device=chat.device)
             batch["attention_mask"] = torch.cat([ones, batch["attention_mask"]], dim=1)
             batch["position_ids"] = batch["position_ids"] + skip
-            kwargs = {_cache_argument(chat.model): cache, "use_cache": True}
+            kwargs = {cache_argument(chat.model): cache, "use_cache": True}
         with torch.inference_mode():
             logits = chat.model(**batch, logits_to_keep=keep, **kwargs).logits.float().cpu()
         index = torch.zeros(len(group), self.n, dtype=torch.long)
@@ -127,7 +127,7 @@ class TeacherForced:
             yield self.batch(k, cache=cache)
 
 
-def _cache_argument(model) -> str:
+def cache_argument(model) -> str:
     import inspect
 
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

@@ -166,9 +166,9 @@ class AttackSettings:
         1200.0, "stop starting steps after this long in total, e.g. 20m, 90s, 1h; 'none' for no limit", parse=duration
     )
     candidates: int = setting(64, "candidate suffixes scored per step")
-    top_k: int = setting(128, "substitutions considered per suffix position (largest negative gradient)")
+    top_k: int = setting(256, "substitutions considered per suffix position (largest negative gradient)")
     suffix_length: int | None = setting(None, "suffix tokens (default 20; with --suffix-file: the length the file must tokenize to)")
-    attack_prompts: int = setting(8, "harmful train prompts the universal suffix is optimised on")
+    attack_prompts: int = setting(4, "harmful train prompts the universal suffix is optimised on (GPU: 25, as GCG)")
     target: str | None = setting(None, "optimise towards this completion (e.g. 'Sure, here is') instead of the refusal score")
     attack_floor: float = setting(-3.0, "a prompt's refusal log-odds below this count as this (the attack stops pushing it)")
     candidate_batch: int = setting(64, "candidate sequences per forward pass")
