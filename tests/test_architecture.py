@@ -78,3 +78,10 @@ def test_the_cli_reads_no_run_file_and_calls_one_library_function_per_command():
         if isinstance(node, ast.FunctionDef) and node.name.startswith("cmd_"):
             imported = [n for sub in ast.walk(node) if isinstance(sub, ast.ImportFrom) for n in sub.names]
             assert len(imported) <= 2, f"{node.name} imports {[a.name for a in imported]}"
+
+
+def test_the_public_api_names_exist():
+    import refusal
+
+    missing = [name for name in refusal.__all__ if not hasattr(refusal, name)]
+    assert not missing, f"refusal.__all__ lists names the package does not define: {missing}"

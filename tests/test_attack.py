@@ -12,12 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import build_model
-from refusal.attack import AttackState, CandidateScorer, Objective, _relaxed_loss, optimize_suffix, roundtrip_ok, sample_candidates, suffix_gradient
+from refusal.attack import AttackState, optimize_suffix, relaxed_loss, roundtrip_ok, sample_candidates, suffix_gradient
 from refusal.data import load_builtin
 from refusal.errors import RefusalError
 from refusal.judges import is_refusal
 from refusal.model import ChatModel, wrap_model
 from refusal.scoring import refusal_score
+from refusal.suffix_scoring import CandidateScorer, Objective
 from refusal.suffixes import SuffixedPrompt, allowed_tokens, random_suffix, split_prompt
 
 INSTRUCTIONS = load_builtin("harmful")[:3]
@@ -75,7 +76,7 @@ def test_gradient_matches_finite_differences(tokenizer, family, n_prompts, kind)
 
     one_hot = F.one_hot(torch.tensor(suffix), vocab).double()
     with torch.no_grad():
-        at = float(_relaxed_loss(chat, prompts, objective, one_hot))
+        at = float(relaxed_loss(chat, prompts, objective, one_hot))
     assert at == pytest.approx(direct_loss(chat, prompts, objective, suffix), abs=1e-9)  # the relaxation is exact at a one-hot
 
     eps, checked = 1e-2, []  # norms compute in float32 even in a float64 model: a smaller step adds more rounding noise than it removes
@@ -83,8 +84,8 @@ def test_gradient_matches_finite_differences(tokenizer, family, n_prompts, kind)
         step = torch.zeros_like(one_hot)
         step[i, j], step[i, suffix[i]] = eps, -eps
         with torch.no_grad():
-            plus = float(_relaxed_loss(chat, prompts, objective, one_hot + step))
-            minus = float(_relaxed_loss(chat, prompts, objective, one_hot - step))
+            plus = float(relaxed_loss(chat, prompts, objective, one_hot + step))
+            minus = float(relaxed_loss(chat, prompts, objective, one_hot - step))
         numeric = (plus - minus) / (2 * eps)
         analytic = float(grad[i, j] - grad[i, suffix[i]])
         assert analytic == pytest.approx(numeric, rel=1e-2, abs=2e-5), (i, j)  # a wrong gradient (unscaled, misplaced) is off by far more

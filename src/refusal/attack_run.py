@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .attack import AttackState, Objective, optimize_suffix
+from .attack import AttackState, optimize_suffix
 from .errors import RefusalError
 from .evaluation import rate
 from .generation import HFEngine
@@ -30,6 +30,7 @@ from .provenance import digest, timestamp
 from .run_dir import ARTIFACTS, read_json, write_json
 from .scoring import refusal_score
 from .settings import Settings
+from .suffix_scoring import Objective
 from .suffixes import SuffixedPrompt, random_suffix, read_suffix_file, split_prompt, suffix_from_text
 from .workspace import Context, start
 
