@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
 
 import pytest
 
@@ -62,6 +65,24 @@ def test_the_report_shows_the_mechanisms_section(attacked):
     head = report["mechanisms"]["heads"][0]
     assert shown["mechanisms.heads.0.attribution.harmful"] == fmt("x", head["attribution"]["harmful"])
     assert "## Mechanisms" in (attacked / "report" / "report.md").read_text()
+
+
+def test_the_mechanisms_section_renders_headless(attacked):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not browser:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing in CI; .ci/run should have installed it (apt-get install chromium)")
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    page = attacked / "report" / "report.html"
+    result = subprocess.run([browser, "--headless", "--disable-gpu", "--no-sandbox", "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    dom = result.stdout
+    section = dom[dom.index('<section id="mechanisms">') :]
+    section = section[: section.index("</section>")]
+    assert section.count("<img") == 3 and "data:image/png;base64," in section
+    written = dict(re.findall(r'data-key="(mechanisms\.[^"]+)">([^<]*)<', page.read_text()))
+    rendered = dict(re.findall(r'data-key="(mechanisms\.[^"]+)">([^<]*)<', section))
+    assert written and rendered == written
 
 
 def test_a_second_call_resumes_and_more_steps_continue(attacked, robust_organism_dir, capsys):
