@@ -1,6 +1,7 @@
 """Benchmark: a universal adversarial suffix on the default model and what it does to the refusal direction (paper §5).
 
     python benchmarks/attack.py [--out /tmp/bench/attack-demo] [--budget 20m] [--layers 8-18] [--positions -1]
+                                [--attack-prompts 4] [--candidates 64] [--suffix-length 20] [--attack-floor -3]
 
 Stages (each reused while fresh, so an interrupted benchmark resumes):
   1. `refusal run` (no export): the direction, chosen over --layers x --positions, and the report
@@ -34,6 +35,7 @@ def main() -> None:
     p.add_argument("--attack-prompts", type=int, default=4)
     p.add_argument("--candidates", type=int, default=64)
     p.add_argument("--suffix-length", type=int, default=20)
+    p.add_argument("--attack-floor", type=float, default=-3.0)
     args = p.parse_args()
 
     settings = Settings()
@@ -43,7 +45,7 @@ def main() -> None:
     ran = stages.run("refusal run", lambda: run(settings, args.out, export_model_dir=False))
     settings.attack.time_budget = args.budget
     settings.attack.attack_prompts, settings.attack.candidates = args.attack_prompts, args.candidates
-    settings.attack.suffix_length = args.suffix_length
+    settings.attack.suffix_length, settings.attack.attack_floor = args.suffix_length, args.attack_floor
     result = stages.run("refusal attack", lambda: attack(settings, args.out, inherit=("model", "data", "evaluation"))).attack
     analysis = stages.run("refusal analyze", lambda: analyze(args.out, {})).mechanisms
 

@@ -18,7 +18,7 @@ from refusal.errors import RefusalError
 from refusal.report import REQUIRED, fmt, render_html, render_markdown, write_report
 from refusal.stats import wilson_interval
 
-SECTIONS = ("rates", "costs", "selection", "projections", "cosine", "samples", "metadata")
+SECTIONS = ("rates", "costs", "selection", "projections", "cosine", "samples", "search", "mechanisms", "metadata")
 
 
 def rate(refused: int, total: int) -> dict:
@@ -265,6 +265,8 @@ def test_missing_required_key_names_it_and_writes_nothing(tmp_path, key):
         (lambda r: r.update(format_version="3"), "format_version '3' is not supported"),
         (lambda r: r["cosine"]["matrix"].pop(), "6 x 6"),
         (lambda r: r["kl"]["ablated"]["first_token"].update(mean=float("nan")), "use null for values that were not measured"),
+        (lambda r: r.update(mechanisms=[1]), "'mechanisms' must be an object or null"),
+        (lambda r: r.update(mechanisms={"layers": [0, 1]}), "mechanisms.groups is missing"),
     ],
 )
 def test_malformed_report_is_a_clear_error_and_writes_nothing(tmp_path, change, message):
