@@ -167,7 +167,7 @@ class AttackSettings:
     )
     candidates: int = setting(64, "candidate suffixes scored per step")
     top_k: int = setting(256, "substitutions considered per suffix position (largest negative gradient)")
-    suffix_length: int | None = setting(None, "suffix tokens (default 20; with --suffix-file: the length the file must tokenize to)")
+    suffix_length: int | None = setting(None, "suffix tokens (none: 20; with --suffix-file, the length the file must tokenize to)")
     attack_prompts: int = setting(4, "harmful train prompts the universal suffix is optimised on (GPU: 25, as GCG)")
     target: str | None = setting(None, "optimise towards this completion (e.g. 'Sure, here is') instead of the refusal score")
     attack_floor: float = setting(-3.0, "a prompt's refusal log-odds below this count as this (the attack stops pushing it)")
@@ -194,7 +194,7 @@ class AnalysisSettings:
     suffix_file: str | None = setting(None, "analyse this suffix (text file) instead of RUN/attack.json's", metavar="FILE", parse=local_path)
     base: str | None = setting(None, "a second model (e.g. the base model) whose directions are compared layer by layer", parse=local_path)
     top_heads: int = setting(8, "attention heads shown by direct attribution to the direction")
-    analysis_prompts: int | None = setting(None, "test prompts per class analysed (default: the whole test split)")
+    analysis_prompts: int | None = setting(None, "test prompts per class analysed (none: the whole test split)")
 
     def validate(self) -> None:
         _at_least("top_heads", self.top_heads, 1)
