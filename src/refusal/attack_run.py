@@ -170,7 +170,7 @@ def attack(settings: Settings, out: Path, overwrite: bool = False, inherit: tupl
         text = chat.tokenizer.decode(ids)
     baseline = random_suffix(chat, len(ids), ctx.settings.data.seed)
     inputs = attack_inputs(ctx, ids, baseline, source)
-    if run.fresh("attack", ctx.settings, inputs) and run.read("attack").get("optimisation") == _optimisation(state, train):
+    if run.fresh("attack", ctx.settings, inputs) and _same_optimisation(run.read("attack").get("optimisation"), _optimisation(state, train)):
         return AttackResult(run.path, run.read("attack"), run.info.get("timings", {}))
     eval_start = time.perf_counter()
     results = held_out(ctx, {"none": [], "suffix": ids, "random": baseline})
@@ -207,6 +207,14 @@ def _optimisation(state: AttackState | None, train: list[str]) -> dict | None:
         "seconds": round(state.elapsed, 1),
         "train_prompts": train,
     }
+
+
+def _same_optimisation(saved: dict | None, now: dict | None) -> bool:
+    """Whether attack.json describes the optimisation as it stands (its seconds aside: a resumed call that runs no step still spends some)."""
+    keys = ("steps", "loss_curve", "best_loss", "train_prompts")
+    if saved is None or now is None:
+        return saved is now
+    return all(saved.get(k) == now.get(k) for k in keys)
 
 
 def attack_inputs(ctx: Context, suffix: list[int], baseline: list[int], source: str) -> dict:
