@@ -142,3 +142,24 @@ def test_analyze_needs_a_run_and_a_suffix(tmp_path, robust_organism_dir, capsys)
     assert main(["analyze", "--run", str(run), "--suffix-file", str(empty)]) == 1
     assert "is empty" in capsys.readouterr().err
     assert sorted(p.name for p in run.iterdir()) == before and (run / "run.json").read_text() == journal
+
+
+def test_a_report_on_another_test_split_drops_the_old_mechanisms_until_analyze_runs_again(attacked, capsys):
+    """(Runs last: it changes the module's run.) The report's Mechanisms section is only ever from the current split and direction."""
+    assert main(["run", "--out", str(attacked), *organism_args(robust_organism_dir_of(attacked)), "--n-test", "16", "--no-export", "--quiet"]) == 0
+    assert json.loads((attacked / "report" / "report.json").read_text())["mechanisms"] is None
+    assert main(["analyze", "--run", str(attacked), "--quiet"]) == 1  # attack.json was measured on the old split
+    assert "attack.json is stale" in capsys.readouterr().err
+    state = (attacked / "attack.state.json").read_text()
+    assert main(["attack", "--out", str(attacked), *ATTACK]) == 0  # re-measured; the optimisation is not redone
+    assert (attacked / "attack.state.json").read_text() == state
+    assert json.loads((attacked / "attack.json").read_text())["n_test"] == 16
+    assert main(["analyze", "--run", str(attacked), "--quiet"]) == 0
+    report = json.loads((attacked / "report" / "report.json").read_text())
+    assert report["mechanisms"]["n_prompts"] == {"harmful": 16, "harmless": 16}
+
+
+def robust_organism_dir_of(run):
+    from pathlib import Path
+
+    return Path(json.loads((run / "run.json").read_text())["settings"]["model"]["model"])

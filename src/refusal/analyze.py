@@ -192,7 +192,7 @@ def analyze(path: Path, options: dict) -> AnalyzeResult:
         mechanisms = measure(ctx, cands, direction, suffix, baseline, base_candidates(ctx))
         mechanisms["suffix"]["source"] = source
         write_json(run.file("analysis"), {"format_version": ARTIFACTS["analysis"].format_version, "mechanisms": mechanisms})
-        run.record("analysis", ctx.settings, inputs, upstream, selection=run.entry("selection").get("fingerprint"))
+        run.record("analysis", ctx.settings, inputs, upstream, selection=run.entry("selection").get("fingerprint"), test=inputs["test"])
         ctx.timed("analyze", start)
     if run.file("report").is_dir() and (run.file("report") / "report.json").is_file():
         report = run.read("report")

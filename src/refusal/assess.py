@@ -133,17 +133,20 @@ def evaluate_run(
     del edited_chat
     ctx.timed("evaluate", begin)
     report["timings"] = run.info.get("timings", {})
-    report["mechanisms"] = current_mechanisms(run)
+    report["mechanisms"] = current_mechanisms(run, inputs["test"])
     run.remove("report", quiet=True)
     write_report(report, run.file("report"))
     run.record("report", ctx.settings, inputs, upstream)
     return report
 
 
-def current_mechanisms(run: RunDir) -> dict | None:
-    """RUN/analysis.json's numbers while they were measured on the run's current direction (the report's "Mechanisms")."""
+def current_mechanisms(run: RunDir, test: list[str]) -> dict | None:
+    """RUN/analysis.json's numbers while they were measured on the run's current direction and ``test`` split hashes
+    (the report's "Mechanisms" section)."""
     entry, chosen = run.entry("analysis"), run.entry("selection")
-    if not entry or not chosen or entry.get("selection") != chosen.get("fingerprint") or not run.file("analysis").is_file():
+    if not entry or not chosen or entry.get("selection") != chosen.get("fingerprint") or entry.get("test") != test:
+        return None
+    if not run.file("analysis").is_file():
         return None
     return run.read("analysis").get("mechanisms")
 
