@@ -74,7 +74,8 @@ def test_the_mechanisms_section_renders_headless(attacked):
             pytest.fail("chromium is missing in CI; .ci/run should have installed it (apt-get install chromium)")
         pytest.skip("chromium not installed (apt-get install chromium)")
     page = attacked / "report" / "report.html"
-    result = subprocess.run([browser, "--headless", "--disable-gpu", "--no-sandbox", "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=60)
+    command = [browser, "--headless", "--disable-gpu", "--no-sandbox", "--dump-dom", page.as_uri()]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     dom = result.stdout
     section = dom[dom.index('<section id="mechanisms">') :]
