@@ -114,7 +114,8 @@ def evaluate_run(
     begin = time.perf_counter()
     chat, run = ctx.chat, ctx.run
     upstream = tuple(u for u in ("selection" if selection else "", "search" if search else "", "model" if edited else "") if u)
-    inputs = {"test": [ctx.prompts.hash(k, "test") for k in ("harmful", "harmless")], "search": digest(search) if search else None}
+    test = [ctx.prompts.hash(k, "test") for k in ("harmful", "harmless")]
+    inputs = {"test": test, "search": digest(search) if search else None}
     if run.fresh("report", ctx.settings, inputs, upstream):
         return run.read("report")
     conditions = [Condition("original", LABELS["original"], chat)]
@@ -133,7 +134,7 @@ def evaluate_run(
     del edited_chat
     ctx.timed("evaluate", begin)
     report["timings"] = run.info.get("timings", {})
-    report["mechanisms"] = current_mechanisms(run, inputs["test"])
+    report["mechanisms"] = current_mechanisms(run, test)
     run.remove("report", quiet=True)
     write_report(report, run.file("report"))
     run.record("report", ctx.settings, inputs, upstream)
