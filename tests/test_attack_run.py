@@ -67,6 +67,22 @@ def test_the_report_shows_the_mechanisms_section(attacked):
     assert "## Mechanisms" in (attacked / "report" / "report.md").read_text()
 
 
+def test_a_base_model_is_compared_layer_by_layer_and_a_foreign_one_refused(attacked, organism_dir, tmp_path, capsys):
+    from conftest import save_tiny
+
+    journal = (attacked / "run.json").read_text()
+    tiny = save_tiny(tmp_path / "tiny")  # width 32, 3 layers: not the organism's architecture
+    assert main(["analyze", "--run", str(attacked), "--base", str(tiny), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "give the base model of the same architecture" in err and len(err.splitlines()) == 1
+    assert (attacked / "run.json").read_text() == journal  # the failed option is not kept
+    assert main(["analyze", "--run", str(attacked), "--base", str(organism_dir), "--quiet"]) == 0  # same architecture and vocabulary
+    m = json.loads((attacked / "analysis.json").read_text())["mechanisms"]
+    assert m["base"]["model"] == str(organism_dir) and len(m["base"]["cosine"]) == len(m["layers"])
+    assert all(-1.0 <= c <= 1.0 for c in m["base"]["cosine"])
+    assert json.loads((attacked / "report" / "report.json").read_text())["mechanisms"]["base"] == m["base"]
+
+
 def test_the_mechanisms_section_renders_headless(attacked):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if not browser:

@@ -14,6 +14,7 @@ All on the test split (``--analysis-prompts`` caps it); directions and projectio
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,8 +137,12 @@ def base_candidates(ctx: Context) -> Candidates | None:
     if source is None:
         return None
     chat, m, batch = ctx.chat, ctx.settings.model, ctx.settings.evaluation.batch_size
-    template = chat.chat_template or chat.tokenizer.chat_template
-    base = load_model(source, dtype=m.dtype, device=m.device, device_map=m.device_map, trust_remote_code=m.trust_remote_code, chat_template=template)
+    with tempfile.TemporaryDirectory() as tmp:  # load_model takes the template as a file
+        template = Path(tmp) / "chat_template.jinja"
+        template.write_text(chat.chat_template or chat.tokenizer.chat_template, encoding="utf-8")
+        base = load_model(
+            source, dtype=m.dtype, device=m.device, device_map=m.device_map, trust_remote_code=m.trust_remote_code, chat_template=template
+        )
     if base.d_model != chat.d_model or base.n_layers != chat.n_layers:
         raise RefusalError(
             f"--base {source} has {base.n_layers} layers of width {base.d_model}, the run's model {chat.n_layers} of {chat.d_model}; "
@@ -172,7 +177,6 @@ def analyze(path: Path, options: dict) -> AnalyzeResult:
     ctx = reopen(path)
     ctx.settings = settings
     suffix, baseline, source = the_suffix(ctx)  # a bad suffix fails here, before anything is written
-    run.update(settings=settings.to_dict())
     cands = candidates(ctx)
     chosen, direction = selection(ctx, cands)
     base_id = model_fingerprint(resolve_model(ctx.settings.analysis.base))["sha256"] if ctx.settings.analysis.base else None
@@ -187,11 +191,12 @@ def analyze(path: Path, options: dict) -> AnalyzeResult:
     if run.fresh("analysis", ctx.settings, inputs, upstream):
         mechanisms = run.read("analysis")["mechanisms"]
     else:
-        run.remove("analysis", quiet=True)
         start = time.perf_counter()
         mechanisms = measure(ctx, cands, direction, suffix, baseline, base_candidates(ctx))
         mechanisms["suffix"]["source"] = source
+        run.remove("analysis", quiet=True)  # only now: a failed analysis leaves the previous one
         write_json(run.file("analysis"), {"format_version": ARTIFACTS["analysis"].format_version, "mechanisms": mechanisms})
+        run.update(settings=settings.to_dict())  # the analysis options are kept once they worked (a bad --base changes nothing)
         run.record("analysis", ctx.settings, inputs, upstream, selection=run.entry("selection").get("fingerprint"), test=inputs["test"])
         ctx.timed("analyze", start)
     if run.file("report").is_dir() and (run.file("report") / "report.json").is_file():
