@@ -193,8 +193,13 @@ def heads_plot(mechanisms: dict) -> str:
             ax.bar(xs, values, width * 0.95, bottom=bottom, color=shades[region], edgecolor="white", label=region if i == 0 else None)
             bottom = [b + v for b, v in zip(bottom, values)]
     ax.set_xticks(range(len(heads)), names, rotation=45, fontsize=7)
-    ax.set(ylim=(0, 1), ylabel="attention of the last position", title="bars per head: " + ", ".join(g.replace("harmful", "h") for g in groups))
-    ax.legend(fontsize=7)
+    ax.set(
+        ylim=(0, 1.15),
+        ylabel="attention of the last position",
+        title="per head, left to right: harmful | + suffix | + random suffix",
+    )
+    ax.title.set_fontsize(8)
+    ax.legend(fontsize=7, ncols=3, loc="upper center")
     return _png(fig)
 
 
