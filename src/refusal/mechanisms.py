@@ -242,6 +242,8 @@ def attention_masses(chat: ChatModel, prompts: list[SuffixedPrompt], heads: list
 def eager_attention(chat: ChatModel) -> Iterator[None]:
     """Within the block the model runs eager attention (which returns probabilities); the previous implementation is restored after."""
     model = chat.model
+    if not hasattr(model, "set_attn_implementation"):
+        raise UnsupportedModelError("reading attention probabilities needs model.set_attn_implementation; upgrade transformers (5.x is tested)")
     previous = _implementations(model.config)
     try:
         model.set_attn_implementation("eager")
