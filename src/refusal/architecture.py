@@ -50,7 +50,7 @@ class Writer:
     in ``model.state_dict()``. ``gain`` is set when a normalisation with elementwise gains sits
     between the module and the residual add (Gemma 2/3, OLMo 2 "post-norms"): the module's output is
     then orthogonal to the residual direction u after the norm exactly when it is orthogonal to
-    gain * u before it. Embeddings count as layer 0.
+    gain * u before it; ``post_norm`` is that norm module. Embeddings count as layer 0.
     """
 
     module: nn.Module
@@ -60,6 +60,7 @@ class Writer:
     rows: bool = False
     weight_name: str = ""
     bias_name: str | None = None
+    post_norm: nn.Module | None = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -130,14 +131,15 @@ def _orientation(module: nn.Module, d_model: int, where: str) -> bool:
     raise UnsupportedModelError(f"{where} ({type(module).__name__}, weight {shape}) has no known orientation; supported: {SUPPORTED_FAMILIES}")
 
 
-def _writer(module: nn.Module, component: str, layer: int, names: dict[int, str], d_model: int, gain: torch.Tensor | None = None) -> Writer:
+def _writer(module: nn.Module, component: str, layer: int, names: dict[int, str], d_model: int, post_norm: nn.Module | None = None) -> Writer:
     name = names[id(module)]
     bias = getattr(module, "bias", None)
     return Writer(
         module=module,
         component=component,
         layer=layer,
-        gain=gain,
+        gain=_norm_gain(post_norm, d_model) if post_norm is not None else None,
+        post_norm=post_norm,
         rows=_orientation(module, d_model, name),
         weight_name=f"{name}.weight",
         bias_name=f"{name}.bias" if isinstance(bias, torch.Tensor) else None,
@@ -159,8 +161,7 @@ def find_writers(model: HFModel, layers: nn.ModuleList, d_model: int) -> list[Wr
                     f"{type(model).__name__} is not supported: layer {i} ({type(layer).__name__}) has no {component} output projection "
                     f"(looked for {', '.join(paths)}). Supported: {SUPPORTED_FAMILIES}"
                 )
-            gain = _norm_gain(getattr(layer, post), d_model) if sandwich else None
-            writers.append(_writer(module, component, i, names, d_model, gain))
+            writers.append(_writer(module, component, i, names, d_model, getattr(layer, post) if sandwich else None))
     return writers
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .activations import batches
 from .attack import AttackState, optimize_suffix
 from .errors import RefusalError
 from .evaluation import rate
@@ -28,7 +29,7 @@ from .judges import REFUSAL_PHRASES, judge_refusals, load_phrases
 from .progress import log
 from .provenance import digest, timestamp
 from .run_dir import ARTIFACTS, read_json, write_json
-from .scoring import refusal_score
+from .scoring import last_logits, refusal_score
 from .settings import Settings
 from .suffix_scoring import Objective
 from .suffixes import SuffixedPrompt, random_suffix, read_suffix_file, split_prompt, suffix_from_text
@@ -144,9 +145,8 @@ def held_out(ctx: Context, suffixes: dict[str, list[int]]) -> dict:
 
 def first_token_scores(ctx: Context, prompts: list[SuffixedPrompt], refusal_ids: list[int]) -> torch.Tensor:
     """[n] refusal log-odds at the last prompt position."""
-    size = ctx.settings.evaluation.batch_size
-    logits = torch.cat([ctx.chat.logits(ctx.chat.pad([p.ids for p in prompts[i : i + size]])).cpu() for i in range(0, len(prompts), size)])
-    return refusal_score(logits, refusal_ids)
+    prepared = [ctx.chat.pad([p.ids for p in group]) for group in batches(prompts, ctx.settings.evaluation.batch_size)]
+    return refusal_score(last_logits(ctx.chat, prepared), refusal_ids)
 
 
 # ---- the command ---------------------------------------------------------------------------------

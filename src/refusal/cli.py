@@ -157,8 +157,7 @@ def cmd_search(args: argparse.Namespace) -> dict:
 def cmd_attack(args: argparse.Namespace) -> dict:
     from .attack_run import attack
 
-    existing = (args.out / "run.json").is_file() and not args.overwrite
-    inherit = tuple(g for g in ("model", "data", "evaluation") if existing and not given(args, g))
+    inherit = tuple(g for g in ("model", "data", "evaluation") if not given(args, g))  # kept from a run being resumed
     result = attack(from_args(args), args.out, overwrite=args.overwrite, inherit=inherit)
     if not args.quiet and not args.json:
         print_attack(result.attack)

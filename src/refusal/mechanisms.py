@@ -33,10 +33,6 @@ from .hooks import hooked, untuple
 from .model import ChatModel
 from .suffixes import REGIONS, SuffixedPrompt
 
-# The norm between a writer and the residual add in "sandwich" layers (those whose writers carry a
-# gain; the same names ``architecture.find_writers`` reads the gains from).
-_POST_NORMS = {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"}
-
 
 # ---- the direction across layers (Fig. 5) ---------------------------------------------------------
 def layer_cosines(chat: ChatModel, prompts: list[list[int]], direction: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
@@ -169,16 +165,9 @@ def _capture_hooks(chat: ChatModel, seen: dict[str, torch.Tensor]) -> tuple[list
         post.append((w.module, store(f"{w.component}.{w.layer}")))
         if w.component == "attn":
             pre.append((w.module, store(f"z.{w.layer}", pre=True)))
-        if w.gain is not None:
-            post.append((_post_norm(chat, w.layer, w.component), store(f"norm.{w.component}.{w.layer}")))
+        if w.post_norm is not None:
+            post.append((w.post_norm, store(f"norm.{w.component}.{w.layer}")))
     return pre, post
-
-
-def _post_norm(chat: ChatModel, layer: int, component: str) -> torch.nn.Module:
-    norm = getattr(chat.layers[layer], _POST_NORMS[component], None)
-    if not isinstance(norm, torch.nn.Module):
-        raise UnsupportedModelError(f"layer {layer} has a post-norm gain for its {component} but no {_POST_NORMS[component]} module")
-    return norm
 
 
 def _effective_direction(w: Writer, seen: dict[str, torch.Tensor], unit: torch.Tensor) -> torch.Tensor:
@@ -188,7 +177,7 @@ def _effective_direction(w: Writer, seen: dict[str, torch.Tensor], unit: torch.T
     with one scalar k per position; k = ||norm(y)|| / ||gain * y||, so v = k * gain * unit.
     """
     y = seen[f"{w.component}.{w.layer}"]  # [batch, d_model]
-    if w.gain is None:
+    if w.post_norm is None or w.gain is None:
         return unit.to(y.device).expand_as(y)
     gain = w.gain.to(y.device)
     normed = seen[f"norm.{w.component}.{w.layer}"].to(y.device)  # [batch, d_model]

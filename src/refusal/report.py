@@ -31,7 +31,7 @@ from .report_html import (
     selection_section,
     table,
 )
-from .report_mechanisms import mechanisms_html, mechanisms_markdown
+from .report_mechanisms import mechanisms_html, mechanisms_tables
 from .report_schema import FORMAT_VERSION, REQUIRED, fmt, kinds, labels, validate_report
 from .stats import rate_values
 
@@ -236,7 +236,11 @@ def render_markdown(report: dict, samples_per_kind: int = 2, max_chars: int = 16
             "",
             *_md_table(list(fields), rows),
         ]
-    lines += mechanisms_markdown(report, _plain)
+    if m := report.get("mechanisms"):
+        suffix = (m.get("suffix") or {}).get("text", "").replace("`", "'")
+        lines += ["", "## Mechanisms (refusal analyze)", "", f"Suffix: `{suffix}`"]
+        for header, rows in mechanisms_tables(m, _plain, _md).values():
+            lines += ["", *_md_table(header, rows)]
     if timings := report.get("timings"):
         rows = [[_md(k), _plain(f"timings.{k}", v)] for k, v in timings.items()]
         lines += ["", "## Timings", "", *_md_table(["stage", "seconds"], rows)]

@@ -3,7 +3,8 @@
 Reads ``report["mechanisms"]`` (written by ``analyze``): the per-layer cosine of four prompt groups
 (the paper's Fig. 5), the top heads' direct attribution and attention (Fig. 6), the decomposition
 check and the direction across layers. HTML figures come from ``report_plots``; every number sits
-in a ``num`` element with its JSON path, as everywhere in the report.
+in a ``num`` element with its JSON path, as everywhere in the report. ``mechanisms_tables`` is shared
+with the Markdown summary (``report.render_markdown``).
 """
 
 from __future__ import annotations
@@ -14,34 +15,32 @@ from .report_html import esc, img, missing, num, table
 DECOMPOSITION_FIELDS = ("total", "embed", "heads", "top_heads", "attn_bias", "mlp", "max_abs_error")
 
 
-def _gap_rows(m: dict, tag) -> list[list[str]]:
-    return [
-        [esc(m["groups"][g]), tag(f"mechanisms.gap_closed.{g}.mean_from_direction_layer", entry["mean_from_direction_layer"])]
+def mechanisms_tables(m: dict, tag, text) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """The section's tables as (header, rows): ``tag`` writes a value by its JSON path, ``text`` escapes a label (HTML or Markdown)."""
+    gap = [
+        [text(m["groups"][g]), tag(f"mechanisms.gap_closed.{g}.mean_from_direction_layer", entry["mean_from_direction_layer"])]
         for g, entry in m["gap_closed"].items()
     ]
-
-
-def _head_rows(m: dict, tag) -> list[list[str]]:
-    rows = []
-    for i, h in enumerate(m["heads"]):
-        for g in h["attribution"]:
-            rows.append(
-                [
-                    tag(f"mechanisms.heads.{i}.layer", h["layer"]),
-                    tag(f"mechanisms.heads.{i}.head", h["head"]),
-                    esc(m["groups"][g]),
-                    tag(f"mechanisms.heads.{i}.attribution.{g}", h["attribution"][g]),
-                    *(tag(f"mechanisms.heads.{i}.attention.{g}.{r}", v) for r, v in h["attention"][g].items()),
-                ]
-            )
-    return rows
-
-
-def _decomposition_rows(m: dict, tag) -> list[list[str]]:
-    return [
-        [esc(m["groups"][g]), *(tag(f"mechanisms.decomposition.{g}.{f}", d.get(f)) for f in DECOMPOSITION_FIELDS)]
+    heads = [
+        [
+            tag(f"mechanisms.heads.{i}.layer", h["layer"]),
+            tag(f"mechanisms.heads.{i}.head", h["head"]),
+            text(m["groups"][g]),
+            tag(f"mechanisms.heads.{i}.attribution.{g}", h["attribution"][g]),
+            *(tag(f"mechanisms.heads.{i}.attention.{g}.{r}", v) for r, v in h["attention"][g].items()),
+        ]
+        for i, h in enumerate(m["heads"])
+        for g in h["attribution"]
+    ]
+    parts = [
+        [text(m["groups"][g]), *(tag(f"mechanisms.decomposition.{g}.{f}", d.get(f)) for f in DECOMPOSITION_FIELDS)]
         for g, d in m["decomposition"].items()
     ]
+    return {
+        "gap": (["prompts", "gap closed"], gap),
+        "heads": (["layer", "head", "prompts", "attribution", *(f"attention on {r}" for r in _regions(m))], heads),
+        "decomposition": (["prompts", *DECOMPOSITION_FIELDS], parts),
+    }
 
 
 def _regions(m: dict) -> list[str]:
@@ -53,7 +52,7 @@ def mechanisms_html(report: dict) -> str:
     m = report.get("mechanisms")
     if not m:
         return missing("mechanisms (run `refusal attack` and `refusal analyze`)")
-    suffix = m.get("suffix") or {}
+    suffix, tables = m.get("suffix") or {}, mechanisms_tables(m, num, esc)
     return "\n".join(
         [
             f"<p>Suffix ({esc(suffix.get('source', ''))}): <code>{esc(suffix.get('text', ''))}</code>; "
@@ -63,34 +62,13 @@ def mechanisms_html(report: dict) -> str:
             "<h3>Cosine with the direction at the last position, per layer (mean ± std)</h3>",
             img(plots.layer_cosine_plot(m), "cosine per layer"),
             "<p>Share of the harmful − harmless gap the suffix closes (mean over layers from the direction's on):</p>",
-            table(["prompts", "gap closed"], _gap_rows(m, num)),
+            table(*tables["gap"]),
             "<h3>Top heads by direct attribution, and where they attend</h3>",
             img(plots.heads_plot(m), "top heads"),
-            table(["layer", "head", "prompts", "attribution", *(f"attention on {r}" for r in _regions(m))], _head_rows(m, num)),
+            table(*tables["heads"]),
             "<h3>Decomposition of the final projection (means; max_abs_error: the largest |sum of parts − total| over prompts)</h3>",
-            table(["prompts", *DECOMPOSITION_FIELDS], _decomposition_rows(m, num)),
+            table(*tables["decomposition"]),
             "<h3>The direction across layers</h3>",
             img(plots.across_layers_plot(m), "direction across layers"),
         ]
     )
-
-
-def mechanisms_markdown(report: dict, plain) -> list[str]:
-    """Markdown lines of the section (empty when there is no analysis); ``plain`` formats a value by its JSON path."""
-    m = report.get("mechanisms")
-    if not m:
-        return []
-    md_table = lambda header, rows: [f"| {' | '.join(header)} |", "|" + "---|" * len(header), *(f"| {' | '.join(r)} |" for r in rows)]
-    suffix = (m.get("suffix") or {}).get("text", "").replace("`", "'")
-    return [
-        "",
-        "## Mechanisms (refusal analyze)",
-        "",
-        f"Suffix: `{suffix}`",
-        "",
-        *md_table(["prompts", "gap closed"], _gap_rows(m, plain)),
-        "",
-        *md_table(["layer", "head", "prompts", "attribution", *(f"attention on {r}" for r in _regions(m))], _head_rows(m, plain)),
-        "",
-        *md_table(["prompts", *DECOMPOSITION_FIELDS], _decomposition_rows(m, plain)),
-    ]

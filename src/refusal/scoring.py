@@ -80,10 +80,7 @@ class TeacherForced:
         return bool(kl_divergence(full.flatten(0, 1), shared.flatten(0, 1)).abs().max() <= 1e-5)
 
     def _prefix_cache(self, chat: ChatModel):
-        ids = torch.tensor([self.rows[0][: self.prefix]], device=chat.device)
-        with torch.inference_mode():
-            out = chat.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        return out.cache if hasattr(out, "cache") else out.past_key_values  # transformers >= 5.x calls it ``cache``
+        return prefix_cache(chat, self.rows[0][: self.prefix])
 
     def _logits_for(self, chat: ChatModel, group: list[int], cache) -> torch.Tensor:
         """[len(group), n, vocab] float32 logits of ``chat`` at the predicting positions of each row."""
@@ -93,12 +90,10 @@ class TeacherForced:
         keep = min(width, max(len(self.rows[i]) - self.starts[i] for i in group))
         kwargs: dict = {"use_cache": False}
         if cache is not None:
-            cache = copy.deepcopy(cache)
-            cache.batch_repeat_interleave(len(group))
             ones = torch.ones(len(group), skip, dtype=batch["attention_mask"].dtype, device=chat.device)
             batch["attention_mask"] = torch.cat([ones, batch["attention_mask"]], dim=1)
             batch["position_ids"] = batch["position_ids"] + skip
-            kwargs = {cache_argument(chat.model): cache, "use_cache": True}
+            kwargs = cache_kwargs(chat, cache, len(group))
         with torch.inference_mode():
             logits = chat.model(**batch, logits_to_keep=keep, **kwargs).logits.float().cpu()
         index = torch.zeros(len(group), self.n, dtype=torch.long)
@@ -127,10 +122,21 @@ class TeacherForced:
             yield self.batch(k, cache=cache)
 
 
-def cache_argument(model) -> str:
+def prefix_cache(chat: ChatModel, ids: list[int]):
+    """The key/value cache of one token sequence (a prefix that a batch of continuations shares)."""
+    with torch.inference_mode():
+        out = chat.model(input_ids=torch.tensor([ids], device=chat.device), use_cache=True, logits_to_keep=1)
+    return out.cache if hasattr(out, "cache") else out.past_key_values  # transformers >= 5.x calls it ``cache``
+
+
+def cache_kwargs(chat: ChatModel, cache, n: int) -> dict:
+    """Forward-pass arguments that continue ``cache`` (left untouched) for a batch of ``n`` rows."""
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    repeated = copy.deepcopy(cache)
+    repeated.batch_repeat_interleave(n)
+    name = "cache" if "cache" in inspect.signature(chat.model.forward).parameters else "past_key_values"
+    return {name: repeated, "use_cache": True}
 
 
 def _common_prefix(rows: list[list[int]]) -> int:

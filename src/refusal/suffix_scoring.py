@@ -8,7 +8,6 @@ prompt's head + instruction once and then only [suffix + template tail (+ target
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from .errors import RefusalError
 from .model import ChatModel
 from .progress import log
-from .scoring import cache_argument, refusal_score
+from .scoring import cache_kwargs, prefix_cache, refusal_score
 from .suffixes import SuffixedPrompt
 
 
@@ -71,18 +70,12 @@ class CandidateScorer:
         self.chat, self.objective, self.batch_size = chat, objective, max(1, batch_size)
         self.prefixes = [p.prefix for p in prompts]
         self.afters = [list(p.tail) + objective.continuation() for p in prompts]  # what follows the suffix
-        self.caches = [self._prefix_cache(prefix) for prefix in self.prefixes] if share_prefix else None
+        self.caches = [prefix_cache(chat, prefix) for prefix in self.prefixes] if share_prefix else None
         self.checked = not share_prefix  # whether the cache was checked against full sequences (on the first call)
 
     @property
     def share_prefix(self) -> bool:
         return self.caches is not None
-
-    def _prefix_cache(self, prefix: list[int]):
-        ids = torch.tensor([prefix], device=self.chat.device)  # [1, P]
-        with torch.inference_mode():
-            out = self.chat.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        return out.cache if hasattr(out, "cache") else out.past_key_values
 
     def _losses(self, k: int, batch: torch.Tensor, shared: bool) -> torch.Tensor:
         """[B] float64 loss of prompt k with each suffix of ``batch`` [B, L]."""
@@ -96,15 +89,13 @@ class CandidateScorer:
         else:
             skip = len(self.prefixes[k])
             assert self.caches is not None
-            cache = copy.deepcopy(self.caches[k])
-            cache.batch_repeat_interleave(len(batch))
             width = rows.shape[1]
             inputs = {
                 "input_ids": rows.to(chat.device),
                 "attention_mask": torch.ones(len(batch), skip + width, dtype=torch.long, device=chat.device),  # [B, P + L + A]
                 "position_ids": (skip + torch.arange(width, device=chat.device)).expand(len(batch), -1),  # [B, L + A]
             }
-            kwargs = {cache_argument(chat.model): cache, "use_cache": True}
+            kwargs = cache_kwargs(chat, self.caches[k], len(batch))
         with torch.inference_mode():
             logits = chat.model(**inputs, logits_to_keep=n, **kwargs).logits[:, -n:]  # [B, n, vocab]
             return self.objective.loss(logits).cpu()
