@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from refusal.data import builtin_prompts, dataset_hash, load_prompts, split_instructions
+from refusal.data import builtin_prompts, dataset_hash, load_capability, load_prompts, split_instructions
 from refusal.errors import RefusalError
 
 
@@ -20,6 +20,18 @@ def test_builtin_sets_are_large_varied_and_split(kind):
 def test_builtin_sets_do_not_overlap():
     harmful = {p.instruction for p in builtin_prompts("harmful")}
     assert not harmful & {p.instruction for p in builtin_prompts("harmless")}
+
+
+def test_the_capability_problems_are_48_with_12_per_kind_and_split():
+    items = load_capability()
+    assert len(items) == 48 and len({x.prompt for x in items}) == 48
+    assert Counter((x.kind, x.split) for x in items) == {(k, s): 12 for k in ("code", "math") for s in ("train", "test")}
+    assert all(x.prompt.strip() and x.solution.strip() for x in items)
+    assert all(x.solution.startswith("```python\n") for x in items if x.kind == "code")
+    assert all(x.solution.rstrip(".").split("The answer is ")[-1].isdigit() for x in items if x.kind == "math")
+    assert [x.split for x in load_capability("test")] == ["test"] * 24
+    with pytest.raises(RefusalError, match="unknown capability split 'val'"):
+        load_capability("val")
 
 
 def test_file_formats(tmp_path):

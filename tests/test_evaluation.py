@@ -3,9 +3,10 @@
 import pytest
 import torch
 
+from refusal.data import load_capability
 from refusal.directions import Candidates
 from refusal.errors import RefusalError
-from refusal.evaluation import Condition, EvalSettings, corpus_chunks, cosine_matrix, cross_entropy, evaluate, kl_costs, rate
+from refusal.evaluation import Condition, EvalSettings, capability_loss, corpus_chunks, cosine_matrix, cross_entropy, evaluate, kl_costs, rate
 from refusal.generation import HFEngine
 from refusal.interventions import ablate
 
@@ -90,6 +91,28 @@ def test_cross_entropy_matches_a_hand_computed_value(llama_chat):
     assert got["loss"] == pytest.approx(total / count, rel=1e-6)
 
 
+def test_capability_loss_equals_one_unpadded_item_at_a_time_and_moves_with_an_edit(llama_chat):
+    items = load_capability("test")[::6]  # two code, two math; ragged lengths: batches of 3 pad
+    sums: dict[str, list[float]] = {}
+    for item in items:
+        prompt = llama_chat.encode(item.prompt)
+        solution = llama_chat.tokenizer(item.solution, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = llama_chat.model(torch.tensor([prompt + solution])).logits[0].double()
+        logp = torch.log_softmax(logits[len(prompt) - 1 : -1], -1)
+        entry = sums.setdefault(item.kind, [0.0, 0])
+        entry[0] -= float(logp.gather(1, torch.tensor(solution)[:, None]).sum())
+        entry[1] += len(solution)
+    original = Condition("original", "original", llama_chat)
+    got = capability_loss(original, items, batch_size=3)
+    total, count = sum(v[0] for v in sums.values()), sum(v[1] for v in sums.values())
+    assert (got["tokens"], got["items"]) == (count, 4) and got["loss"] == pytest.approx(total / count, rel=1e-5)
+    assert got["by_kind"] == pytest.approx({k: v[0] / v[1] for k, v in sums.items()}, rel=1e-5) and set(got["by_kind"]) == {"code", "math"}
+    direction = torch.randn(llama_chat.d_model, generator=torch.Generator().manual_seed(5))
+    edited = capability_loss(Condition("ablated", "ablated", llama_chat, lambda: ablate(llama_chat, direction)), items, batch_size=3)
+    assert abs(edited["loss"] - got["loss"]) > 1e-4 and got["loss"] < float("inf")
+
+
 def test_corpus_chunks_respect_the_token_budget_and_the_model_context(llama_chat):
     texts = ["Bake bread with flour and water. " * 40, "Name three colors."]
     chunks = corpus_chunks(llama_chat, texts, max_tokens=100, max_length=32)
@@ -141,14 +164,17 @@ def test_evaluate_needs_the_original_first_and_reports_rates_with_intervals(llam
     result = evaluate(
         conditions,
         {"harmful": PROMPTS[:2], "harmless": PROMPTS[2:]},
-        EvalSettings(max_new_tokens=4, batch_size=2, kl_tokens=3, refusal_ids=[5]),
+        EvalSettings(max_new_tokens=4, batch_size=2, kl_tokens=3, refusal_ids=[5], capability_items=2),
         corpus=["How do I bake bread? Explain how rain forms."],
+        capability=load_capability("test")[11:14],  # capped to 2: one code, one math
     )
     assert result["conditions"] == [{"name": "original", "label": "original"}, {"name": "ablated", "label": "ablated (hooks)"}]
     assert {c: set(by_kind) for c, by_kind in result["rates"].items()} == {"original": {"harmful", "harmless"}, "ablated": {"harmful", "harmless"}}
     assert result["rates"]["original"]["harmful"]["total"] == 2
     assert set(result["kl"]) == {"ablated"} and result["kl"]["ablated"]["multi_token"]["tokens"] <= 3
     assert set(result["ce_loss"]["loss"]) == {"original", "ablated"}
+    assert set(result["capability"]["loss"]) == {"original", "ablated"} and result["capability"]["items"] == 2
+    assert result["capability"]["by_kind"]["ablated"].keys() == {"code", "math"} and result["capability"]["set"] == "builtin"
     assert {c: set(v) for c, v in result["refusal_score"].items()} == {c: set(v) for c, v in result["rates"].items()}
     assert {c: {k: len(t) for k, t in v.items()} for c, v in result["completions"].items()} == {
         c: {"harmful": 2, "harmless": 2} for c in result["rates"]
@@ -175,6 +201,7 @@ def test_costs_come_from_the_condition_not_its_name_and_any_name_is_a_key(llama_
     prompts = {"harmful": PROMPTS[:2], "harmless": PROMPTS[2:]}
     result = evaluate(conditions, prompts, EvalSettings(max_new_tokens=3, batch_size=2, kl_tokens=2), corpus=["Name three colors. " * 4])
     assert set(result["kl"]) == {"trial_30"} and set(result["ce_loss"]["loss"]) == {"original", "trial_30"}
+    assert result["capability"] is None  # no problems given: skipped
     assert set(result["rates"]["steered"]) == {"harmless"} and set(result["rates"]["trial_30"]) == {"harmful", "harmless"}
     assert calls == [prompts["harmful"], prompts["harmless"]]
     with pytest.raises(RefusalError, match="repeat"):

@@ -67,6 +67,13 @@ def make_report() -> dict:
             "edited": {"first_token": {"mean": 0.78123457, "n": 32}, "multi_token": {"mean": 0.5, "n": 32, "tokens": 16}},
         },
         "ce_loss": {"loss": {"original": 2.3145678, "ablated": 2.35, "edited": 2.35}, "tokens": 5000, "corpus": "builtin"},
+        "capability": {
+            "loss": {"original": 0.61234, "edited": 0.7},
+            "by_kind": {"original": {"code": 0.5, "math": 0.7}, "edited": {"code": 0.6, "math": 0.8}},
+            "tokens": 1800,
+            "items": 24,
+            "set": "builtin",
+        },
         "refusal_score": {"original": {"harmful": 1.5}, "ablated": {"harmful": -3.25}},
         "selection": {"chosen": {"layer": 4, "position": -1, "bypass": -1.4, "induce": 0.2, "kl": 0.25, "fallback": True}, "candidates": candidates},
         "projections": {
@@ -191,6 +198,9 @@ def test_every_data_key_number_equals_the_json_value_formatted(written):
         "kl.edited.multi_token.mean",
         "ce_loss.loss.original",
         "ce_loss.loss.edited",
+        "capability.loss.original",
+        "capability.loss.edited",
+        "capability.items",
         "refusal_score.ablated.harmful",
         "safety.edited.harmful.refused",
         "selection.chosen.layer",
@@ -212,6 +222,7 @@ def test_markdown_summary_has_rates_with_intervals_costs_and_escaped_truncated_s
     assert "Unsafe rates (judge: llama-guard-3-1b)" in md
     assert "| KL on harmless, first token | ablated (hooks) | 0.7812 | n = 32 |" in md
     assert "| cross-entropy, nats/token | edited checkpoint | 2.35 | tokens = 5000, corpus = builtin |" in md
+    assert "| capability proxy (code/math loss), nats/token | edited checkpoint | 0.7 | items = 24, tokens = 1800 |" in md
     assert "| select | 61 |" in md
     assert "&lt;script&gt;" in md and "<script" not in md and "\\|" in md
     assert "a" * 300 not in md and "…" in md
@@ -219,7 +230,7 @@ def test_markdown_summary_has_rates_with_intervals_costs_and_escaped_truncated_s
 
 def test_missing_optional_sections_say_not_measured(tmp_path):
     report = make_report()
-    report.update(selection=None, projections=None, cosine=None, safety=None, ce_loss=None, direction=None, samples=[])
+    report.update(selection=None, projections=None, cosine=None, safety=None, ce_loss=None, capability=None, direction=None, samples=[])
     report["kl"]["ablated"]["multi_token"] = None
     del report["timings"], report["settings"]
     paths = write_report(report, tmp_path)
@@ -260,6 +271,7 @@ def test_missing_required_key_names_it_and_writes_nothing(tmp_path, key):
         ),
         (lambda r: r["rates"]["original"]["harmful"].update(refused=40), "0 <= refused <= total"),
         (lambda r: r["kl"].update(trial_3=r["kl"]["ablated"]), "kl.trial_3 is not a listed condition"),
+        (lambda r: r["capability"]["loss"].update(trial_3=1.0), "capability.loss.trial_3 is not a listed condition"),
         (lambda r: r["conditions"].append({"name": "a.b", "label": "dotted"}), "a name of letters, digits"),
         (lambda r: r["conditions"].append({"name": "ablated", "label": "again"}), "conditions repeat a name"),
         (lambda r: r.update(format_version="3"), "format_version '3' is not supported"),
@@ -305,6 +317,7 @@ def test_any_listed_condition_renders_with_its_label_and_no_code_change(tmp_path
     }
     report["kl"] = {"norm_preserving": report["kl"]["ablated"], "trial_30": report["kl"]["edited"]}
     report["ce_loss"]["loss"] = {"original": 2.3, "trial_30": 2.4}
+    report["capability"].update(loss={"original": 0.6, "trial_30": 0.9}, by_kind={})
     report["refusal_score"] = {"suffix": {"harmful": -1.0}}
     report["samples"] = [dict(s, edit="trial_30") for s in report["samples"]]
     paths = write_report(report, tmp_path)

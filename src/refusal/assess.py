@@ -13,7 +13,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import dataset_hash, load_corpus
+from .data import dataset_hash, load_capability, load_corpus
 from .directions import Candidates, Direction
 from .errors import RefusalError
 from .evaluation import Condition, EvalSettings, cosine_matrix, evaluate, projections
@@ -65,11 +65,13 @@ def build_report(
         batch_size=e.batch_size,
         kl_tokens=e.kl_tokens,
         ce_max_tokens=e.ce_tokens,
+        capability_items=e.capability_items,
         phrases=tuple(phrases),
         refusal_ids=chat.refusal_token_ids(e.refusal_tokens),
     )
     corpus = load_corpus(e.corpus) if e.ce_tokens > 0 else None
-    results = evaluate(conditions, prompts, settings, corpus=corpus, safety=safety, corpus_name=e.corpus)
+    capability = load_capability("test") if e.capability_items > 0 else None
+    results = evaluate(conditions, prompts, settings, corpus=corpus, safety=safety, corpus_name=e.corpus, capability=capability)
     edited = next((c for c in conditions if c.name == "edited"), None)
     report = {
         "format_version": REPORT_FORMAT,

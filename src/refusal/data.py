@@ -213,6 +213,36 @@ def load_corpus(source: str = "builtin") -> list[str]:
     return paragraphs
 
 
+CAPABILITY_KINDS = ("code", "math")
+
+
+@dataclass(frozen=True)
+class CapabilityItem:
+    """A built-in code or math problem with a reference solution, scored by teacher-forced loss."""
+
+    kind: str
+    split: str
+    prompt: str
+    solution: str
+
+
+def load_capability(split: str | None = None) -> list[CapabilityItem]:
+    """The capability proxy's problems (texts/capability.jsonl, written for this project), optionally one split."""
+    if split is not None and split not in ("train", "test"):
+        raise RefusalError(f"unknown capability split {split!r}; choose 'train' or 'test'")
+    text = resources.files("refusal").joinpath("texts").joinpath("capability.jsonl").read_text(encoding="utf-8")
+    items = []
+    for n, line in enumerate((x for x in text.splitlines() if x.strip()), 1):
+        record = json.loads(line)
+        ok = isinstance(record, dict) and set(record) == {"kind", "split", "prompt", "solution"}
+        if not ok or record["kind"] not in CAPABILITY_KINDS or record["split"] not in ("train", "test"):
+            raise RefusalError(f"capability.jsonl item {n} is malformed; give kind (code|math), split (train|test), prompt and solution")
+        if not all(isinstance(record[k], str) and record[k].strip() for k in ("prompt", "solution")):
+            raise RefusalError(f"capability.jsonl item {n} has an empty prompt or solution; fill it in")
+        items.append(CapabilityItem(**record))
+    return [item for item in items if split is None or item.split == split]
+
+
 # ---- the prompt lists of one run ----------------------------------------------------------------
 def resolve_source(spec: str, kind: str, packaged: dict[str, Path] | None) -> str:
     """'builtin' means the model's own prompt sets where a packaged model ships them (the organism)."""

@@ -13,7 +13,8 @@ condition; nothing downstream knows condition names. For each condition this mod
 - damage on harmless prompts: KL(original || edited) of the next-token distribution at the last
   prompt position, and averaged over the first ``kl_tokens`` tokens of the original model's greedy
   completion, teacher-forced (one forward pass per batch);
-- cross-entropy of a plain-text corpus.
+- cross-entropy of a plain-text corpus, and a capability proxy: the teacher-forced loss of reference
+  solutions to built-in code and math problems.
 
 Every rate carries its count and a 95% Wilson interval. ``evaluate`` returns results keyed
 condition -> kind, which ``refusal.report`` renders.
@@ -22,7 +23,7 @@ condition -> kind, which ``refusal.report`` renders.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -62,6 +63,7 @@ class EvalSettings:
     phrases: tuple[str, ...] = REFUSAL_PHRASES
     ce_max_tokens: int = 2048  # corpus tokens scored per condition (0: skip cross-entropy)
     ce_max_length: int = 256
+    capability_items: int = 24  # built-in code/math problems scored per condition (0: skip the capability proxy)
     samples_per_kind: int = 4
     refusal_ids: list[int] = field(default_factory=list)
 
@@ -130,6 +132,28 @@ def cross_entropy(condition: Condition, chunks: list[list[int]], batch_size: int
     return {"loss": loss, "tokens": count}
 
 
+def capability_loss(condition: Condition, items: Sequence[Any], batch_size: int = 8) -> dict:
+    """Mean next-token cross-entropy (nats/token) of each reference solution given its chat-formatted prompt,
+    overall and per kind: a proxy for the skills (code, math) an edit could damage. ``items`` have ``kind``,
+    ``prompt`` and ``solution`` (``data.load_capability``); only solution tokens count, padding changes nothing."""
+    if not items:
+        raise RefusalError("the capability proxy has no problems; raise --capability-items, or set it to 0 to skip the proxy")
+    chat, tokenizer = condition.chat, cast(Any, condition.chat.tokenizer)
+    solutions = [tokenizer(x.solution, add_special_tokens=False)["input_ids"] for x in items]
+    n, sums = max(map(len, solutions)), {x.kind: [0.0, 0] for x in items}
+    with condition.context():
+        forced = TeacherForced(chat, [chat.encode(x.prompt) for x in items], solutions, n, batch_size)
+        for group, logits, mask in track(forced, f"capability ({condition.name})", total=len(forced)):
+            targets = torch.tensor([solutions[i] + [0] * (n - len(solutions[i])) for i in group])
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none").double() * mask  # float32 per token
+            for row, i in enumerate(group):
+                sums[items[i].kind][0] += float(nll[row].sum())
+                sums[items[i].kind][1] += int(mask[row].sum())
+    total, count = sum(s for s, _ in sums.values()), sum(c for _, c in sums.values())
+    check_finite(torch.tensor(total), f"capability loss ({condition.name})")
+    return {"loss": total / count, "tokens": count, "items": len(items), "by_kind": {k: s / c for k, (s, c) in sums.items()}}
+
+
 def refusal_logodds(condition: Condition, instructions: list[str], refusal_ids: list[int], batch_size: int = 16) -> float:
     """Mean log-odds that the first response token is a refusal token (no generation)."""
     scores = []
@@ -179,9 +203,11 @@ def evaluate(
     corpus: list[str] | None = None,
     safety: SafetyJudge | None = None,
     corpus_name: str = "builtin",
+    capability: Sequence[Any] | None = None,
 ) -> dict:
     """Rates, costs and samples for every condition, keyed condition -> kind; the first condition must be
-    the original model (named "original"); KL and cross-entropy are measured for conditions with ``costs``."""
+    the original model (named "original"); KL, cross-entropy and the capability proxy (on ``capability``, the
+    built-in code/math problems) are measured for conditions with ``costs``."""
     if not conditions or conditions[0].name != "original":
         raise RefusalError("evaluate needs the original model as its first condition")
     names = [c.name for c in conditions]
@@ -198,6 +224,7 @@ def evaluate(
         "safety": None,
         "kl": {},
         "ce_loss": None,
+        "capability": None,
         "completions": {},
     }
     original_ids: list[list[int]] = []
@@ -224,6 +251,16 @@ def evaluate(
         chunks = corpus_chunks(original.chat, corpus, settings.ce_max_tokens, settings.ce_max_length)
         losses = {c.name: cross_entropy(c, chunks) for c in [original, *edits]}
         result["ce_loss"] = {"loss": {k: v["loss"] for k, v in losses.items()}, "tokens": losses[original.name]["tokens"], "corpus": corpus_name}
+    if capability and settings.capability_items > 0:
+        items = list(capability)[: settings.capability_items]
+        scored = {c.name: capability_loss(c, items, min(8, settings.batch_size)) for c in [original, *edits]}
+        first = scored[original.name]
+        result["capability"] = {
+            "loss": {k: v["loss"] for k, v in scored.items()},
+            "by_kind": {k: v["by_kind"] for k, v in scored.items()},
+            **{k: first[k] for k in ("tokens", "items")},
+            "set": "builtin",
+        }
     result["samples"] = samples(result["completions"], prompts, settings.samples_per_kind)
     return result
 

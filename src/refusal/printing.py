@@ -30,6 +30,9 @@ def print_report(report: dict | None, path: Path | None) -> None:
     if ce := report.get("ce_loss"):
         losses = ", ".join(f"{labels[name]} {loss:.4f}" for name, loss in ce["loss"].items())
         console.print(f"  cross-entropy on {ce['tokens']} corpus tokens (nats/token): {losses}", highlight=False)
+    if cap := report.get("capability"):
+        losses = ", ".join(f"{labels[name]} {loss:.4f}" for name, loss in cap["loss"].items())
+        console.print(f"  capability proxy on {cap['items']} code/math solutions (nats/token): {losses}", highlight=False)
     if path is not None:
         log(f"report: {path / 'report' / 'report.html'}")
 

@@ -81,7 +81,7 @@ def _rate_rows(name: str, report: dict, tag) -> list[list[str]]:
 
 
 def _cost_rows(report: dict, tag) -> list[list[str]]:
-    """KL per edit (first token and multi-token), cross-entropy per condition, refusal log-odds per condition and kind."""
+    """KL per edit (first token and multi-token), cross-entropy and capability proxy per condition, refusal log-odds per condition and kind."""
     rows, names, text = [], labels(report), _text(tag)
     for edit, kl in (report.get("kl") or {}).items():
         for part, what in (("first_token", "first token"), ("multi_token", "multi-token")):
@@ -99,6 +99,10 @@ def _cost_rows(report: dict, tag) -> list[list[str]]:
         rows += [["cross-entropy, nats/token", text(names[k]), tag(f"ce_loss.loss.{k}", v), detail] for k, v in ce["loss"].items()]
     else:
         rows.append(["cross-entropy", "", NOT_MEASURED, ""])
+    if cap := report.get("capability"):
+        detail = f"items = {tag('capability.items', cap.get('items'))}, tokens = {tag('capability.tokens', cap.get('tokens'))}"
+        measure = "capability proxy (code/math loss), nats/token"
+        rows += [[measure, text(names[k]), tag(f"capability.loss.{k}", v), detail] for k, v in cap["loss"].items()]
     for name, by_kind in (report.get("refusal_score") or {}).items():
         for kind, value in by_kind.items():
             rows.append(

@@ -96,7 +96,8 @@ def validate_report(report: dict) -> None:
     _validate_rates("rates", report["rates"], names)
     if report.get("safety") is not None:
         _validate_rates("safety", report["safety"], names)
-    for key in ("direction", "settings", "kl", "ce_loss", "refusal_score", "completions", "selection", "projections", "cosine", "timings", "search"):
+    objects = ("direction", "settings", "kl", "ce_loss", "capability", "refusal_score", "completions", "selection", "projections", "cosine")
+    for key in (*objects, "timings", "search"):
         if report.get(key) is not None and not isinstance(report[key], dict):
             raise RefusalError(f"report {key!r} must be an object or null (got {type(report[key]).__name__})")
     for key in ("kl", "refusal_score", "completions"):
@@ -104,6 +105,9 @@ def validate_report(report: dict) -> None:
             _check_keys(key, report[key], names)
     if report.get("ce_loss"):
         _check_keys("ce_loss.loss", report["ce_loss"].get("loss"), names)
+    if report.get("capability"):
+        _check_keys("capability.loss", report["capability"].get("loss"), names)
+        _check_keys("capability.by_kind", report["capability"].get("by_kind") or {}, names)
     if not isinstance(report.get("samples") or [], list):
         raise RefusalError("report 'samples' must be a list of {kind, instruction, original, edited, edit} objects")
     if proj := report.get("projections"):
