@@ -115,6 +115,7 @@ def test_time_budget_stops_cleanly_with_the_best_point_so_far(organism_dir, tmp_
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["search"]["chosen"] == result["chosen"] and "harmful" in report["rates"]["edited"]
     # the report's edited KL is exactly the chosen trial's edit, measured on the test prompts (exported checkpoint vs in memory)
+    from refusal.cleaning import Protection
     from refusal.directions import Candidates
     from refusal.edits import Editor, KernelEdit
     from refusal.models import load_model
@@ -125,7 +126,8 @@ def test_time_budget_stops_cleanly_with_the_best_point_so_far(organism_dir, tmp_
     harmless = json.loads((out / "prompts.json").read_text())["prompts"]["harmless"]["test"]
     batches = prepare_batches(chat, harmless, 16)
     before = last_logits(chat, batches)
-    edit = KernelEdit.from_candidates(Candidates.load(out / "candidates.safetensors"), EditParams.from_dict(chosen["params"]))
+    protection = Protection.load(out / "protection.safetensors")  # the trials' directions are cleaned against it
+    edit = KernelEdit.from_candidates(Candidates.load(out / "candidates.safetensors"), EditParams.from_dict(chosen["params"]), protection)
     with Editor(chat) as editor, editor.applied(edit):
         after = last_logits(chat, batches)
     expected = kl_divergence(before, after).mean().item()

@@ -54,11 +54,11 @@ class Candidates:
             "mean_harmful": self.mean_harmful.contiguous(),
             "mean_harmless": self.mean_harmless.contiguous(),
         }
-        _save_atomic(tensors, self.metadata, path)
+        save_tensors(tensors, self.metadata, path)
 
     @classmethod
     def load(cls, path: Path) -> Candidates:
-        tensors, metadata = _load(path, ("mean_harmful", "mean_harmless"))
+        tensors, metadata = load_tensors(path, ("mean_harmful", "mean_harmless"))
         return cls(tensors["mean_harmful"], tensors["mean_harmless"], metadata)
 
 
@@ -85,11 +85,11 @@ class Direction:
 
     def save(self, path: Path) -> None:
         meta = {**self.metadata, "layer": self.layer, "position": self.position}
-        _save_atomic({"direction": self.vector.float().contiguous()}, meta, path)
+        save_tensors({"direction": self.vector.float().contiguous()}, meta, path)
 
     @classmethod
     def load(cls, path: Path) -> Direction:
-        tensors, meta = _load(path, ("direction",))
+        tensors, meta = load_tensors(path, ("direction",))
         for key in ("layer", "position"):
             if key not in meta:
                 raise RefusalError(f"{path}: metadata has no {key!r}; re-run `refusal select` to write a complete direction file")
@@ -107,7 +107,8 @@ def unit_vector(vector: torch.Tensor) -> torch.Tensor:
     return v / norm
 
 
-def _save_atomic(tensors: dict, metadata: dict, path: Path) -> None:
+def save_tensors(tensors: dict, metadata: dict, path: Path) -> None:
+    """Tensors + JSON metadata (with this module's format version) to safetensors, atomically."""
     path = Path(path)
     meta = {"format_version": FORMAT_VERSION, **{k: json.dumps(v) for k, v in metadata.items()}}
     tmp = path.with_name(f".{path.name}.tmp")
@@ -115,7 +116,8 @@ def _save_atomic(tensors: dict, metadata: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-def _load(path: Path, required: tuple[str, ...]) -> tuple[dict, dict]:
+def load_tensors(path: Path, required: tuple[str, ...]) -> tuple[dict, dict]:
+    """Tensors and metadata written by ``save_tensors``; one-line errors for a missing, foreign or other-version file."""
     path = Path(path)
     if not path.is_file():
         raise RefusalError(f"{path} does not exist; run the stage that writes it first")

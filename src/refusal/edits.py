@@ -17,7 +17,9 @@ fidelity reference), or None when it has none. Two edits exist:
   Strength 1 at every layer is exactly the paper's orthogonalization. Variants: ``projection`` (the
   formulas above); ``norm_preserving`` (every written vector is then rescaled to its original norm);
   ``biprojected`` (the direction is first made orthogonal to the harmless mean activation at its
-  source layer, so the edit leaves the harmless mean's own direction untouched).
+  source layer, so the edit leaves the harmless mean's own direction untouched). With ``clean`` set,
+  the direction is first ridge-residualised against the protected prompts' activations
+  (``cleaning.Protection``, strength 10**clean).
 
 ``edited(chat, edit)`` applies an edit for the duration of a block; ``Editor(chat)`` runs many
 trials on one model with one snapshot (norms computed once), reverting after each, bit for bit.
@@ -34,6 +36,7 @@ from typing import Protocol
 import torch
 
 from .architecture import Writer
+from .cleaning import Protection
 from .directions import Candidates, unit_vector
 from .errors import RefusalError
 from .interventions import ablate
@@ -66,6 +69,7 @@ class EditParams:
     attn: Kernel = Kernel()
     mlp: Kernel = Kernel()
     variant: str = "projection"
+    clean: float | None = None  # log10 of the ridge strength the direction is cleaned with; None: not cleaned
 
     def validate(self, n_layers: int, n_post: int) -> None:
         if self.variant not in VARIANTS:
@@ -74,6 +78,8 @@ class EditParams:
             raise RefusalError(f"source layer {self.layer} is out of range; use 0 .. {n_layers}")
         if not -n_post <= self.position < 0:
             raise RefusalError(f"position {self.position} is out of range; use -1 .. -{n_post}")
+        if self.clean is not None and not math.isfinite(self.clean):
+            raise RefusalError(f"clean {self.clean} is not a finite log10 ridge strength; use a number such as 1.0")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,12 +90,16 @@ class EditParams:
         return cls(**{**data, "attn": Kernel(**data["attn"]), "mlp": Kernel(**data["mlp"])})
 
 
-def source_direction(candidates: Candidates, params: EditParams) -> torch.Tensor:
-    """The unit direction a trial removes: blended between layers, biprojected if asked."""
+def source_direction(candidates: Candidates, params: EditParams, protection: Protection | None = None) -> torch.Tensor:
+    """The unit direction a trial removes: blended between layers, cleaned and biprojected if asked."""
     low = math.floor(params.layer)
     high = min(low + 1, candidates.n_layers)
     t = params.layer - low
     raw = (1 - t) * candidates.direction(low, params.position) + t * candidates.direction(high, params.position)
+    if params.clean is not None:
+        if protection is None:
+            raise RefusalError("this edit cleans its direction but no protected activations were given; rerun refusal search to make them")
+        raw = protection.clean(raw, params.layer, params.position, params.clean)
     unit = unit_vector(raw)
     if params.variant == "biprojected":
         index = candidates.n_post + params.position
@@ -139,8 +149,8 @@ class KernelEdit:
         self.params = params
 
     @classmethod
-    def from_candidates(cls, candidates: Candidates, params: EditParams) -> KernelEdit:
-        return cls(source_direction(candidates, params), params)
+    def from_candidates(cls, candidates: Candidates, params: EditParams, protection: Protection | None = None) -> KernelEdit:
+        return cls(source_direction(candidates, params, protection), params)
 
     def apply(self, chat: ChatModel, snapshot: Snapshot) -> None:
         n = chat.n_layers

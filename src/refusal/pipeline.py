@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .activations import mean_activations
+from .cleaning import Protection, protect
+from .data import dataset_hash, load_capability
 from .directions import Candidates, Direction, compute_candidates
 from .edits import Edit, EditParams, KernelEdit, Orthogonalization
 from .errors import RefusalError
@@ -183,11 +185,41 @@ def study_inputs(ctx: Context) -> dict:
     return {"harmful_val": ctx.prompts.hash("harmful", "val"), "harmless_val": ctx.prompts.hash("harmless", "val")}
 
 
+def protected_prompts(ctx: Context) -> list[str]:
+    """The prompts the search's directions are cleaned against: harmless train prompts, then the built-in code/math problems."""
+    n = ctx.settings.search.protect_prompts
+    return ctx.prompts.get("harmless", "train")[:n] + [item.prompt for item in load_capability("train")] if n else []
+
+
+def protection(ctx: Context, reuse_only: bool = False) -> Protection | None:
+    """The protected prompts' activations (reused while fresh); None when the search does not clean its directions."""
+    prompts = protected_prompts(ctx)
+    if not prompts:
+        return None
+    run, inputs = ctx.run, {"model": ctx.model_id, "protected": dataset_hash(prompts)}
+    if run.fresh("protection", ctx.settings, inputs):
+        return Protection.load(run.file("protection"))
+    if reuse_only:
+        run.ensure_fresh("protection", ctx.settings, inputs)
+    start = time.perf_counter()
+    meta = {"created": timestamp(), "model": ctx.model_id, "protected_sha256": inputs["protected"], "n_prompts": len(prompts)}
+    result = protect(ctx.chat, prompts, ctx.settings.search.source_positions, ctx.settings.evaluation.batch_size, meta)
+    result.save(run.file("protection"))
+    run.record("protection", ctx.settings, inputs)
+    ctx.timed("protection", start)
+    return result
+
+
+def study_upstream(ctx: Context, paper_upstream: tuple[str, ...]) -> tuple[str, ...]:
+    """The search's upstream artifacts: the paper trial's, and the protected activations when the search cleans."""
+    return paper_upstream + (("protection",) if ctx.settings.search.protect_prompts else ())
+
+
 def trial_edit(ctx: Context, cands: Candidates, trial: int, result: dict | None = None) -> tuple[KernelEdit, dict]:
     """The edit of finished trial ``trial`` (from ``result`` or a fresh search.json) and its refusal.json metadata."""
     if result is None:
         _, _, upstream = paper_edit(ctx, cands)
-        ctx.run.ensure_fresh("search", ctx.settings, study_inputs(ctx), upstream)
+        ctx.run.ensure_fresh("search", ctx.settings, study_inputs(ctx), study_upstream(ctx, upstream))
         result = ctx.run.read("search")
     record = next((t for t in result.get("trials", []) if t.get("trial") == trial), None)
     if record is None:
@@ -196,7 +228,8 @@ def trial_edit(ctx: Context, cands: Candidates, trial: int, result: dict | None 
     params = EditParams.from_dict(record["params"])
     params.validate(cands.n_layers, cands.n_post)  # search.json may have been edited by hand
     extra = {"search_trial": {"trial": trial, "params": record["params"], "refusal": record["refusal"], "kl": record["kl"]}}
-    return KernelEdit.from_candidates(cands, params), extra
+    cleaner = protection(ctx, reuse_only=True) if params.clean is not None else None
+    return KernelEdit.from_candidates(cands, params, cleaner), extra
 
 
 # ---- commands ---------------------------------------------------------------------------------------

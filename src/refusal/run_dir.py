@@ -6,6 +6,7 @@
     RUN/candidates.safetensors    extract
     RUN/selection.json, RUN/direction.safetensors (+ selection.partial.jsonl while scoring)     select
     RUN/search.journal, RUN/search.json                                                         search
+    RUN/protection.safetensors    the protected prompts' activations the search cleans its directions against   search
     RUN/model/                    export (of the selected direction or of the search's choice)
     RUN/report/                   evaluate
     RUN/attack.json (+ attack.state.json while optimising)                                      attack
@@ -74,10 +75,12 @@ ARTIFACTS = {
                     "min_layer_fraction",
                     "max_layer_fraction",
                     "anchors",
+                    "protect_prompts",
                 )
             )
             + ("data.seed", "evaluation.refusal_tokens"),
         ),
+        Artifact("protection", ("protection.safetensors",), "search", "1", ("model.dtype", "model.chat_template", "search.source_positions")),
         Artifact("model", ("model",), "export", "1", ()),
         Artifact("report", ("report",), "evaluate", REPORT_FORMAT, ("evaluation",)),
         # The suffix's evaluation on held-out prompts; the optimisation resumes from attack.state.json (its own fingerprint).

@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from .cleaning import CLEAN_RANGE, Protection
 from .directions import Candidates
 from .edits import Editor, EditParams, Kernel, KernelEdit
 from .errors import RefusalError, check_finite
@@ -66,6 +67,9 @@ class Objectives:
 
 
 # ---- the search space --------------------------------------------------------------------------
+ANCHOR_CLEAN = 1.0  # log10 α of the anchors' cleaning: the middle of the front on the default model (docs/search.md)
+
+
 def suggest(trial, n_layers: int, config: SearchSettings) -> EditParams:
     """One point of the search space (docs/search.md)."""
     low, high = config.min_layer_fraction * n_layers, config.max_layer_fraction * n_layers
@@ -81,7 +85,9 @@ def suggest(trial, n_layers: int, config: SearchSettings) -> EditParams:
     positions = config.source_positions
     position = trial.suggest_categorical("position", list(positions)) if len(positions) > 1 else positions[0]
     variant = trial.suggest_categorical("variant", list(config.variants)) if len(config.variants) > 1 else config.variants[0]
-    return EditParams(layer=trial.suggest_float("layer", low, high), position=position, attn=kernels["attn"], mlp=kernels["mlp"], variant=variant)
+    clean = trial.suggest_float("clean", *CLEAN_RANGE) if config.protect_prompts > 0 else None
+    layer = trial.suggest_float("layer", low, high)
+    return EditParams(layer=layer, position=position, attn=kernels["attn"], mlp=kernels["mlp"], variant=variant, clean=clean)
 
 
 def paper_params(layer: int, position: int) -> EditParams:
@@ -90,17 +96,23 @@ def paper_params(layer: int, position: int) -> EditParams:
 
 
 def anchor_params(n_layers: int, config: SearchSettings) -> list[EditParams]:
-    """Flat-strength edits from a few source depths (biprojected when searched): cheap first points
-    that cover the direction axis before the sampler's model takes over."""
+    """Flat-strength edits from a few source depths (biprojected when searched, cleaned with α = 10 when
+    cleaning is on): cheap first points that cover the direction axis before the sampler's model takes over."""
     low, high = config.min_layer_fraction * n_layers, config.max_layer_fraction * n_layers
     variant = "biprojected" if "biprojected" in config.variants else config.variants[0]
+    clean = ANCHOR_CLEAN if config.protect_prompts > 0 else None
     layers = sorted({round(f * n_layers, 2) for f in config.anchors if low <= f * n_layers <= high})
-    return [EditParams(layer=layer, position=config.source_positions[0], variant=variant) for layer in layers]
+    return [EditParams(layer=layer, position=config.source_positions[0], variant=variant, clean=clean) for layer in layers]
 
 
 def _as_optuna(params: EditParams, n_layers: int) -> dict:
     """Optuna's parameter names for ``params``; a flat kernel is width n_layers with floor = peak."""
-    out = {"layer": params.layer, "position": params.position, "variant": params.variant}
+    out = {
+        "layer": params.layer,
+        "position": params.position,
+        "variant": params.variant,
+        "clean": CLEAN_RANGE[1] if params.clean is None else params.clean,
+    }
     for part in ("attn", "mlp"):
         kernel = getattr(params, part)
         flat = kernel.width is None
@@ -126,7 +138,15 @@ def pareto_front(records: list[dict]) -> list[dict]:
 
 
 def run_trials(
-    chat: ChatModel, candidates: Candidates, objectives: Objectives, config: SearchSettings, seed: int, storage: str, paper: EditParams, on_trial=None
+    chat: ChatModel,
+    candidates: Candidates,
+    objectives: Objectives,
+    config: SearchSettings,
+    seed: int,
+    storage: str,
+    paper: EditParams,
+    on_trial=None,
+    protection: Protection | None = None,
 ) -> list[dict]:
     """Run (or resume) the study in ``storage`` until ``config.trials`` trials exist or the budget ends.
 
@@ -168,7 +188,7 @@ def run_trials(
             if trial.user_attrs.get("role") == "paper":
                 params = paper  # exactly the paper's edit (the kernel above is flat at 1 anyway)
             t0 = time.perf_counter()
-            with editor.applied(KernelEdit.from_candidates(candidates, params)):
+            with editor.applied(KernelEdit.from_candidates(candidates, params, protection)):
                 values = objectives.measure()
             trial.set_user_attr("params", params.to_dict())
             trial.set_user_attr("kl_multi", values["kl_multi"])
@@ -194,13 +214,21 @@ def run_trials(
 
 # ---- confirmation and choice -------------------------------------------------------------------
 def confirm_points(
-    chat: ChatModel, engine: Engine, candidates: Candidates, points: list[dict], harmful: list[str], harmless: list[str], max_new_tokens: int, phrases
+    chat: ChatModel,
+    engine: Engine,
+    candidates: Candidates,
+    points: list[dict],
+    harmful: list[str],
+    harmless: list[str],
+    max_new_tokens: int,
+    phrases,
+    protection: Protection | None = None,
 ) -> list[dict]:
     """Greedy generation + substring judge for each point (harmful and harmless prompts), its edit applied in place."""
     out = []
     with Editor(chat) as editor:
         for point in points:
-            with editor.applied(KernelEdit.from_candidates(candidates, EditParams.from_dict(point["params"]))):
+            with editor.applied(KernelEdit.from_candidates(candidates, EditParams.from_dict(point["params"]), protection)):
                 counts = {
                     kind: sum(judge_refusals(engine, prompts, max_new_tokens, phrases).refused)
                     for kind, prompts in (("harmful", harmful), ("harmless", harmless))

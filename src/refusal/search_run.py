@@ -1,8 +1,9 @@
 """``refusal search`` as a library function: the study, its confirmation and choice, the export, the report.
 
 1. start: validate, load, open the run directory; candidates (reused while fresh)
-2. the study in RUN/search.journal: resumed while its fingerprint (model, prompts, the settings that
-   change a trial's values) is unchanged, started afresh otherwise
+2. the protected prompts' activations (RUN/protection.safetensors) that trials clean their directions
+   against; the study in RUN/search.journal: resumed while its fingerprint (model, prompts, the settings
+   that change a trial's values, the protection) is unchanged, started afresh otherwise
 3. the front confirmed by generation, the default choice (search.choose)      -> RUN/search.json
 4. the choice exported (fidelity-checked) and evaluated on the test split      -> RUN/model, RUN/report
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 from .directions import Candidates
 from .generation import HFEngine
 from .judges import REFUSAL_PHRASES, judge_refusals, load_phrases
-from .pipeline import candidates, export, paper_edit, study_inputs, trial_edit
+from .pipeline import candidates, export, paper_edit, protection, study_inputs, study_upstream, trial_edit
 from .progress import log
 from .provenance import timestamp
 from .run_dir import ARTIFACTS, write_json
@@ -41,8 +42,9 @@ class SearchResult:
 def study(ctx: Context, cands: Candidates) -> dict:
     """Trials (resumed while fresh), confirmation and choice -> search.json; returns its content."""
     s, run = ctx.settings, ctx.run
-    paper, paper_note, upstream = paper_edit(ctx, cands)
-    inputs = study_inputs(ctx)
+    paper, paper_note, paper_upstream = paper_edit(ctx, cands)
+    cleaner = protection(ctx)
+    upstream, inputs = study_upstream(ctx, paper_upstream), study_inputs(ctx)
     if not run.fresh("search", s, inputs, upstream, require_file=False):
         run.remove("search")
     run.record("search", s, inputs, upstream)  # before the first trial: an interrupted study resumes under this fingerprint
@@ -60,12 +62,13 @@ def study(ctx: Context, cands: Candidates) -> dict:
         log(f"trial {n:3d}: refusal {values['refusal']:7.3f}  KL {values['kl']:.4f}  (multi-token {values['kl_multi']:.4f})")
 
     begin = time.perf_counter()
-    records = run_trials(ctx.chat, cands, objectives, s.search, s.data.seed, str(run.file("search", 1)), paper, on_trial=progress)
+    records = run_trials(ctx.chat, cands, objectives, s.search, s.data.seed, str(run.file("search", 1)), paper, progress, cleaner)
     timings["trials"] = round(time.perf_counter() - begin, 2)
     begin = time.perf_counter()
     front = pareto_front(records)
     harmless_original = sum(judge_refusals(engine, harmless, s.evaluation.max_new_tokens, phrases).refused)
-    confirmed = confirm_points(ctx.chat, engine, cands, points_to_confirm(front, s.search), harmful, harmless, s.evaluation.max_new_tokens, phrases)
+    to_confirm = points_to_confirm(front, s.search)
+    confirmed = confirm_points(ctx.chat, engine, cands, to_confirm, harmful, harmless, s.evaluation.max_new_tokens, phrases, cleaner)
     chosen, rule = choose(confirmed, s.search, harmless_original)
     timings["confirm"] = round(time.perf_counter() - begin, 2)
     paper_trial = next((r["trial"] for r in records if r["role"] == "paper"), None)

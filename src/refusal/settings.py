@@ -115,11 +115,15 @@ class EvaluationSettings:
     kl_tokens: int = setting(16, "KL on harmless prompts is also averaged over this many tokens of the original model's greedy completion")
     corpus: str = setting("builtin", "plain-text file for the cross-entropy check ('builtin': a sample written for this project)", parse=local_path)
     ce_tokens: int = setting(2048, "corpus tokens scored per condition (0: skip the cross-entropy check)")
+    capability_items: int = setting(
+        24, "built-in code/math problems scored for the capability proxy (teacher-forced loss of reference solutions; 0 skips it)"
+    )
 
     def validate(self) -> None:
         for name in ("max_new_tokens", "batch_size", "kl_tokens"):
             _at_least(name, getattr(self, name), 1)
         _at_least("ce_tokens", self.ce_tokens, 0, " (0 skips the cross-entropy check)")
+        _at_least("capability_items", self.capability_items, 0, " (0 skips the capability proxy)")
 
 
 @dataclass
@@ -141,9 +145,15 @@ class SearchSettings:
         parse=lambda t: [float(x) for x in t.split(",") if x.strip()],
     )
     score_batch_size: int = setting(16, "prompts per teacher-forced scoring pass")
+    protect_prompts: int = setting(
+        64,
+        "harmless train prompts that, with the built-in code/math problems, the searched directions are cleaned against "
+        "(ridge residualisation, docs/search.md); 0: search without cleaning",
+    )
 
     def validate(self) -> None:
         _at_least("trials", self.trials, 1)
+        _at_least("protect_prompts", self.protect_prompts, 0, " (0 searches without cleaning)")
         for name in ("confirm", "refusal_positions", "search_kl_tokens", "score_batch_size"):
             _at_least(name, getattr(self, name), 1)
         unknown = [v for v in self.variants if v not in VARIANTS]
