@@ -1,12 +1,18 @@
-"""The search against the paper's selection, side by side on the same prompts (default model).
+"""The search side by side with the paper's edit and today's kernel search, on the same prompts (default model).
 
-    python benchmarks/search.py [--model demo] [--layers 8-18] [--positions -1] [--time-budget 10m]
+    python benchmarks/search.py [--model demo] [--layers 8-18] [--n-val 64] [--n-test 64] [--time-budget 10m]
 
-Stages: extract; the paper's selection (this project's implementation, restricted to --layers and
---positions); the search (trial 0 is the paper's edit); then, on the built-in *test* split, for the
-unedited model, the paper's point and the search's choice: harmful and harmless refusals (substring
-judge, counts and 95% Wilson intervals), first-token and multi-token KL on harmless prompts. Prints
-wall time and peak RSS per stage. Not a test: it only measures.
+Stages, in one process on one loaded model:
+1. extract (the whole train split, as ``refusal search`` does);
+2. the paper's selection (this project's implementation, over --layers / --positions);
+3. the kernel search as it was before issue 15 (``--protect-prompts 0``: no cleaned directions);
+4. the search with its defaults (directions cleaned against the protected prompts);
+   both score trials on the first --score-prompts validation prompts and confirm on all --n-val;
+5. on the built-in *test* split, for the original model, the paper's edit and both choices: harmful
+   and harmless refusals (substring judge, counts and 95% Wilson intervals), first-token and 16-token
+   KL on harmless prompts, cross-entropy on the built-in corpus, and the capability proxy (teacher-
+   forced loss of the built-in code/math reference solutions, test split).
+Prints wall time and peak RSS per stage. Not a test: it only measures.
 """
 
 from __future__ import annotations
@@ -20,10 +26,11 @@ import torch
 
 from _stages import Stages, peak_rss_gb
 from refusal.cli import join_negative_lists
-from refusal.edits import Editor, EditParams, KernelEdit
+from refusal.data import load_capability, load_corpus
+from refusal.edits import Editor, EditParams, KernelEdit, Orthogonalization
 from refusal.evaluation import Condition, EvalSettings, evaluate
 from refusal.parsing import duration, int_list
-from refusal.pipeline import candidates, selection
+from refusal.pipeline import candidates, protection, selection
 from refusal.progress import set_quiet
 from refusal.search_run import study
 from refusal.settings import Settings
@@ -31,13 +38,28 @@ from refusal.stats import format_rate
 from refusal.workspace import start
 
 
+def print_front(name: str, result: dict) -> None:
+    trials = {t["trial"]: t for t in result["trials"]}
+    confirmed = {p["trial"]: p["confirmed"] for p in result["confirmed"]}
+    t = result["timings"]
+    print(f"\n{name}: {len(trials)} trials; cache {t['cache_original']:.0f} s, trials {t['trials']:.0f} s, confirmation {t['confirm']:.0f} s")
+    print("  front (validation): trial, refusal score, first-token KL, multi-token KL, confirmed harmful/harmless refused")
+    for n in result["front"]:
+        record, c = trials[n], confirmed.get(n)
+        note = " <- chosen" if n == result["chosen"]["trial"] else ""
+        counts = f"{c['harmful_refused']}/{c['harmful_total']}, {c['harmless_refused']}/{c['harmless_total']}" if c else "-"
+        print(f"  {n:4d} {record['refusal']:8.3f} {record['kl']:8.4f} {record['kl_multi']:8.4f}  {counts}{note}")
+    print(f"  chosen ({result['chosen']['rule']}): {trials[result['chosen']['trial']]['params']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="demo")
     parser.add_argument("--layers", type=int_list, default=int_list("8-18"))
     parser.add_argument("--positions", type=int_list, default=[-1])
-    parser.add_argument("--n-val", type=int, default=32)
-    parser.add_argument("--n-test", type=int, default=32)
+    parser.add_argument("--n-val", type=int, default=64)
+    parser.add_argument("--n-test", type=int, default=64)
+    parser.add_argument("--score-prompts", type=int, default=32)
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--time-budget", type=duration, default=duration("10m"))
     parser.add_argument("--out", type=Path, default=None)
@@ -46,30 +68,36 @@ def main() -> None:
     out = args.out or Path(tempfile.mkdtemp(prefix="refusal-search-")) / "run"
     settings = Settings()
     settings.model.model, settings.model.device = args.model, "cpu"
-    settings.data.n_train, settings.data.n_val, settings.data.n_test = 128, args.n_val, args.n_test
+    settings.data.n_val, settings.data.n_test = args.n_val, args.n_test
     settings.selection.layers, settings.selection.positions = args.layers, args.positions
-    settings.search.trials, settings.search.time_budget = args.trials, args.time_budget
+    settings.search.trials, settings.search.time_budget, settings.search.score_prompts = args.trials, args.time_budget, args.score_prompts
+    protect_default = settings.search.protect_prompts
     stages = Stages()
     stage = stages.run
 
     ctx = stage("load model", lambda: start(settings, out, overwrite=True))
     chat = ctx.chat
     cands = stage("extract", lambda: candidates(ctx))
-    stage("paper selection", lambda: selection(ctx, cands))
-    result = stage("search (trials+confirm)", lambda: study(ctx, cands))
+    _, direction = stage("paper selection", lambda: selection(ctx, cands))
+    settings.search.protect_prompts = 0
+    kernel = stage("kernel search", lambda: study(ctx, cands))
+    settings.search.protect_prompts = protect_default
+    new = stage("search (cleaned)", lambda: study(ctx, cands))
+    cleaner = protection(ctx, reuse_only=True)
 
-    trials = {t["trial"]: t for t in result["trials"]}
-    paper, chosen = trials[result["paper_trial"]["trial"]], trials[result["chosen"]["trial"]]
     editor = Editor(chat)
 
-    def edited(record):
-        edit = KernelEdit.from_candidates(cands, EditParams.from_dict(record["params"]))
+    def chosen_edit(result: dict, protected):
+        record = next(t for t in result["trials"] if t["trial"] == result["chosen"]["trial"])
+        edit = KernelEdit.from_candidates(cands, EditParams.from_dict(record["params"]), protected)
         return lambda: editor.applied(edit)
 
+    paper = Orthogonalization(direction.vector)
     conditions = [
         Condition("original", "original", chat),
-        Condition("paper", "paper's edit", chat, edited(paper)),
-        Condition("search", "search's choice", chat, edited(chosen)),
+        Condition("paper", "paper's edit", chat, lambda: editor.applied(paper)),
+        Condition("kernel", "kernel search", chat, chosen_edit(kernel, None)),
+        Condition("search", "search (cleaned)", chat, chosen_edit(new, cleaner)),
     ]
     e = settings.evaluation
     test = stage(
@@ -77,33 +105,35 @@ def main() -> None:
         lambda: evaluate(
             conditions,
             {"harmful": ctx.prompts.get("harmful", "test"), "harmless": ctx.prompts.get("harmless", "test")},
-            EvalSettings(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, kl_tokens=16, ce_max_tokens=0),
+            EvalSettings(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, kl_tokens=16, ce_max_tokens=e.ce_tokens),
+            corpus=load_corpus(),
+            capability=load_capability("test"),
         ),
     )
     editor.close()
 
     print()
     print(
-        f"model {args.model}; paper selection over layers {args.layers[0]}-{args.layers[-1]}, positions {args.positions}; "
-        f"{len(trials)} search trials on {args.n_val}+{args.n_val} validation prompts; test split {args.n_test}+{args.n_test}"
+        f"model {args.model}; paper selection over layers {args.layers[0]}-{args.layers[-1]}, positions {args.positions} "
+        f"(layer {direction.layer}, position {direction.position}); trials scored on {args.score_prompts}+{args.score_prompts} "
+        f"validation prompts, confirmed on {args.n_val}+{args.n_val}; test split {args.n_test}+{args.n_test}"
     )
-    confirmed = {p["trial"]: p["confirmed"] for p in result["confirmed"]}
-    print("\nfront (validation): trial, refusal score, first-token KL, multi-token KL, confirmed harmful/harmless refused")
-    for n in result["front"]:
-        t, c = trials[n], confirmed.get(n)
-        note = " <- chosen" if n == chosen["trial"] else ""
-        counts = f"{c['harmful_refused']}/{c['harmful_total']}, {c['harmless_refused']}/{c['harmless_total']}" if c else "-"
-        print(f"  {n:4d} {t['refusal']:8.3f} {t['kl']:8.4f} {t['kl_multi']:8.4f}  {counts}{note}")
-    print(f"  paper's edit (trial {paper['trial']}): refusal {paper['refusal']:.3f}, KL {paper['kl']:.4f}, multi-token {paper['kl_multi']:.4f}")
-    print(f"  chosen params: {chosen['params']}")
-    print("\ntest split                      harmful refused                 harmless refused               KL first   KL multi")
-    for name in ("original", "paper", "search"):
-        h, l = test["rates"][name]["harmful"], test["rates"][name]["harmless"]
-        kl = test["kl"].get(name)
-        kls = f"{kl['first_token']['mean']:9.4f}  {kl['multi_token']['mean']:9.4f}" if kl else "        -          -"
-        print(f"  {name:10s} {format_rate(h['refused'], h['total']):>32s} {format_rate(l['refused'], l['total']):>32s} {kls}")
-    search_seconds = stages.seconds("extract", "search (trials+confirm)")
-    print(f"\nextract + search: {search_seconds:.0f} s; total {stages.seconds():.0f} s; peak RSS {peak_rss_gb():.2f} GB; run {out}")
+    print_front("kernel search (before issue 15)", kernel)
+    print_front("search with cleaned directions", new)
+    ce, cap = test["ce_loss"]["loss"], test["capability"]["loss"]
+    print(f"\ntest split        {'harmful refused':>30s} {'harmless refused':>30s}  KL first  KL multi  corpus CE  capability (Δ%)")
+    for c in conditions:
+        h, l = test["rates"][c.name]["harmful"], test["rates"][c.name]["harmless"]
+        kl = test["kl"].get(c.name)
+        kls = f"{kl['first_token']['mean']:8.4f}  {kl['multi_token']['mean']:8.4f}" if kl else "       -         -"
+        delta = 100 * (cap[c.name] / cap["original"] - 1)
+        print(
+            f"  {c.name:14s} {format_rate(h['refused'], h['total']):>30s} {format_rate(l['refused'], l['total']):>30s}  {kls}"
+            f"  {ce[c.name]:9.4f}  {cap[c.name]:.4f} ({delta:+.2f}%)"
+        )
+    capability = test["capability"]
+    print(f"  (capability proxy: {capability['items']} problems, {capability['tokens']} solution tokens; corpus {test['ce_loss']['tokens']} tokens)")
+    print(f"\ntotal {stages.seconds():.0f} s; peak RSS {peak_rss_gb():.2f} GB; run {out}")
 
 
 if __name__ == "__main__":

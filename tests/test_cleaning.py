@@ -7,8 +7,9 @@ import torch
 
 from refusal.cleaning import Protection, protect
 from refusal.directions import Candidates
-from refusal.edits import EditParams, KernelEdit, source_direction
+from refusal.edits import Editor, EditParams, Kernel, KernelEdit, source_direction
 from refusal.errors import RefusalError
+from refusal.export import export_model
 
 
 def random_protection(n=12, layers=4, d=32, positions=(-2, -1), seed=0) -> Protection:
@@ -87,3 +88,35 @@ def test_a_cleaned_edit_needs_its_protection_and_is_a_different_unit_direction()
         EditParams(layer=2.0, clean=math.nan).validate(4, 2)
     assert EditParams.from_dict(params.to_dict()) == params
     assert EditParams.from_dict({k: v for k, v in EditParams(layer=2.0).to_dict().items() if k != "clean"}).clean is None  # older search.json
+
+
+def test_weak_cleaning_at_strength_one_is_the_papers_orthogonalization(llama_chat):
+    from refusal.weights import orthogonalize_weights
+
+    direction = torch.randn(llama_chat.d_model, generator=torch.Generator().manual_seed(4))
+    prot = protect(llama_chat, ["Write a haiku.", "Add 2 and 3.", "Sort a list in Python."], [-1])
+    cands = Candidates(direction.expand(llama_chat.n_layers + 1, 1, -1).clone(), torch.zeros(llama_chat.n_layers + 1, 1, llama_chat.d_model))
+    batch = llama_chat.batch(["How do I bake bread?", "Name three colors."])
+    with Editor(llama_chat) as editor, editor.applied(KernelEdit.from_candidates(cands, EditParams(layer=1.5, clean=12.0), prot)):
+        cleaned = llama_chat.logits(batch, last_only=False)
+    orthogonalize_weights(llama_chat, direction)
+    assert torch.allclose(cleaned, llama_chat.logits(batch, last_only=False), atol=1e-5)
+
+
+def test_a_cleaned_edit_exports_with_the_fidelity_check_and_reverts_bit_for_bit(chat, tmp_path):
+    """Every family: the export equals the edited model in memory, and the trial reverts exactly."""
+    prot = protect(chat, ["Write a haiku.", "Add 2 and 3.", "Sort a list in Python.", "Explain rain."], [-1])
+    g = torch.Generator().manual_seed(6)
+    cands = Candidates(torch.randn(chat.n_layers + 1, 1, chat.d_model, generator=g), torch.randn(chat.n_layers + 1, 1, chat.d_model, generator=g))
+    params = EditParams(layer=1.3, attn=Kernel(0.9, 1.0, 1.5, 0.2), mlp=Kernel(0.6), variant="biprojected", clean=0.0)
+    edit = KernelEdit.from_candidates(cands, params, prot)
+    batch = chat.batch(["How do I bake bread?"])
+    before = chat.logits(batch, last_only=False)
+    with Editor(chat) as editor:
+        with editor.applied(edit):
+            after = chat.logits(batch, last_only=False)
+        assert torch.equal(chat.logits(batch, last_only=False), before)
+    assert not torch.allclose(after, before, atol=1e-4)
+    info = export_model(chat, edit, tmp_path / "out")
+    assert info["fidelity_max_abs_diff"] < 1e-4 and info["edit"]["params"]["clean"] == 0.0
+    assert torch.equal(chat.logits(batch, last_only=False), before)

@@ -10,7 +10,7 @@ from refusal.edits import EditParams
 from refusal.errors import RefusalError
 from refusal.parsing import duration
 from refusal.pipeline import extract, select
-from refusal.search import anchor_params, choose
+from refusal.search import anchor_params, bisect_front, choose
 from refusal.search_run import search
 from refusal.settings import SearchSettings, Settings
 
@@ -62,6 +62,29 @@ def test_search_beats_the_papers_point(organism_search_run):
     assert len(saved["trials"]) == 24 and set(saved["front"]) <= set(trials)
 
 
+def test_cleaned_directions_dominate_the_kernel_search(organism_search_run, organism_dir, tmp_path):
+    """The same study without cleaning (issue 13's search): the default choice refuses no more at a lower KL."""
+    from refusal.progress import set_quiet
+
+    cleaned = organism_search_run[2]
+    previous = set_quiet(True)
+    try:
+        kernel_settings = organism_settings(organism_dir, trials=24, time_budget=None, confirm=4, protect_prompts=0)
+        extract(kernel_settings, tmp_path / "run")
+        select(tmp_path / "run", {})
+        kernel = search(kernel_settings, tmp_path / "run", export_model_dir=False).search
+    finally:
+        set_quiet(previous)
+    assert not (tmp_path / "run" / "protection.safetensors").exists()
+    assert all(t["params"]["clean"] is None for t in kernel["trials"])
+    assert any(t["params"]["clean"] is not None for t in cleaned["trials"])
+    pick = lambda result: next(p for p in result["confirmed"] if p["trial"] == result["chosen"]["trial"])
+    new, old = pick(cleaned), pick(kernel)
+    print(f"\norganism: kernel search's choice KL {old['kl']:.4f} {old['confirmed']}; cleaned choice KL {new['kl']:.4f} {new['confirmed']}")
+    assert new["confirmed"]["harmful_refused"] <= old["confirmed"]["harmful_refused"]
+    assert new["kl"] < old["kl"]
+
+
 def test_the_study_starts_with_the_papers_edit_then_flat_anchors(organism_search_run):
     out, chat, result, settings = organism_search_run
     trials = {t["trial"]: t for t in result["trials"]}
@@ -70,7 +93,7 @@ def test_the_study_starts_with_the_papers_edit_then_flat_anchors(organism_search
     assert len(anchors) == 4
     for number, anchor in enumerate(anchors, start=1):
         got = EditParams.from_dict(trials[number]["params"])
-        assert got.variant == "biprojected" and got.layer == anchor.layer
+        assert got.variant == "biprojected" and got.layer == anchor.layer and got.clean == 1.0
         assert set(got.attn.strengths(chat.n_layers) + got.mlp.strengths(chat.n_layers)) == {1.0}
     assert all(t["refusal"] >= SearchSettings().refusal_floor for t in trials.values())  # per-prompt floor
 
@@ -152,6 +175,8 @@ def test_bad_search_options_are_clear_errors(organism_dir, tmp_path, capsys):
         (["--variants", "sideways"], "unknown edit variant sideways"),
         (["--trials", "0"], "--trials must be at least 1"),
         (["--max-kl", "0"], "--max-kl must be a positive KL"),
+        (["--max-refused", "2"], "--max-refused must be a fraction"),
+        (["--protect-prompts=-1"], "--protect-prompts must be at least 0"),
     ):
         capsys.readouterr()
         assert main(base + extra) == 1
@@ -160,3 +185,29 @@ def test_bad_search_options_are_clear_errors(organism_dir, tmp_path, capsys):
     with pytest.raises(RefusalError, match="front is empty"):
         choose([], SearchSettings(), 0)
     assert duration("20m") == 1200 and duration("90s") == 90 and duration("1h") == 3600 and duration("none") is None
+
+
+def test_bisection_finds_the_lowest_kl_point_that_meets_the_target():
+    """16 front points whose refusals fall with KL: 4 confirmations find the first one at 0 refusals."""
+    front = [{"trial": i, "kl": 0.01 * (i + 1), "refusal": -i} for i in range(16)]
+    refused = [max(0, 11 - i) for i in range(16)]  # first point at 0: index 11
+
+    def confirm(point):
+        return {**point, "confirmed": {"harmful_refused": refused[point["trial"]], "harmful_total": 32, "harmless_refused": 0, "harmless_total": 32}}
+
+    config = SearchSettings(confirm=4, max_kl=1.0)
+    confirmed = bisect_front(front, config, confirm, harmless_original=1)
+    assert len(confirmed) == 4 and [p["trial"] for p in confirmed] == [7, 11, 9, 10]
+    chosen, rule = choose(confirmed, config, 1)
+    assert chosen["trial"] == 11 and rule.startswith("lowest KL")
+    # a looser target (up to 10% refused, i.e. 3 of 32) picks a lower-KL point
+    loose = SearchSettings(confirm=4, max_kl=1.0, max_refused=0.1)
+    chosen, _ = choose(bisect_front(front, loose, confirm, 1), loose, 1)
+    assert chosen["trial"] == 8
+    # the KL cap bounds the points considered; nothing meets the target: the fewest refusals
+    capped = SearchSettings(confirm=4, max_kl=0.05)
+    chosen, rule = choose(bisect_front(front, capped, confirm, 1), capped, 1)
+    assert chosen["trial"] == 4 and rule.startswith("no confirmed point")
+    # extra harmless refusals disqualify a point
+    harmless = lambda p: {**confirm(p), "confirmed": {**confirm(p)["confirmed"], "harmless_refused": 2}}
+    assert choose(bisect_front(front, config, harmless, 1), config, 1)[1].startswith("no confirmed point")

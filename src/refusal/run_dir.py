@@ -76,6 +76,7 @@ ARTIFACTS = {
                     "max_layer_fraction",
                     "anchors",
                     "protect_prompts",
+                    "score_prompts",
                 )
             )
             + ("data.seed", "evaluation.refusal_tokens"),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -213,55 +214,64 @@ def run_trials(
 
 
 # ---- confirmation and choice -------------------------------------------------------------------
-def confirm_points(
-    chat: ChatModel,
+def confirm_point(
+    editor: Editor,
     engine: Engine,
     candidates: Candidates,
-    points: list[dict],
-    harmful: list[str],
-    harmless: list[str],
+    point: dict,
+    prompts: dict[str, list[str]],
     max_new_tokens: int,
     phrases,
     protection: Protection | None = None,
-) -> list[dict]:
-    """Greedy generation + substring judge for each point (harmful and harmless prompts), its edit applied in place."""
-    out = []
-    with Editor(chat) as editor:
-        for point in points:
-            with editor.applied(KernelEdit.from_candidates(candidates, EditParams.from_dict(point["params"]), protection)):
-                counts = {
-                    kind: sum(judge_refusals(engine, prompts, max_new_tokens, phrases).refused)
-                    for kind, prompts in (("harmful", harmful), ("harmless", harmless))
-                }
-            confirmed = {
-                "harmful_refused": counts["harmful"],
-                "harmful_total": len(harmful),
-                "harmless_refused": counts["harmless"],
-                "harmless_total": len(harmless),
-            }
-            out.append({**point, "confirmed": confirmed})
-    return out
+) -> dict:
+    """``point`` with its greedy generations judged (harmful and harmless validation prompts), its edit applied in place."""
+    with editor.applied(KernelEdit.from_candidates(candidates, EditParams.from_dict(point["params"]), protection)):
+        counts = {kind: sum(judge_refusals(engine, prompts[kind], max_new_tokens, phrases).refused) for kind in ("harmful", "harmless")}
+    confirmed = {
+        "harmful_refused": counts["harmful"],
+        "harmful_total": len(prompts["harmful"]),
+        "harmless_refused": counts["harmless"],
+        "harmless_total": len(prompts["harmless"]),
+    }
+    return {**point, "confirmed": confirmed}
 
 
-def points_to_confirm(front: list[dict], config: SearchSettings) -> list[dict]:
-    """Front points under the KL threshold with the lowest refusal scores, then the lowest-KL rest."""
-    under = sorted((p for p in front if p["kl"] <= config.max_kl), key=lambda p: p["refusal"])
-    rest = [p for p in front if p["kl"] > config.max_kl]
-    return (under[: config.confirm] + rest)[: config.confirm]
+def meets_target(point: dict, config: SearchSettings, harmless_original: int) -> bool:
+    """A confirmed point refuses at most ``max_refused`` of the harmful prompts and no more harmless ones than the original."""
+    c = point["confirmed"]
+    return c["harmful_refused"] <= config.max_refused * c["harmful_total"] and c["harmless_refused"] <= harmless_original
+
+
+def bisect_front(front: list[dict], config: SearchSettings, confirm: Callable[[dict], dict], harmless_original: int) -> list[dict]:
+    """Confirm at most ``config.confirm`` front points by bisection over KL, looking for the lowest-KL point that
+    meets the target; returns the confirmed points in the order they were confirmed.
+
+    Along a front sorted by KL the refusal score falls, so confirmed refusals fall too (up to noise):
+    each confirmation halves the interval of front points (KL <= ``max_kl``) where the first point that
+    meets the target can lie; 4 confirmations resolve a front of 16 points.
+    """
+    allowed = [p for p in front if p["kl"] <= config.max_kl] or front[:1]
+    low, high = 0, len(allowed) - 1
+    confirmed: list[dict] = []
+    while low <= high and len(confirmed) < config.confirm:
+        middle = (low + high) // 2
+        point = confirm(allowed[middle])
+        confirmed.append(point)
+        if meets_target(point, config, harmless_original):
+            high = middle - 1
+        else:
+            low = middle + 1
+    return confirmed
 
 
 def choose(confirmed: list[dict], config: SearchSettings, harmless_original: int) -> tuple[dict, str]:
-    """The default choice: fewest confirmed harmful refusals with first-token KL under the threshold
-    and no more harmless refusals than the original model; ties go to the lower KL."""
+    """The default choice: the lowest-KL confirmed point that meets the target (``meets_target``); if none
+    does, the fewest confirmed harmful refusals, ties to the lower KL."""
     if not confirmed:
         raise RefusalError("the search front is empty: no trial finished; raise --trials or --time-budget")
-    key = lambda p: (p["confirmed"]["harmful_refused"], p["kl"])
-    ok = [p for p in confirmed if p["kl"] <= config.max_kl and p["confirmed"]["harmless_refused"] <= harmless_original]
+    ok = [p for p in confirmed if meets_target(p, config, harmless_original)]
+    target = f"harmful refusals <= {config.max_refused:g} of the prompts and harmless refusals <= the original's"
     if ok:
-        return min(ok, key=key), f"fewest confirmed refusals with KL <= {config.max_kl} and harmless refusals <= original"
-    under = [p for p in confirmed if p["kl"] <= config.max_kl]
-    if under:
-        return min(
-            under, key=key
-        ), f"fewest confirmed refusals with KL <= {config.max_kl} (every such point refuses more harmless prompts than the original)"
-    return min(confirmed, key=lambda p: (p["kl"], p["confirmed"]["harmful_refused"])), f"no confirmed point has KL <= {config.max_kl}: lowest KL"
+        return min(ok, key=lambda p: p["kl"]), f"lowest KL among confirmed points with {target} (KL <= {config.max_kl})"
+    best = min(confirmed, key=lambda p: (p["confirmed"]["harmful_refused"], p["kl"]))
+    return best, f"no confirmed point has {target}: fewest harmful refusals, then the lower KL"

@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .directions import Candidates
+from .edits import Editor
 from .generation import HFEngine
 from .judges import REFUSAL_PHRASES, judge_refusals, load_phrases
 from .pipeline import candidates, export, paper_edit, protection, study_inputs, study_upstream, trial_edit
 from .progress import log
 from .provenance import timestamp
 from .run_dir import ARTIFACTS, write_json
-from .search import Objectives, choose, confirm_points, pareto_front, points_to_confirm, run_trials
+from .search import Objectives, bisect_front, choose, confirm_point, pareto_front, run_trials
 from .settings import Settings
 from .workspace import Context, start
 
@@ -55,7 +56,8 @@ def study(ctx: Context, cands: Candidates) -> dict:
     refusal_ids = ctx.chat.refusal_token_ids(s.evaluation.refusal_tokens)
 
     begin = time.perf_counter()
-    objectives = Objectives(ctx.chat, engine, harmful, harmless, refusal_ids, s.search)
+    n = s.search.score_prompts
+    objectives = Objectives(ctx.chat, engine, harmful[:n], harmless[:n], refusal_ids, s.search)
     timings["cache_original"] = round(time.perf_counter() - begin, 2)
 
     def progress(n: int, values: dict) -> None:
@@ -67,8 +69,10 @@ def study(ctx: Context, cands: Candidates) -> dict:
     begin = time.perf_counter()
     front = pareto_front(records)
     harmless_original = sum(judge_refusals(engine, harmless, s.evaluation.max_new_tokens, phrases).refused)
-    to_confirm = points_to_confirm(front, s.search)
-    confirmed = confirm_points(ctx.chat, engine, cands, to_confirm, harmful, harmless, s.evaluation.max_new_tokens, phrases, cleaner)
+    with Editor(ctx.chat) as editor:
+        prompts = {"harmful": harmful, "harmless": harmless}
+        confirm = lambda point: confirm_point(editor, engine, cands, point, prompts, s.evaluation.max_new_tokens, phrases, cleaner)
+        confirmed = bisect_front(front, s.search, confirm, harmless_original)
     chosen, rule = choose(confirmed, s.search, harmless_original)
     timings["confirm"] = round(time.perf_counter() - begin, 2)
     paper_trial = next((r["trial"] for r in records if r["role"] == "paper"), None)
@@ -85,6 +89,7 @@ def study(ctx: Context, cands: Candidates) -> dict:
         "paper_trial": {"trial": paper_trial, "what": paper_note},
         "harmless_original_refused": harmless_original,
         "n_val": {"harmful": len(harmful), "harmless": len(harmless)},
+        "n_scored": {"harmful": len(harmful[:n]), "harmless": len(harmless[:n])},
         "trials": records,
         "front": [p["trial"] for p in front],
         "confirmed": confirmed,

@@ -131,8 +131,9 @@ class SearchSettings:
     trials: int = setting(60, "finished trials to reach (a resumed study counts its earlier ones)")
     time_budget: float | None = setting(600.0, "stop starting trials after this long, e.g. 20m, 90s, 1h; 'none' for no limit", parse=duration)
     variants: list[str] = setting(list(VARIANTS), "edit variants to search", parse=word_list)
-    max_kl: float = setting(0.2, "choice rule: fewest confirmed refusals with first-token KL at most this")
-    confirm: int = setting(4, "front points confirmed by generation")
+    max_kl: float = setting(0.2, "choice rule: only front points with first-token KL at most this are confirmed and chosen")
+    max_refused: float = setting(0.0, "choice rule: the lowest-KL confirmed point refusing at most this fraction of the harmful validation prompts")
+    confirm: int = setting(4, "front points confirmed by generation (a bisection over the front's KL)")
     refusal_positions: int = setting(3, "response positions whose refusal log-odds the search's objective reads")
     refusal_floor: float = setting(-5.0, "a prompt's refusal log-odds below this count as this (it no longer refuses)")
     search_kl_tokens: int = setting(8, "tokens of the original greedy completion the search's multi-token KL averages over")
@@ -145,6 +146,7 @@ class SearchSettings:
         parse=lambda t: [float(x) for x in t.split(",") if x.strip()],
     )
     score_batch_size: int = setting(16, "prompts per teacher-forced scoring pass")
+    score_prompts: int = setting(32, "validation prompts per class the trials are scored on (the first ones); the confirmation reads all --n-val")
     protect_prompts: int = setting(
         64,
         "harmless train prompts that, with the built-in code/math problems, the searched directions are cleaned against "
@@ -154,13 +156,15 @@ class SearchSettings:
     def validate(self) -> None:
         _at_least("trials", self.trials, 1)
         _at_least("protect_prompts", self.protect_prompts, 0, " (0 searches without cleaning)")
-        for name in ("confirm", "refusal_positions", "search_kl_tokens", "score_batch_size"):
+        for name in ("confirm", "refusal_positions", "search_kl_tokens", "score_batch_size", "score_prompts"):
             _at_least(name, getattr(self, name), 1)
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown or not self.variants:
             raise RefusalError(f"unknown edit variant {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
         if not 0 <= self.min_layer_fraction < self.max_layer_fraction <= 1:
             raise RefusalError("the searched layer range is empty; need 0 <= --min-layer-fraction < --max-layer-fraction <= 1")
+        if not 0 <= self.max_refused <= 1:
+            raise RefusalError(f"--max-refused must be a fraction between 0 and 1 (got {self.max_refused:g})")
         if not (self.max_kl > 0 and math.isfinite(self.max_kl)):
             raise RefusalError(f"--max-kl must be a positive KL (got {self.max_kl:g})")
         if not math.isfinite(self.refusal_floor):
