@@ -5,7 +5,8 @@
 Stages, in one process on one loaded model:
 1. extract (the whole train split, as ``refusal search`` does);
 2. the paper's selection (this project's implementation, over --layers / --positions);
-3. the kernel search as it was before issue 15 (``--protect-prompts 0``: no cleaned directions);
+3. the kernel search as it was before issue 15 (``--protect-prompts 0``: no cleaned directions), its
+   choice made both by the new rule and by issue 13's rule (``old_rule_choice``);
 4. the search with its defaults (directions cleaned against the protected prompts);
    both score trials on the first --score-prompts validation prompts and confirm on all --n-val;
 5. on the built-in *test* split, for the original model, the paper's edit and both choices: harmful
@@ -29,9 +30,12 @@ from refusal.cli import join_negative_lists
 from refusal.data import load_capability, load_corpus
 from refusal.edits import Editor, EditParams, KernelEdit, Orthogonalization
 from refusal.evaluation import Condition, EvalSettings, evaluate
+from refusal.generation import HFEngine
+from refusal.judges import REFUSAL_PHRASES
 from refusal.parsing import duration, int_list
 from refusal.pipeline import candidates, protection, selection
 from refusal.progress import set_quiet
+from refusal.search import confirm_point
 from refusal.search_run import study
 from refusal.settings import Settings
 from refusal.stats import format_rate
@@ -50,6 +54,26 @@ def print_front(name: str, result: dict) -> None:
         counts = f"{c['harmful_refused']}/{c['harmful_total']}, {c['harmless_refused']}/{c['harmless_total']}" if c else "-"
         print(f"  {n:4d} {record['refusal']:8.3f} {record['kl']:8.4f} {record['kl_multi']:8.4f}  {counts}{note}")
     print(f"  chosen ({result['chosen']['rule']}): {trials[result['chosen']['trial']]['params']}")
+
+
+def old_rule_choice(ctx, cands, result: dict, editor: Editor) -> dict:
+    """Issue 13's confirmation and choice on a finished study: confirm the ``confirm`` front points with KL <= max_kl
+    and the lowest refusal scores (then the lowest-KL rest); choose the fewest confirmed harmful refusals with no
+    more harmless refusals than the original, ties to the lower KL. Confirmations the study made are reused."""
+    s = ctx.settings
+    trials = {t["trial"]: t for t in result["trials"]}
+    front = [trials[n] for n in result["front"]]
+    under = sorted((p for p in front if p["kl"] <= s.search.max_kl), key=lambda p: p["refusal"])
+    points = (under[: s.search.confirm] + [p for p in front if p["kl"] > s.search.max_kl])[: s.search.confirm]
+    done = {p["trial"]: p for p in result["confirmed"]}
+    engine = HFEngine(ctx.chat, s.evaluation.batch_size)
+    prompts = {kind: ctx.prompts.get(kind, "val") for kind in ("harmful", "harmless")}
+    tokens = s.evaluation.max_new_tokens
+    confirmed = [done.get(p["trial"]) or confirm_point(editor, engine, cands, p, prompts, tokens, REFUSAL_PHRASES) for p in points]
+    ok = [p for p in confirmed if p["confirmed"]["harmless_refused"] <= result["harmless_original_refused"]] or confirmed
+    chosen = min(ok, key=lambda p: (p["confirmed"]["harmful_refused"], p["kl"]))
+    rule = "issue 13: fewest confirmed refusals among the 4 lowest refusal scores with KL <= max_kl"
+    return {**result, "confirmed": confirmed, "chosen": {"trial": chosen["trial"], "rule": rule}}
 
 
 def main() -> None:
@@ -84,8 +108,8 @@ def main() -> None:
     settings.search.protect_prompts = protect_default
     new = stage("search (cleaned)", lambda: study(ctx, cands))
     cleaner = protection(ctx, reuse_only=True)
-
     editor = Editor(chat)
+    old = stage("kernel search, old rule", lambda: old_rule_choice(ctx, cands, kernel, editor))
 
     def chosen_edit(result: dict, protected):
         record = next(t for t in result["trials"] if t["trial"] == result["chosen"]["trial"])
@@ -96,7 +120,8 @@ def main() -> None:
     conditions = [
         Condition("original", "original", chat),
         Condition("paper", "paper's edit", chat, lambda: editor.applied(paper)),
-        Condition("kernel", "kernel search", chat, chosen_edit(kernel, None)),
+        Condition("kernel_old", "kernel search, old rule (issue 13)", chat, chosen_edit(old, None)),
+        Condition("kernel", "kernel search, new rule", chat, chosen_edit(kernel, None)),
         Condition("search", "search (cleaned)", chat, chosen_edit(new, cleaner)),
     ]
     e = settings.evaluation
@@ -118,7 +143,8 @@ def main() -> None:
         f"(layer {direction.layer}, position {direction.position}); trials scored on {args.score_prompts}+{args.score_prompts} "
         f"validation prompts, confirmed on {args.n_val}+{args.n_val}; test split {args.n_test}+{args.n_test}"
     )
-    print_front("kernel search (before issue 15)", kernel)
+    print_front("kernel search (no cleaning; the new choice rule)", kernel)
+    print_front("kernel search with the old choice rule (issue 13: the 4 lowest refusal scores under KL 0.2, fewest refusals)", old)
     print_front("search with cleaned directions", new)
     ce, cap = test["ce_loss"]["loss"], test["capability"]["loss"]
     print(f"\ntest split        {'harmful refused':>30s} {'harmless refused':>30s}  KL first  KL multi  corpus CE  capability (Δ%)")
