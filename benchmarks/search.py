@@ -1,10 +1,11 @@
 """The search side by side with the paper's edit and today's kernel search, on the same prompts (default model).
 
-    python benchmarks/search.py [--model demo] [--layers 8-18] [--n-val 64] [--n-test 64] [--time-budget 10m]
+    python benchmarks/search.py [--model demo] [--layers all] [--n-val 64] [--n-test 64] [--time-budget 10m]
 
 Stages, in one process on one loaded model:
 1. extract (the whole train split, as ``refusal search`` does);
-2. the paper's selection (this project's implementation, over --layers / --positions);
+2. the paper's selection (this project's implementation, over --layers / --positions, by default every
+   candidate);
 3. the kernel search as it was before issue 15 (``--protect-prompts 0``: no cleaned directions), its
    choice made both by the new rule and by issue 13's rule (``old_rule_choice``);
 4. the search with its defaults (directions cleaned against the protected prompts);
@@ -79,8 +80,8 @@ def old_rule_choice(ctx, cands, result: dict, editor: Editor) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="demo")
-    parser.add_argument("--layers", type=int_list, default=int_list("8-18"))
-    parser.add_argument("--positions", type=int_list, default=[-1])
+    parser.add_argument("--layers", type=int_list, default=None, help="the paper's selection over these layers (default: all)")
+    parser.add_argument("--positions", type=int_list, default=None, help="... and these positions (default: all)")
     parser.add_argument("--n-val", type=int, default=64)
     parser.add_argument("--n-test", type=int, default=64)
     parser.add_argument("--score-prompts", type=int, default=32)
@@ -137,10 +138,11 @@ def main() -> None:
     )
     editor.close()
 
+    scored = min(args.score_prompts, args.n_val)
     print()
     print(
-        f"model {args.model}; paper selection over layers {args.layers[0]}-{args.layers[-1]}, positions {args.positions} "
-        f"(layer {direction.layer}, position {direction.position}); trials scored on {args.score_prompts}+{args.score_prompts} "
+        f"model {args.model}; paper selection over layers {args.layers or 'all'}, positions {args.positions or 'all'} "
+        f"(layer {direction.layer}, position {direction.position}); trials scored on {scored}+{scored} "
         f"validation prompts, confirmed on {args.n_val}+{args.n_val}; test split {args.n_test}+{args.n_test}"
     )
     print_front("kernel search (no cleaning; the new choice rule)", kernel)

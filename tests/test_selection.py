@@ -3,10 +3,14 @@ import json
 import pytest
 import torch
 
+from conftest import CHATML, FAMILIES, build_model, build_tokenizer
 from refusal.activations import mean_activations
 from refusal.data import load_builtin
 from refusal.directions import compute_candidates
 from refusal.errors import RefusalError
+from refusal.interventions import ablate, add
+from refusal.model import wrap_model
+from refusal.scoring import LastPosition, kl_divergence, last_logits, length_batches, prepare_batches, refusal_score
 from refusal.selection import score_candidates, select_direction
 from refusal.settings import SelectionSettings
 
@@ -87,3 +91,65 @@ def test_a_partial_file_of_other_inputs_is_not_reused(scored, tmp_path):
         chat.model.get_input_embeddings().weight.add_(1.0)
     other = score_candidates(chat, cands, val_h, val_hl, ids, config, cache_path=cache, cache_key="inputs-b")
     assert [r["bypass"] for r in other] != [r["bypass"] for r in first]
+
+
+def reference_scores(chat, cands, harmful, harmless, ids, layer, position, batch_size):
+    """The straightforward computation the fast path must equal: three full passes per candidate."""
+    harmful_b, harmless_b = prepare_batches(chat, harmful, batch_size), prepare_batches(chat, harmless, batch_size)
+    baseline = last_logits(chat, harmless_b)
+    direction = cands.direction(layer, position)
+    with ablate(chat, direction):
+        bypass = refusal_score(last_logits(chat, harmful_b), ids)
+        kl = kl_divergence(baseline, last_logits(chat, harmless_b))
+    with add(chat, direction, layer):
+        induce = refusal_score(last_logits(chat, harmless_b), ids)
+    return {"bypass": bypass.mean().item(), "induce": induce.mean().item(), "kl": kl.mean().item()}
+
+
+SYSTEM_TEMPLATE = "<|im_start|>system\nYou are a helpful assistant .<|im_end|>\n" + CHATML  # a shared prefix, like Qwen's
+
+
+@pytest.fixture(scope="module")
+def system_tokenizer():
+    return build_tokenizer(SYSTEM_TEMPLATE)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_scores_equal_three_full_passes(family, system_tokenizer):
+    chat = wrap_model(build_model(family, len(system_tokenizer), layers=4), system_tokenizer, source=f"tiny-{family}")
+    harmful, harmless = load_builtin("harmful", "train")[:12], load_builtin("harmless", "train")[:12]
+    cands = compute_candidates(mean_activations(chat, harmful), mean_activations(chat, harmless), {"created": "t"})
+    val_h, val_hl = load_builtin("harmful", "val")[:10], load_builtin("harmless", "val")[:10]
+    ids = chat.refusal_token_ids()
+    fast = LastPosition(chat, val_hl, batch_size=4, overhead=2)
+    fast.record(3)
+    if family in ("llama", "qwen2", "gemma2"):  # the speed-ups are on, not fallen back
+        assert fast.prefix >= 8 and fast.recorded is not None and len(fast.batches) >= 3
+    config = SelectionSettings(layers=[1, 3], positions=[-1, -2], prune_layer_fraction=0.0)
+    records = score_candidates(chat, cands, val_h, val_hl, ids, config, batch_size=4)
+    assert not any("forward" in layer.__dict__ for layer in chat.layers)  # replay restored every layer
+    for r in records:
+        want = reference_scores(chat, cands, val_h, val_hl, ids, r["layer"], r["position"], batch_size=4)
+        for key in ("bypass", "induce", "kl"):
+            assert abs(r[key] - want[key]) <= 1e-4, (r["layer"], r["position"], key, r[key], want[key])
+
+
+def test_scores_fall_back_to_full_passes_where_sharing_would_change_them(system_tokenizer, monkeypatch):
+    chat = wrap_model(build_model("qwen2", len(system_tokenizer), layers=4), system_tokenizer, source="tiny-qwen2")
+    harmful, harmless = load_builtin("harmful", "train")[:12], load_builtin("harmless", "train")[:12]
+    cands = compute_candidates(mean_activations(chat, harmful), mean_activations(chat, harmless), {"created": "t"})
+    val_h, val_hl, ids = load_builtin("harmful", "val")[:6], load_builtin("harmless", "val")[:6], chat.refusal_token_ids()
+    monkeypatch.setattr("refusal.scoring._same", lambda want, got: False)  # as if the family's cache or replay differed
+    fast = LastPosition(chat, val_hl, batch_size=4)
+    fast.record(2)
+    assert fast.prefix == 0 and fast.recorded is None
+    config = SelectionSettings(layers=[2], positions=[-1], prune_layer_fraction=0.0)
+    (got,) = score_candidates(chat, cands, val_h, val_hl, ids, config, batch_size=4)
+    want = reference_scores(chat, cands, val_h, val_hl, ids, 2, -1, batch_size=4)
+    assert all(abs(got[k] - want[k]) <= 1e-4 for k in want)
+
+
+def test_length_batches_cut_sorted_prompts_to_save_padding():
+    assert length_batches([5, 1, 5, 1], batch_size=4, overhead=100) == [[1, 3, 0, 2]]  # one forward beats padding
+    assert length_batches([5, 1, 5, 1], batch_size=4, overhead=1) == [[1, 3], [0, 2]]
+    assert length_batches([3] * 5, batch_size=2, overhead=0) and all(len(g) <= 2 for g in length_batches([3] * 5, 2, 0))

@@ -7,6 +7,12 @@ Each candidate r[l, p] gets three scores on validation prompts:
 Candidates in the last ``prune_layer_fraction`` of layers, with kl above ``kl_threshold`` or induce
 below ``induce_threshold`` are filtered; the lowest bypass among the rest wins. If none pass, the
 lowest-bypass candidate outside the pruned layers is chosen and marked as a fallback.
+
+Speed (``scoring.LastPosition``; the scores are those of full passes, up to float rounding): the chat
+template's common prefix runs once per hooked pass and every batch continues its cache; prompts are
+batched by length to cut padding (bypass and kl share one ablated pass over both prompt sets); and
+induce replays the original model's outputs of the layers before l (recorded once with the kl
+baseline) instead of running them. About 2.7x faster per candidate on the default model (2 cores).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from .errors import RefusalError
 from .interventions import ablate, add
 from .model import ChatModel
 from .progress import log, track
-from .scoring import kl_divergence, last_logits, prepare_batches, refusal_score
+from .scoring import LastPosition, kl_divergence, refusal_score
 from .settings import SelectionSettings
 
 
@@ -52,9 +58,6 @@ def score_candidates(
     layers = config.layers if config.layers is not None else list(range(candidates.n_layers))
     positions = config.positions if config.positions is not None else list(range(-candidates.n_post, 0))
 
-    harmful = prepare_batches(chat, harmful_val, batch_size)
-    harmless = prepare_batches(chat, harmless_val, batch_size)
-    baseline_harmless = last_logits(chat, harmless)
     fingerprint = cache_key or json.dumps([candidates.metadata.get("created"), harmful_val, harmless_val, refusal_ids], sort_keys=True)
     done = _read_cache(cache_path, fingerprint)
 
@@ -75,13 +78,17 @@ def score_candidates(
                 todo.append(record)
             records.append(record)
 
+    if todo:  # both ablated passes share their batches and prefix; induce replays the layers before l
+        both, harmless = LastPosition(chat, harmful_val + harmless_val, batch_size), LastPosition(chat, harmless_val, batch_size)
+        baseline_harmless = harmless.record(max(r["layer"] for r in todo))
     for record in track(todo, "scoring candidates"):
         direction = candidates.direction(record["layer"], record["position"])
         with ablate(chat, direction):
-            bypass = refusal_score(last_logits(chat, harmful), refusal_ids)
-            kl = kl_divergence(baseline_harmless, last_logits(chat, harmless))
+            ablated = both.logits()
+            bypass = refusal_score(ablated[: len(harmful_val)], refusal_ids)
+            kl = kl_divergence(baseline_harmless, ablated[len(harmful_val) :])
         with add(chat, direction, record["layer"]):
-            induce = refusal_score(last_logits(chat, harmless), refusal_ids)
+            induce = refusal_score(harmless.logits(start=record["layer"]), refusal_ids)
         record.update(bypass=bypass.mean().item(), induce=induce.mean().item(), kl=kl.mean().item())
         _append_cache(cache_path, fingerprint, record)
 
