@@ -1,6 +1,6 @@
 """The search side by side with the paper's edit and today's kernel search, on the same prompts (default model).
 
-    python benchmarks/search.py [--model demo] [--layers all] [--n-val 64] [--n-test 64] [--time-budget 10m]
+    python benchmarks/search.py [--model demo] [--layers all] [--n-val 64] [--n-test 64] [--time-budget 9m]
 
 Stages, in one process on one loaded model:
 1. extract (the whole train split, as ``refusal search`` does);
@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=64)
     parser.add_argument("--score-prompts", type=int, default=32)
     parser.add_argument("--trials", type=int, default=200)
-    parser.add_argument("--time-budget", type=duration, default=duration("10m"))
+    parser.add_argument("--time-budget", type=duration, default=Settings().search.time_budget, help="trial budget per search (default: the search's)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(join_negative_lists(sys.argv[1:]))
     set_quiet(True)

@@ -211,3 +211,26 @@ def test_bisection_finds_the_lowest_kl_point_that_meets_the_target():
     # extra harmless refusals disqualify a point
     harmless = lambda p: {**confirm(p), "confirmed": {**confirm(p)["confirmed"], "harmless_refused": 2}}
     assert choose(bisect_front(front, config, harmless, 1), config, 1)[1].startswith("no confirmed point")
+
+
+def test_changing_the_protected_prompts_recomputes_them_and_restarts_the_study(organism_dir, tmp_path):
+    from refusal.cleaning import Protection
+    from refusal.progress import set_quiet
+
+    out = tmp_path / "run"
+    previous = set_quiet(True)
+    try:
+        settings = organism_settings(organism_dir, trials=6, time_budget=None, confirm=1, protect_prompts=8)
+        settings.data.n_val = 8
+        first = search(settings, out, export_model_dir=False).search
+        assert Protection.load(out / "protection.safetensors").metadata["n_prompts"] == 8 + 24
+        settings.search.protect_prompts = 4
+        second = search(settings, out, export_model_dir=False).search
+        assert Protection.load(out / "protection.safetensors").metadata["n_prompts"] == 4 + 24
+        assert len(second["trials"]) == 6  # a fresh study, not 6 more on top of the first
+        assert [t["kl"] for t in second["trials"]] != [t["kl"] for t in first["trials"]]  # other protection, other directions
+        settings.search.protect_prompts = 0
+        third = search(settings, out, export_model_dir=False).search
+        assert len(third["trials"]) == 6 and all(t["params"]["clean"] is None for t in third["trials"])
+    finally:
+        set_quiet(previous)
