@@ -6,18 +6,21 @@ and export a checkpoint; evaluate conditions against the original. Whole command
 functions too: ``refusal.pipeline.run``, ``refusal.search_run.search``, ``refusal.attack_run.attack``
 take a ``Settings`` tree and ``refusal.analyze.analyze`` a run directory. The paper's §5: optimise an
 adversarial suffix (``optimize_suffix``) and measure what it does to the direction (``layer_cosines``,
-``decompose``, ``attention_masses``) on prompts split into regions (``split_prompt``).
+``decompose``, ``attention_masses``) on prompts split into regions (``split_prompt``). Lower-damage
+edits: directions ridge-cleaned against protected prompts' activations (``protect``, ``Protection``,
+``EditParams(clean=...)``) and a capability proxy (``load_capability``, ``capability_loss``).
 """
 
 __version__ = "0.1.0"
 
 from .activations import collect_activations, mean_activations
 from .attack import AttackState, optimize_suffix
-from .data import load_builtin, load_prompts
+from .cleaning import Protection, protect
+from .data import load_builtin, load_capability, load_prompts
 from .directions import Candidates, Direction, compute_candidates
 from .edits import Edit, Editor, EditParams, Kernel, KernelEdit, Orthogonalization, edited, orthogonalized
 from .errors import FidelityError, RefusalError, UnsupportedModelError
-from .evaluation import Condition, EvalSettings, evaluate
+from .evaluation import Condition, EvalSettings, capability_loss, evaluate
 from .export import export_model, fidelity_check
 from .generation import Engine, HFEngine, generate
 from .interventions import ablate, add
@@ -50,6 +53,7 @@ __all__ = [
     "KernelEdit",
     "Objective",
     "Orthogonalization",
+    "Protection",
     "RefusalError",
     "Settings",
     "SuffixedPrompt",
@@ -57,6 +61,7 @@ __all__ = [
     "ablate",
     "add",
     "attention_masses",
+    "capability_loss",
     "collect_activations",
     "compute_candidates",
     "decompose",
@@ -69,12 +74,14 @@ __all__ = [
     "kl_divergence",
     "layer_cosines",
     "load_builtin",
+    "load_capability",
     "load_model",
     "load_prompts",
     "mean_activations",
     "optimize_suffix",
     "orthogonalize_weights",
     "orthogonalized",
+    "protect",
     "refusal_score",
     "score_candidates",
     "select_direction",
