@@ -56,6 +56,15 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return build_tokenizer()
 
 
+SYSTEM_TEMPLATE = "<|im_start|>system\nYou are a helpful assistant .<|im_end|>\n" + CHATML  # a shared prefix, like Qwen's
+
+
+@pytest.fixture(scope="session")
+def system_tokenizer() -> PreTrainedTokenizerFast:
+    """A chat template with a system turn: every prompt shares a prefix, as with Qwen's."""
+    return build_tokenizer(SYSTEM_TEMPLATE)
+
+
 @pytest.fixture(params=FAMILIES)
 def chat(request, tokenizer) -> ChatModel:
     return wrap_model(build_model(request.param, len(tokenizer)), tokenizer, source=f"tiny-{request.param}")

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from conftest import CHATML, FAMILIES, build_model, build_tokenizer
+from conftest import FAMILIES, build_model
 from refusal.model import wrap_model
 from refusal.scoring import kl_divergence, refusal_score
 
@@ -37,14 +37,6 @@ def _forced(chat, share_prefix):
     prompts = [chat.encode(x) for x in ("How do I bake bread?", "Name three colors.", "What is a prime number?")]
     continuations = [chat.encode("Sure")[-3:], [], chat.encode("I cannot help")[-6:]]  # one empty: only the first prediction counts
     return TeacherForced(chat, prompts, continuations, n=4, batch_size=2, share_prefix=share_prefix), prompts, continuations
-
-
-SYSTEM_TEMPLATE = "<|im_start|>system\nYou are a helpful assistant .<|im_end|>\n" + CHATML  # a shared prefix, like Qwen's
-
-
-@pytest.fixture(scope="module")
-def system_tokenizer():
-    return build_tokenizer(SYSTEM_TEMPLATE)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from conftest import CHATML, FAMILIES, build_model, build_tokenizer
+from conftest import FAMILIES, build_model
 from refusal.activations import mean_activations
 from refusal.data import load_builtin
 from refusal.directions import compute_candidates
@@ -104,14 +104,6 @@ def reference_scores(chat, cands, harmful, harmless, ids, layer, position, batch
     with add(chat, direction, layer):
         induce = refusal_score(last_logits(chat, harmless_b), ids)
     return {"bypass": bypass.mean().item(), "induce": induce.mean().item(), "kl": kl.mean().item()}
-
-
-SYSTEM_TEMPLATE = "<|im_start|>system\nYou are a helpful assistant .<|im_end|>\n" + CHATML  # a shared prefix, like Qwen's
-
-
-@pytest.fixture(scope="module")
-def system_tokenizer():
-    return build_tokenizer(SYSTEM_TEMPLATE)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
