@@ -1,20 +1,26 @@
 """The search side by side with the paper's edit and today's kernel search, on the same prompts (default model).
 
-    python benchmarks/search.py [--model demo] [--layers all] [--n-val 64] [--n-test 64] [--time-budget 9m]
+    python benchmarks/search.py [--model demo] [--layers all] [--n-val 64] [--n-test 64] [--time-budget 9m] [--out RUN [--reuse]]
 
 Stages, in one process on one loaded model:
 1. extract (the whole train split, as ``refusal search`` does);
 2. the paper's selection (this project's implementation, over --layers / --positions, by default every
    candidate);
-3. the kernel search as it was before issue 15 (``--protect-prompts 0``: no cleaned directions), its
-   choice made both by the new rule and by issue 13's rule (``old_rule_choice``);
-4. the search with its defaults (directions cleaned against the protected prompts);
-   both score trials on the first --score-prompts validation prompts and confirm on all --n-val;
+3. the kernel search as it was before issue 15 (``--protect-prompts 0``: no cleaned directions;
+   ``--refusal-measure log-odds``: the refusal log-odds objective; ``--refine 0``: no refinement
+   trials), its choice made both by the new rule and by issue 13's rule (``old_rule_choice``);
+4. the search with its defaults (directions cleaned against the protected prompts, the refusal
+   margin objective, refinement trials); both score trials on the first --score-prompts validation prompts and
+   confirm on all --n-val;
 5. on the built-in *test* split, for the original model, the paper's edit and both choices: harmful
    and harmless refusals (substring judge, counts and 95% Wilson intervals), first-token and 16-token
    KL on harmless prompts, cross-entropy on the built-in corpus, and the capability proxy (teacher-
    forced loss of the built-in code/math reference solutions, test split).
 Prints wall time and peak RSS per stage. Not a test: it only measures.
+
+``--reuse`` keeps an existing ``--out`` run directory: its extraction and paper selection are reused
+where their fingerprints match these settings (the stage then takes seconds and says so); the
+searches always run afresh, since both write the run's one study.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from refusal.evaluation import Condition, EvalSettings, evaluate
 from refusal.generation import HFEngine
 from refusal.judges import REFUSAL_PHRASES
 from refusal.parsing import duration, int_list
-from refusal.pipeline import candidates, protection, selection
+from refusal.pipeline import candidate_inputs, candidates, protection, selection, selection_inputs
 from refusal.progress import set_quiet
 from refusal.search import confirm_point
 from refusal.search_run import study
@@ -88,6 +94,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--time-budget", type=duration, default=Settings().search.time_budget, help="trial budget per search (default: the search's)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--reuse", action="store_true", help="reuse --out's fresh extraction and paper selection instead of starting afresh")
     args = parser.parse_args(join_negative_lists(sys.argv[1:]))
     set_quiet(True)
     out = args.out or Path(tempfile.mkdtemp(prefix="refusal-search-")) / "run"
@@ -96,18 +103,27 @@ def main() -> None:
     settings.data.n_val, settings.data.n_test = args.n_val, args.n_test
     settings.selection.layers, settings.selection.positions = args.layers, args.positions
     settings.search.trials, settings.search.time_budget, settings.search.score_prompts = args.trials, args.time_budget, args.score_prompts
-    protect_default = settings.search.protect_prompts
+    defaults = settings.search.protect_prompts, settings.search.refusal_measure, settings.search.refine
     stages = Stages()
     stage = stages.run
 
-    ctx = stage("load model", lambda: start(settings, out, overwrite=True))
+    ctx = stage("load model", lambda: start(settings, out, overwrite=not args.reuse))
     chat = ctx.chat
+    fresh = {
+        "extraction": lambda: ctx.run.fresh("candidates", settings, candidate_inputs(ctx)),
+        "paper selection": lambda: ctx.run.fresh("selection", settings, selection_inputs(ctx), ("candidates",)),
+    }
+    reused = [name for name, is_fresh in fresh.items() if args.reuse and is_fresh()]
     cands = stage("extract", lambda: candidates(ctx))
     _, direction = stage("paper selection", lambda: selection(ctx, cands))
-    settings.search.protect_prompts = 0
+    if reused:
+        print(f"  (reused from {out}: {', '.join(reused)}; their fingerprints match these settings)")
+    for name in ("search.json", "search.journal"):
+        (out / name).unlink(missing_ok=True)  # each search starts afresh
+    settings.search.protect_prompts, settings.search.refusal_measure, settings.search.refine = 0, "log-odds", 0
     kernel = stage("kernel search", lambda: study(ctx, cands))
-    settings.search.protect_prompts = protect_default
-    new = stage("search (cleaned)", lambda: study(ctx, cands))
+    settings.search.protect_prompts, settings.search.refusal_measure, settings.search.refine = defaults
+    new = stage("search (default)", lambda: study(ctx, cands))
     cleaner = protection(ctx, reuse_only=True)
     editor = Editor(chat)
     old = stage("kernel search, old rule", lambda: old_rule_choice(ctx, cands, kernel, editor))
@@ -123,8 +139,11 @@ def main() -> None:
         Condition("paper", "paper's edit", chat, lambda: editor.applied(paper)),
         Condition("kernel_old", "kernel search, old rule (issue 13)", chat, chosen_edit(old, None)),
         Condition("kernel", "kernel search, new rule", chat, chosen_edit(kernel, None)),
-        Condition("search", "search (cleaned)", chat, chosen_edit(new, cleaner)),
+        Condition("search", "search (default)", chat, chosen_edit(new, cleaner)),
     ]
+    if kernel["chosen"]["trial"] == old["chosen"]["trial"]:  # the same edit: evaluated once
+        conditions = [c for c in conditions if c.name != "kernel"]
+        print("  (kernel search: both rules choose the same trial; evaluated once, as kernel_old)")
     e = settings.evaluation
     test = stage(
         "test-split evaluation",
@@ -145,9 +164,9 @@ def main() -> None:
         f"(layer {direction.layer}, position {direction.position}); trials scored on {scored}+{scored} "
         f"validation prompts, confirmed on {args.n_val}+{args.n_val}; test split {args.n_test}+{args.n_test}"
     )
-    print_front("kernel search (no cleaning; the new choice rule)", kernel)
+    print_front("kernel search (no cleaning, log-odds objective; the new choice rule)", kernel)
     print_front("kernel search with the old choice rule (issue 13: the 4 lowest refusal scores under KL 0.2, fewest refusals)", old)
-    print_front("search with cleaned directions", new)
+    print_front("search with its defaults (cleaned directions, margin objective)", new)
     ce, cap = test["ce_loss"]["loss"], test["capability"]["loss"]
     print(f"\ntest split        {'harmful refused':>30s} {'harmless refused':>30s}  KL first  KL multi  corpus CE  capability (Δ%)")
     for c in conditions:

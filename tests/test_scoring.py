@@ -5,7 +5,7 @@ import torch
 
 from conftest import FAMILIES, build_model
 from refusal.model import wrap_model
-from refusal.scoring import kl_divergence, refusal_score
+from refusal.scoring import kl_divergence, refusal_margin, refusal_score
 
 
 def test_refusal_score_is_log_odds_of_the_refusal_tokens():
@@ -18,6 +18,19 @@ def test_refusal_score_stays_finite_at_extremes():
     logits = torch.tensor([[100.0, -100.0, -100.0], [-100.0, 100.0, 100.0]])
     scores = refusal_score(logits, [0])
     assert torch.isfinite(scores).all() and scores[0] > 150 and scores[1] < -150
+
+
+def test_refusal_margin_is_positive_exactly_where_greedy_picks_a_refusal_token():
+    torch.manual_seed(0)
+    logits = torch.randn(200, 30)
+    refusal_ids = [3, 7, 11]
+    margin = refusal_margin(logits, refusal_ids)
+    greedy_refuses = torch.isin(logits.argmax(-1), torch.tensor(refusal_ids))
+    assert margin.dtype == torch.float64 and greedy_refuses.any() and (~greedy_refuses).any()
+    assert torch.equal(margin > 0, greedy_refuses)
+    # the log-odds disagree where one refusal token is the top token yet the refusal tokens together are unlikely
+    p = torch.tensor([[0.3, 0.2, 0.2, 0.15, 0.15]]).log()
+    assert refusal_margin(p, [0]).item() > 0 > refusal_score(p, [0]).item()
 
 
 def test_kl_is_zero_for_identical_and_positive_otherwise():

@@ -6,11 +6,11 @@ import pytest
 
 from conftest import organism_args
 from refusal.cli import main
-from refusal.edits import EditParams
+from refusal.edits import EditParams, Kernel
 from refusal.errors import RefusalError
 from refusal.parsing import duration
 from refusal.pipeline import extract, select
-from refusal.search import anchor_params, bisect_front, choose
+from refusal.search import REFINE_SCALES, anchor_params, bisect_front, choose, refinements, scaled
 from refusal.search_run import search
 from refusal.settings import SearchSettings, Settings
 
@@ -59,17 +59,51 @@ def test_search_beats_the_papers_point(organism_search_run):
     assert chosen["kl"] < paper["kl"]
     assert c["harmless_refused"] <= result["harmless_original_refused"]
     saved = json.loads((out / "search.json").read_text())
-    assert len(saved["trials"]) == 24 and set(saved["front"]) <= set(trials)
+    assert len(sampled(saved)) == 24 and set(saved["front"]) <= set(trials)
+
+
+def sampled(result: dict) -> list[dict]:
+    """The study's trials before the refinement (what --trials counts)."""
+    return [t for t in result["trials"] if t["role"] != "refine"]
+
+
+def test_refinement_trials_are_stronger_copies_of_low_kl_front_points(organism_search_run):
+    out, chat, result, settings = organism_search_run
+    trials = {t["trial"]: t for t in result["trials"]}
+    refined = [t for t in result["trials"] if t["role"] == "refine"]
+    assert refined and len(refined) <= settings.search.refine * len(REFINE_SCALES)
+    assert min(t["trial"] for t in refined) > max(t["trial"] for t in sampled(result))  # they come last
+    for t in refined:
+        base = trials[t["base"]]
+        assert base["role"] != "refine" and base["kl"] <= settings.search.max_kl / 2 and base["refusal"] > settings.search.floor
+        assert t["params"] == scaled(EditParams.from_dict(base["params"]), t["scale"]).to_dict()
+    assert not refinements(result["trials"], settings.search)  # all done: a resumed study does not repeat them
+
+
+def test_refinements_pick_the_lowest_refusal_low_kl_front_points_and_skip_done_ones():
+    config = SearchSettings(refine=1, max_kl=0.2)  # bases: KL <= 0.1, above the floor -2
+    params = EditParams(layer=3.0, attn=Kernel(0.8, 2.0, 3.0, 0.2)).to_dict()
+    point = lambda n, refusal, kl, role="sampled": {"trial": n, "refusal": refusal, "kl": kl, "params": params, "role": role}
+    records = [point(0, -2.0, 0.5), point(1, -0.2, 0.01), point(2, -0.6, 0.08), point(3, -0.9, 0.15)]
+    todo = refinements(records, config)
+    assert [(base, factor) for base, factor, _ in todo] == [(2, f) for f in REFINE_SCALES]
+    assert todo[-1][2].attn.peak == pytest.approx(0.8 * REFINE_SCALES[-1]) and todo[-1][2].attn.floor == pytest.approx(0.2 * REFINE_SCALES[-1])
+    assert todo[-1][2].attn.centre == 2.0 and todo[-1][2].layer == 3.0 and todo[-1][2].mlp.peak == pytest.approx(REFINE_SCALES[-1])
+    done = {**point(4, -0.7, 0.09, "refine"), "base": 2, "scale": REFINE_SCALES[0]}
+    assert [(b, f) for b, f, _ in refinements(records + [done], config)] == [(2, f) for f in REFINE_SCALES[1:]]
+    assert refinements(records, SearchSettings(refine=0)) == []
 
 
 def test_cleaned_directions_dominate_the_kernel_search(organism_search_run, organism_dir, tmp_path):
-    """The same study without cleaning (issue 13's search): the default choice refuses no more at a lower KL."""
+    """Issue 13's search (no cleaning, the log-odds objective, no refinement): the default choice refuses no more at a lower KL."""
     from refusal.progress import set_quiet
 
     cleaned = organism_search_run[2]
     previous = set_quiet(True)
     try:
-        kernel_settings = organism_settings(organism_dir, trials=24, time_budget=None, confirm=4, protect_prompts=0)
+        kernel_settings = organism_settings(
+            organism_dir, trials=24, time_budget=None, confirm=4, protect_prompts=0, refusal_measure="log-odds", refine=0
+        )
         extract(kernel_settings, tmp_path / "run")
         select(tmp_path / "run", {})
         kernel = search(kernel_settings, tmp_path / "run", export_model_dir=False).search
@@ -95,7 +129,7 @@ def test_the_study_starts_with_the_papers_edit_then_flat_anchors(organism_search
         got = EditParams.from_dict(trials[number]["params"])
         assert got.variant == "biprojected" and got.layer == anchor.layer and got.clean == 1.0
         assert set(got.attn.strengths(chat.n_layers) + got.mlp.strengths(chat.n_layers)) == {1.0}
-    assert all(t["refusal"] >= SearchSettings().refusal_floor for t in trials.values())  # per-prompt floor
+    assert all(t["refusal"] >= SearchSettings().floor for t in trials.values())  # per-prompt floor
 
 
 def test_resumed_search_continues_the_same_study(organism_search_run):
@@ -103,7 +137,7 @@ def test_resumed_search_continues_the_same_study(organism_search_run):
     settings.search.trials, settings.search.confirm = 27, 2  # stopping rule and confirmation: the same study goes on
     more = search(settings, out, export_model_dir=False).search
     numbers = [t["trial"] for t in more["trials"]]
-    assert len(numbers) == 27 and len(set(numbers)) == 27
+    assert len(sampled(more)) == 27 and len(set(numbers)) == len(numbers)
     before = {t["trial"]: (t["refusal"], t["kl"], t["params"]) for t in first["trials"]}
     after = {t["trial"]: (t["refusal"], t["kl"], t["params"]) for t in more["trials"]}
     assert all(after[n] == before[n] for n in before)  # earlier trials kept, none repeated
@@ -227,10 +261,10 @@ def test_changing_the_protected_prompts_recomputes_them_and_restarts_the_study(o
         settings.search.protect_prompts = 4
         second = search(settings, out, export_model_dir=False).search
         assert Protection.load(out / "protection.safetensors").metadata["n_prompts"] == 4 + 24
-        assert len(second["trials"]) == 6  # a fresh study, not 6 more on top of the first
+        assert len(sampled(second)) == 6  # a fresh study, not 6 more on top of the first
         assert [t["kl"] for t in second["trials"]] != [t["kl"] for t in first["trials"]]  # other protection, other directions
         settings.search.protect_prompts = 0
         third = search(settings, out, export_model_dir=False).search
-        assert len(third["trials"]) == 6 and all(t["params"]["clean"] is None for t in third["trials"])
+        assert len(sampled(third)) == 6 and all(t["params"]["clean"] is None for t in third["trials"])
     finally:
         set_quiet(previous)

@@ -79,6 +79,8 @@ def test_the_two_kl_limits_have_different_names():
         (lambda s: setattr(s.selection, "positions", [0]), "position 0 is out of range"),
         (lambda s: setattr(s.search, "variants", ["sideways"]), "unknown edit variant sideways"),
         (lambda s: setattr(s.search, "max_kl", 0.0), "--max-kl must be a positive KL"),
+        (lambda s: setattr(s.search, "refusal_measure", "odds"), "unknown --refusal-measure 'odds'"),
+        (lambda s: setattr(s.search, "refusal_floor", float("inf")), "--refusal-floor must be a finite score"),
     ],
 )
 def test_bad_values_are_named(change, message):
@@ -86,6 +88,15 @@ def test_bad_values_are_named(change, message):
     change(settings)
     with pytest.raises(RefusalError, match=message):
         settings.validate()
+
+
+def test_the_refusal_floor_defaults_to_the_measure_s_own():
+    search = SearchSettings()
+    assert search.refusal_measure == "margin" and search.refusal_floor is None and search.floor == -2.0
+    search.refusal_measure = "log-odds"
+    assert search.floor == -5.0
+    search.refusal_floor = -2.5
+    assert search.floor == -2.5
 
 
 def test_option_parsers():

@@ -68,6 +68,7 @@ ARTIFACTS = {
                 f"search.{k}"
                 for k in (
                     "variants",
+                    "refusal_measure",
                     "refusal_positions",
                     "refusal_floor",
                     "search_kl_tokens",

@@ -29,6 +29,18 @@ def refusal_score(logits: torch.Tensor, refusal_ids: list[int]) -> torch.Tensor:
     return (log_refuse - log_other).cpu()
 
 
+def refusal_margin(logits: torch.Tensor, refusal_ids: list[int]) -> torch.Tensor:
+    """The best refusal token's logit minus the best other token's, per row, float64.
+
+    Greedy decoding starts a refusal exactly where this is positive, which the log-odds do not tell:
+    a refusal token at p = 0.3 can still be the most likely single token (docs/search.md).
+    """
+    logits = logits.double()
+    mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    mask[refusal_ids] = True
+    return (logits[..., mask].max(-1).values - logits[..., ~mask].max(-1).values).cpu()
+
+
 def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     """KL(P || Q) per row between the next-token distributions of two logit tensors, float64."""
     log_p = torch.log_softmax(logits_p.double(), dim=-1)

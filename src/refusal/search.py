@@ -4,10 +4,11 @@ Each trial is an ``EditParams`` (source layer, strength kernels, variant) applie
 model by ``WeightEditor`` and reverted afterwards. Two objectives, both from one teacher-forced
 forward pass per batch, with the original model's outputs cached once:
 
-- refusal: for each harmful validation prompt, the refusal log-odds at each of the first
-  ``refusal_positions`` response positions, teacher-forced on the original model's greedy prefix;
-  the prompt's score is the largest of them (a refusal may start a few tokens in), floored at
-  ``refusal_floor`` (a prompt that no longer refuses stops counting); mean over prompts.
+- refusal: for each harmful validation prompt, the refusal margin (the best refusal token's logit
+  minus the best other token's: greedy decoding refuses where it is positive; or the refusal
+  log-odds, ``refusal_measure``) at each of the first ``refusal_positions`` response positions,
+  teacher-forced on the original model's greedy prefix; the prompt's score is the largest of them,
+  floored (``SearchSettings.floor``: a prompt that no longer refuses stops counting); mean over prompts.
 - damage: KL(original || edited) on harmless validation prompts at the last prompt position
   (first-token KL, the objective) and averaged over the first ``kl_tokens`` tokens of the original
   model's greedy completion (multi-token KL, recorded).
@@ -15,13 +16,16 @@ forward pass per batch, with the original model's outputs cached once:
 Optuna (multi-objective TPE, the ``search`` extra) proposes trials; its journal lives in the run
 directory so the same command resumes the study. The paper's edit (the selected direction, strength
 1 everywhere) is always the first trial, so the front can be compared with it; flat-strength
-"anchor" trials from a few source depths follow, then the sampler's own proposals.
+"anchor" trials from a few source depths follow, then the sampler's own proposals; the last trials
+*refine* the front's best low-KL points by scaling their strengths up (``refinements``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -34,7 +38,7 @@ from .generation import Engine
 from .judges import judge_refusals
 from .model import ChatModel
 from .progress import log
-from .scoring import TeacherForced, kl_divergence, refusal_score
+from .scoring import TeacherForced, kl_divergence, refusal_margin, refusal_score
 from .settings import SearchSettings
 
 
@@ -43,7 +47,8 @@ class Objectives:
     """The original model's prefixes and logits, cached once; ``measure`` scores the current weights."""
 
     def __init__(self, chat: ChatModel, engine: Engine, harmful: list[str], harmless: list[str], refusal_ids: list[int], config: SearchSettings):
-        self.refusal_ids, self.floor = refusal_ids, config.refusal_floor
+        self.refusal_ids, self.floor = refusal_ids, config.floor
+        self.score = refusal_margin if config.refusal_measure == "margin" else refusal_score
         prefixes = engine.generate_ids(harmful + harmless, max(config.refusal_positions, config.search_kl_tokens))
         enc = [chat.encode(x) for x in harmful + harmless]
         n = len(harmful)
@@ -55,7 +60,7 @@ class Objectives:
         """Refusal score on harmful prompts and KL on harmless ones, for the model as it is now."""
         scores = []
         for _, logits, mask in self.harmful:
-            per_prompt = refusal_score(logits, self.refusal_ids).masked_fill(~mask, -math.inf).max(1).values
+            per_prompt = self.score(logits, self.refusal_ids).masked_fill(~mask, -math.inf).max(1).values
             scores.append(per_prompt.clamp_min(self.floor))
         first, multi = [], []
         for (_, logits, mask), reference in zip(self.harmless, self.reference):
@@ -128,6 +133,37 @@ def _as_optuna(params: EditParams, n_layers: int) -> dict:
     return out
 
 
+REFINE_SCALES = (1.1, 1.2, 1.3, 1.4)  # strength factors of the refinement trials (docs/search.md)
+
+
+def scaled(params: EditParams, factor: float) -> EditParams:
+    """``params`` with both strength kernels (peak and floor) multiplied by ``factor``: the same edit, stronger."""
+
+    def stronger(kernel: Kernel) -> Kernel:
+        return dataclasses.replace(kernel, peak=kernel.peak * factor, floor=kernel.floor * factor)
+
+    return dataclasses.replace(params, attn=stronger(params.attn), mlp=stronger(params.mlp))
+
+
+def refinements(records: list[dict], config: SearchSettings) -> list[tuple[int, float, EditParams]]:
+    """The refinement trials still to run, as (base trial, factor, params).
+
+    The bases are the ``config.refine`` front points with the lowest refusal scores among those with
+    first-token KL at most ``max_kl / 2`` that still score above the floor: the sampler rarely lands
+    on the steep part of the front just above them, where a slightly stronger copy of a low-KL point
+    removes its last refusals for much less KL than any other direction or kernel costs.
+    """
+    done = {(r["base"], r["scale"]) for r in records if r["role"] == "refine"}
+    low = [p for p in pareto_front(records) if p["kl"] <= config.max_kl / 2 and p["refusal"] > config.floor and p["role"] != "refine"]
+    bases = sorted(low, key=lambda p: p["refusal"])[: config.refine]
+    return [
+        (b["trial"], factor, scaled(EditParams.from_dict(b["params"]), factor))
+        for b in bases
+        for factor in REFINE_SCALES
+        if (b["trial"], factor) not in done
+    ]
+
+
 def pareto_front(records: list[dict]) -> list[dict]:
     """Records not dominated on (refusal, kl), sorted by kl."""
     front = [
@@ -149,7 +185,8 @@ def run_trials(
     on_trial=None,
     protection: Protection | None = None,
 ) -> list[dict]:
-    """Run (or resume) the study in ``storage`` until ``config.trials`` trials exist or the budget ends.
+    """Run (or resume) the study in ``storage`` until ``config.trials`` trials exist or the budget ends,
+    then the refinement trials (``refinements``; the budget keeps time for them).
 
     The enqueued trials (the paper's edit, then the anchors) carry their role in a user attribute, so a
     trial left RUNNING by a killed process is failed and enqueued again with its role on resume.
@@ -177,17 +214,10 @@ def run_trials(
         study.tell(stale.number, state=state.FAIL)
         if stale.user_attrs.get("role") in ("paper", "anchor"):
             study.enqueue_trial(stale.params, user_attrs={"role": stale.user_attrs["role"]})
-    done = [t for t in study.trials if t.state == state.COMPLETE]
     start = time.perf_counter()
     with Editor(chat) as editor:
-        while len(done) < config.trials:
-            if config.time_budget is not None and time.perf_counter() - start > config.time_budget:
-                log(f"time budget reached after {len(done)} trials; keeping the best points so far")
-                break
-            trial = study.ask()
-            params = suggest(trial, candidates.n_layers, config)  # records the enqueued values too, which the sampler learns from
-            if trial.user_attrs.get("role") == "paper":
-                params = paper  # exactly the paper's edit (the kernel above is flat at 1 anyway)
+
+        def measure(trial, params: EditParams) -> None:
             t0 = time.perf_counter()
             with editor.applied(KernelEdit.from_candidates(candidates, params, protection)):
                 values = objectives.measure()
@@ -195,9 +225,34 @@ def run_trials(
             trial.set_user_attr("kl_multi", values["kl_multi"])
             trial.set_user_attr("seconds", round(time.perf_counter() - t0, 3))
             study.tell(trial, [values["refusal"], values["kl"]])
-            done = [t for t in study.trials if t.state == state.COMPLETE]
             if on_trial:
-                on_trial(len(done), values)
+                on_trial(len(records(study)), values)
+
+        while len([r for r in records(study) if r["role"] != "refine"]) < config.trials:
+            done = records(study)
+            reserve = config.refine * len(REFINE_SCALES) * sum(r["seconds"] for r in done) / max(len(done), 1)  # time kept for the refinement
+            if config.time_budget is not None and time.perf_counter() - start > config.time_budget - reserve:
+                log(f"time budget reached after {len(done)} trials; keeping the best points so far")
+                break
+            trial = study.ask()
+            params = suggest(trial, candidates.n_layers, config)  # records the enqueued values too, which the sampler learns from
+            if trial.user_attrs.get("role") == "paper":
+                params = paper  # exactly the paper's edit (the kernel above is flat at 1 anyway)
+            measure(trial, params)
+        for base, factor, params in refinements(records(study), config):
+            study.enqueue_trial(_as_optuna(params, candidates.n_layers), user_attrs={"role": "refine", "base": base, "scale": factor})
+            trial = study.ask()
+            with warnings.catch_warnings():  # a scaled peak may lie above the sampler's range; Optuna keeps the value
+                warnings.simplefilter("ignore")
+                suggest(trial, candidates.n_layers, config)
+            measure(trial, params)
+    return records(study)
+
+
+def records(study) -> list[dict]:
+    """The study's finished trials as plain records."""
+    import optuna
+
     return [
         {
             "trial": t.number,
@@ -207,9 +262,10 @@ def run_trials(
             "seconds": t.user_attrs["seconds"],
             "params": t.user_attrs["params"],
             "role": t.user_attrs.get("role", "sampled"),
+            **({"base": t.user_attrs["base"], "scale": t.user_attrs["scale"]} if t.user_attrs.get("role") == "refine" else {}),
         }
         for t in study.trials
-        if t.state == state.COMPLETE
+        if t.state == optuna.trial.TrialState.COMPLETE
     ]
 
 

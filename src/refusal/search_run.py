@@ -81,8 +81,8 @@ def study(ctx: Context, cands: Candidates) -> dict:
         "created": timestamp(),
         "settings": s.to_dict()["search"],
         "objectives": {
-            "refusal": "mean over harmful val prompts of the max refusal log-odds over the first "
-            f"{s.search.refusal_positions} response positions (teacher-forced), each at least {s.search.refusal_floor}",
+            "refusal": f"mean over harmful val prompts of the max refusal {s.search.refusal_measure} over the first "
+            f"{s.search.refusal_positions} response positions (teacher-forced), each at least {s.search.floor}",
             "kl": "first-token KL on harmless val prompts",
             "kl_multi": f"KL averaged over {s.search.search_kl_tokens} tokens",
         },

@@ -27,6 +27,8 @@ from .parsing import duration, int_list, local_path, word_list
 
 REFUSAL_WORDS = ("I", "As", "Sorry", "I'm", "Unfortunately", "Apologies")
 VARIANTS = ("projection", "norm_preserving", "biprojected")
+REFUSAL_MEASURES = ("margin", "log-odds")
+REFUSAL_FLOORS = {"margin": -2.0, "log-odds": -5.0}  # a prompt below this no longer refuses (docs/search.md)
 
 
 def setting(default: Any, help: str, *, choices: tuple | None = None, metavar: str | None = None, parse=None, flag: str | None = None):
@@ -134,8 +136,17 @@ class SearchSettings:
     max_kl: float = setting(0.2, "choice rule: only front points with first-token KL at most this are confirmed and chosen")
     max_refused: float = setting(0.0, "choice rule: the lowest-KL confirmed point refusing at most this fraction of the harmful validation prompts")
     confirm: int = setting(4, "front points confirmed by generation (a bisection over the front's KL)")
-    refusal_positions: int = setting(3, "response positions whose refusal log-odds the search's objective reads")
-    refusal_floor: float = setting(-5.0, "a prompt's refusal log-odds below this count as this (it no longer refuses)")
+    refine: int = setting(2, "front points (KL at most --max-kl/2) whose strengths are scaled up by 1.1-1.4 in 4 last trials each; 0: no refinement")
+    refusal_measure: str = setting(
+        "margin",
+        "a harmful prompt's refusal score in the search's objective: 'margin' (the best refusal token's logit minus the best "
+        "other token's; greedy decoding refuses where it is > 0) or 'log-odds' (of the refusal tokens; issues 12-15)",
+        choices=REFUSAL_MEASURES,
+    )
+    refusal_positions: int = setting(3, "response positions whose refusal score the search's objective reads (a prompt's score is the largest)")
+    refusal_floor: float | None = setting(
+        None, "a prompt's refusal score below this counts as this (it no longer refuses); default: -2 for the margin, -5 for the log-odds"
+    )
     search_kl_tokens: int = setting(8, "tokens of the original greedy completion the search's multi-token KL averages over")
     source_positions: list[int] = setting([-1], "post-instruction positions the edit's direction may come from", parse=int_list)
     min_layer_fraction: float = setting(0.25, "searched source layers start at this fraction of the depth")
@@ -156,6 +167,7 @@ class SearchSettings:
     def validate(self) -> None:
         _at_least("trials", self.trials, 1)
         _at_least("protect_prompts", self.protect_prompts, 0, " (0 searches without cleaning)")
+        _at_least("refine", self.refine, 0, " (0: no refinement trials)")
         for name in ("confirm", "refusal_positions", "search_kl_tokens", "score_batch_size", "score_prompts"):
             _at_least(name, getattr(self, name), 1)
         unknown = [v for v in self.variants if v not in VARIANTS]
@@ -167,8 +179,15 @@ class SearchSettings:
             raise RefusalError(f"--max-refused must be a fraction between 0 and 1 (got {self.max_refused:g})")
         if not (self.max_kl > 0 and math.isfinite(self.max_kl)):
             raise RefusalError(f"--max-kl must be a positive KL (got {self.max_kl:g})")
-        if not math.isfinite(self.refusal_floor):
-            raise RefusalError(f"--refusal-floor must be a finite log-odds (got {self.refusal_floor})")
+        if self.refusal_measure not in REFUSAL_MEASURES:
+            raise RefusalError(f"unknown --refusal-measure {self.refusal_measure!r}; choose from {', '.join(REFUSAL_MEASURES)}")
+        if self.refusal_floor is not None and not math.isfinite(self.refusal_floor):
+            raise RefusalError(f"--refusal-floor must be a finite score (got {self.refusal_floor})")
+
+    @property
+    def floor(self) -> float:
+        """The refusal floor in effect: ``refusal_floor``, or the measure's default."""
+        return REFUSAL_FLOORS[self.refusal_measure] if self.refusal_floor is None else self.refusal_floor
         if not self.source_positions or any(p >= 0 for p in self.source_positions):
             raise RefusalError("--source-positions must be negative offsets such as -1,-2")
 
