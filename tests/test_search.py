@@ -91,6 +91,8 @@ def test_refinements_pick_the_lowest_refusal_low_kl_front_points_and_skip_done_o
     assert todo[-1][2].attn.centre == 2.0 and todo[-1][2].layer == 3.0 and todo[-1][2].mlp.peak == pytest.approx(REFINE_SCALES[-1])
     done = {**point(4, -0.7, 0.09, "refine"), "base": 2, "scale": REFINE_SCALES[0]}
     assert [(b, f) for b, f, _ in refinements(records + [done], config)] == [(2, f) for f in REFINE_SCALES[1:]]
+    better = {**point(5, -1.5, 0.05, "refine"), "base": 2, "scale": REFINE_SCALES[1]}  # dominates its base: the base stays
+    assert [(b, f) for b, f, _ in refinements(records + [done, better], config)] == [(2, f) for f in REFINE_SCALES[2:]]
     assert refinements(records, SearchSettings(refine=0)) == []
 
 

@@ -148,13 +148,15 @@ def scaled(params: EditParams, factor: float) -> EditParams:
 def refinements(records: list[dict], config: SearchSettings) -> list[tuple[int, float, EditParams]]:
     """The refinement trials still to run, as (base trial, factor, params).
 
-    The bases are the ``config.refine`` front points with the lowest refusal scores among those with
-    first-token KL at most ``max_kl / 2`` that still score above the floor: the sampler rarely lands
-    on the steep part of the front just above them, where a slightly stronger copy of a low-KL point
-    removes its last refusals for much less KL than any other direction or kernel costs.
+    The bases are the ``config.refine`` points of the sampled trials' front with the lowest refusal
+    scores among those with first-token KL at most ``max_kl / 2`` that still score above the floor.
+    The sampler rarely lands on the steep part of the front just above them, where a slightly
+    stronger copy of a low-KL point removes its last refusals for less KL than the sampler's points
+    there cost (docs/search.md, "Refinement").
     """
     done = {(r["base"], r["scale"]) for r in records if r["role"] == "refine"}
-    low = [p for p in pareto_front(records) if p["kl"] <= config.max_kl / 2 and p["refusal"] > config.floor and p["role"] != "refine"]
+    sampled = [r for r in records if r["role"] != "refine"]  # the bases depend on these only: a rerun finds the same ones
+    low = [p for p in pareto_front(sampled) if p["kl"] <= config.max_kl / 2 and p["refusal"] > config.floor]
     bases = sorted(low, key=lambda p: p["refusal"])[: config.refine]
     return [
         (b["trial"], factor, scaled(EditParams.from_dict(b["params"]), factor))
