@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from _stages import Stages, peak_rss_gb
+from refusal.choice import confirm_point
 from refusal.cli import join_negative_lists
 from refusal.data import load_capability, load_corpus
 from refusal.edits import Editor, EditParams, KernelEdit, Orthogonalization
@@ -42,7 +43,6 @@ from refusal.judges import REFUSAL_PHRASES
 from refusal.parsing import duration, int_list
 from refusal.pipeline import candidate_inputs, candidates, protection, selection, selection_inputs
 from refusal.progress import set_quiet
-from refusal.search import confirm_point
 from refusal.search_run import study
 from refusal.settings import Settings
 from refusal.stats import format_rate

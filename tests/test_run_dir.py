@@ -11,7 +11,7 @@ from conftest import save_tiny
 from refusal.cli import main
 
 FAST = ["--n-train", "12", "--n-val", "6", "--n-test", "4", "--max-new-tokens", "4", "--ce-tokens", "64", "--quiet"]
-SEARCH = ["--trials", "3", "--anchors", "0.5", "--confirm", "1", "--time-budget", "none"]
+SEARCH = ["--refine", "0", "--trials", "3", "--anchors", "0.5", "--confirm", "1", "--time-budget", "none"]  # no refinement: exact trial counts
 
 
 def stamps(run):
@@ -149,9 +149,9 @@ def test_search_with_a_changed_trial_setting_starts_a_fresh_study_but_more_trial
     )
     resumed = json.loads((out / "search.json").read_text())["trials"]
     assert len(resumed) == 4 and resumed[:3] == first
-    assert main(["search", "--model", str(model_dir), "--out", str(out), "--no-export", *FAST, *SEARCH, "--refusal-floor", "-2"]) == 0
+    assert main(["search", "--model", str(model_dir), "--out", str(out), "--no-export", *FAST, *SEARCH, "--refusal-floor", "-1.5"]) == 0
     fresh = json.loads((out / "search.json").read_text())["trials"]
-    assert len(fresh) == 3 and all(t["refusal"] >= -2 for t in fresh)
+    assert len(fresh) == 3 and all(t["refusal"] >= -1.5 for t in fresh)
 
 
 def test_a_search_killed_during_the_papers_trial_scores_it_on_resume(model_dir, tmp_path, monkeypatch):

@@ -5,12 +5,13 @@ import json
 import pytest
 
 from conftest import organism_args
+from refusal.choice import bisect_front, choose
 from refusal.cli import main
 from refusal.edits import EditParams, Kernel
 from refusal.errors import RefusalError
 from refusal.parsing import duration
 from refusal.pipeline import extract, select
-from refusal.search import REFINE_SCALES, anchor_params, bisect_front, choose, refinements, scaled
+from refusal.search import REFINE_SCALES, anchor_params, refinements, scaled
 from refusal.search_run import search
 from refusal.settings import SearchSettings, Settings
 

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .choice import bisect_front, choose, confirm_point
 from .directions import Candidates
 from .edits import Editor
 from .generation import HFEngine
@@ -22,7 +23,7 @@ from .pipeline import candidates, export, paper_edit, protection, study_inputs, 
 from .progress import log
 from .provenance import timestamp
 from .run_dir import ARTIFACTS, write_json
-from .search import Objectives, bisect_front, choose, confirm_point, pareto_front, run_trials
+from .search import Objectives, pareto_front, run_trials
 from .settings import Settings
 from .workspace import Context, start
 
