@@ -144,9 +144,7 @@ class SearchSettings:
         choices=REFUSAL_MEASURES,
     )
     refusal_positions: int = setting(3, "response positions whose refusal score the search's objective reads (a prompt's score is the largest)")
-    refusal_floor: float | None = setting(
-        None, "a prompt's refusal score below this counts as this (it no longer refuses); default: -2 for the margin, -5 for the log-odds"
-    )
+    refusal_floor: float | None = setting(None, "a prompt's refusal score below this counts as this; default: the measure's (margin -2, log-odds -5)")
     search_kl_tokens: int = setting(8, "tokens of the original greedy completion the search's multi-token KL averages over")
     source_positions: list[int] = setting([-1], "post-instruction positions the edit's direction may come from", parse=int_list)
     min_layer_fraction: float = setting(0.25, "searched source layers start at this fraction of the depth")
