@@ -225,7 +225,8 @@ def main() -> None:
                 export_gb_per_s=round(written / 1e9 / seconds, 2),
             )
             print(
-                f"  plain copy of the source shards: {copy_seconds:.1f} s ({size / 1e9 / copy_seconds:.2f} GB/s; export {written / 1e9 / seconds:.2f} GB/s)",
+                f"  plain copy of the source shards: {copy_seconds:.1f} s "
+                f"({size / 1e9 / copy_seconds:.2f} GB/s; export {written / 1e9 / seconds:.2f} GB/s)",
                 flush=True,
             )
             shutil.rmtree(copy)
