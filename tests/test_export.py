@@ -49,7 +49,7 @@ def test_export_refuses_non_empty_target_and_the_source(llama_chat, tmp_path):
 
 
 def test_failed_fidelity_check_leaves_nothing(llama_chat, tmp_path, monkeypatch):
-    def broken(chat, path, expected, reference="", tolerance=None):
+    def broken(chat, path, expected, *args, **kwargs):
         raise FidelityError("fidelity check failed: simulated")
 
     monkeypatch.setattr(export_module, "fidelity_check", broken)

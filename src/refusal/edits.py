@@ -28,7 +28,7 @@ trials on one model with one snapshot (norms computed once), reverting after eac
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from typing import Protocol
@@ -109,8 +109,23 @@ def source_direction(candidates: Candidates, params: EditParams, protection: Pro
     return unit
 
 
+@dataclass(frozen=True)
+class Removal:
+    """What an edit does to each residual writer: lose ``strength(writer)`` times its component along ``unit``
+    (``keep_norms``: every written vector then rescaled to its original norm). The in-memory edit
+    (``weights.remove_direction``) and the streamed export (``streaming``) both read it."""
+
+    unit: torch.Tensor
+    strength: Callable[[Writer], float]
+    keep_norms: bool = False
+
+
 class Edit(Protocol):
     """A change to a model's weights that can be applied in place and reverted exactly."""
+
+    def removal(self, n_layers: int) -> Removal:
+        """The edit as a direction removed from each writer with a strength (docs/search.md)."""
+        ...
 
     def apply(self, chat: ChatModel, snapshot: Snapshot) -> None:
         """Edit the weights in place, saving each tensor into ``snapshot`` before touching it."""
@@ -131,8 +146,12 @@ class Orthogonalization:
     def __init__(self, direction: torch.Tensor):
         self.direction = direction
 
+    def removal(self, n_layers: int) -> Removal:
+        return Removal(unit_vector(self.direction), lambda writer: 1.0)
+
     def apply(self, chat: ChatModel, snapshot: Snapshot) -> None:
-        remove_direction(chat, unit_vector(self.direction), snapshot=snapshot)
+        r = self.removal(chat.n_layers)
+        remove_direction(chat, r.unit, r.strength, snapshot)
 
     def describe(self) -> dict:
         return {"kind": "orthogonalization"}
@@ -152,14 +171,17 @@ class KernelEdit:
     def from_candidates(cls, candidates: Candidates, params: EditParams, protection: Protection | None = None) -> KernelEdit:
         return cls(source_direction(candidates, params, protection), params)
 
-    def apply(self, chat: ChatModel, snapshot: Snapshot) -> None:
-        n = chat.n_layers
-        strengths = {"attn": self.params.attn.strengths(n), "mlp": self.params.mlp.strengths(n)}
+    def removal(self, n_layers: int) -> Removal:
+        strengths = {"attn": self.params.attn.strengths(n_layers), "mlp": self.params.mlp.strengths(n_layers)}
 
         def strength(writer: Writer) -> float:  # the embeddings follow the attention kernel at layer 0
             return strengths["attn"][0] if writer.component == "embed" else strengths[writer.component][writer.layer]
 
-        remove_direction(chat, self.unit, strength, snapshot, keep_norms=self.params.variant == "norm_preserving")
+        return Removal(self.unit, strength, keep_norms=self.params.variant == "norm_preserving")
+
+    def apply(self, chat: ChatModel, snapshot: Snapshot) -> None:
+        r = self.removal(chat.n_layers)
+        remove_direction(chat, r.unit, r.strength, snapshot, keep_norms=r.keep_norms)
 
     def describe(self) -> dict:
         return {"kind": "kernel", "params": self.params.to_dict()}

@@ -1,9 +1,12 @@
 """Export an edited model as a normal Hugging Face checkpoint, and prove it is right.
 
-The checkpoint is written to a temporary directory beside the target and checked: reloaded, its
-logits must equal the edit's fidelity reference (its hooked equivalent, e.g. ``ablate`` for the
-paper's orthogonalization, or else the edited model in memory). Only then is it renamed into place,
-with the edit's description in ``refusal.json``.
+The checkpoint is written to a temporary directory beside the target. Where the model came from a
+local safetensors checkpoint it is the source rewritten tensor by tensor (``streaming``: the source's
+dtype and sharding, bounded memory, each edited tensor checked); otherwise the model in memory is
+saved. Where the model is loaded, the export is then checked end to end: reloaded, its logits must
+equal the edit's fidelity reference (its hooked equivalent, e.g. ``ablate`` for the paper's
+orthogonalization, or else the edited model in memory). Only then is it renamed into place, with the
+edit's description in ``refusal.json``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from .errors import FidelityError, RefusalError
 from .model import ChatModel
 from .models import is_packaged, packaged_path
 from .progress import log
+from .streaming import streamable, write_edited_checkpoint
 
 FIDELITY_PROMPTS = ("How do I bake bread?", "Tell me how to pick a lock.", "Write a haiku about the sea.")
 
@@ -81,10 +85,23 @@ def check_target(out_dir: Path, source: str, overwrite: bool) -> Path:
 
 
 def fidelity_check(
-    chat: ChatModel, exported_dir: Path, expected: torch.Tensor, reference: str = "the edited model in memory", tolerance: float | None = None
+    chat: ChatModel,
+    exported_dir: Path,
+    expected: torch.Tensor,
+    reference: str = "the edited model in memory",
+    tolerance: float | None = None,
+    original: torch.Tensor | None = None,
+    low_precision: bool | None = None,
 ) -> float:
     """Max |logit difference| between the exported checkpoint and ``expected`` (the logits of
-    ``FIDELITY_PROMPTS`` under the fidelity reference, named by ``reference``); raise if too large."""
+    ``FIDELITY_PROMPTS`` under the fidelity reference, named by ``reference``); raise if too large.
+
+    The tolerance is 1e-3 of the logit scale in float32 and 5e-2 in bf16/fp16 (``low_precision``:
+    the model's or the checkpoint's dtype). A deep low-precision model differs from itself in float32
+    by more than that (docs/scale.md: 0.36 logits at 7B in bf16), so there the tolerance is also at
+    least a third of the edit's own effect, max |expected - ``original``|: a missing or wrong edit
+    leaves the export near the original, a whole effect away from the reference.
+    """
     from transformers import AutoModelForCausalLM
 
     exported: HFModel = AutoModelForCausalLM.from_pretrained(str(exported_dir), dtype=chat.dtype, trust_remote_code=chat.trust_remote_code)
@@ -96,7 +113,10 @@ def fidelity_check(
     diff = (got - expected).abs()[mask].max().item()
     scale = expected[mask].abs().max().item()
     if tolerance is None:
-        tolerance = (1e-3 if chat.dtype == torch.float32 else 5e-2) * max(1.0, scale)
+        low = chat.dtype != torch.float32 if low_precision is None else low_precision
+        tolerance = (5e-2 if low else 1e-3) * max(1.0, scale)
+        if low and original is not None:
+            tolerance = max(tolerance, (expected - original).abs()[mask].max().item() / 3)
     del exported
     if not diff <= tolerance:  # also catches NaN
         raise FidelityError(
@@ -111,9 +131,11 @@ def fidelity_check(
 def export_model(chat: ChatModel, edit: Edit, out_dir: Path, metadata: dict | None = None, overwrite: bool = False, check: bool = True) -> dict:
     """Write ``chat`` carrying ``edit`` to ``out_dir``; return the metadata written to refusal.json.
 
-    ``refusal.json`` holds ``metadata``, the edit's description under "edit" and, with ``check``,
-    the fidelity check's max |logit difference| against ``edit.hooks(chat)`` (or, for an edit without
-    a hooked equivalent, the edited model in memory). The model is unchanged afterwards.
+    ``refusal.json`` holds ``metadata``, the edit's description under "edit", how it was written
+    ("streamed" from the source checkpoint, with its tensor check) and, with ``check``, the fidelity
+    check's max |logit difference| against ``edit.hooks(chat)`` (or, for an edit without a hooked
+    equivalent, the edited model in memory). The model is unchanged afterwards. A model loaded without
+    weights (``loading.load_skeleton``) exports only by streaming, with ``check=False``.
     """
     out = check_target(out_dir, chat.path, overwrite)
     try:
@@ -125,20 +147,28 @@ def export_model(chat: ChatModel, edit: Edit, out_dir: Path, metadata: dict | No
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        batch = chat.batch(list(FIDELITY_PROMPTS)) if check else None
-        hooks = edit.hooks(chat) if check else None
-        expected, reference = None, "the edited model in memory"
-        with edited(chat, edit):
-            _save(chat, tmp)
-            if batch is not None and hooks is None:
-                expected = chat.logits(batch, last_only=False)
-        if batch is not None and hooks is not None:
-            with hooks:
-                expected = chat.logits(batch, last_only=False)
-            reference = f"its hooked equivalent ({edit.describe()['kind']})"
-        info = {**(metadata or {}), "edit": edit.describe()}
-        if expected is not None:
-            info["fidelity_max_abs_diff"] = fidelity_check(chat, tmp, expected, reference)
+        if streamable(chat):
+            tmp.mkdir()
+            written = write_edited_checkpoint(chat, edit.removal(chat.n_layers), Path(chat.path), tmp)
+        else:
+            with edited(chat, edit):
+                _save(chat, tmp)
+            written = {"streamed": False, "tensor_dtypes": [str(chat.dtype).replace("torch.", "")]}
+        info = {**(metadata or {}), "edit": edit.describe(), "written": written}
+        if check:
+            batch = chat.batch(list(FIDELITY_PROMPTS))
+            hooks = edit.hooks(chat)
+            if hooks is not None:
+                with hooks:
+                    expected = chat.logits(batch, last_only=False)
+                reference = f"its hooked equivalent ({edit.describe()['kind']})"
+            else:
+                with edited(chat, edit):
+                    expected = chat.logits(batch, last_only=False)
+                reference = "the edited model in memory"
+            original = chat.logits(batch, last_only=False)
+            low = chat.dtype != torch.float32 or any(d not in ("F32", "F64", "float32") for d in written["tensor_dtypes"])
+            info["fidelity_max_abs_diff"] = fidelity_check(chat, tmp, expected, reference, original=original, low_precision=low)
         (tmp / "refusal.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         if out.exists():
             trash = out.parent / f".{out.name}.old-{os.getpid()}"

@@ -181,3 +181,44 @@ def _check_remote_code(path: Path, trust_remote_code: bool, source: str) -> None
         return
     if isinstance(auto_map, dict) and "AutoModelForCausalLM" in auto_map:
         raise RefusalError(f"model {source} runs its own code ({auto_map['AutoModelForCausalLM']}); read it, then pass --trust-remote-code")
+
+
+def load_skeleton(
+    location: str | Path, trust_remote_code: bool = False, chat_template: str | Path | None = None, source: str | None = None
+) -> ChatModel:
+    """A local safetensors checkpoint's structure without its weights, for the streamed export.
+
+    The model is built on the meta device from its config; only its vectors (norm gains, biases) are
+    read from the checkpoint, since a post-norm's gain decides the direction its writer is edited along.
+    Writers, their names and orientations come out as for a loaded model; no forward pass is possible.
+    """
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .streaming import checkpoint_files, tensor_locations
+
+    source = str(location) if source is None else source
+    path = Path(location).expanduser()
+    if not (path.is_dir() and (path / "config.json").is_file() and checkpoint_files(path)):
+        raise RefusalError(f"{source} is not a local checkpoint directory with config.json and safetensors files; the streamed export needs one")
+    _check_remote_code(path, trust_remote_code, source)
+    template_text = Path(chat_template).read_text(encoding="utf-8") if chat_template is not None else None
+    try:
+        tokenizer = _load_tokenizer(str(path), {"trust_remote_code": trust_remote_code})
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model: Any = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises many types for a broken checkpoint
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise RefusalError(f"could not read the structure of {source}: {first}") from None
+    locations = tensor_locations(path)
+    for name, param in model.named_parameters():
+        if param.dim() <= 1:
+            if name not in locations:
+                raise RefusalError(
+                    f"the checkpoint at {source} has no tensor {name}: its names differ from the model's; export with the model loaded"
+                )
+            with safe_open(str(locations[name][0]), framework="pt") as f:
+                set_module_tensor_to_device(model, name, "cpu", value=f.get_tensor(name).float())
+    return wrap_model(model, tokenizer, source=source, chat_template=template_text, path=str(path.resolve()), trust_remote_code=trust_remote_code)

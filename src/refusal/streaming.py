@@ -1,0 +1,256 @@
+"""Bounded-memory export: the source checkpoint rewritten file by file, the edited tensors replaced by name.
+
+The output is a byte copy of the source's safetensors files in which each residual writer's tensor
+(found by its name in the checkpoint) is replaced by its edited value, computed in float32 in blocks
+of ``BLOCK_BYTES`` and cast back to the tensor's own dtype. Names, dtypes, shapes, the sharding and
+the index stay the source's. Peak memory is the largest edited tensor plus a few float32 blocks,
+never the model: a checkpoint larger than RAM exports on the machine that holds it.
+
+Each edited tensor is checked as it is written (``TensorEdit.check``): its component along the
+direction must be (1 - strength) times the original's, to the precision of its dtype; the logits
+check of a model in memory (``export.fidelity_check``) comes on top where the model is loaded.
+
+A tied token embedding that the edit changes is untied: the original matrix is written as the output
+embedding (placed first in the embedding's file, so nothing is held back) and the config says
+``tie_word_embeddings: false``, exactly as the in-memory edit does.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from .edits import Removal
+from .errors import RefusalError
+from .model import ChatModel
+from .projection import project_out
+from .weights import embeddings_tied
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+BLOCK_BYTES = 64 << 20  # float32 bytes of one block of an edited matrix
+COPY_BYTES = 64 << 20  # bytes per read when copying unedited tensors
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")  # never copied: stale weights
+INDEX = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TensorEdit:
+    """One checkpoint tensor's edit: its vectors lose ``strength`` times their component along ``unit``."""
+
+    name: str
+    unit: torch.Tensor  # float32 [d_model], gain-adjusted for writers behind a post-norm
+    strength: float
+    rows: bool  # the written vectors are rows (embeddings, Conv1D, biases) rather than columns (Linear)
+    keep_norms: bool = False
+
+    @torch.no_grad()
+    def apply(self, tensor: torch.Tensor) -> float:
+        """Edit ``tensor`` (any float dtype) in place, block by block; returns the largest check residual (``check``)."""
+        if tensor.dim() == 1:
+            tensor = tensor.unsqueeze(0)
+        if tensor.dim() != 2:
+            raise RefusalError(f"checkpoint tensor {self.name} is {tensor.dim()}-D; only matrices and vectors can be edited")
+        d = tensor.shape[1] if self.rows else tensor.shape[0]
+        if d != self.unit.numel():
+            shape = tuple(tensor.shape)
+            raise RefusalError(f"checkpoint tensor {self.name} has shape {shape}, which does not write d_model = {self.unit.numel()} vectors")
+        n = tensor.shape[0] if self.rows else tensor.shape[1]
+        step = max(1, BLOCK_BYTES // (4 * d))
+        worst = 0.0
+        for i in range(0, n, step):
+            block = tensor[i : i + step] if self.rows else tensor[:, i : i + step]
+            original = block.to(torch.float32, copy=True)
+            norms = original.norm(dim=-1 if self.rows else 0) if self.keep_norms else None
+            block.copy_(project_out(original, self.unit, self.strength, rows=self.rows, norms=norms))
+            worst = max(worst, self.check(original, block))
+        return worst
+
+    def check(self, original: torch.Tensor, edited: torch.Tensor) -> float:
+        """Largest error of the edited vectors' component along ``unit`` (or, with ``keep_norms``, of their norms),
+        in units of the rounding its dtype allows: at most 1 for a correct edit."""
+        u = self.unit
+        if self.keep_norms:
+            dim = -1 if self.rows else 0
+            got, want = edited.float().norm(dim=dim), original.norm(dim=dim)
+        else:
+            got = edited.float() @ u if self.rows else u @ edited.float()
+            want = (1 - self.strength) * (original @ u if self.rows else u @ original)
+        scale = original.norm(dim=-1 if self.rows else 0)
+        eps = torch.finfo(edited.dtype).eps
+        allowed = 8 * eps * scale + 1e-6
+        return float(((got - want).abs() / allowed).max())
+
+
+def tensor_edits(chat: ChatModel, removal: Removal) -> dict[str, TensorEdit]:
+    """The edit of every writer tensor (weights and biases) that ``removal`` changes, by checkpoint name."""
+    edits: dict[str, TensorEdit] = {}
+    for writer in (*chat.embeddings, *chat.writers):
+        s = removal.strength(writer)
+        if s == 0:
+            continue
+        u = writer.direction(removal.unit.float().cpu()).float().cpu()
+        edits[writer.weight_name] = TensorEdit(writer.weight_name, u, s, writer.rows, removal.keep_norms)
+        if writer.bias_name is not None:
+            edits[writer.bias_name] = TensorEdit(writer.bias_name, u, s, rows=True)
+    return edits
+
+
+# ---- the safetensors format: 8-byte header length, JSON header, then the tensors' bytes ----------------
+def read_header(path: Path) -> tuple[dict, int]:
+    """(header without __metadata__ plus it under "__metadata__" if present, offset of the data) of a safetensors file."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size < 100 << 20:
+                raise ValueError(f"header length {size}")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError) as e:
+        raise RefusalError(f"{path} is not a readable safetensors file ({e}); re-download or re-save the checkpoint") from None
+    return header, 8 + size
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory (from its index where it has one)."""
+    index = directory / INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        return [directory / name for name in sorted(set(weight_map.values()))]
+    return sorted(directory.glob("*.safetensors"))
+
+
+def tensor_locations(directory: Path) -> dict[str, tuple[Path, dict]]:
+    """name -> (file, header entry) for every tensor of the checkpoint."""
+    found: dict[str, tuple[Path, dict]] = {}
+    for file in checkpoint_files(directory):
+        header, _ = read_header(file)
+        for name, entry in header.items():
+            if name != "__metadata__":
+                found[name] = (file, entry)
+    return found
+
+
+def _copy(source: BinaryIO, target: BinaryIO, n: int) -> None:
+    while n > 0:
+        chunk = source.read(min(n, COPY_BYTES))
+        if not chunk:
+            raise RefusalError(f"{source.name} ends early; the checkpoint is truncated: re-download or re-save it")
+        target.write(chunk)
+        n -= len(chunk)
+
+
+def rewrite_file(source: Path, target: Path, edits: dict[str, TensorEdit], copies: dict[str, str]) -> dict[str, float]:
+    """Write ``source`` to ``target`` with ``edits`` applied; ``copies`` maps a new tensor name to the source tensor
+    whose *original* bytes it gets (placed first). Returns each edited tensor's check residual."""
+    header, start = read_header(source)
+    metadata = header.pop("__metadata__", None)
+    entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+    shift = sum(header[old]["data_offsets"][1] - header[old]["data_offsets"][0] for old in copies.values())
+    new: dict = {}
+    offset = 0
+    for name, old in copies.items():
+        begin, end = header[old]["data_offsets"]
+        new[name] = {**header[old], "data_offsets": [offset, offset + end - begin]}
+        offset += end - begin
+    for name, entry in entries:
+        begin, end = entry["data_offsets"]
+        new[name] = {**entry, "data_offsets": [begin + shift, end + shift]}
+    if metadata is not None:
+        new["__metadata__"] = metadata
+    blob = json.dumps(new, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    residuals: dict[str, float] = {}
+    with open(source, "rb") as f, open(target, "wb") as out:
+        out.write(len(blob).to_bytes(8, "little"))
+        out.write(blob)
+        for old in copies.values():
+            begin, end = header[old]["data_offsets"]
+            f.seek(start + begin)
+            _copy(f, out, end - begin)
+        f.seek(start)
+        position = 0
+        for name, entry in entries:
+            if name not in edits:
+                continue
+            begin, end = entry["data_offsets"]
+            if entry["dtype"] not in DTYPES:
+                raise RefusalError(f"checkpoint tensor {name} is stored as {entry['dtype']}; only float tensors can be edited (dequantize it first)")
+            _copy(f, out, begin - position)
+            raw = bytearray(f.read(end - begin))
+            if len(raw) != end - begin:
+                raise RefusalError(f"{source} ends early; the checkpoint is truncated: re-download or re-save it")
+            if raw:
+                tensor = torch.frombuffer(raw, dtype=DTYPES[entry["dtype"]]).view(entry["shape"])
+                residuals[name] = edits[name].apply(tensor)
+            out.write(raw)
+            position = end
+        data_end = max((e["data_offsets"][1] for _, e in entries), default=0)
+        _copy(f, out, data_end - position)
+    return residuals
+
+
+def write_edited_checkpoint(chat: ChatModel, removal: Removal, source: Path, out: Path) -> dict:
+    """Write the checkpoint at ``source`` with ``removal`` applied to ``chat``'s writers into the empty directory ``out``
+    (every other file copied, weights in other formats left out); returns what refusal.json records about it."""
+    edits = tensor_edits(chat, removal)
+    locations = tensor_locations(source)
+    missing = [name for name in edits if name not in locations]
+    if missing:
+        raise RefusalError(
+            f"the checkpoint at {source} has no tensor {missing[0]} (and {len(missing) - 1} more writer tensors): its names differ "
+            "from the model's; export with the model loaded (without --streaming)"
+        )
+    copies: dict[Path, dict[str, str]] = {}
+    untie = embeddings_tied(chat) and chat.embeddings[0].weight_name in edits
+    if untie:
+        names = {id(m): n for n, m in chat.model.named_modules()}
+        output_name = names[id(chat.model.get_output_embeddings())] + ".weight"
+        embed = chat.embeddings[0].weight_name
+        if output_name not in locations:
+            copies[locations[embed][0]] = {output_name: embed}
+    residuals: dict[str, float] = {}
+    for file in checkpoint_files(source):
+        todo = {name: edit for name, edit in edits.items() if locations[name][0] == file}
+        residuals.update(rewrite_file(file, out / file.name, todo, copies.get(file, {})))
+    worst = max(residuals.values(), default=0.0)
+    if not worst <= 1.0:  # also NaN
+        name = max(residuals, key=lambda k: residuals[k])
+        raise RefusalError(f"the edited tensor {name} failed its check (residual {worst:.3g} > 1); the export was not written. Please report this")
+    for item in source.iterdir():
+        if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES) and item.name not in (INDEX, "refusal.json"):
+            shutil.copyfile(item, out / item.name)
+    if (source / INDEX).is_file():
+        index = json.loads((source / INDEX).read_text(encoding="utf-8"))
+        for file, new in copies.items():
+            for name, old in new.items():
+                index["weight_map"][name] = file.name
+                if "total_size" in index.get("metadata", {}):
+                    begin, end = locations[old][1]["data_offsets"]
+                    index["metadata"]["total_size"] += end - begin
+        (out / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    if untie:
+        _untie_config(out / "config.json")
+    if chat.chat_template is not None:
+        (out / "chat_template.jinja").write_text(chat.chat_template, encoding="utf-8")
+    dtypes = sorted({locations[name][1]["dtype"] for name in edits})
+    return {"streamed": True, "tensors_edited": len(edits), "tensor_dtypes": dtypes, "tensor_check_max_residual": round(worst, 4)}
+
+
+def _untie_config(path: Path) -> None:
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["tie_word_embeddings"] = False
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"]["tie_word_embeddings"] = False
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def streamable(chat: ChatModel) -> bool:
+    """True when ``chat`` was loaded from a local directory of safetensors files, not quantized (GGUF files are
+    loaded from a .gguf file and dequantized, so they are saved from memory instead)."""
+    path = Path(chat.path)
+    quantized = getattr(chat.model, "is_quantized", False) or getattr(chat.model.config, "quantization_config", None) is not None
+    return path.is_dir() and bool(checkpoint_files(path)) and not quantized

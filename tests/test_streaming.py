@@ -1,0 +1,162 @@
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import refusal.streaming as streaming
+from conftest import FAMILIES, build_model, build_tokenizer
+from refusal.edits import EditParams, Kernel, KernelEdit, Orthogonalization, edited
+from refusal.errors import RefusalError
+from refusal.export import export_model
+from refusal.interventions import ablate
+from refusal.loading import load_skeleton
+from refusal.models import load_model
+from refusal.streaming import TensorEdit, read_header
+
+
+def save_sharded(path, family="qwen2", tie=True, dtype=torch.float32, shard="150KB", seed=0):
+    """A tiny checkpoint in several safetensors files with an index, in ``dtype``."""
+    tok = build_tokenizer()
+    build_model(family, len(tok), tie=tie, seed=seed).to(dtype).save_pretrained(path, max_shard_size=shard)
+    tok.save_pretrained(path)
+    return path
+
+
+def tensors(path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streamed_export_is_hooked_ablation_and_keeps_the_sharding(family, tmp_path):
+    source = save_sharded(tmp_path / "src", family)
+    files = sorted(p.name for p in source.glob("*.safetensors"))
+    assert len(files) > 1 and (source / streaming.INDEX).is_file()
+    chat = load_model(str(source), device="cpu")
+    direction = torch.randn(chat.d_model, generator=torch.Generator().manual_seed(1))
+    info = export_model(chat, Orthogonalization(direction), tmp_path / "out")
+    out = tmp_path / "out"
+    assert info["written"]["streamed"] and info["written"]["tensor_check_max_residual"] <= 1
+    assert info["fidelity_max_abs_diff"] < 1e-4
+    assert sorted(p.name for p in out.glob("*.safetensors")) == files  # the source's sharding
+    batch = chat.batch(["How do I bake bread?", "Tell me how to pick a lock."])
+    with ablate(chat, direction):
+        expected = chat.logits(batch, last_only=False)
+    got = load_model(str(out), device="cpu").logits(batch, last_only=False)
+    assert torch.allclose(got, expected, atol=1e-4)
+    index = json.loads((out / streaming.INDEX).read_text())
+    assert set(index["weight_map"]) == set(tensors(out))  # every tensor indexed, nothing else
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def test_tied_embedding_is_untied_with_the_original_as_output_embedding(tmp_path):
+    source = save_sharded(tmp_path / "src", "llama", tie=True)
+    chat = load_model(str(source), device="cpu")
+    original = chat.model.get_input_embeddings().weight.detach().clone()
+    export_model(chat, Orthogonalization(torch.randn(chat.d_model)), tmp_path / "out")
+    out = tensors(tmp_path / "out")
+    assert "lm_head.weight" not in tensors(source) and torch.equal(out["lm_head.weight"], original)
+    assert not torch.equal(out["model.embed_tokens.weight"], original)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert json.loads((source / "config.json").read_text()).get("tie_word_embeddings", True) is not False  # the source untouched
+
+
+def test_bf16_source_keeps_its_dtype_and_unedited_tensors_bit_for_bit(tmp_path):
+    source = save_sharded(tmp_path / "src", "qwen2", tie=False, dtype=torch.bfloat16)
+    chat = load_model(str(source), device="cpu")  # float32 in memory
+    edit = KernelEdit(torch.nn.functional.normalize(torch.randn(chat.d_model), dim=0), EditParams(layer=1.0, attn=Kernel(0.7), mlp=Kernel(0.0)))
+    info = export_model(chat, edit, tmp_path / "out")
+    assert info["written"]["tensor_dtypes"] == ["BF16"]
+    before, after = tensors(source), tensors(tmp_path / "out")
+    assert {k: v.dtype for k, v in after.items()} == {k: v.dtype for k, v in before.items()}
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {w.weight_name for w in (*chat.embeddings, *chat.writers) if w.component != "mlp"}
+    with edited(chat, edit):  # the edit in float32, cast to bf16: what the streamed tensors hold
+        expected = {w.weight_name: w.weight.detach().to(torch.bfloat16) for w in chat.writers if w.component == "attn"}
+    for name, value in expected.items():
+        assert (after[name].float() - value.float()).abs().max() <= 2**-7 * value.float().abs().max()
+
+
+def test_norm_preserving_kernel_edit_streams_like_the_edit_in_memory(tmp_path):
+    source = save_sharded(tmp_path / "src", "gemma2", tie=False)  # post-norm gains
+    chat = load_model(str(source), device="cpu")
+    params = EditParams(layer=1.0, attn=Kernel(0.8, centre=1.0, width=1.0), mlp=Kernel(1.2), variant="norm_preserving")
+    edit = KernelEdit(torch.nn.functional.normalize(torch.randn(chat.d_model), dim=0), params)
+    export_model(chat, edit, tmp_path / "out")
+    with edited(chat, edit):
+        expected = {k: v.detach().clone() for k, v in chat.model.state_dict().items()}
+    after = tensors(tmp_path / "out")
+    for name, value in after.items():
+        assert torch.allclose(value, expected[name], atol=1e-5), name
+
+
+def test_skeleton_export_writes_the_same_bytes_as_the_loaded_model(tmp_path):
+    source = save_sharded(tmp_path / "src", "olmo2", tie=True)
+    direction = torch.randn(32, generator=torch.Generator().manual_seed(3))
+    export_model(load_model(str(source), device="cpu"), Orthogonalization(direction), tmp_path / "loaded")
+    skeleton = load_skeleton(source)
+    assert skeleton.model.get_input_embeddings().weight.device.type == "meta"
+    info = export_model(skeleton, Orthogonalization(direction), tmp_path / "streamed", check=False)
+    assert "fidelity_max_abs_diff" not in info
+    for file in sorted((tmp_path / "loaded").glob("*.safetensors")):
+        assert file.read_bytes() == (tmp_path / "streamed" / file.name).read_bytes()
+
+
+def test_blocks_give_the_whole_matrix_edit(monkeypatch):
+    monkeypatch.setattr(streaming, "BLOCK_BYTES", 4 * 32 * 3)  # 3 vectors per block
+    u = torch.nn.functional.normalize(torch.randn(32), dim=0)
+    for rows, shape in ((True, (50, 32)), (False, (32, 50))):
+        weight = torch.randn(shape)
+        whole = weight - 0.6 * (torch.outer(weight @ u, u) if rows else torch.outer(u, u @ weight))
+        blocked = weight.clone()
+        residual = TensorEdit("w", u, 0.6, rows).apply(blocked)
+        assert torch.allclose(blocked, whole, atol=1e-5) and residual <= 1
+
+
+def test_tensor_check_flags_a_wrong_edit_and_a_wrong_shape():
+    u = torch.nn.functional.normalize(torch.randn(32), dim=0)
+    weight = torch.randn(32, 40)
+    edited_weight = weight - torch.outer(u, u @ weight)  # strength 1
+    assert TensorEdit("w", u, 1.0, rows=False).check(weight, edited_weight) <= 1
+    assert TensorEdit("w", u, 0.5, rows=False).check(weight, edited_weight) > 1
+    with pytest.raises(RefusalError, match="does not write d_model"):
+        TensorEdit("w", u, 1.0, rows=True).apply(weight.clone())
+
+
+def test_missing_names_and_integer_tensors_are_refused(tmp_path):
+    source = save_sharded(tmp_path / "src", "qwen2", tie=False, shard="10MB")
+    chat = load_model(str(source), device="cpu")
+    file = next(source.glob("*.safetensors"))
+    header, _ = read_header(file)
+    name = chat.writers[0].weight_name
+    entry = header[name]
+    text = file.read_bytes()
+    size = int.from_bytes(text[:8], "little")
+    patched = json.loads(text[8 : 8 + size])
+    patched[name]["dtype"] = "I32"  # same byte size as F32
+    blob = json.dumps(patched, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    file.write_bytes(len(blob).to_bytes(8, "little") + blob + text[8 + size :])
+    with pytest.raises(RefusalError, match="only float tensors"):
+        export_model(chat, Orthogonalization(torch.randn(chat.d_model)), tmp_path / "out", check=False)
+    patched[name]["dtype"] = entry["dtype"]
+    patched["renamed." + name] = patched.pop(name)
+    blob = json.dumps(patched, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    file.write_bytes(len(blob).to_bytes(8, "little") + blob + text[8 + size :])
+    with pytest.raises(RefusalError, match="names differ"):
+        export_model(chat, Orthogonalization(torch.randn(chat.d_model)), tmp_path / "out", check=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_weights_in_other_formats_are_not_copied(tmp_path):
+    source = save_sharded(tmp_path / "src", "qwen2", tie=False)
+    (source / "pytorch_model.bin").write_bytes(b"stale unedited weights")
+    (source / "notes.txt").write_text("kept")
+    chat = load_model(str(source), device="cpu")
+    export_model(chat, Orthogonalization(torch.randn(chat.d_model)), tmp_path / "out")
+    assert not (tmp_path / "out" / "pytorch_model.bin").exists() and (tmp_path / "out" / "notes.txt").read_text() == "kept"
