@@ -103,7 +103,7 @@ def main() -> None:
     settings.data.n_val, settings.data.n_test = args.n_val, args.n_test
     settings.selection.layers, settings.selection.positions = args.layers, args.positions
     settings.search.trials, settings.search.time_budget, settings.search.score_prompts = args.trials, args.time_budget, args.score_prompts
-    defaults = settings.search.protect_prompts, settings.search.refusal_measure, settings.search.refine
+    defaults = settings.search.protect_prompts, settings.search.refusal_measure, settings.search.refine, settings.search.second
     stages = Stages()
     stage = stages.run
 
@@ -120,9 +120,9 @@ def main() -> None:
         print(f"  (reused from {out}: {', '.join(reused)}; their fingerprints match these settings)")
     for name in ("search.json", "search.journal"):
         (out / name).unlink(missing_ok=True)  # each search starts afresh
-    settings.search.protect_prompts, settings.search.refusal_measure, settings.search.refine = 0, "log-odds", 0
+    settings.search.protect_prompts, settings.search.refusal_measure, settings.search.refine, settings.search.second = 0, "log-odds", 0, 0
     kernel = stage("kernel search", lambda: study(ctx, cands))
-    settings.search.protect_prompts, settings.search.refusal_measure, settings.search.refine = defaults
+    settings.search.protect_prompts, settings.search.refusal_measure, settings.search.refine, settings.search.second = defaults
     new = stage("search (default)", lambda: study(ctx, cands))
     cleaner = protection(ctx, reuse_only=True)
     editor = Editor(chat)

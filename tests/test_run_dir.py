@@ -11,7 +11,8 @@ from conftest import save_tiny
 from refusal.cli import main
 
 FAST = ["--n-train", "12", "--n-val", "6", "--n-test", "4", "--max-new-tokens", "4", "--ce-tokens", "64", "--quiet"]
-SEARCH = ["--refine", "0", "--trials", "3", "--anchors", "0.5", "--confirm", "1", "--time-budget", "none"]  # no refinement: exact trial counts
+# no refinement or second direction: exact trial counts
+SEARCH = ["--refine", "0", "--second", "0", "--trials", "3", "--anchors", "0.5", "--confirm", "1", "--time-budget", "none"]
 
 
 def stamps(run):

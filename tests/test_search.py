@@ -64,8 +64,8 @@ def test_search_beats_the_papers_point(organism_search_run):
 
 
 def sampled(result: dict) -> list[dict]:
-    """The study's trials before the refinement (what --trials counts)."""
-    return [t for t in result["trials"] if t["role"] != "refine"]
+    """The study's trials before the refinement and second-direction trials (what --trials counts)."""
+    return [t for t in result["trials"] if t["role"] not in ("refine", "second")]
 
 
 def test_refinement_trials_are_stronger_copies_of_low_kl_front_points(organism_search_run):
@@ -105,7 +105,7 @@ def test_cleaned_directions_dominate_the_kernel_search(organism_search_run, orga
     previous = set_quiet(True)
     try:
         kernel_settings = organism_settings(
-            organism_dir, trials=24, time_budget=None, confirm=4, protect_prompts=0, refusal_measure="log-odds", refine=0
+            organism_dir, trials=24, time_budget=None, confirm=4, protect_prompts=0, refusal_measure="log-odds", refine=0, second=0
         )
         extract(kernel_settings, tmp_path / "run")
         select(tmp_path / "run", {})

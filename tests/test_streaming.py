@@ -113,7 +113,7 @@ def test_blocks_give_the_whole_matrix_edit(monkeypatch):
         weight = torch.randn(shape)
         whole = weight - 0.6 * (torch.outer(weight @ u, u) if rows else torch.outer(u, u @ weight))
         blocked = weight.clone()
-        residual = TensorEdit("w", u, 0.6, rows).apply(blocked)
+        residual = TensorEdit("w", ((u, 0.6),), rows).apply(blocked)
         assert torch.allclose(blocked, whole, atol=1e-5) and residual <= 1
 
 
@@ -121,10 +121,10 @@ def test_tensor_check_flags_a_wrong_edit_and_a_wrong_shape():
     u = torch.nn.functional.normalize(torch.randn(32), dim=0)
     weight = torch.randn(32, 40)
     edited_weight = weight - torch.outer(u, u @ weight)  # strength 1
-    assert TensorEdit("w", u, 1.0, rows=False).check(weight, edited_weight) <= 1
-    assert TensorEdit("w", u, 0.5, rows=False).check(weight, edited_weight) > 1
+    assert TensorEdit("w", ((u, 1.0),), rows=False).check(weight, edited_weight, u, 1.0, weight) <= 1
+    assert TensorEdit("w", ((u, 0.5),), rows=False).check(weight, edited_weight, u, 0.5, weight) > 1
     with pytest.raises(RefusalError, match="does not write d_model"):
-        TensorEdit("w", u, 1.0, rows=True).apply(weight.clone())
+        TensorEdit("w", ((u, 1.0),), rows=True).apply(weight.clone())
 
 
 def test_missing_names_and_integer_tensors_are_refused(tmp_path):
@@ -160,3 +160,19 @@ def test_weights_in_other_formats_are_not_copied(tmp_path):
     chat = load_model(str(source), device="cpu")
     export_model(chat, Orthogonalization(torch.randn(chat.d_model)), tmp_path / "out")
     assert not (tmp_path / "out" / "pytorch_model.bin").exists() and (tmp_path / "out" / "notes.txt").read_text() == "kept"
+
+
+def test_a_second_direction_streams_like_the_edit_in_memory(tmp_path):
+    from refusal.second import second_params
+
+    source = save_sharded(tmp_path / "src", "gemma2", tie=True)  # post-norm gains: the two steps' directions are not orthogonal there
+    chat = load_model(str(source), device="cpu")
+    params = second_params(EditParams(layer=1.0, attn=Kernel(0.9), mlp=Kernel(0.5, centre=2.0, width=1.0)), torch.randn(chat.d_model), 0.6, 0.7, {})
+    edit = KernelEdit(torch.nn.functional.normalize(torch.randn(chat.d_model), dim=0), params)
+    assert len(edit.removal(chat.n_layers).steps) == 2
+    info = export_model(chat, edit, tmp_path / "out")
+    assert info["written"]["tensor_check_max_residual"] <= 1 and info["fidelity_max_abs_diff"] < 1e-4
+    with edited(chat, edit):
+        expected = {k: v.detach().clone() for k, v in chat.model.state_dict().items()}
+    for name, value in tensors(tmp_path / "out").items():
+        assert torch.allclose(value, expected[name], atol=1e-5), name

@@ -70,6 +70,7 @@ class EditParams:
     mlp: Kernel = Kernel()
     variant: str = "projection"
     clean: float | None = None  # log10 of the ridge strength the direction is cleaned with; None: not cleaned
+    second: dict | None = None  # {"vector": [d_model floats], "strength": s, ...}: a second direction (search.second_trials)
 
     def validate(self, n_layers: int, n_post: int) -> None:
         if self.variant not in VARIANTS:
@@ -80,6 +81,10 @@ class EditParams:
             raise RefusalError(f"position {self.position} is out of range; use -1 .. -{n_post}")
         if self.clean is not None and not math.isfinite(self.clean):
             raise RefusalError(f"clean {self.clean} is not a finite log10 ridge strength; use a number such as 1.0")
+        if self.second is not None:
+            vector, strength = self.second.get("vector"), self.second.get("strength")
+            if not (isinstance(vector, list) and vector and isinstance(strength, (int, float)) and math.isfinite(strength)):
+                raise RefusalError("the edit's second direction needs a 'vector' (a list of numbers) and a finite 'strength'")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,13 +116,27 @@ def source_direction(candidates: Candidates, params: EditParams, protection: Pro
 
 @dataclass(frozen=True)
 class Removal:
-    """What an edit does to each residual writer: lose ``strength(writer)`` times its component along ``unit``
-    (``keep_norms``: every written vector then rescaled to its original norm). The in-memory edit
-    (``weights.remove_direction``) and the streamed export (``streaming``) both read it."""
+    """What an edit does to each residual writer: for each step in order, the writer loses ``strength(writer)``
+    times its component along ``unit`` (``keep_norms``: every written vector then rescaled to its original
+    norm). The in-memory edit (``weights.remove_direction``) and the streamed export (``streaming``) both read it."""
 
-    unit: torch.Tensor
-    strength: Callable[[Writer], float]
+    steps: tuple[tuple[torch.Tensor, Callable[[Writer], float]], ...]
     keep_norms: bool = False
+
+    def apply(self, chat: ChatModel, snapshot: Snapshot) -> None:
+        for unit, strength in self.steps:
+            remove_direction(chat, unit, strength, snapshot, keep_norms=self.keep_norms)
+
+
+def second_direction(unit: torch.Tensor, params: EditParams) -> torch.Tensor | None:
+    """The trial's second direction (``params.second``) made orthogonal to ``unit`` and of unit norm, or None."""
+    if params.second is None:
+        return None
+    vector = torch.tensor(params.second["vector"], dtype=torch.float64)
+    if vector.shape != unit.shape:
+        raise RefusalError(f"the second direction has {vector.numel()} numbers; the model's d_model is {unit.numel()}")
+    u = unit.double() / unit.double().norm()
+    return unit_vector((vector - (vector @ u) * u).float())
 
 
 class Edit(Protocol):
@@ -147,11 +166,10 @@ class Orthogonalization:
         self.direction = direction
 
     def removal(self, n_layers: int) -> Removal:
-        return Removal(unit_vector(self.direction), lambda writer: 1.0)
+        return Removal(((unit_vector(self.direction), lambda writer: 1.0),))
 
     def apply(self, chat: ChatModel, snapshot: Snapshot) -> None:
-        r = self.removal(chat.n_layers)
-        remove_direction(chat, r.unit, r.strength, snapshot)
+        self.removal(chat.n_layers).apply(chat, snapshot)
 
     def describe(self) -> dict:
         return {"kind": "orthogonalization"}
@@ -166,6 +184,7 @@ class KernelEdit:
     def __init__(self, unit: torch.Tensor, params: EditParams):
         self.unit = unit
         self.params = params
+        self.second = second_direction(unit, params)
 
     @classmethod
     def from_candidates(cls, candidates: Candidates, params: EditParams, protection: Protection | None = None) -> KernelEdit:
@@ -177,11 +196,14 @@ class KernelEdit:
         def strength(writer: Writer) -> float:  # the embeddings follow the attention kernel at layer 0
             return strengths["attn"][0] if writer.component == "embed" else strengths[writer.component][writer.layer]
 
-        return Removal(self.unit, strength, keep_norms=self.params.variant == "norm_preserving")
+        steps: tuple = ((self.unit, strength),)
+        if self.second is not None:  # a second direction, removed from every writer with one strength
+            second_strength = float(self.params.second["strength"])  # type: ignore[index]
+            steps += ((self.second, lambda writer: second_strength),)
+        return Removal(steps, keep_norms=self.params.variant == "norm_preserving")
 
     def apply(self, chat: ChatModel, snapshot: Snapshot) -> None:
-        r = self.removal(chat.n_layers)
-        remove_direction(chat, r.unit, r.strength, snapshot, keep_norms=r.keep_norms)
+        self.removal(chat.n_layers).apply(chat, snapshot)
 
     def describe(self) -> dict:
         return {"kind": "kernel", "params": self.params.to_dict()}

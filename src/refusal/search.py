@@ -26,6 +26,7 @@ import dataclasses
 import math
 import time
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -132,6 +133,7 @@ def _as_optuna(params: EditParams, n_layers: int) -> dict:
 
 
 REFINE_SCALES = (1.1, 1.2, 1.3, 1.4)  # strength factors of the refinement trials (docs/search.md)
+SECOND_OVERHEAD_TRIALS = 5  # trial times kept for finding the second direction (scoring and reading the train prompts)
 
 
 def scaled(params: EditParams, factor: float) -> EditParams:
@@ -153,7 +155,7 @@ def refinements(records: list[dict], config: SearchSettings) -> list[tuple[int, 
     there cost (docs/search.md, "Refinement").
     """
     done = {(r["base"], r["scale"]) for r in records if r["role"] == "refine"}
-    sampled = [r for r in records if r["role"] != "refine"]  # the bases depend on these only: a rerun finds the same ones
+    sampled = [r for r in records if r["role"] not in ("refine", "second")]  # the bases depend on these only: a rerun finds the same ones
     low = [p for p in pareto_front(sampled) if p["kl"] <= config.max_kl / 2 and p["refusal"] > config.floor]
     bases = sorted(low, key=lambda p: p["refusal"])[: config.refine]
     return [
@@ -184,9 +186,11 @@ def run_trials(
     paper: EditParams,
     on_trial=None,
     protection: Protection | None = None,
+    second: Callable[[list[dict]], list[tuple[dict, EditParams]]] | None = None,
 ) -> list[dict]:
     """Run (or resume) the study in ``storage`` until ``config.trials`` trials exist or the budget ends,
-    then the refinement trials (``refinements``; the budget keeps time for them).
+    then the refinement trials (``refinements``) and the second-direction trials that ``second(records)``
+    returns (``second.second_trials``); the budget keeps time for both.
 
     The enqueued trials (the paper's edit, then the anchors) carry their role in a user attribute, so a
     trial left RUNNING by a killed process is failed and enqueued again with its role on resume.
@@ -228,9 +232,13 @@ def run_trials(
             if on_trial:
                 on_trial(len(records(study)), values)
 
-        while len([r for r in records(study) if r["role"] != "refine"]) < config.trials:
+        later = config.refine * len(REFINE_SCALES) + (config.second + SECOND_OVERHEAD_TRIALS if second is not None and config.second else 0)
+        # time kept for the refinement and second-direction trials, in mean trial times
+        while True:
             done = records(study)
-            reserve = config.refine * len(REFINE_SCALES) * sum(r["seconds"] for r in done) / max(len(done), 1)  # time kept for the refinement
+            if len([r for r in done if r["role"] not in ("refine", "second")]) >= config.trials:
+                break
+            reserve = later * sum(r["seconds"] for r in done) / max(len(done), 1)  # time kept for the refinement and second direction
             if config.time_budget is not None and time.perf_counter() - start > config.time_budget - reserve:
                 log(f"time budget reached after {len(done)} trials; keeping the best points so far")
                 break
@@ -239,13 +247,21 @@ def run_trials(
             if trial.user_attrs.get("role") == "paper":
                 params = paper  # exactly the paper's edit (the kernel above is flat at 1 anyway)
             measure(trial, params)
-        for base, factor, params in refinements(records(study), config):
-            study.enqueue_trial(_as_optuna(params, candidates.n_layers), user_attrs={"role": "refine", "base": base, "scale": factor})
-            trial = study.ask()
+
+        def run_enqueued(params: EditParams, attrs: dict) -> None:
+            study.enqueue_trial(_as_optuna(params, candidates.n_layers), user_attrs=attrs)
+            while (trial := study.ask()).user_attrs != attrs:  # an anchor left waiting when the budget ended first
+                study.tell(trial, state=state.FAIL)
             with warnings.catch_warnings():  # a scaled peak may lie above the sampler's range; Optuna keeps the value
                 warnings.simplefilter("ignore")
                 suggest(trial, candidates.n_layers, config)
             measure(trial, params)
+
+        for base, factor, params in refinements(records(study), config):
+            run_enqueued(params, {"role": "refine", "base": base, "scale": factor})
+        while second is not None and config.second and (todo := second(records(study))):
+            for attrs, params in todo:
+                run_enqueued(params, {"role": "second", **attrs})
     return records(study)
 
 
@@ -262,7 +278,7 @@ def records(study) -> list[dict]:
             "seconds": t.user_attrs["seconds"],
             "params": t.user_attrs["params"],
             "role": t.user_attrs.get("role", "sampled"),
-            **({"base": t.user_attrs["base"], "scale": t.user_attrs["scale"]} if t.user_attrs.get("role") == "refine" else {}),
+            **{k: t.user_attrs[k] for k in ("base", "scale", "fraction", "strength") if k in t.user_attrs},
         }
         for t in study.trials
         if t.state == optuna.trial.TrialState.COMPLETE

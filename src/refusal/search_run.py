@@ -24,6 +24,7 @@ from .progress import log
 from .provenance import timestamp
 from .run_dir import ARTIFACTS, write_json
 from .search import Objectives, pareto_front, run_trials
+from .second import second_trials
 from .settings import Settings
 from .workspace import Context, start
 
@@ -65,7 +66,13 @@ def study(ctx: Context, cands: Candidates) -> dict:
         log(f"trial {n:3d}: refusal {values['refusal']:7.3f}  KL {values['kl']:.4f}  (multi-token {values['kl_multi']:.4f})")
 
     begin = time.perf_counter()
-    records = run_trials(ctx.chat, cands, objectives, s.search, s.data.seed, str(run.file("search", 1)), paper, progress, cleaner)
+    harmful_train = ctx.prompts.get("harmful", "train")
+    directions_cache: dict = {}  # the second direction's, found once per base
+
+    def second(done: list[dict]) -> list:
+        return second_trials(ctx.chat, cands, cleaner, done, s.search, harmful_train, refusal_ids, s.evaluation.batch_size, directions_cache)
+
+    records = run_trials(ctx.chat, cands, objectives, s.search, s.data.seed, str(run.file("search", 1)), paper, progress, cleaner, second)
     timings["trials"] = round(time.perf_counter() - begin, 2)
     begin = time.perf_counter()
     front = pareto_front(records)

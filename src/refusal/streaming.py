@@ -6,9 +6,10 @@ of ``BLOCK_BYTES`` and cast back to the tensor's own dtype. Names, dtypes, shape
 the index stay the source's. Peak memory is the largest edited tensor plus a few float32 blocks,
 never the model: a checkpoint larger than RAM exports on the machine that holds it.
 
-Each edited tensor is checked as it is written (``TensorEdit.check``): its component along the
-direction must be (1 - strength) times the original's, to the precision of its dtype; the logits
-check of a model in memory (``export.fidelity_check``) comes on top where the model is loaded.
+Each edited tensor is checked as it is written (``TensorEdit.check``): after each step its component
+along that step's direction must be (1 - strength) times what it was (and, for norm-preserving edits,
+every vector must keep its norm to the precision of the tensor's dtype); the logits check of a model
+in memory (``export.fidelity_check``) comes on top where the model is loaded.
 
 A tied token embedding that the edit changes is untied: the original matrix is written as the output
 embedding (placed first in the embedding's file, so nothing is held back) and the config says
@@ -40,11 +41,11 @@ INDEX = "model.safetensors.index.json"
 
 @dataclass(frozen=True)
 class TensorEdit:
-    """One checkpoint tensor's edit: its vectors lose ``strength`` times their component along ``unit``."""
+    """One checkpoint tensor's edit: for each (unit, strength) step in order, its vectors lose ``strength``
+    times their component along ``unit``; ``keep_norms`` rescales them to their original norms at the end."""
 
     name: str
-    unit: torch.Tensor  # float32 [d_model], gain-adjusted for writers behind a post-norm
-    strength: float
+    steps: tuple[tuple[torch.Tensor, float], ...]  # float32 [d_model] units, gain-adjusted behind a post-norm
     rows: bool  # the written vectors are rows (embeddings, Conv1D, biases) rather than columns (Linear)
     keep_norms: bool = False
 
@@ -56,33 +57,35 @@ class TensorEdit:
         if tensor.dim() != 2:
             raise RefusalError(f"checkpoint tensor {self.name} is {tensor.dim()}-D; only matrices and vectors can be edited")
         d = tensor.shape[1] if self.rows else tensor.shape[0]
-        if d != self.unit.numel():
+        if d != self.steps[0][0].numel():
             shape = tuple(tensor.shape)
-            raise RefusalError(f"checkpoint tensor {self.name} has shape {shape}, which does not write d_model = {self.unit.numel()} vectors")
+            raise RefusalError(f"checkpoint tensor {self.name} has shape {shape}, which does not write d_model = {self.steps[0][0].numel()} vectors")
         n = tensor.shape[0] if self.rows else tensor.shape[1]
         step = max(1, BLOCK_BYTES // (4 * d))
+        dim = -1 if self.rows else 0
         worst = 0.0
         for i in range(0, n, step):
             block = tensor[i : i + step] if self.rows else tensor[:, i : i + step]
             original = block.to(torch.float32, copy=True)
-            norms = original.norm(dim=-1 if self.rows else 0) if self.keep_norms else None
-            block.copy_(project_out(original, self.unit, self.strength, rows=self.rows, norms=norms))
-            worst = max(worst, self.check(original, block))
+            edited = original
+            for unit, strength in self.steps:
+                before, edited = edited, project_out(edited, unit, strength, rows=self.rows)
+                worst = max(worst, self.check(before, edited, unit, strength, original))
+            if self.keep_norms:
+                edited = edited * (original.norm(dim=dim) / edited.norm(dim=dim).clamp_min(1e-12)).unsqueeze(dim)
+            block.copy_(edited)
+            if self.keep_norms:
+                norms = original.norm(dim=dim)
+                error = (block.float().norm(dim=dim) - norms).abs() / (8 * torch.finfo(block.dtype).eps * norms + 1e-6)
+                worst = max(worst, float(error.max()))
         return worst
 
-    def check(self, original: torch.Tensor, edited: torch.Tensor) -> float:
-        """Largest error of the edited vectors' component along ``unit`` (or, with ``keep_norms``, of their norms),
-        in units of the rounding its dtype allows: at most 1 for a correct edit."""
-        u = self.unit
-        if self.keep_norms:
-            dim = -1 if self.rows else 0
-            got, want = edited.float().norm(dim=dim), original.norm(dim=dim)
-        else:
-            got = edited.float() @ u if self.rows else u @ edited.float()
-            want = (1 - self.strength) * (original @ u if self.rows else u @ original)
-        scale = original.norm(dim=-1 if self.rows else 0)
-        eps = torch.finfo(edited.dtype).eps
-        allowed = 8 * eps * scale + 1e-6
+    def check(self, before: torch.Tensor, after: torch.Tensor, unit: torch.Tensor, strength: float, original: torch.Tensor) -> float:
+        """Largest error of one step's result along ``unit``, in units of the rounding the tensor's dtype allows
+        (at most 1 for a correct edit): the component must be (1 - strength) times what it was."""
+        got = after @ unit if self.rows else unit @ after
+        want = (1 - strength) * (before @ unit if self.rows else unit @ before)
+        allowed = 8 * torch.finfo(torch.float32).eps * original.norm(dim=-1 if self.rows else 0) + 1e-6
         return float(((got - want).abs() / allowed).max())
 
 
@@ -90,13 +93,12 @@ def tensor_edits(chat: ChatModel, removal: Removal) -> dict[str, TensorEdit]:
     """The edit of every writer tensor (weights and biases) that ``removal`` changes, by checkpoint name."""
     edits: dict[str, TensorEdit] = {}
     for writer in (*chat.embeddings, *chat.writers):
-        s = removal.strength(writer)
-        if s == 0:
+        steps = tuple((writer.direction(unit.float().cpu()).float().cpu(), s) for unit, strength in removal.steps if (s := strength(writer)) != 0)
+        if not steps:
             continue
-        u = writer.direction(removal.unit.float().cpu()).float().cpu()
-        edits[writer.weight_name] = TensorEdit(writer.weight_name, u, s, writer.rows, removal.keep_norms)
+        edits[writer.weight_name] = TensorEdit(writer.weight_name, steps, writer.rows, removal.keep_norms)
         if writer.bias_name is not None:
-            edits[writer.bias_name] = TensorEdit(writer.bias_name, u, s, rows=True)
+            edits[writer.bias_name] = TensorEdit(writer.bias_name, steps, rows=True)
     return edits
 
 

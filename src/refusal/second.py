@@ -1,0 +1,122 @@
+"""A second direction for the prompts a search's best edit still refuses (docs/search.md, "Second direction").
+
+One direction leaves a few harmful prompts refused at every KL the search accepts: on the default
+model, every front point below KL 0.2 still refused one validation prompt. Those prompts refuse
+along something the first direction does not carry. The search finds it where it shows:
+
+1. the *base*: the front point with the lowest refusal score among those with first-token KL at most
+   ``max_kl / 2`` that still score above the floor (the refinements' first base);
+2. with the base applied, the harmful *train* prompts are scored at their last position (the refusal
+   margin): those still refused (margin > 0) against those clearly complied with (margin below
+   ``COMPLY_BELOW``, at most ``MAX_COMPLYING`` of them);
+3. the difference of their mean residual activations at the last position, at a layer, is a second
+   direction r2 (a few refused prompts make it noisy, and which layer carries it varies);
+4. trials: the base edit plus r2, made orthogonal to the base's direction, removed from every writer
+   with one strength s2: W <- W - s2 u2 u2^T W after the base's own edit. First a screen of the
+   layers ``SCREEN_FRACTIONS`` (fractions of the depth) at ``SCREEN_STRENGTH``, then the layer that
+   scored the lowest refusal at ``FOLLOW_STRENGTHS`` (``plan``).
+
+The harmful-vs-harmless difference of the *edited* model does not work instead: removing it raised
+the refusals (docs/search.md). Nothing here runs when no train prompt is still refused by the base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .activations import mean_activations
+from .cleaning import Protection
+from .directions import Candidates
+from .edits import EditParams, KernelEdit, edited
+from .model import ChatModel
+from .progress import log
+from .scoring import LastPosition, refusal_margin
+from .search import pareto_front
+from .settings import SearchSettings
+
+SCREEN_FRACTIONS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75)  # depth fractions whose difference of means is screened
+SCREEN_STRENGTH = 0.5  # flat strength of the second direction in the screen
+FOLLOW_STRENGTHS = (0.75, 1.0)  # strengths tried on the screen's best layer
+COMPLY_BELOW = -1.0  # a train prompt complied with: refusal margin below this under the base edit
+MAX_COMPLYING = 64  # complying prompts averaged (the first ones; the mean needs no more)
+MIN_REFUSING = 2  # fewer still-refused train prompts than this: no second direction
+
+
+def plan(records: list[dict], n: int) -> list[tuple[float, float]]:
+    """The (depth fraction, strength) pairs of the second-direction trials to run next, at most ``n`` in all:
+    the screen first; once it is done, the best screened layer (lowest refusal score) at the follow strengths."""
+    screen = [(f, SCREEN_STRENGTH) for f in SCREEN_FRACTIONS][:n]
+    done = {(r["fraction"], r["strength"]): r for r in records if r["role"] == "second"}
+    todo = [pair for pair in screen if pair not in done]
+    if todo or not screen:
+        return todo
+    best = min((done[pair] for pair in screen), key=lambda r: r["refusal"])
+    follow = [(best["fraction"], s) for s in FOLLOW_STRENGTHS][: max(0, n - len(screen))]
+    return [pair for pair in follow if pair not in done]
+
+
+def second_directions(
+    chat: ChatModel, base: KernelEdit, harmful_train: list[str], refusal_ids: list[int], batch_size: int, fractions: list[float]
+) -> tuple[dict[float, torch.Tensor], dict]:
+    """{depth fraction: difference of means (float32 [d_model])} of the train prompts still refused vs complied
+    with under the edit ``base``, and counts for the record; no directions when too few are refused."""
+    with edited(chat, base):
+        margins = refusal_margin(LastPosition(chat, harmful_train, batch_size).logits(), refusal_ids)
+        refusing = [p for p, m in zip(harmful_train, margins.tolist()) if m > 0]
+        complying = [p for p, m in zip(harmful_train, margins.tolist()) if m < COMPLY_BELOW][:MAX_COMPLYING]
+        counts = {"refusing": len(refusing), "complying": len(complying), "train": len(harmful_train)}
+        if len(refusing) < MIN_REFUSING or len(complying) < MIN_REFUSING:
+            log(f"second direction: {len(refusing)} of {len(harmful_train)} train prompts still refused under the base; none made")
+            return {}, counts
+        means = [mean_activations(chat, prompts, batch_size, name) for prompts, name in ((refusing, "refusing"), (complying, "complying"))]
+    diff = means[0][:, -1] - means[1][:, -1]  # [n_layers + 1, d_model], the last position
+    log(f"second direction: {len(refusing)} of {len(harmful_train)} train prompts still refused under the base")
+    return {f: diff[round(f * chat.n_layers)].float() for f in fractions}, counts
+
+
+def second_params(base: EditParams, direction: torch.Tensor, fraction: float, strength: float, counts: dict) -> EditParams:
+    """``base`` with ``direction`` as its second direction at ``strength`` (the vector is stored: exports need no model run)."""
+    second = {"vector": [round(x, 6) for x in direction.tolist()], "strength": strength, "fraction": fraction, **counts}
+    return dataclasses.replace(base, second=second)
+
+
+def second_base(records: list[dict], config: SearchSettings) -> dict | None:
+    """The front point (sampled and refinement trials) with the lowest refusal score among those with
+    first-token KL at most ``max_kl / 2`` still scoring above the floor, or None."""
+    front = pareto_front([r for r in records if r["role"] != "second"])
+    low = [p for p in front if p["kl"] <= config.max_kl / 2 and p["refusal"] > config.floor]
+    return min(low, key=lambda p: p["refusal"]) if low else None
+
+
+def second_trials(
+    chat: ChatModel,
+    candidates: Candidates,
+    protection: Protection | None,
+    records: list[dict],
+    config: SearchSettings,
+    harmful_train: list[str],
+    refusal_ids: list[int],
+    batch_size: int,
+    cache: dict | None = None,
+) -> list[tuple[dict, EditParams]]:
+    """The second-direction trials to run next (``plan``), as (user attributes, params); none once all ran or
+    where no base or no still-refused train prompts exist. ``cache`` keeps the directions between calls.
+    A resumed study finds the same base and directions."""
+    todo = plan(records, config.second)
+    base = second_base(records, config)
+    if not todo or base is None:
+        return []
+    params = EditParams.from_dict(base["params"])
+    cache = {} if cache is None else cache
+    if cache.get("base") != base["trial"]:
+        edit = KernelEdit.from_candidates(candidates, params, protection)
+        cache["base"] = base["trial"]
+        cache["directions"], cache["counts"] = second_directions(chat, edit, harmful_train, refusal_ids, batch_size, list(SCREEN_FRACTIONS))
+    directions = cache["directions"]
+    return [
+        ({"base": base["trial"], "fraction": f, "strength": s}, second_params(params, directions[f], f, s, cache["counts"]))
+        for f, s in todo
+        if f in directions
+    ]
