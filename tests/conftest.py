@@ -17,6 +17,14 @@ from refusal.organism import build_tokenizer as build_word_tokenizer
 hf_logging.disable_progress_bar()  # keep captured stderr to what refusal prints
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox", "olmo2"]
+# Mixture-of-experts families: experts stored per expert on disk (Qwen2-MoE with a shared expert, Mixtral) or fused (GPT-OSS, with biases).
+MOE_FAMILIES = ["qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss"]
+_MOE = {
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=16),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16),
+}
 
 
 def build_tokenizer(template: str = CHATML) -> PreTrainedTokenizerFast:
@@ -42,12 +50,15 @@ def build_model(family: str, vocab_size: int, tie: bool = False, layers: int = 3
             kw["head_dim"] = 16
         if family == "gpt_neox":
             kw.pop("num_key_value_heads")
+        kw.update(_MOE.get(family, {}))
     config = AutoConfig.for_model(family, **common, **kw)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 1:  # norm gains and biases: make them matter
+        for name, param in model.named_parameters():
+            if param.dim() == 1 or name.endswith("_bias"):  # norm gains and biases (fused experts' too): make them matter
                 param.add_(torch.randn_like(param) * 0.3)
+            elif param.dim() == 3:  # fused experts: transformers 5 may leave them uninitialised
+                param.normal_(0.0, 0.1)
     return model
 
 

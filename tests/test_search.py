@@ -271,3 +271,20 @@ def test_changing_the_protected_prompts_recomputes_them_and_restarts_the_study(o
         assert len(sampled(third)) == 6 and all(t["params"]["clean"] is None for t in third["trials"])
     finally:
         set_quiet(previous)
+
+
+def test_streamed_export_of_a_trial_writes_the_loaded_exports_bytes(organism_search_run, tmp_path, monkeypatch):
+    import refusal.streaming as streaming
+
+    out, chat, result, settings = organism_search_run
+    trial = result["front"][-1]
+    assert main(["export", "--run", str(out), "--trial", str(trial), "--out", str(tmp_path / "loaded"), "--quiet"]) == 0
+    assert main(["export", "--run", str(out), "--trial", str(trial), "--out", str(tmp_path / "streamed"), "--streaming", "--quiet"]) == 0
+    loaded, streamed = (json.loads((tmp_path / d / "refusal.json").read_text()) for d in ("loaded", "streamed"))
+    assert "fidelity_max_abs_diff" in loaded and "fidelity_max_abs_diff" not in streamed  # no model in memory: the per-tensor check
+    assert streamed["written"]["streamed"] and streamed["written"]["tensor_check_max_residual"] <= 1
+    for file in (tmp_path / "loaded").glob("*.safetensors"):
+        assert file.read_bytes() == (tmp_path / "streamed" / file.name).read_bytes()
+    monkeypatch.setattr(streaming, "available_memory", lambda: 1000)  # a checkpoint larger than half the memory streams by itself
+    assert main(["export", "--run", str(out), "--trial", str(trial), "--out", str(tmp_path / "auto"), "--quiet"]) == 0
+    assert "fidelity_max_abs_diff" not in json.loads((tmp_path / "auto" / "refusal.json").read_text())

@@ -22,7 +22,9 @@ from .errors import UnsupportedModelError
 HFModel = Any
 Tokenizer = Any
 
-SUPPORTED_FAMILIES = "Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text), Phi-3, GPT-2, GPT-NeoX, OLMo 2"
+SUPPORTED_FAMILIES = (
+    "Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text), Phi-3, GPT-2, GPT-NeoX, OLMo 2; MoE: Qwen2-MoE, Qwen3-MoE, Mixtral, GPT-OSS"
+)
 
 # Where the decoder layers live, by the suffix of their ModuleList's name.
 _LAYER_PATHS = (
@@ -36,6 +38,11 @@ _LAYER_PATHS = (
 # Residual-stream writers inside one decoder layer, tried in order.
 _ATTN_OUT = ("self_attn.o_proj", "attn.c_proj", "attention.dense", "self_attention.dense", "attn.out_proj", "self_attn.out_proj")
 _MLP_OUT = ("mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h", "mlp.fc2", "mlp.fc_out", "fc2")
+# Mixture-of-experts layers: the experts module (fused 3-D parameters, or a ModuleList of MLPs) and
+# shared experts that add into the residual beside them.
+_MOE_EXPERTS = ("mlp.experts", "block_sparse_moe.experts", "feed_forward.experts")
+_EXPERT_OUT = ("down_proj", "w2", "fc2")  # the fused parameter, or each expert's output Linear
+_SHARED_OUT = ("mlp.shared_expert.down_proj", "mlp.shared_experts.down_proj", "feed_forward.shared_expert.down_proj")
 # Extra embeddings added straight into the residual stream (learned positions).
 _POSITION_EMBEDDINGS = ("wpe", "embed_positions")
 
@@ -46,8 +53,11 @@ class Writer:
 
     ``rows`` is the weight's orientation, found once here: True when the written vectors are its
     rows (``nn.Embedding`` [vocab, d_model], GPT-2's ``Conv1D`` [in, d_model]), False when they are its
-    columns (``nn.Linear`` [d_model, in]). ``weight_name``/``bias_name`` are the parameters' names
-    in ``model.state_dict()``. ``gain`` is set when a normalisation with elementwise gains sits
+    columns (``nn.Linear`` [d_model, in]). A mixture-of-experts layer's fused expert parameter is
+    3-D, one matrix per expert ([experts, d_model, in] with columns, [experts, in, d_model] with
+    rows); ``weight_attr``/``bias_attr`` name the module's parameters (``weight`` for a Linear,
+    ``down_proj`` for fused experts). ``weight_name``/``bias_name`` are their names in
+    ``model.state_dict()``. ``gain`` is set when a normalisation with elementwise gains sits
     between the module and the residual add (Gemma 2/3, OLMo 2 "post-norms"): the module's output is
     then orthogonal to the residual direction u after the norm exactly when it is orthogonal to
     gain * u before it; ``post_norm`` is that norm module. Embeddings count as layer 0.
@@ -61,14 +71,16 @@ class Writer:
     weight_name: str = ""
     bias_name: str | None = None
     post_norm: nn.Module | None = None
+    weight_attr: str = "weight"
+    bias_attr: str = "bias"
 
     @property
     def weight(self) -> torch.Tensor:
-        return cast(torch.Tensor, self.module.weight)
+        return cast(torch.Tensor, getattr(self.module, self.weight_attr))
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return cast(torch.Tensor, self.module.bias) if self.bias_name is not None else None
+        return cast(torch.Tensor, getattr(self.module, self.bias_attr)) if self.bias_name is not None else None
 
     def direction(self, unit: torch.Tensor) -> torch.Tensor:
         """The unit direction to remove from this module's raw output (float32)."""
@@ -146,15 +158,72 @@ def _writer(module: nn.Module, component: str, layer: int, names: dict[int, str]
     )
 
 
+def _expert_writers(layer: nn.Module, i: int, names: dict[int, str], d_model: int) -> list[Writer]:
+    """The writers of a mixture-of-experts layer: the experts' output projections (one fused 3-D parameter, or
+    one Linear per expert) and any shared expert's; empty for a dense layer. The router is a reader, untouched."""
+    experts = next((m for m in (_get(layer, p) for p in _MOE_EXPERTS) if m is not None), None)
+    if experts is None:
+        return []
+    writers = []
+    if isinstance(experts, nn.ModuleList):
+        for expert in experts:
+            module = next((m for m in (_get(expert, p) for p in _EXPERT_OUT) if m is not None), None)
+            if module is None:
+                raise UnsupportedModelError(
+                    f"an expert of layer {i} ({type(expert).__name__}) has no output projection (looked for {', '.join(_EXPERT_OUT)})"
+                )
+            writers.append(_writer(module, "mlp", i, names, d_model))
+    else:
+        attr = next((a for a in _EXPERT_OUT if isinstance(getattr(experts, a, None), torch.Tensor)), None)
+        if attr is None:
+            raise UnsupportedModelError(
+                f"the experts of layer {i} ({type(experts).__name__}) have no fused output projection (looked for {', '.join(_EXPERT_OUT)})"
+            )
+        weight = getattr(experts, attr)
+        rows = _orientation_3d(tuple(weight.shape), d_model, f"{names[id(experts)]}.{attr}")
+        bias = f"{attr}_bias" if isinstance(getattr(experts, f"{attr}_bias", None), torch.Tensor) else None
+        name = names[id(experts)]
+        writers.append(
+            Writer(
+                experts,
+                "mlp",
+                i,
+                rows=rows,
+                weight_name=f"{name}.{attr}",
+                bias_name=f"{name}.{bias}" if bias else None,
+                weight_attr=attr,
+                bias_attr=bias or "bias",
+            )
+        )
+    shared = next((m for m in (_get(layer, p) for p in _SHARED_OUT) if m is not None), None)
+    if shared is not None:
+        writers.append(_writer(shared, "mlp", i, names, d_model))
+    return writers
+
+
+def _orientation_3d(shape: tuple, d_model: int, where: str) -> bool:
+    """Fused experts [experts, d_model, in] write columns (False); [experts, in, d_model] write rows (True)."""
+    if len(shape) == 3 and shape[1] != shape[2] and d_model in shape[1:]:
+        return shape[2] == d_model
+    raise UnsupportedModelError(f"{where} (fused experts, shape {shape}) has no known orientation; supported: {SUPPORTED_FAMILIES}")
+
+
 def find_writers(model: HFModel, layers: nn.ModuleList, d_model: int) -> list[Writer]:
-    """Attention and MLP output projections of every layer, with post-norm gains where present."""
+    """Attention and MLP output projections of every layer (every expert's in a mixture-of-experts layer), with
+    post-norm gains where present."""
     names = {id(m): n for n, m in model.named_modules()}
     writers: list[Writer] = []
     for i, layer in enumerate(layers):
         # A post-feedforward norm marks the "sandwich" layout (Gemma 2/3, OLMo 2): there the
         # post_attention_layernorm normalises the attention output before the residual add.
         sandwich = hasattr(layer, "post_feedforward_layernorm")
+        experts = _expert_writers(layer, i, names, d_model)
         for component, paths, post in (("attn", _ATTN_OUT, "post_attention_layernorm"), ("mlp", _MLP_OUT, "post_feedforward_layernorm")):
+            if component == "mlp" and experts:
+                if sandwich:
+                    raise UnsupportedModelError(f"layer {i} mixes experts with a post-feedforward norm, which is not supported")
+                writers.extend(experts)
+                continue
             module = next((m for m in (_get(layer, p) for p in paths) if m is not None), None)
             if module is None:
                 raise UnsupportedModelError(

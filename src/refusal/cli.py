@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trial", type=int, default=None, help="export this search trial instead of the selected direction")
     p.add_argument("--out", required=True, type=Path, help="directory for the checkpoint")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--streaming",
+        action="store_true",
+        help="rewrite the source checkpoint tensor by tensor without loading the model (bounded memory; automatic for a checkpoint "
+        "larger than half the available memory); the fidelity check is then per tensor",
+    )
 
     p = sub.add_parser("generate", help="complete prompts, optionally with RUN's direction ablated or added")
     group = p.add_mutually_exclusive_group()
@@ -176,7 +182,7 @@ def cmd_analyze(args: argparse.Namespace) -> dict:
 def cmd_export(args: argparse.Namespace) -> dict:
     from .pipeline import export_run
 
-    return export_run(args.run, args.out, overwrite=args.overwrite, trial=args.trial)
+    return export_run(args.run, args.out, overwrite=args.overwrite, trial=args.trial, streaming=args.streaming or None)
 
 
 def cmd_generate(args: argparse.Namespace) -> dict:

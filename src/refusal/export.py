@@ -24,7 +24,7 @@ from .errors import FidelityError, RefusalError
 from .model import ChatModel
 from .models import is_packaged, packaged_path
 from .progress import log
-from .streaming import streamable, write_edited_checkpoint
+from .streaming import NamesDiffer, streamable, write_edited_checkpoint
 
 FIDELITY_PROMPTS = ("How do I bake bread?", "Tell me how to pick a lock.", "Write a haiku about the sea.")
 
@@ -146,11 +146,21 @@ def export_model(chat: ChatModel, edit: Edit, out_dir: Path, metadata: dict | No
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
+    if not chat.has_weights and not streamable(chat):
+        raise RefusalError(f"{chat.source} was opened without its weights, and its checkpoint is not a local safetensors directory to stream from")
+    check = check and chat.has_weights
     try:
+        written = None
         if streamable(chat):
             tmp.mkdir()
-            written = write_edited_checkpoint(chat, edit.removal(chat.n_layers), Path(chat.path), tmp)
-        else:
+            try:
+                written = write_edited_checkpoint(chat, edit.removal(chat.n_layers), Path(chat.path), tmp)
+            except NamesDiffer as e:
+                if not chat.has_weights:
+                    raise
+                log(f"{e}: saving the model from memory instead")
+                shutil.rmtree(tmp)
+        if written is None:
             with edited(chat, edit):
                 _save(chat, tmp)
             written = {"streamed": False, "tensor_dtypes": [str(chat.dtype).replace("torch.", "")]}

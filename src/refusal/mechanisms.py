@@ -114,6 +114,10 @@ def decompose(chat: ChatModel, prompts: list[list[int]], direction: torch.Tensor
     the last layer's output, at the last position only. Parallel-residual layers (GPT-NeoX) need
     no special case: the writers' outputs are summed either way.
     """
+    if len(chat.writers) != 2 * chat.n_layers:
+        raise UnsupportedModelError(
+            "the decomposition needs one attention and one MLP writer per layer; mixture-of-experts layers are not supported yet"
+        )
     unit = unit_vector(direction)
     n_heads, head_dim = chat.n_heads, chat.head_dim
     parts: dict[str, list[torch.Tensor]] = {"embed": [], "heads": [], "attn_bias": [], "mlp": [], "total": []}

@@ -77,6 +77,11 @@ class ChatModel:
         return self.model.get_input_embeddings().weight.shape[1]
 
     @property
+    def has_weights(self) -> bool:
+        """False for a structure without weights (``loading.load_skeleton``: the streamed export's model)."""
+        return self.model.get_input_embeddings().weight.device.type != "meta"
+
+    @property
     def device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
 

@@ -29,6 +29,7 @@ from .run_dir import ARTIFACTS, RunDir, write_json
 from .search import paper_params
 from .selection import score_candidates, select_direction
 from .settings import Settings
+from .streaming import too_large_to_load
 from .workspace import Context, reopen, start
 
 
@@ -278,16 +279,24 @@ def select(path: Path, options: dict) -> RunResult:
     return RunResult(ctx.run.path, chosen["chosen"], None, ctx.run.info.get("timings", {}))
 
 
-def export_run(path: Path, out: Path, overwrite: bool = False, trial: int | None = None) -> dict:
-    """``refusal export --run RUN``: the selected direction's orthogonalization, or search trial ``trial``."""
+def export_run(path: Path, out: Path, overwrite: bool = False, trial: int | None = None, streaming: bool | None = None) -> dict:
+    """``refusal export --run RUN``: the selected direction's orthogonalization, or search trial ``trial``.
+
+    ``streaming`` (None: when the checkpoint is larger than half the available memory) exports without
+    loading the model: the source checkpoint is rewritten tensor by tensor (``streaming``)."""
     run = RunDir.open(path)
-    check_target(out, run.info.get("model", {}).get("path") or run.settings.model.model, overwrite)
-    ctx = reopen(path)
+    source = run.info.get("model", {}).get("path") or run.settings.model.model
+    check_target(out, source, overwrite)
+    if streaming is None:
+        streaming = too_large_to_load(source)
+        if streaming:
+            log("the checkpoint is larger than half the available memory: exporting by streaming (--streaming)")
+    ctx = reopen(path, weights=not streaming)
     cands = candidates(ctx, reuse_only=True)
     if trial is not None:
         edit, extra = trial_edit(ctx, cands, trial)
         info = export(ctx, edit, out, "search", overwrite, extra)
-        return {"out": str(out), "trial": trial, "fidelity_max_abs_diff": info.get("fidelity_max_abs_diff")}
+        return {"out": str(out), "trial": trial, "fidelity_max_abs_diff": info.get("fidelity_max_abs_diff"), "written": info["written"]}
     ctx.run.ensure_fresh("selection", ctx.settings, selection_inputs(ctx), ("candidates",))
     direction = Direction.load(ctx.run.file("selection", 1))
     info = export(
@@ -298,4 +307,4 @@ def export_run(path: Path, out: Path, overwrite: bool = False, trial: int | None
         overwrite,
         {"direction": {"layer": direction.layer, "position": direction.position, "fallback": direction.metadata.get("fallback")}},
     )
-    return {"out": str(out), "fidelity_max_abs_diff": info.get("fidelity_max_abs_diff")}
+    return {"out": str(out), "fidelity_max_abs_diff": info.get("fidelity_max_abs_diff"), "written": info["written"]}

@@ -16,7 +16,8 @@ def project_out(
     """``x``'s vectors lose ``strength`` times their component along unit ``u``.
 
     The vectors are ``x``'s last dimension when ``rows`` (activations, biases, embedding rows,
-    GPT-2 Conv1D rows), else a matrix's columns (``nn.Linear`` weights ``[d_model, in]``). With
+    GPT-2 Conv1D rows), else a matrix's columns (``nn.Linear`` weights ``[d_model, in]``; fused experts
+    ``[experts, d_model, in]``: each expert's columns). With
     ``norms`` every vector is then rescaled to that norm. ``in_place`` writes the result into ``x``
     (call under ``torch.no_grad()`` for parameters): a float32 matrix gets a rank-1 update with no
     copy of it (the 0.5 GB embedding of a small model stays one tensor).
@@ -28,11 +29,11 @@ def project_out(
     elif rows:
         x32 = x.float()
         y = x32 - strength * (x32 @ u).unsqueeze(-1) * u
-    else:
+    else:  # columns: a matrix [d_model, in], or fused experts [experts, d_model, in]
         x32 = x.float()
-        y = x32 - strength * torch.outer(u, u @ x32)
+        y = x32 - strength * u.unsqueeze(-1) * (u @ x32).unsqueeze(-2)
     if norms is not None:
-        dim = -1 if rows else 0
+        dim = -1 if rows else -2
         scale = (norms.to(y.device) / y.norm(dim=dim).clamp_min(1e-12)).unsqueeze(dim)
         y = y.mul_(scale) if y is x else y * scale
     if in_place:

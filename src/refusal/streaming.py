@@ -19,6 +19,7 @@ embedding (placed first in the embedding's file, so nothing is held back) and th
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,11 +52,14 @@ class TensorEdit:
 
     @torch.no_grad()
     def apply(self, tensor: torch.Tensor) -> float:
-        """Edit ``tensor`` (any float dtype) in place, block by block; returns the largest check residual (``check``)."""
+        """Edit ``tensor`` (any float dtype) in place, block by block; returns the largest check residual (``check``).
+        A 3-D tensor holds fused experts, one matrix per expert along its first dimension."""
+        if tensor.dim() == 3:
+            return max((self.apply(matrix) for matrix in tensor), default=0.0)
         if tensor.dim() == 1:
             tensor = tensor.unsqueeze(0)
         if tensor.dim() != 2:
-            raise RefusalError(f"checkpoint tensor {self.name} is {tensor.dim()}-D; only matrices and vectors can be edited")
+            raise RefusalError(f"checkpoint tensor {self.name} is {tensor.dim()}-D; only vectors, matrices and fused experts can be edited")
         d = tensor.shape[1] if self.rows else tensor.shape[0]
         if d != self.steps[0][0].numel():
             shape = tuple(tensor.shape)
@@ -200,9 +204,10 @@ def write_edited_checkpoint(chat: ChatModel, removal: Removal, source: Path, out
     (every other file copied, weights in other formats left out); returns what refusal.json records about it."""
     edits = tensor_edits(chat, removal)
     locations = tensor_locations(source)
+    edits = _per_expert(chat, edits, locations)
     missing = [name for name in edits if name not in locations]
     if missing:
-        raise RefusalError(
+        raise NamesDiffer(
             f"the checkpoint at {source} has no tensor {missing[0]} (and {len(missing) - 1} more writer tensors): its names differ "
             "from the model's; export with the model loaded (without --streaming)"
         )
@@ -242,6 +247,32 @@ def write_edited_checkpoint(chat: ChatModel, removal: Removal, source: Path, out
     return {"streamed": True, "tensors_edited": len(edits), "tensor_dtypes": dtypes, "tensor_check_max_residual": round(worst, 4)}
 
 
+class NamesDiffer(RefusalError):
+    """The checkpoint's tensor names are not the model's (a model in memory can still be saved from memory)."""
+
+
+def _per_expert(chat: ChatModel, edits: dict[str, TensorEdit], locations: dict) -> dict[str, TensorEdit]:
+    """Fused expert parameters ([experts, ...] in the model) that the checkpoint stores one matrix per expert, as
+    transformers 5 saves Qwen2-MoE and Mixtral (``...experts.<e>.down_proj.weight`` or ``...experts.<e>.w2.weight``,
+    each a Linear weight [d_model, in]), replaced by one edit per expert tensor."""
+    fused = {w.weight_name: w for w in chat.writers if w.weight.dim() == 3}
+    out: dict[str, TensorEdit] = {}
+    for name, edit in edits.items():
+        writer = fused.get(name)
+        if name in locations or writer is None:
+            out[name] = edit
+            continue
+        layer = name.split(".experts.")[0].rsplit(".", 1)[0]  # e.g. model.layers.3
+        pattern = re.compile(rf"^{re.escape(layer)}\.[A-Za-z_]+\.experts\.(\d+)\.(down_proj|w2|fc2)\.weight$")
+        found = {int(m[1]): key for key in locations if (m := pattern.match(key))}
+        if sorted(found) != list(range(writer.weight.shape[0])):
+            out[name] = edit  # reported as missing
+            continue
+        for key in found.values():
+            out[key] = TensorEdit(key, edit.steps, rows=False, keep_norms=edit.keep_norms)
+    return out
+
+
 def _untie_config(path: Path) -> None:
     config = json.loads(path.read_text(encoding="utf-8"))
     config["tie_word_embeddings"] = False
@@ -256,3 +287,25 @@ def streamable(chat: ChatModel) -> bool:
     path = Path(chat.path)
     quantized = getattr(chat.model, "is_quantized", False) or getattr(chat.model.config, "quantization_config", None) is not None
     return path.is_dir() and bool(checkpoint_files(path)) and not quantized
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (Linux: MemAvailable; elsewhere the physical memory)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def too_large_to_load(location: str) -> bool:
+    """True when ``location`` is a local safetensors checkpoint larger than half the available memory."""
+    path = Path(location)
+    if not path.is_dir():
+        return False
+    size = sum(f.stat().st_size for f in checkpoint_files(path) if f.is_file())
+    return size > available_memory() / 2

@@ -92,7 +92,7 @@ class Snapshot:
         """Float32 norms of the original written vectors (rows or columns), computed once per tensor."""
         key = (id(tensor), rows)
         if key not in self.cached_norms:
-            self.cached_norms[key] = self.original(tensor).float().norm(dim=-1 if rows else 0)
+            self.cached_norms[key] = self.original(tensor).float().norm(dim=-1 if rows else -2)
         return self.cached_norms[key]
 
     @torch.no_grad()
@@ -134,7 +134,7 @@ def remove_direction(
             untie_embeddings(chat)
         norms = None
         if keep_norms:
-            norms = snapshot.norms(weight, writer.rows) if snapshot is not None else weight.float().norm(dim=-1 if writer.rows else 0)
+            norms = snapshot.norms(weight, writer.rows) if snapshot is not None else weight.float().norm(dim=-1 if writer.rows else -2)
         u = writer.direction(unit)
         project_out(weight, u, s, rows=writer.rows, norms=norms, in_place=True)
         if bias is not None:

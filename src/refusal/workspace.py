@@ -16,8 +16,9 @@ from pathlib import Path
 from .data import Prompts, builtin_hash, resolve_source
 from .errors import RefusalError
 from .export import check_overlap, check_target
+from .loading import load_skeleton
 from .model import ChatModel
-from .models import load_model, packaged_prompts
+from .models import load_model, packaged_prompts, resolve_model
 from .provenance import model_fingerprint, source_fingerprint
 from .run_dir import ARTIFACTS, RunDir, write_json
 from .settings import Settings
@@ -148,11 +149,14 @@ def load(settings: Settings) -> ChatModel:
     )
 
 
-def reopen(path: Path) -> Context:
-    """An existing run with its saved settings, for commands that read it (select, export, search --run)."""
+def reopen(path: Path, weights: bool = True) -> Context:
+    """An existing run with its saved settings, for commands that read it (select, export, search --run);
+    ``weights=False`` opens the model's structure only (``loading.load_skeleton``), for the streamed export."""
     run = RunDir.open(path)
     settings = run.settings
-    chat = load(settings)
+    m = settings.model
+    location = run.info.get("model", {}).get("path") or resolve_model(m.model)  # where the run found it (a hub snapshot too)
+    chat = load(settings) if weights else load_skeleton(location, m.trust_remote_code, m.chat_template, m.model)
     prompts = run_prompts(run, settings)
     identity, record = model_identity(chat, run)
     return Context(run, settings, chat, prompts, identity)
