@@ -1,4 +1,5 @@
-"""Mixture-of-experts families: every expert's output projection (fused 3-D or one matrix per expert on disk), shared experts, the router untouched."""
+"""Mixture-of-experts families: every expert's output projection (fused 3-D, or one matrix per expert on disk),
+shared experts, the router untouched."""
 
 import pytest
 import torch

@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import socket
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 
@@ -39,6 +42,7 @@ from .model import ChatModel
 from .progress import log
 from .scoring import TeacherForced, kl_divergence, refusal_margin, refusal_score
 from .settings import SearchSettings
+from .study_storage import StudyLock, fail_stale, heartbeat, is_shared, open_storage, surplus, wait_for_running
 
 
 # ---- objectives --------------------------------------------------------------------------------
@@ -176,6 +180,10 @@ def pareto_front(records: list[dict]) -> list[dict]:
     return sorted(front, key=lambda r: (r["kl"], r["refusal"]))
 
 
+WORKER = f"{socket.gethostname()}:{os.getpid()}"  # which process ran a trial (a shared study has several)
+SAMPLED_ROLES = ("paper", "anchor", "sampled")  # the trials --trials counts (not the refinement and second-direction ones)
+
+
 def run_trials(
     chat: ChatModel,
     candidates: Candidates,
@@ -187,62 +195,73 @@ def run_trials(
     on_trial=None,
     protection: Protection | None = None,
     second: Callable[[list[dict]], list[tuple[dict, EditParams]]] | None = None,
+    study_name: str = "refusal-search",
 ) -> list[dict]:
-    """Run (or resume) the study in ``storage`` until ``config.trials`` trials exist or the budget ends,
-    then the refinement trials (``refinements``) and the second-direction trials that ``second(records)``
-    returns (``second.second_trials``); the budget keeps time for both.
+    """Run (or resume) the study in ``storage`` (a journal file, or a database URL that several workers share:
+    ``study_storage``) until ``config.trials`` trials exist or the budget ends, then the refinement trials
+    (``refinements``) and the second-direction trials that ``second(records)`` returns
+    (``second.second_trials``); the budget keeps time for both.
 
     The enqueued trials (the paper's edit, then the anchors) carry their role in a user attribute, so a
-    trial left RUNNING by a killed process is failed and enqueued again with its role on resume.
+    trial left RUNNING by a killed process is failed and enqueued again with its role on resume (with a
+    journal; a shared study fails it by heartbeat).
     """
     try:
         import optuna
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
     except ImportError:
         raise RefusalError("the search needs optuna; install it with: pip install 'refusal[search]'") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     state = optuna.trial.TrialState
+    shared = is_shared(storage)
     study = optuna.create_study(
-        study_name="refusal-search",
-        storage=JournalStorage(JournalFileBackend(storage)),
+        study_name=study_name,
+        storage=open_storage(storage),
         load_if_exists=True,
         directions=["minimize", "minimize"],
         sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10),
     )
-    if not study.trials:
-        study.enqueue_trial(_as_optuna(paper, candidates.n_layers), user_attrs={"role": "paper"})
-        for params in anchor_params(candidates.n_layers, config):
-            study.enqueue_trial(_as_optuna(params, candidates.n_layers), user_attrs={"role": "anchor"})
-    for stale in [t for t in study.trials if t.state == state.RUNNING]:  # left by an interrupted process
-        study.tell(stale.number, state=state.FAIL)
-        if stale.user_attrs.get("role") in ("paper", "anchor"):
-            study.enqueue_trial(stale.params, user_attrs={"role": stale.user_attrs["role"]})
+    with StudyLock(storage):
+        if not study.trials:
+            study.enqueue_trial(_as_optuna(paper, candidates.n_layers), user_attrs={"role": "paper"})
+            for params in anchor_params(candidates.n_layers, config):
+                study.enqueue_trial(_as_optuna(params, candidates.n_layers), user_attrs={"role": "anchor"})
+    if shared:
+        fail_stale(study)
+    else:
+        for stale in [t for t in study.trials if t.state == state.RUNNING]:  # left by an interrupted process
+            study.tell(stale.number, state=state.FAIL)
+            if stale.user_attrs.get("role") in ("paper", "anchor"):
+                study.enqueue_trial(stale.params, user_attrs={"role": stale.user_attrs["role"]})
     start = time.perf_counter()
     with Editor(chat) as editor:
 
         def measure(trial, params: EditParams) -> None:
             t0 = time.perf_counter()
-            with editor.applied(KernelEdit.from_candidates(candidates, params, protection)):
+            with heartbeat(study, trial) if shared else nullcontext(), editor.applied(KernelEdit.from_candidates(candidates, params, protection)):
                 values = objectives.measure()
             trial.set_user_attr("params", params.to_dict())
             trial.set_user_attr("kl_multi", values["kl_multi"])
             trial.set_user_attr("seconds", round(time.perf_counter() - t0, 3))
+            trial.set_user_attr("worker", WORKER)
             study.tell(trial, [values["refusal"], values["kl"]])
             if on_trial:
                 on_trial(len(records(study)), values)
 
         later = config.refine * len(REFINE_SCALES) + (config.second + SECOND_OVERHEAD_TRIALS if second is not None and config.second else 0)
-        # time kept for the refinement and second-direction trials, in mean trial times
         while True:
             done = records(study)
-            if len([r for r in done if r["role"] not in ("refine", "second")]) >= config.trials:
+            live = (state.COMPLETE, state.RUNNING) if shared else (state.COMPLETE,)  # other workers' running trials count
+            started = [t for t in study.get_trials(deepcopy=False, states=live) if t.user_attrs.get("role", "sampled") in SAMPLED_ROLES]
+            if len(started) >= config.trials:
                 break
             reserve = later * sum(r["seconds"] for r in done) / max(len(done), 1)  # time kept for the refinement and second direction
             if config.time_budget is not None and time.perf_counter() - start > config.time_budget - reserve:
                 log(f"time budget reached after {len(done)} trials; keeping the best points so far")
                 break
             trial = study.ask()
+            if shared and surplus(study, trial, config.trials, SAMPLED_ROLES):  # another worker took the last one first
+                study.tell(trial, state=state.FAIL)
+                break
             params = suggest(trial, candidates.n_layers, config)  # records the enqueued values too, which the sampler learns from
             if trial.user_attrs.get("role") == "paper":
                 params = paper  # exactly the paper's edit (the kernel above is flat at 1 anyway)
@@ -257,11 +276,14 @@ def run_trials(
                 suggest(trial, candidates.n_layers, config)
             measure(trial, params)
 
-        for base, factor, params in refinements(records(study), config):
-            run_enqueued(params, {"role": "refine", "base": base, "scale": factor})
-        while second is not None and config.second and (todo := second(records(study))):
-            for attrs, params in todo:
-                run_enqueued(params, {"role": "second", **attrs})
+        with StudyLock(storage):  # one worker of a shared study runs them, once the sampled trials are all in
+            if shared:
+                wait_for_running(study, SAMPLED_ROLES)
+            for base, factor, params in refinements(records(study), config):
+                run_enqueued(params, {"role": "refine", "base": base, "scale": factor})
+            while second is not None and config.second and (todo := second(records(study))):
+                for attrs, params in todo:
+                    run_enqueued(params, {"role": "second", **attrs})
     return records(study)
 
 

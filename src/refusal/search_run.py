@@ -72,7 +72,10 @@ def study(ctx: Context, cands: Candidates) -> dict:
     def second(done: list[dict]) -> list:
         return second_trials(ctx.chat, cands, cleaner, done, s.search, harmful_train, refusal_ids, s.evaluation.batch_size, directions_cache)
 
-    records = run_trials(ctx.chat, cands, objectives, s.search, s.data.seed, str(run.file("search", 1)), paper, progress, cleaner, second)
+    storage, name = str(run.file("search", 1)), "refusal-search"  # the run's journal, or a database shared by workers:
+    if s.search.storage:  # the study's name is the search's fingerprint, so workers with the same inputs meet in it
+        storage, name = s.search.storage, "refusal-search-" + run.fingerprint("search", s, inputs, upstream)[:16]
+    records = run_trials(ctx.chat, cands, objectives, s.search, s.data.seed, storage, paper, progress, cleaner, second, name)
     timings["trials"] = round(time.perf_counter() - begin, 2)
     begin = time.perf_counter()
     front = pareto_front(records)

@@ -24,6 +24,7 @@ from typing import Any
 
 from .errors import RefusalError
 from .parsing import duration, int_list, local_path, word_list
+from .study_storage import check_url
 
 REFUSAL_WORDS = ("I", "As", "Sorry", "I'm", "Unfortunately", "Apologies")
 VARIANTS = ("projection", "norm_preserving", "biprojected")
@@ -136,6 +137,11 @@ class SearchSettings:
     max_kl: float = setting(0.2, "choice rule: only front points with first-token KL at most this are confirmed and chosen")
     max_refused: float = setting(0.0, "choice rule: the lowest-KL confirmed point refusing at most this fraction of the harmful validation prompts")
     confirm: int = setting(4, "front points confirmed by generation (a bisection over the front's KL)")
+    storage: str | None = setting(
+        None,
+        "an Optuna storage URL shared by several workers (sqlite:///study.db, postgresql://...); default: the run's own journal file",
+        metavar="URL",
+    )
     second: int = setting(8, "trials adding a second direction for the train prompts the best low-KL point still refuses; 0: none")
     refine: int = setting(2, "front points (KL at most --max-kl/2) whose strengths are scaled up by 1.1-1.4 in 4 last trials each; 0: no refinement")
     refusal_measure: str = setting(
@@ -168,6 +174,8 @@ class SearchSettings:
         _at_least("protect_prompts", self.protect_prompts, 0, " (0 searches without cleaning)")
         _at_least("refine", self.refine, 0, " (0: no refinement trials)")
         _at_least("second", self.second, 0, " (0: no second-direction trials)")
+        if self.storage is not None:
+            check_url(self.storage)
         for name in ("confirm", "refusal_positions", "search_kl_tokens", "score_batch_size", "score_prompts"):
             _at_least(name, getattr(self, name), 1)
         unknown = [v for v in self.variants if v not in VARIANTS]

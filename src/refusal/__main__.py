@@ -1,0 +1,7 @@
+"""``python -m refusal``: the same command line as ``refusal``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
