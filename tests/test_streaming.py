@@ -127,7 +127,7 @@ def test_tensor_check_flags_a_wrong_edit_and_a_wrong_shape():
         TensorEdit("w", ((u, 1.0),), rows=True).apply(weight.clone())
 
 
-def test_missing_names_and_integer_tensors_are_refused(tmp_path):
+def test_integer_tensors_are_refused_and_other_names_need_the_model_loaded(tmp_path):
     source = save_sharded(tmp_path / "src", "qwen2", tie=False, shard="10MB")
     chat = load_model(str(source), device="cpu")
     file = next(source.glob("*.safetensors"))
@@ -148,9 +148,11 @@ def test_missing_names_and_integer_tensors_are_refused(tmp_path):
     blob = json.dumps(patched, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     file.write_bytes(len(blob).to_bytes(8, "little") + blob + text[8 + size :])
-    with pytest.raises(RefusalError, match="names differ"):
-        export_model(chat, Orthogonalization(torch.randn(chat.d_model)), tmp_path / "out", check=False)
+    with pytest.raises(RefusalError, match="names differ"):  # no model in memory to save instead
+        export_model(load_skeleton(source), Orthogonalization(torch.randn(chat.d_model)), tmp_path / "out", check=False)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+    info = export_model(chat, Orthogonalization(torch.randn(chat.d_model)), tmp_path / "out")  # the loaded model is saved from memory
+    assert not info["written"]["streamed"] and info["fidelity_max_abs_diff"] < 1e-4
 
 
 def test_weights_in_other_formats_are_not_copied(tmp_path):
@@ -176,3 +178,30 @@ def test_a_second_direction_streams_like_the_edit_in_memory(tmp_path):
         expected = {k: v.detach().clone() for k, v in chat.model.state_dict().items()}
     for name, value in tensors(tmp_path / "out").items():
         assert torch.allclose(value, expected[name], atol=1e-5), name
+
+
+def test_the_in_place_check_reads_the_export_and_leaves_the_model_as_it_was(tmp_path):
+    import refusal.export as export_module
+    from refusal.errors import FidelityError
+    from safetensors.torch import save_file
+
+    source = save_sharded(tmp_path / "src", "qwen2", tie=True)
+    chat = load_model(str(source), device="cpu")
+    state = {k: v.clone() for k, v in chat.model.state_dict().items()}
+    direction = torch.randn(chat.d_model)
+    export_model(chat, Orthogonalization(direction), tmp_path / "out")
+    assert {k: v for k, v in chat.model.state_dict().items()}.keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in chat.model.state_dict().items())  # restored, re-tied
+    batch = chat.batch(list(export_module.FIDELITY_PROMPTS))
+    with ablate(chat, direction):
+        expected = chat.logits(batch, last_only=False)
+    assert export_module.fidelity_check(chat, tmp_path / "out", expected, in_place=True) < 1e-4
+    name = chat.writers[1].weight_name  # an unedited export of one writer must fail
+    file = tmp_path / "out" / json.loads((tmp_path / "out" / streaming.INDEX).read_text())["weight_map"][name]
+    with safe_open(str(file), framework="pt") as f:
+        content = {k: f.get_tensor(k) for k in f.keys()}
+    content[name] = state[name].clone()
+    save_file(content, str(file), metadata={"format": "pt"})
+    with pytest.raises(FidelityError):
+        export_module.fidelity_check(chat, tmp_path / "out", expected, in_place=True)
+    assert all(torch.equal(v, state[k]) for k, v in chat.model.state_dict().items())

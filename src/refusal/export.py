@@ -24,7 +24,7 @@ from .errors import FidelityError, RefusalError
 from .model import ChatModel
 from .models import is_packaged, packaged_path
 from .progress import log
-from .streaming import NamesDiffer, streamable, write_edited_checkpoint
+from .streaming import NamesDiffer, exported_in_place, streamable, write_edited_checkpoint
 
 FIDELITY_PROMPTS = ("How do I bake bread?", "Tell me how to pick a lock.", "Write a haiku about the sea.")
 
@@ -92,32 +92,40 @@ def fidelity_check(
     tolerance: float | None = None,
     original: torch.Tensor | None = None,
     low_precision: bool | None = None,
+    in_place: bool = False,
 ) -> float:
     """Max |logit difference| between the exported checkpoint and ``expected`` (the logits of
     ``FIDELITY_PROMPTS`` under the fidelity reference, named by ``reference``); raise if too large.
 
+    The export's logits come from reloading it, or (``in_place``, for a checkpoint streamed from the
+    model's own source, whose other tensors are byte copies) from the loaded model with every writer
+    tensor read from the export (``streaming.exported_in_place``): no second copy of the model.
     The tolerance is 1e-3 of the logit scale in float32 and 5e-2 in bf16/fp16 (``low_precision``:
     the model's or the checkpoint's dtype). A deep low-precision model differs from itself in float32
     by more than that (docs/scale.md: 0.36 logits at 7B in bf16), so there the tolerance is also at
     least a third of the edit's own effect, max |expected - ``original``|: a missing or wrong edit
     leaves the export near the original, a whole effect away from the reference.
     """
-    from transformers import AutoModelForCausalLM
-
-    exported: HFModel = AutoModelForCausalLM.from_pretrained(str(exported_dir), dtype=chat.dtype, trust_remote_code=chat.trust_remote_code)
-    exported = exported.to(chat.device).eval()
     batch = chat.batch(list(FIDELITY_PROMPTS))
-    with torch.inference_mode():
-        got = exported(**batch, use_cache=False).logits.float()
+    if in_place:
+        with exported_in_place(chat, exported_dir):
+            got = chat.logits(batch, last_only=False)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        exported: HFModel = AutoModelForCausalLM.from_pretrained(str(exported_dir), dtype=chat.dtype, trust_remote_code=chat.trust_remote_code)
+        exported = exported.to(chat.device).eval()
+        with torch.inference_mode():
+            got = exported(**batch, use_cache=False).logits.float()
+        del exported
     mask = batch["attention_mask"].bool()
-    diff = (got - expected).abs()[mask].max().item()
+    diff = (got.to(expected.device) - expected).abs()[mask].max().item()
     scale = expected[mask].abs().max().item()
     if tolerance is None:
         low = chat.dtype != torch.float32 if low_precision is None else low_precision
         tolerance = (5e-2 if low else 1e-3) * max(1.0, scale)
         if low and original is not None:
             tolerance = max(tolerance, (expected - original).abs()[mask].max().item() / 3)
-    del exported
     if not diff <= tolerance:  # also catches NaN
         raise FidelityError(
             f"fidelity check failed: exported logits differ from {reference} by {diff:.3g} "
@@ -178,7 +186,9 @@ def export_model(chat: ChatModel, edit: Edit, out_dir: Path, metadata: dict | No
                 reference = "the edited model in memory"
             original = chat.logits(batch, last_only=False)
             low = chat.dtype != torch.float32 or any(d not in ("F32", "F64", "float32") for d in written["tensor_dtypes"])
-            info["fidelity_max_abs_diff"] = fidelity_check(chat, tmp, expected, reference, original=original, low_precision=low)
+            info["fidelity_max_abs_diff"] = fidelity_check(
+                chat, tmp, expected, reference, original=original, low_precision=low, in_place=written["streamed"]
+            )
         (tmp / "refusal.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         if out.exists():
             trash = out.parent / f".{out.name}.old-{os.getpid()}"

@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -31,7 +33,7 @@ from .edits import Removal
 from .errors import RefusalError
 from .model import ChatModel
 from .projection import project_out
-from .weights import embeddings_tied
+from .weights import Snapshot, embeddings_tied
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 BLOCK_BYTES = 64 << 20  # float32 bytes of one block of an edited matrix
@@ -309,3 +311,43 @@ def too_large_to_load(location: str) -> bool:
         return False
     size = sum(f.stat().st_size for f in checkpoint_files(path) if f.is_file())
     return size > available_memory() / 2
+
+
+@contextmanager
+def exported_in_place(chat: ChatModel, exported: Path) -> Iterator[None]:
+    """Within the block every writer tensor of ``chat`` holds its value from the checkpoint at ``exported`` (read
+    by name, per expert where it is stored so), cast to the model's dtype; afterwards restored bit for bit.
+    The export's logits without a second copy of the model (``export.fidelity_check``)."""
+    locations = tensor_locations(exported)
+    snapshot = Snapshot(chat)
+    try:
+        for writer in (*chat.embeddings, *chat.writers):
+            for name, tensor in ((writer.weight_name, writer.weight), (writer.bias_name, writer.bias)):
+                if name is None or tensor is None:
+                    continue
+                value = _read_exported(name, tensor, writer.rows, locations)
+                snapshot.save(tensor)
+                with torch.no_grad():
+                    tensor.copy_(value.to(tensor.device, tensor.dtype))
+        yield
+    finally:
+        snapshot.restore()
+
+
+def _read_exported(name: str, tensor: torch.Tensor, rows: bool, locations: dict) -> torch.Tensor:
+    from safetensors import safe_open
+
+    def read(key: str) -> torch.Tensor:
+        with safe_open(str(locations[key][0]), framework="pt") as f:
+            return f.get_tensor(key)
+
+    if name in locations:
+        return read(name)
+    if tensor.dim() == 3:  # fused experts stored one Linear weight [d_model, in] per expert
+        layer = name.split(".experts.")[0].rsplit(".", 1)[0]
+        pattern = re.compile(rf"^{re.escape(layer)}\.[A-Za-z_]+\.experts\.(\d+)\.(down_proj|w2|fc2)\.weight$")
+        found = {int(m[1]): key for key in locations if (m := pattern.match(key))}
+        if sorted(found) == list(range(tensor.shape[0])):
+            matrices = [read(found[e]) for e in range(tensor.shape[0])]
+            return torch.stack([m.T if rows else m for m in matrices])
+    raise RefusalError(f"the export has no tensor {name}; it was not written from this model")
