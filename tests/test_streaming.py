@@ -181,9 +181,10 @@ def test_a_second_direction_streams_like_the_edit_in_memory(tmp_path):
 
 
 def test_the_in_place_check_reads_the_export_and_leaves_the_model_as_it_was(tmp_path):
+    from safetensors.torch import save_file
+
     import refusal.export as export_module
     from refusal.errors import FidelityError
-    from safetensors.torch import save_file
 
     source = save_sharded(tmp_path / "src", "qwen2", tie=True)
     chat = load_model(str(source), device="cpu")
