@@ -6,10 +6,11 @@ of ``BLOCK_BYTES`` and cast back to the tensor's own dtype. Names, dtypes, shape
 the index stay the source's. Peak memory is the largest edited tensor plus a few float32 blocks,
 never the model: a checkpoint larger than RAM exports on the machine that holds it.
 
-Each edited tensor is checked as it is written (``TensorEdit.check``): after each step its component
-along that step's direction must be (1 - strength) times what it was (and, for norm-preserving edits,
-every vector must keep its norm to the precision of the tensor's dtype); the logits check of a model
-in memory (``export.fidelity_check``) comes on top where the model is loaded.
+Each edited tensor is checked as it is written (``TensorEdit.check``, on its first block): after each
+step its component along that step's direction must be (1 - strength) times what it was (and, for
+norm-preserving edits, every vector must keep its norm to the precision of the tensor's dtype); the
+logits check of a model in memory (``export.fidelity_check``) comes on top where the model is loaded.
+The float32 arithmetic runs on the GPU where there is one.
 
 A tied token embedding that the edit changes is untied: the original matrix is written as the output
 embedding (placed first in the embedding's file, so nothing is held back) and the config says
@@ -19,20 +20,20 @@ embedding (placed first in the embedding's file, so nothing is held back) and th
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any
 
 import torch
 
 from .edits import Removal
 from .errors import RefusalError
 from .model import ChatModel
-from .projection import project_out
 from .weights import Snapshot, embeddings_tied
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -53,11 +54,12 @@ class TensorEdit:
     keep_norms: bool = False
 
     @torch.no_grad()
-    def apply(self, tensor: torch.Tensor) -> float:
-        """Edit ``tensor`` (any float dtype) in place, block by block; returns the largest check residual (``check``).
-        A 3-D tensor holds fused experts, one matrix per expert along its first dimension."""
+    def apply(self, tensor: torch.Tensor, device: torch.device | None = None) -> float:
+        """Edit ``tensor`` (any float dtype) in place, block by block, computing in float32 on ``device`` (default
+        the CPU); returns the largest check residual (``check``). A 3-D tensor holds fused experts, one matrix
+        per expert along its first dimension."""
         if tensor.dim() == 3:
-            return max((self.apply(matrix) for matrix in tensor), default=0.0)
+            return max((self.apply(matrix, device) for matrix in tensor), default=0.0)
         if tensor.dim() == 1:
             tensor = tensor.unsqueeze(0)
         if tensor.dim() != 2:
@@ -66,29 +68,37 @@ class TensorEdit:
         if d != self.steps[0][0].numel():
             shape = tuple(tensor.shape)
             raise RefusalError(f"checkpoint tensor {self.name} has shape {shape}, which does not write d_model = {self.steps[0][0].numel()} vectors")
+        device = device or torch.device("cpu")
+        steps = [(unit.to(device, torch.float32), strength) for unit, strength in self.steps]
         n = tensor.shape[0] if self.rows else tensor.shape[1]
-        step = max(1, BLOCK_BYTES // (4 * d))
+        size = max(1, BLOCK_BYTES // (4 * d))
         dim = -1 if self.rows else 0
         worst = 0.0
-        for i in range(0, n, step):
-            block = tensor[i : i + step] if self.rows else tensor[:, i : i + step]
-            original = block.to(torch.float32, copy=True)
-            edited = original
-            for unit, strength in self.steps:
-                before, edited = edited, project_out(edited, unit, strength, rows=self.rows)
-                worst = max(worst, self.check(before, edited, unit, strength, original))
+        for k, i in enumerate(range(0, n, size)):
+            block = tensor[i : i + size] if self.rows else tensor[:, i : i + size]
+            x = block.to(device, torch.float32, copy=True)  # [vectors, d_model] (rows) or [d_model, vectors]
+            checked = k == 0  # each tensor's first block is checked step by step: a wrong name, orientation or direction shows
+            original = x.clone() if checked or self.keep_norms else x
+            for unit, strength in steps:
+                before = x.clone() if checked else x
+                if self.rows:
+                    x.addr_(x @ unit, unit, alpha=-strength)  # x <- x - s (x u) u^T
+                else:
+                    x.addr_(unit, unit @ x, alpha=-strength)  # x <- x - s u (u^T x)
+                if checked:
+                    worst = max(worst, self.check(before, x, unit, strength, original))
             if self.keep_norms:
-                edited = edited * (original.norm(dim=dim) / edited.norm(dim=dim).clamp_min(1e-12)).unsqueeze(dim)
-            block.copy_(edited)
-            if self.keep_norms:
+                x.mul_((original.norm(dim=dim) / x.norm(dim=dim).clamp_min(1e-12)).unsqueeze(dim))
+            block.copy_(x)
+            if self.keep_norms and checked:
                 norms = original.norm(dim=dim)
-                error = (block.float().norm(dim=dim) - norms).abs() / (8 * torch.finfo(block.dtype).eps * norms + 1e-6)
+                error = (block.to(device, torch.float32).norm(dim=dim) - norms).abs() / (8 * torch.finfo(block.dtype).eps * norms + 1e-6)
                 worst = max(worst, float(error.max()))
         return worst
 
     def check(self, before: torch.Tensor, after: torch.Tensor, unit: torch.Tensor, strength: float, original: torch.Tensor) -> float:
-        """Largest error of one step's result along ``unit``, in units of the rounding the tensor's dtype allows
-        (at most 1 for a correct edit): the component must be (1 - strength) times what it was."""
+        """Largest error of one step's result along ``unit``, in units of the rounding float32 allows (at most 1 for
+        a correct edit): the component must be (1 - strength) times what it was."""
         got = after @ unit if self.rows else unit @ after
         want = (1 - strength) * (before @ unit if self.rows else unit @ before)
         allowed = 8 * torch.finfo(torch.float32).eps * original.norm(dim=-1 if self.rows else 0) + 1e-6
@@ -142,16 +152,66 @@ def tensor_locations(directory: Path) -> dict[str, tuple[Path, dict]]:
     return found
 
 
-def _copy(source: BinaryIO, target: BinaryIO, n: int) -> None:
-    while n > 0:
-        chunk = source.read(min(n, COPY_BYTES))
-        if not chunk:
-            raise RefusalError(f"{source.name} ends early; the checkpoint is truncated: re-download or re-save it")
-        target.write(chunk)
-        n -= len(chunk)
+def _bytes(tensor: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous uint8 CPU tensor."""
+    array: Any = tensor.numpy()
+    return memoryview(array).cast("B")
 
 
-def rewrite_file(source: Path, target: Path, edits: dict[str, TensorEdit], copies: dict[str, str]) -> dict[str, float]:
+class _Files:
+    """A source and a target file copied by offsets: ``copy`` moves bytes in the kernel where it can
+    (``os.copy_file_range``), ``read``/``write`` go through memory for the tensors that are edited."""
+
+    def __init__(self, source: Path, target: Path):
+        self.name = str(source)
+        self.src = os.open(source, os.O_RDONLY)
+        self.dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.fast = hasattr(os, "copy_file_range")
+
+    def read(self, offset: int, n: int) -> torch.Tensor:
+        """``n`` bytes from ``offset`` as a uint8 tensor (not zero-filled first)."""
+        out = torch.empty(n, dtype=torch.uint8)
+        view, done = _bytes(out), 0
+        while done < n:
+            if hasattr(os, "preadv"):  # straight into the buffer
+                got = os.preadv(self.src, [view[done:]], offset + done)
+            else:  # macOS
+                chunk = os.pread(self.src, n - done, offset + done)
+                view[done : done + len(chunk)], got = chunk, len(chunk)
+            if got <= 0:
+                raise RefusalError(f"{self.name} ends early; the checkpoint is truncated: re-download or re-save it")
+            done += got
+        return out
+
+    def write(self, offset: int, data: bytes | torch.Tensor) -> None:
+        view, done = _bytes(data) if isinstance(data, torch.Tensor) else memoryview(data), 0
+        while done < len(view):
+            done += os.pwrite(self.dst, view[done:], offset + done)
+
+    def copy(self, src_offset: int, dst_offset: int, n: int) -> None:
+        while n > 0:
+            moved = 0
+            if self.fast:
+                try:
+                    moved = os.copy_file_range(self.src, self.dst, min(n, 1 << 30), src_offset, dst_offset)
+                except OSError:  # another file system or an old kernel: through memory
+                    self.fast = False
+            if not self.fast:
+                chunk = self.read(src_offset, min(n, COPY_BYTES))
+                self.write(dst_offset, chunk)
+                moved = len(chunk)
+            if moved <= 0:
+                raise RefusalError(f"{self.name} ends early; the checkpoint is truncated: re-download or re-save it")
+            src_offset, dst_offset, n = src_offset + moved, dst_offset + moved, n - moved
+
+    def close(self) -> None:
+        os.close(self.src)
+        os.close(self.dst)
+
+
+def rewrite_file(
+    source: Path, target: Path, edits: dict[str, TensorEdit], copies: dict[str, str], device: torch.device | None = None
+) -> dict[str, float]:
     """Write ``source`` to ``target`` with ``edits`` applied; ``copies`` maps a new tensor name to the source tensor
     whose *original* bytes it gets (placed first). Returns each edited tensor's check residual."""
     header, start = read_header(source)
@@ -171,15 +231,14 @@ def rewrite_file(source: Path, target: Path, edits: dict[str, TensorEdit], copie
         new["__metadata__"] = metadata
     blob = json.dumps(new, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
+    base = 8 + len(blob)  # where the target's data begins
     residuals: dict[str, float] = {}
-    with open(source, "rb") as f, open(target, "wb") as out:
-        out.write(len(blob).to_bytes(8, "little"))
-        out.write(blob)
-        for old in copies.values():
+    files = _Files(source, target)
+    try:
+        files.write(0, len(blob).to_bytes(8, "little") + blob)
+        for name, old in copies.items():
             begin, end = header[old]["data_offsets"]
-            f.seek(start + begin)
-            _copy(f, out, end - begin)
-        f.seek(start)
+            files.copy(start + begin, base + new[name]["data_offsets"][0], end - begin)
         position = 0
         for name, entry in entries:
             if name not in edits:
@@ -187,23 +246,24 @@ def rewrite_file(source: Path, target: Path, edits: dict[str, TensorEdit], copie
             begin, end = entry["data_offsets"]
             if entry["dtype"] not in DTYPES:
                 raise RefusalError(f"checkpoint tensor {name} is stored as {entry['dtype']}; only float tensors can be edited (dequantize it first)")
-            _copy(f, out, begin - position)
-            raw = bytearray(f.read(end - begin))
-            if len(raw) != end - begin:
-                raise RefusalError(f"{source} ends early; the checkpoint is truncated: re-download or re-save it")
-            if raw:
-                tensor = torch.frombuffer(raw, dtype=DTYPES[entry["dtype"]]).view(entry["shape"])
-                residuals[name] = edits[name].apply(tensor)
-            out.write(raw)
+            files.copy(start + position, base + shift + position, begin - position)
+            raw = files.read(start + begin, end - begin)
+            if raw.numel():
+                tensor = raw.view(DTYPES[entry["dtype"]]).view(entry["shape"])
+                residuals[name] = edits[name].apply(tensor, device)
+            files.write(base + shift + begin, raw)
             position = end
         data_end = max((e["data_offsets"][1] for _, e in entries), default=0)
-        _copy(f, out, data_end - position)
+        files.copy(start + position, base + shift + position, data_end - position)
+    finally:
+        files.close()
     return residuals
 
 
 def write_edited_checkpoint(chat: ChatModel, removal: Removal, source: Path, out: Path) -> dict:
     """Write the checkpoint at ``source`` with ``removal`` applied to ``chat``'s writers into the empty directory ``out``
     (every other file copied, weights in other formats left out); returns what refusal.json records about it."""
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")  # where the edits are computed
     edits = tensor_edits(chat, removal)
     locations = tensor_locations(source)
     edits = _per_expert(chat, edits, locations)
@@ -224,7 +284,7 @@ def write_edited_checkpoint(chat: ChatModel, removal: Removal, source: Path, out
     residuals: dict[str, float] = {}
     for file in checkpoint_files(source):
         todo = {name: edit for name, edit in edits.items() if locations[name][0] == file}
-        residuals.update(rewrite_file(file, out / file.name, todo, copies.get(file, {})))
+        residuals.update(rewrite_file(file, out / file.name, todo, copies.get(file, {}), device))
     worst = max(residuals.values(), default=0.0)
     if not worst <= 1.0:  # also NaN
         name = max(residuals, key=lambda k: residuals[k])
