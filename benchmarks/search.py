@@ -18,6 +18,7 @@ Stages, in one process on one loaded model:
    forced loss of the built-in code/math reference solutions, test split).
 Prints wall time and peak RSS per stage. Not a test: it only measures.
 
+``--no-kernel`` leaves out stage 3 (its figures from an earlier run stand in; docs/bench).
 ``--reuse`` keeps an existing ``--out`` run directory: its extraction and paper selection are reused
 where their fingerprints match these settings (the stage then takes seconds and says so); the
 searches always run afresh, since both write the run's one study.
@@ -54,12 +55,12 @@ def print_front(name: str, result: dict) -> None:
     confirmed = {p["trial"]: p["confirmed"] for p in result["confirmed"]}
     t = result["timings"]
     print(f"\n{name}: {len(trials)} trials; cache {t['cache_original']:.0f} s, trials {t['trials']:.0f} s, confirmation {t['confirm']:.0f} s")
-    print("  front (validation): trial, refusal score, first-token KL, multi-token KL, confirmed harmful/harmless refused")
+    print("  front (validation): trial, role, refusal score, first-token KL, multi-token KL, confirmed harmful/harmless refused")
     for n in result["front"]:
         record, c = trials[n], confirmed.get(n)
         note = " <- chosen" if n == result["chosen"]["trial"] else ""
         counts = f"{c['harmful_refused']}/{c['harmful_total']}, {c['harmless_refused']}/{c['harmless_total']}" if c else "-"
-        print(f"  {n:4d} {record['refusal']:8.3f} {record['kl']:8.4f} {record['kl_multi']:8.4f}  {counts}{note}")
+        print(f"  {n:4d} {record['role']:8s} {record['refusal']:8.3f} {record['kl']:8.4f} {record['kl_multi']:8.4f}  {counts}{note}")
     print(f"  chosen ({result['chosen']['rule']}): {trials[result['chosen']['trial']]['params']}")
 
 
@@ -95,6 +96,7 @@ def main() -> None:
     parser.add_argument("--time-budget", type=duration, default=Settings().search.time_budget, help="trial budget per search (default: the search's)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--reuse", action="store_true", help="reuse --out's fresh extraction and paper selection instead of starting afresh")
+    parser.add_argument("--no-kernel", action="store_true", help="leave out the kernel search (issue 13's configuration) and its columns")
     args = parser.parse_args(join_negative_lists(sys.argv[1:]))
     set_quiet(True)
     out = args.out or Path(tempfile.mkdtemp(prefix="refusal-search-")) / "run"
@@ -120,13 +122,18 @@ def main() -> None:
         print(f"  (reused from {out}: {', '.join(reused)}; their fingerprints match these settings)")
     for name in ("search.json", "search.journal"):
         (out / name).unlink(missing_ok=True)  # each search starts afresh
-    settings.search.protect_prompts, settings.search.refusal_measure, settings.search.refine, settings.search.second = 0, "log-odds", 0, 0
-    kernel = stage("kernel search", lambda: study(ctx, cands))
-    settings.search.protect_prompts, settings.search.refusal_measure, settings.search.refine, settings.search.second = defaults
+    kernel = old = None
+    if not args.no_kernel:
+        settings.search.protect_prompts, settings.search.refusal_measure, settings.search.refine, settings.search.second = 0, "log-odds", 0, 0
+        kernel = stage("kernel search", lambda: study(ctx, cands))
+        settings.search.protect_prompts, settings.search.refusal_measure, settings.search.refine, settings.search.second = defaults
+        for name in ("search.json", "search.journal"):
+            (out / name).unlink(missing_ok=True)
     new = stage("search (default)", lambda: study(ctx, cands))
     cleaner = protection(ctx, reuse_only=True)
     editor = Editor(chat)
-    old = stage("kernel search, old rule", lambda: old_rule_choice(ctx, cands, kernel, editor))
+    if kernel is not None:
+        old = stage("kernel search, old rule", lambda: old_rule_choice(ctx, cands, kernel, editor))
 
     def chosen_edit(result: dict, protected):
         record = next(t for t in result["trials"] if t["trial"] == result["chosen"]["trial"])
@@ -134,16 +141,16 @@ def main() -> None:
         return lambda: editor.applied(edit)
 
     paper = Orthogonalization(direction.vector)
-    conditions = [
-        Condition("original", "original", chat),
-        Condition("paper", "paper's edit", chat, lambda: editor.applied(paper)),
-        Condition("kernel_old", "kernel search, old rule (issue 13)", chat, chosen_edit(old, None)),
-        Condition("kernel", "kernel search, new rule", chat, chosen_edit(kernel, None)),
-        Condition("search", "search (default)", chat, chosen_edit(new, cleaner)),
-    ]
-    if kernel["chosen"]["trial"] == old["chosen"]["trial"]:  # the same edit: evaluated once
-        conditions = [c for c in conditions if c.name != "kernel"]
-        print("  (kernel search: both rules choose the same trial; evaluated once, as kernel_old)")
+    conditions = [Condition("original", "original", chat), Condition("paper", "paper's edit", chat, lambda: editor.applied(paper))]
+    if kernel is not None and old is not None:
+        conditions += [
+            Condition("kernel_old", "kernel search, old rule (issue 13)", chat, chosen_edit(old, None)),
+            Condition("kernel", "kernel search, new rule", chat, chosen_edit(kernel, None)),
+        ]
+        if kernel["chosen"]["trial"] == old["chosen"]["trial"]:  # the same edit: evaluated once
+            conditions = [c for c in conditions if c.name != "kernel"]
+            print("  (kernel search: both rules choose the same trial; evaluated once, as kernel_old)")
+    conditions.append(Condition("search", "search (default)", chat, chosen_edit(new, cleaner)))
     e = settings.evaluation
     test = stage(
         "test-split evaluation",
@@ -164,9 +171,10 @@ def main() -> None:
         f"(layer {direction.layer}, position {direction.position}); trials scored on {scored}+{scored} "
         f"validation prompts, confirmed on {args.n_val}+{args.n_val}; test split {args.n_test}+{args.n_test}"
     )
-    print_front("kernel search (no cleaning, log-odds objective; the new choice rule)", kernel)
-    print_front("kernel search with the old choice rule (issue 13: the 4 lowest refusal scores under KL 0.2, fewest refusals)", old)
-    print_front("search with its defaults (cleaned directions, margin objective)", new)
+    if kernel is not None and old is not None:
+        print_front("kernel search (no cleaning, log-odds objective; the new choice rule)", kernel)
+        print_front("kernel search with the old choice rule (issue 13: the 4 lowest refusal scores under KL 0.2, fewest refusals)", old)
+    print_front("search with its defaults (cleaned directions, margin objective, refinement, second direction)", new)
     ce, cap = test["ce_loss"]["loss"], test["capability"]["loss"]
     print(f"\ntest split        {'harmful refused':>30s} {'harmless refused':>30s}  KL first  KL multi  corpus CE  capability (Δ%)")
     for c in conditions:

@@ -288,3 +288,11 @@ def test_streamed_export_of_a_trial_writes_the_loaded_exports_bytes(organism_sea
     monkeypatch.setattr(streaming, "available_memory", lambda: 1000)  # a checkpoint larger than half the memory streams by itself
     assert main(["export", "--run", str(out), "--trial", str(trial), "--out", str(tmp_path / "auto"), "--quiet"]) == 0
     assert "fidelity_max_abs_diff" not in json.loads((tmp_path / "auto" / "refusal.json").read_text())
+
+
+def test_the_reserved_time_follows_the_median_trial_not_a_slow_first_one():
+    from refusal.search import reserve_seconds
+
+    trials = [{"seconds": 42.0}, {"seconds": 10.0}, {"seconds": 11.0}, {"seconds": 9.0}]
+    assert reserve_seconds(trials[:1], 21) == reserve_seconds(trials[:2], 21) == 0.0  # too few to tell
+    assert reserve_seconds(trials, 21) == 21 * 10.5

@@ -26,6 +26,7 @@ import dataclasses
 import math
 import os
 import socket
+import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -184,6 +185,13 @@ WORKER = f"{socket.gethostname()}:{os.getpid()}"  # which process ran a trial (a
 SAMPLED_ROLES = ("paper", "anchor", "sampled")  # the trials --trials counts (not the refinement and second-direction ones)
 
 
+def reserve_seconds(done: list[dict], trials: int) -> float:
+    """Seconds the budget keeps for ``trials`` more trials (the refinement and second-direction ones): the median
+    finished trial's time, once three trials give a median. A process's first trial also clones the writers it
+    touches and can take several times longer; a mean over it stopped a study after one trial."""
+    return trials * statistics.median(r["seconds"] for r in done) if len(done) >= 3 else 0.0
+
+
 def run_trials(
     chat: ChatModel,
     candidates: Candidates,
@@ -254,7 +262,7 @@ def run_trials(
             started = [t for t in study.get_trials(deepcopy=False, states=live) if t.user_attrs.get("role", "sampled") in SAMPLED_ROLES]
             if len(started) >= config.trials:
                 break
-            reserve = later * sum(r["seconds"] for r in done) / max(len(done), 1)  # time kept for the refinement and second direction
+            reserve = reserve_seconds(done, later)
             if config.time_budget is not None and time.perf_counter() - start > config.time_budget - reserve:
                 log(f"time budget reached after {len(done)} trials; keeping the best points so far")
                 break
