@@ -221,14 +221,14 @@ def run_trials(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     state = optuna.trial.TrialState
     shared = is_shared(storage)
-    study = optuna.create_study(
-        study_name=study_name,
-        storage=open_storage(storage),
-        load_if_exists=True,
-        directions=["minimize", "minimize"],
-        sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10),
-    )
-    with StudyLock(storage):
+    with StudyLock(storage):  # workers starting together: one creates the tables, the study and its first trials
+        study = optuna.create_study(
+            study_name=study_name,
+            storage=open_storage(storage),
+            load_if_exists=True,
+            directions=["minimize", "minimize"],
+            sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10),
+        )
         if not study.trials:
             study.enqueue_trial(_as_optuna(paper, candidates.n_layers), user_attrs={"role": "paper"})
             for params in anchor_params(candidates.n_layers, config):
