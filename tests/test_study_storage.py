@@ -28,6 +28,8 @@ def test_two_workers_finish_the_requested_trials_of_one_sqlite_study(organism_di
     roles = [t.user_attrs.get("role", "sampled") for t in done]
     assert roles.count("paper") == 1 and roles.count("anchor") == len(SearchSettings().anchors)  # enqueued once, run once
     assert len({t.user_attrs["worker"] for t in done}) == 2  # both workers ran trials
+    sampled = [json.dumps(t.params, sort_keys=True) for t in done if t.user_attrs.get("role", "sampled") == "sampled"]
+    assert len(set(sampled)) == len(sampled)  # each worker draws its own points: none repeated
     results = [json.loads((tmp_path / f"worker{k}" / "search.json").read_text()) for k in (0, 1)]
     assert [t["trial"] for t in results[0]["trials"]] == [t["trial"] for t in results[1]["trials"]] == [t.number for t in done]
     assert not (tmp_path / "worker0" / "search.journal").exists()  # the study is in the database
