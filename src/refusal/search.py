@@ -221,6 +221,7 @@ def run_trials(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     state = optuna.trial.TrialState
     shared = is_shared(storage)
+    sampler_seed = (seed * 1_000_003 + os.getpid()) % 2**31 if shared else seed  # workers with one seed would propose the same points
     with StudyLock(storage):  # workers starting together: one creates the tables, the study and its first trials
         study = optuna.create_study(
             study_name=study_name,
