@@ -228,10 +228,7 @@ def run_trials(
             storage=open_storage(storage),
             load_if_exists=True,
             directions=["minimize", "minimize"],
-            # several workers with one seed would propose the same points: each process draws its own
-            sampler=optuna.samplers.TPESampler(
-                seed=(seed * 1_000_003 + os.getpid()) % 2**31 if shared else seed, multivariate=True, n_startup_trials=10
-            ),
+            sampler=optuna.samplers.TPESampler(seed=sampler_seed, multivariate=True, n_startup_trials=10),
         )
         if not study.trials:
             study.enqueue_trial(_as_optuna(paper, candidates.n_layers), user_attrs={"role": "paper"})
