@@ -16,14 +16,20 @@ from .model import ChatModel
 from .progress import log
 
 
+def _refusal_mask(logits: torch.Tensor, refusal_ids: list[int]) -> torch.Tensor:
+    """[vocab] bool: True at the refusal tokens."""
+    mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    mask[refusal_ids] = True
+    return mask
+
+
 def refusal_score(logits: torch.Tensor, refusal_ids: list[int]) -> torch.Tensor:
     """Log-odds that the next token is one of ``refusal_ids``: log p - log(1 - p), per row, float64.
 
     Computed with log-sum-exp over the two token groups, so it stays finite when p is near 0 or 1.
     """
     logits = logits.double()
-    mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-    mask[refusal_ids] = True
+    mask = _refusal_mask(logits, refusal_ids)
     log_refuse = torch.logsumexp(logits[..., mask], dim=-1)
     log_other = torch.logsumexp(logits[..., ~mask], dim=-1)
     return (log_refuse - log_other).cpu()
@@ -36,8 +42,7 @@ def refusal_margin(logits: torch.Tensor, refusal_ids: list[int]) -> torch.Tensor
     a refusal token at p = 0.3 can still be the most likely single token (docs/search.md).
     """
     logits = logits.double()
-    mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-    mask[refusal_ids] = True
+    mask = _refusal_mask(logits, refusal_ids)
     return (logits[..., mask].max(-1).values - logits[..., ~mask].max(-1).values).cpu()
 
 
