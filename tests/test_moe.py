@@ -1,12 +1,14 @@
 """Mixture-of-experts families: every expert's output projection (fused 3-D, or one matrix per expert on disk),
 shared experts, the router untouched."""
 
+import dataclasses
+
 import pytest
 import torch
 from safetensors import safe_open
 
 from conftest import MOE_FAMILIES, build_model, build_tokenizer
-from refusal.edits import Editor, EditParams, Kernel, KernelEdit, Orthogonalization, orthogonalized
+from refusal.edits import Editor, EditParams, Kernel, KernelEdit, Orthogonalization, edited, orthogonalized
 from refusal.export import export_model
 from refusal.interventions import ablate
 from refusal.loading import load_skeleton
@@ -54,7 +56,9 @@ def test_kernel_edits_on_experts_revert_bit_for_bit(moe_chat):
             params = EditParams(layer=1.0, attn=Kernel(0.7), mlp=Kernel(1.2, centre=1.0, width=1.0), variant=variant)
             with editor.applied(KernelEdit(unit, params)):
                 changed = [k for k, v in chat.model.state_dict().items() if not torch.equal(v, state[k])]
-                assert any(".experts." in k for k in changed) and not any("gate.weight" in k or "router" in k for k in changed)
+                fused = any(".experts." in k and v.dim() == 3 for k, v in state.items() if k in changed)
+                assert fused == (variant == "norm_preserving")  # projections hook the fused experts; rescaling edits them
+                assert changed and not any("gate.weight" in k or "router" in k for k in changed)
             assert all(torch.equal(v, state[k]) for k, v in chat.model.state_dict().items())
 
 
@@ -81,3 +85,22 @@ def test_export_streams_per_expert_and_fused_checkpoints(family, tmp_path):
     assert skeleton["written"]["streamed"]
     for file in (tmp_path / "out").glob("*.safetensors"):
         assert file.read_bytes() == (tmp_path / "streamed" / file.name).read_bytes()
+
+
+def test_search_trials_hook_the_experts_instead_of_copying_them(moe_chat):
+    chat = moe_chat
+    unit = torch.nn.functional.normalize(torch.randn(chat.d_model), dim=0)
+    batch = chat.batch(PROMPTS)
+    original = chat.logits(batch, last_only=False)
+    params = EditParams(layer=1.0, attn=Kernel(0.8), mlp=Kernel(1.1, centre=1.0, width=1.5))
+    with edited(chat, KernelEdit(unit, params)):  # the weights themselves (what the export writes)
+        expected = chat.logits(batch, last_only=False)
+    with Editor(chat) as editor:
+        with editor.applied(KernelEdit(unit, params)):
+            got = chat.logits(batch, last_only=False)
+            assert not any(original.dim() == 3 for _, original in editor.snapshot.originals.values())  # no expert copied
+        assert torch.allclose(got, expected, atol=1e-5)
+        assert torch.equal(chat.logits(batch, last_only=False), original)  # hooks gone, weights restored
+        with editor.applied(KernelEdit(unit, dataclasses.replace(params, variant="norm_preserving"))):
+            assert any(original.dim() == 3 for _, original in editor.snapshot.originals.values())  # rescaling needs the copy
+    assert torch.equal(chat.logits(batch, last_only=False), original)

@@ -233,11 +233,14 @@ class Editor:
 
     One snapshot serves every trial: a tensor is cloned the first time any trial touches it, the
     original norms of norm-preserving edits are computed once, and each trial is reverted bit for bit.
+    With ``hook_experts`` (the default) fused mixture-of-experts parameters are not copied: their
+    edit is an output hook (the same map; ``weights.Snapshot.hook_output``), except for
+    norm-preserving edits, which rescale each expert's vectors and so copy them.
     """
 
-    def __init__(self, chat: ChatModel):
+    def __init__(self, chat: ChatModel, hook_experts: bool = True):
         self.chat = chat
-        self.snapshot = Snapshot(chat)
+        self.snapshot = Snapshot(chat, hook_experts)  # fused experts by output hooks: no copy of every expert
 
     @contextmanager
     def applied(self, edit: Edit) -> Iterator[None]:

@@ -14,12 +14,14 @@ is copied) and copies it back bit for bit, re-tying what it untied.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import ExitStack
 
 import torch
 from torch import nn
 
 from .architecture import HFModel, Writer
 from .directions import unit_vector
+from .hooks import hooked, retuple, untuple
 from .model import ChatModel
 from .projection import project_out
 
@@ -67,12 +69,24 @@ class Snapshot:
     edit; ``restore()`` also re-ties what was untied and frees the copies.
     """
 
-    def __init__(self, chat: ChatModel):
+    def __init__(self, chat: ChatModel, hook_experts: bool = False):
         self.chat = chat
         self.originals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.touched: set[int] = set()
         self.untied = False
         self.cached_norms: dict[tuple[int, bool], torch.Tensor] = {}
+        self.hook_experts = hook_experts  # fused experts edited by an output hook instead of a copy of every expert
+        self.hooks = ExitStack()
+
+    def hook_output(self, module: nn.Module, unit: torch.Tensor, strength: float) -> None:
+        """Until ``restore``, ``module``'s output loses ``strength`` times its component along ``unit``: for fused
+        experts the same as editing every expert's matrix (one direction and strength per layer, and the output
+        is the experts' weighted sum), without copying them."""
+
+        def hook(module, args, output):
+            return retuple(output, project_out(untuple(output), unit, strength))
+
+        self.hooks.enter_context(hooked(post=[(module, hook)]))
 
     def save(self, tensor: torch.Tensor) -> None:
         key = id(tensor)
@@ -97,6 +111,8 @@ class Snapshot:
 
     @torch.no_grad()
     def restore(self, keep: bool = False) -> None:
+        self.hooks.close()
+        self.hooks = ExitStack()
         for key in self.touched:
             tensor, original = self.originals[key]
             tensor.copy_(original)
@@ -126,6 +142,9 @@ def remove_direction(
         if s == 0:
             continue
         weight, bias = writer.weight, writer.bias
+        if snapshot is not None and snapshot.hook_experts and weight.dim() == 3 and not keep_norms:
+            snapshot.hook_output(writer.module, writer.direction(unit), s)
+            continue
         if snapshot is not None:
             for tensor in (weight, bias):
                 if tensor is not None:
