@@ -142,7 +142,9 @@ class SearchSettings:
         "an Optuna storage URL shared by several workers (sqlite:///study.db, postgresql://...); default: the run's own journal file",
         metavar="URL",
     )
-    second: int = setting(8, "trials adding a second direction for the train prompts the best low-KL point still refuses; 0: none")
+    second: int = setting(
+        0, "trials adding a second direction for the train prompts the best low-KL point still refuses (8: a screen of 6 layers, then 2); 0: none"
+    )
     refine: int = setting(2, "front points (KL at most --max-kl/2) whose strengths are scaled up by 1.1-1.4 in 4 last trials each; 0: no refinement")
     refusal_measure: str = setting(
         "margin",
