@@ -5,7 +5,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "refusal"
 # Modules allowed over 300 lines, with the reason stated in ARCHITECTURE.md.
-LONG_MODULES = {"organism.py"}
+LONG_MODULES = {"organism.py", "settings.py"}
 
 
 def _modules() -> dict[str, ast.Module]:

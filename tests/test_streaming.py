@@ -12,7 +12,8 @@ from refusal.export import export_model
 from refusal.interventions import ablate
 from refusal.loading import load_skeleton
 from refusal.models import load_model
-from refusal.streaming import TensorEdit, read_header
+from refusal.safetensors_files import read_header
+from refusal.streaming import TensorEdit
 
 
 def save_sharded(path, family="qwen2", tie=True, dtype=torch.float32, shard="150KB", seed=0):

@@ -19,6 +19,7 @@ embedding (placed first in the embedding's file, so nothing is held back) and th
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -27,20 +28,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from .edits import Removal
 from .errors import RefusalError
 from .model import ChatModel
+from .safetensors_files import INDEX, checkpoint_files, rewrite_file, tensor_locations
 from .weights import Snapshot, embeddings_tied
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 BLOCK_BYTES = 64 << 20  # float32 bytes of one block of an edited matrix
-COPY_BYTES = 64 << 20  # bytes per read when copying unedited tensors
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")  # never copied: stale weights
-INDEX = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
@@ -118,148 +116,6 @@ def tensor_edits(chat: ChatModel, removal: Removal) -> dict[str, TensorEdit]:
     return edits
 
 
-# ---- the safetensors format: 8-byte header length, JSON header, then the tensors' bytes ----------------
-def read_header(path: Path) -> tuple[dict, int]:
-    """(header without __metadata__ plus it under "__metadata__" if present, offset of the data) of a safetensors file."""
-    try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if not 0 < size < 100 << 20:
-                raise ValueError(f"header length {size}")
-            header = json.loads(f.read(size))
-    except (OSError, ValueError) as e:
-        raise RefusalError(f"{path} is not a readable safetensors file ({e}); re-download or re-save the checkpoint") from None
-    return header, 8 + size
-
-
-def checkpoint_files(directory: Path) -> list[Path]:
-    """The safetensors files of a checkpoint directory (from its index where it has one)."""
-    index = directory / INDEX
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-        return [directory / name for name in sorted(set(weight_map.values()))]
-    return sorted(directory.glob("*.safetensors"))
-
-
-def tensor_locations(directory: Path) -> dict[str, tuple[Path, dict]]:
-    """name -> (file, header entry) for every tensor of the checkpoint."""
-    found: dict[str, tuple[Path, dict]] = {}
-    for file in checkpoint_files(directory):
-        header, _ = read_header(file)
-        for name, entry in header.items():
-            if name != "__metadata__":
-                found[name] = (file, entry)
-    return found
-
-
-def _bytes(tensor: torch.Tensor) -> memoryview:
-    """A writable byte view of a contiguous uint8 CPU tensor."""
-    array: Any = tensor.numpy()
-    return memoryview(array).cast("B")
-
-
-class _Files:
-    """A source and a target file copied by offsets: ``copy`` moves bytes in the kernel where it can
-    (``os.copy_file_range``), ``read``/``write`` go through memory for the tensors that are edited."""
-
-    def __init__(self, source: Path, target: Path):
-        self.name = str(source)
-        self.src = os.open(source, os.O_RDONLY)
-        self.dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self.fast = hasattr(os, "copy_file_range")
-
-    def read(self, offset: int, n: int) -> torch.Tensor:
-        """``n`` bytes from ``offset`` as a uint8 tensor (not zero-filled first)."""
-        out = torch.empty(n, dtype=torch.uint8)
-        view, done = _bytes(out), 0
-        while done < n:
-            if hasattr(os, "preadv"):  # straight into the buffer
-                got = os.preadv(self.src, [view[done:]], offset + done)
-            else:  # macOS
-                chunk = os.pread(self.src, n - done, offset + done)
-                view[done : done + len(chunk)], got = chunk, len(chunk)
-            if got <= 0:
-                raise RefusalError(f"{self.name} ends early; the checkpoint is truncated: re-download or re-save it")
-            done += got
-        return out
-
-    def write(self, offset: int, data: bytes | torch.Tensor) -> None:
-        view, done = _bytes(data) if isinstance(data, torch.Tensor) else memoryview(data), 0
-        while done < len(view):
-            done += os.pwrite(self.dst, view[done:], offset + done)
-
-    def copy(self, src_offset: int, dst_offset: int, n: int) -> None:
-        while n > 0:
-            moved = 0
-            if self.fast:
-                try:
-                    moved = os.copy_file_range(self.src, self.dst, min(n, 1 << 30), src_offset, dst_offset)
-                except OSError:  # another file system or an old kernel: through memory
-                    self.fast = False
-            if not self.fast:
-                chunk = self.read(src_offset, min(n, COPY_BYTES))
-                self.write(dst_offset, chunk)
-                moved = len(chunk)
-            if moved <= 0:
-                raise RefusalError(f"{self.name} ends early; the checkpoint is truncated: re-download or re-save it")
-            src_offset, dst_offset, n = src_offset + moved, dst_offset + moved, n - moved
-
-    def close(self) -> None:
-        os.close(self.src)
-        os.close(self.dst)
-
-
-def rewrite_file(
-    source: Path, target: Path, edits: dict[str, TensorEdit], copies: dict[str, str], device: torch.device | None = None
-) -> dict[str, float]:
-    """Write ``source`` to ``target`` with ``edits`` applied; ``copies`` maps a new tensor name to the source tensor
-    whose *original* bytes it gets (placed first). Returns each edited tensor's check residual."""
-    header, start = read_header(source)
-    metadata = header.pop("__metadata__", None)
-    entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
-    shift = sum(header[old]["data_offsets"][1] - header[old]["data_offsets"][0] for old in copies.values())
-    new: dict = {}
-    offset = 0
-    for name, old in copies.items():
-        begin, end = header[old]["data_offsets"]
-        new[name] = {**header[old], "data_offsets": [offset, offset + end - begin]}
-        offset += end - begin
-    for name, entry in entries:
-        begin, end = entry["data_offsets"]
-        new[name] = {**entry, "data_offsets": [begin + shift, end + shift]}
-    if metadata is not None:
-        new["__metadata__"] = metadata
-    blob = json.dumps(new, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    base = 8 + len(blob)  # where the target's data begins
-    residuals: dict[str, float] = {}
-    files = _Files(source, target)
-    try:
-        files.write(0, len(blob).to_bytes(8, "little") + blob)
-        for name, old in copies.items():
-            begin, end = header[old]["data_offsets"]
-            files.copy(start + begin, base + new[name]["data_offsets"][0], end - begin)
-        position = 0
-        for name, entry in entries:
-            if name not in edits:
-                continue
-            begin, end = entry["data_offsets"]
-            if entry["dtype"] not in DTYPES:
-                raise RefusalError(f"checkpoint tensor {name} is stored as {entry['dtype']}; only float tensors can be edited (dequantize it first)")
-            files.copy(start + position, base + shift + position, begin - position)
-            raw = files.read(start + begin, end - begin)
-            if raw.numel():
-                tensor = raw.view(DTYPES[entry["dtype"]]).view(entry["shape"])
-                residuals[name] = edits[name].apply(tensor, device)
-            files.write(base + shift + begin, raw)
-            position = end
-        data_end = max((e["data_offsets"][1] for _, e in entries), default=0)
-        files.copy(start + position, base + shift + position, data_end - position)
-    finally:
-        files.close()
-    return residuals
-
-
 def write_edited_checkpoint(chat: ChatModel, removal: Removal, source: Path, out: Path) -> dict:
     """Write the checkpoint at ``source`` with ``removal`` applied to ``chat``'s writers into the empty directory ``out``
     (every other file copied, weights in other formats left out); returns what refusal.json records about it."""
@@ -284,7 +140,8 @@ def write_edited_checkpoint(chat: ChatModel, removal: Removal, source: Path, out
     residuals: dict[str, float] = {}
     for file in checkpoint_files(source):
         todo = {name: edit for name, edit in edits.items() if locations[name][0] == file}
-        residuals.update(rewrite_file(file, out / file.name, todo, copies.get(file, {}), device))
+        edit_in_place = {name: functools.partial(edit.apply, device=device) for name, edit in todo.items()}
+        residuals.update(rewrite_file(file, out / file.name, edit_in_place, copies.get(file, {})))
     worst = max(residuals.values(), default=0.0)
     if not worst <= 1.0:  # also NaN
         name = max(residuals, key=lambda k: residuals[k])
@@ -359,7 +216,6 @@ def available_memory() -> int:
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import os
 
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
