@@ -207,3 +207,17 @@ def test_the_in_place_check_reads_the_export_and_leaves_the_model_as_it_was(tmp_
     with pytest.raises(FidelityError):
         export_module.fidelity_check(chat, tmp_path / "out", expected, in_place=True)
     assert all(torch.equal(v, state[k]) for k, v in chat.model.state_dict().items())
+
+
+def test_a_model_placed_by_accelerate_exports_the_same_bytes(tmp_path):
+    """--device-map auto (on a machine without GPUs transformers places everything on the CPU): the same export."""
+    source = save_sharded(tmp_path / "src", "llama", tie=False)
+    direction = torch.randn(32, generator=torch.Generator().manual_seed(5))
+    placed = load_model(str(source), device="cpu", device_map="auto")
+    state = {k: v.clone() for k, v in placed.model.state_dict().items()}
+    info = export_model(placed, Orthogonalization(direction), tmp_path / "placed")
+    assert info["written"]["streamed"] and info["fidelity_max_abs_diff"] < 1e-4
+    assert all(torch.equal(v, state[k]) for k, v in placed.model.state_dict().items())
+    export_model(load_model(str(source), device="cpu"), Orthogonalization(direction), tmp_path / "plain")
+    for file in (tmp_path / "plain").glob("*.safetensors"):
+        assert file.read_bytes() == (tmp_path / "placed" / file.name).read_bytes()

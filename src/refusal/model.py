@@ -78,8 +78,9 @@ class ChatModel:
 
     @property
     def has_weights(self) -> bool:
-        """False for a structure without weights (``loading.load_skeleton``: the streamed export's model)."""
-        return self.model.get_input_embeddings().weight.device.type != "meta"
+        """False for a structure without weights (``loading.load_skeleton``: the streamed export's model) or one whose
+        writers were offloaded by accelerate (their parameters then live on the meta device between calls)."""
+        return all(w.weight.device.type != "meta" for w in (*self.embeddings, *self.writers))
 
     @property
     def device(self) -> torch.device:
