@@ -6,7 +6,7 @@ of ``BLOCK_BYTES`` and cast back to the tensor's own dtype. Names, dtypes, shape
 the index stay the source's. Peak memory is the largest edited tensor plus a few float32 blocks,
 never the model: a checkpoint larger than RAM exports on the machine that holds it.
 
-Each edited tensor is checked as it is written (``TensorEdit.check``, on its first block): after each
+Each edited tensor is checked as it is written (``TensorEdit.check``, on its first 256 vectors): after each
 step its component along that step's direction must be (1 - strength) times what it was (and, for
 norm-preserving edits, every vector must keep its norm to the precision of the tensor's dtype); the
 logits check of a model in memory (``export.fidelity_check``) comes on top where the model is loaded.
@@ -38,6 +38,7 @@ from .safetensors_files import INDEX, checkpoint_files, rewrite_file, tensor_loc
 from .weights import Snapshot, embeddings_tied
 
 BLOCK_BYTES = 64 << 20  # float32 bytes of one block of an edited matrix
+CHECKED = 256  # vectors of each edited tensor checked step by step (its first ones)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")  # never copied: stale weights
 
 
@@ -75,24 +76,29 @@ class TensorEdit:
         for k, i in enumerate(range(0, n, size)):
             block = tensor[i : i + size] if self.rows else tensor[:, i : i + size]
             x = block.to(device, torch.float32, copy=True)  # [vectors, d_model] (rows) or [d_model, vectors]
-            checked = k == 0  # each tensor's first block is checked step by step: a wrong name, orientation or direction shows
-            original = x.clone() if checked or self.keep_norms else x
+            norms = x.norm(dim=dim) if self.keep_norms else None  # [vectors]
+            checked = k == 0  # each tensor's first CHECKED vectors are checked step by step: a wrong name, orientation or direction shows
+            original = self._first(x).clone() if checked else None
             for unit, strength in steps:
-                before = x.clone() if checked else x
+                before = self._first(x).clone() if checked else None
                 if self.rows:
                     x.addr_(x @ unit, unit, alpha=-strength)  # x <- x - s (x u) u^T
                 else:
                     x.addr_(unit, unit @ x, alpha=-strength)  # x <- x - s u (u^T x)
-                if checked:
-                    worst = max(worst, self.check(before, x, unit, strength, original))
-            if self.keep_norms:
-                x.mul_((original.norm(dim=dim) / x.norm(dim=dim).clamp_min(1e-12)).unsqueeze(dim))
+                if before is not None and original is not None:
+                    worst = max(worst, self.check(before, self._first(x), unit, strength, original))
+            if norms is not None:
+                x.mul_((norms / x.norm(dim=dim).clamp_min(1e-12)).unsqueeze(dim))
             block.copy_(x)
-            if self.keep_norms and checked:
-                norms = original.norm(dim=dim)
-                error = (block.to(device, torch.float32).norm(dim=dim) - norms).abs() / (8 * torch.finfo(block.dtype).eps * norms + 1e-6)
-                worst = max(worst, float(error.max()))
+            if norms is not None and checked:
+                want = norms[:CHECKED]
+                got = self._first(block).to(device, torch.float32).norm(dim=dim)
+                worst = max(worst, float(((got - want).abs() / (8 * torch.finfo(block.dtype).eps * want + 1e-6)).max()))
         return worst
+
+    def _first(self, x: torch.Tensor) -> torch.Tensor:
+        """The first ``CHECKED`` vectors of a block (rows, or columns)."""
+        return x[:CHECKED] if self.rows else x[:, :CHECKED]
 
     def check(self, before: torch.Tensor, after: torch.Tensor, unit: torch.Tensor, strength: float, original: torch.Tensor) -> float:
         """Largest error of one step's result along ``unit``, in units of the rounding float32 allows (at most 1 for
