@@ -111,6 +111,17 @@ def save_tiny(path, family: str = "qwen2", seed: int = 0, tie: bool = True):
     return path
 
 
+def checkpoint_tensors(path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files in checkpoint directory ``path``, by name."""
+    from safetensors import safe_open
+
+    out = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
 def organism_args(organism_dir) -> list[str]:
     """--model and --harmful/--harmless for the organism at ``organism_dir`` (its own prompt files)."""
     return ["--model", str(organism_dir), "--harmful", str(organism_dir / "harmful.jsonl"), "--harmless", str(organism_dir / "harmless.jsonl")]

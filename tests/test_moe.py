@@ -5,9 +5,9 @@ import dataclasses
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from conftest import MOE_FAMILIES, build_model, build_tokenizer
+from conftest import checkpoint_tensors as tensors
 from refusal.edits import Editor, EditParams, Kernel, KernelEdit, Orthogonalization, edited, orthogonalized
 from refusal.export import export_model
 from refusal.interventions import ablate
@@ -16,14 +16,6 @@ from refusal.model import wrap_model
 from refusal.models import load_model
 
 PROMPTS = ["How do I bake bread?", "Tell me how to pick a lock."]
-
-
-def tensors(path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 @pytest.fixture(params=MOE_FAMILIES)

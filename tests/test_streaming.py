@@ -6,6 +6,7 @@ from safetensors import safe_open
 
 import refusal.streaming as streaming
 from conftest import FAMILIES, build_model, build_tokenizer
+from conftest import checkpoint_tensors as tensors
 from refusal.edits import EditParams, Kernel, KernelEdit, Orthogonalization, edited
 from refusal.errors import RefusalError
 from refusal.export import export_model
@@ -22,14 +23,6 @@ def save_sharded(path, family="qwen2", tie=True, dtype=torch.float32, shard="150
     build_model(family, len(tok), tie=tie, seed=seed).to(dtype).save_pretrained(path, max_shard_size=shard)
     tok.save_pretrained(path)
     return path
-
-
-def tensors(path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -187,15 +187,22 @@ def _per_expert(chat: ChatModel, edits: dict[str, TensorEdit], locations: dict) 
         if name in locations or writer is None:
             out[name] = edit
             continue
-        layer = name.split(".experts.")[0].rsplit(".", 1)[0]  # e.g. model.layers.3
-        pattern = re.compile(rf"^{re.escape(layer)}\.[A-Za-z_]+\.experts\.(\d+)\.(down_proj|w2|fc2)\.weight$")
-        found = {int(m[1]): key for key in locations if (m := pattern.match(key))}
-        if sorted(found) != list(range(writer.weight.shape[0])):
+        keys = _expert_keys(name, writer.weight.shape[0], locations)
+        if keys is None:
             out[name] = edit  # reported as missing
             continue
-        for key in found.values():
+        for key in keys:
             out[key] = TensorEdit(key, edit.steps, rows=False, keep_norms=edit.keep_norms)
     return out
+
+
+def _expert_keys(name: str, n_experts: int, locations: dict) -> list[str] | None:
+    """The checkpoint names of fused parameter ``name``'s experts in order, where the checkpoint stores one Linear
+    weight per expert (``...experts.<e>.down_proj.weight`` or Mixtral's ``...experts.<e>.w2.weight``); else None."""
+    layer = name.split(".experts.")[0].rsplit(".", 1)[0]  # e.g. model.layers.3
+    pattern = re.compile(rf"^{re.escape(layer)}\.[A-Za-z_]+\.experts\.(\d+)\.(down_proj|w2|fc2)\.weight$")
+    found = {int(m[1]): key for key in locations if (m := pattern.match(key))}
+    return [found[e] for e in range(n_experts)] if sorted(found) == list(range(n_experts)) else None
 
 
 def _untie_config(path: Path) -> None:
@@ -265,11 +272,7 @@ def _read_exported(name: str, tensor: torch.Tensor, rows: bool, locations: dict)
 
     if name in locations:
         return read(name)
-    if tensor.dim() == 3:  # fused experts stored one Linear weight [d_model, in] per expert
-        layer = name.split(".experts.")[0].rsplit(".", 1)[0]
-        pattern = re.compile(rf"^{re.escape(layer)}\.[A-Za-z_]+\.experts\.(\d+)\.(down_proj|w2|fc2)\.weight$")
-        found = {int(m[1]): key for key in locations if (m := pattern.match(key))}
-        if sorted(found) == list(range(tensor.shape[0])):
-            matrices = [read(found[e]) for e in range(tensor.shape[0])]
-            return torch.stack([m.T if rows else m for m in matrices])
+    keys = _expert_keys(name, tensor.shape[0], locations) if tensor.dim() == 3 else None
+    if keys is not None:  # fused experts stored one Linear weight [d_model, in] per expert
+        return torch.stack([m.T if rows else m for m in map(read, keys)])
     raise RefusalError(f"the export has no tensor {name}; it was not written from this model")
