@@ -213,12 +213,12 @@ def load_skeleton(
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise RefusalError(f"could not read the structure of {source}: {first}") from None
     locations = tensor_locations(path)
-    for name, param in model.named_parameters():
-        if param.dim() <= 1:
-            if name not in locations:
-                raise RefusalError(
-                    f"the checkpoint at {source} has no tensor {name}: its names differ from the model's; export with the model loaded"
-                )
-            with safe_open(str(locations[name][0]), framework="pt") as f:
+    vectors = [name for name, param in model.named_parameters() if param.dim() <= 1]
+    missing = [name for name in vectors if name not in locations]
+    if missing:
+        raise RefusalError(f"the checkpoint at {source} has no tensor {missing[0]}: its names differ from the model's; export with the model loaded")
+    for file in sorted({locations[name][0] for name in vectors}):  # each file opened once
+        with safe_open(str(file), framework="pt") as f:
+            for name in (n for n in vectors if locations[n][0] == file):
                 set_module_tensor_to_device(model, name, "cpu", value=f.get_tensor(name).float())
     return wrap_model(model, tokenizer, source=source, chat_template=template_text, path=str(path.resolve()), trust_remote_code=trust_remote_code)
