@@ -17,7 +17,7 @@ from .data import dataset_hash, load_capability, load_corpus
 from .directions import Candidates, Direction
 from .errors import RefusalError
 from .evaluation import Condition, EvalSettings, cosine_matrix, evaluate, projections
-from .generation import HFEngine
+from .generation import Engine, HFEngine
 from .interventions import ablate, add
 from .judges import REFUSAL_PHRASES, load_phrases
 from .model import ChatModel
@@ -45,6 +45,17 @@ def load_edited(settings: Settings, path: Path) -> ChatModel:
     """An exported checkpoint, loaded like the original (same dtype and device)."""
     m = settings.model
     return load_model(str(path), dtype=m.dtype, device=m.device, device_map=m.device_map, trust_remote_code=m.trust_remote_code)
+
+
+def checkpoint_engine(settings: Settings, chat: ChatModel, path: str | Path) -> Engine | None:
+    """The generation engine of a checkpoint on disk: vLLM with ``--engine vllm`` (built when first used, freed after
+    its condition), else None (the transformers engine of the loaded model)."""
+    e = settings.evaluation
+    if e.engine != "vllm":
+        return None
+    from .vllm_engine import VLLMEngine
+
+    return VLLMEngine(chat, path, e.tensor_parallel, e.vllm_memory, settings.model.dtype, seed=settings.data.seed)
 
 
 def build_report(
@@ -120,12 +131,12 @@ def evaluate_run(
     inputs = {"test": test, "search": digest(search) if search else None}
     if run.fresh("report", ctx.settings, inputs, upstream):
         return run.read("report")
-    conditions = [Condition("original", LABELS["original"], chat)]
+    conditions = [Condition("original", LABELS["original"], chat, engine=checkpoint_engine(ctx.settings, chat, chat.path))]
     if direction is not None:
         conditions += hook_conditions(chat, direction)
     edited_chat = load_edited(ctx.settings, run.file("model")) if edited else None
     if edited_chat is not None:
-        conditions.append(Condition("edited", LABELS["edited"], edited_chat))
+        conditions.append(Condition("edited", LABELS["edited"], edited_chat, engine=checkpoint_engine(ctx.settings, edited_chat, run.file("model"))))
     prompts = {k: ctx.prompts.get(k, "test") for k in ("harmful", "harmless")}
     extra: dict = {"search": search}
     if selection is not None:
@@ -222,12 +233,12 @@ def evaluate_model(
         from .judges import load_safety_judge
 
         safety = load_safety_judge(safety_judge, safety_format, device=settings.model.device if settings.model.device != "auto" else "cpu")
-    conditions = [Condition("original", LABELS["original"], chat)]
+    conditions = [Condition("original", LABELS["original"], chat, engine=checkpoint_engine(settings, chat, chat.path))]
     if direction is not None and (ablate_run or add_run):
         conditions += hook_conditions(chat, direction, ablated=bool(ablate_run), added=bool(add_run))
     edited_chat = load_edited(settings, edited) if edited is not None else None
-    if edited_chat is not None:
-        conditions.append(Condition("edited", LABELS["edited"], edited_chat))
+    if edited is not None and edited_chat is not None:
+        conditions.append(Condition("edited", LABELS["edited"], edited_chat, engine=checkpoint_engine(settings, edited_chat, edited)))
     begin = time.perf_counter()
     prompts = {k: prompts_all.get(k, "test") for k in ("harmful", "harmless")}
     report = build_report(settings, chat, record, conditions, prompts, direction, safety=safety)

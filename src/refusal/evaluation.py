@@ -243,6 +243,9 @@ def evaluate(
                 unsafe = safety.unsafe(prompts[kind], out.texts)
                 result["safety"] = result["safety"] or {"judge": safety.name}
                 result["safety"].setdefault(condition.name, {})[kind] = rate(sum(unsafe), len(unsafe))
+        close = getattr(condition.engine, "close", None)
+        if close is not None:  # a vLLM engine frees its GPU memory before the next condition's starts
+            close()
     edits = [c for c in conditions[1:] if c.costs]
     if original_ids and edits:
         for condition in edits:

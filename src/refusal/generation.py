@@ -5,8 +5,8 @@ active, so the same engine serves the unedited model, a model inside ``ablate``/
 exported checkpoint. Prompts are batched by token length (less padding) and returned in input
 order. ``stop_when`` ends a sequence as soon as a judge can decide from its text so far (a refusal
 phrase has appeared), which saves most of the tokens of refused prompts; leave it out to read full
-completions. Another backend (vLLM) plugs in by implementing ``Engine`` (token ids, decoding, text);
-it can only serve edits baked into weights (an exported checkpoint), not hooks. Everything that
+completions. ``vllm_engine.VLLMEngine`` implements ``Engine`` with vLLM for checkpoints on disk (the
+original, an export): it serves edits baked into weights only, not hooks. Everything that
 generates (evaluation, the search's confirmation and original prefixes) takes an ``Engine``. A prompt
 is an instruction (chat-formatted here) or a list of token ids already formatted (a prompt with an
 adversarial suffix, ``suffixes.SuffixedPrompt.ids``).
@@ -24,6 +24,7 @@ from .model import ChatModel
 from .progress import track
 
 StopWhen = Callable[[str], bool]
+STOP_EVERY = 4  # new tokens between two ``stop_when`` checks (``VLLMEngine`` cuts its output at the same points)
 Prompt = str | list[int]  # an instruction, or the token ids of a chat-formatted prompt
 
 
@@ -55,7 +56,7 @@ class Sampling:
 class _StopWhenDecided:
     """A transformers stopping criterion: per sequence, stop once ``stop_when(text so far)`` is true."""
 
-    def __init__(self, tokenizer, prompt_len: int, stop_when: StopWhen, every: int = 4):
+    def __init__(self, tokenizer, prompt_len: int, stop_when: StopWhen, every: int = STOP_EVERY):
         self.tokenizer, self.prompt_len, self.stop_when, self.every = tokenizer, prompt_len, stop_when, every
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -83,7 +84,7 @@ class HFEngine:
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         groups = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        eos = set(_eos_ids(chat))
+        eos = set(eos_ids(chat))
         out: dict[int, list[int]] = {}
         for group in track(groups, self.description):
             batch = chat.pad([encoded[i] for i in group])
@@ -120,7 +121,7 @@ class HFEngine:
         return self.decode(self.generate_ids(instructions, max_new_tokens, stop_when))
 
 
-def _eos_ids(chat: ChatModel) -> list[int]:
+def eos_ids(chat: ChatModel) -> list[int]:
     model: Any = chat.model
     tokenizer: Any = chat.tokenizer
     ids = model.generation_config.eos_token_id if model.generation_config is not None else None

@@ -16,6 +16,7 @@ depends on. No module but this one holds a default for a user-facing setting.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import types
 import typing
@@ -29,6 +30,7 @@ from .study_storage import check_url
 REFUSAL_WORDS = ("I", "As", "Sorry", "I'm", "Unfortunately", "Apologies")
 VARIANTS = ("projection", "norm_preserving", "biprojected")
 REFUSAL_MEASURES = ("margin", "log-odds")
+ENGINES = ("transformers", "vllm")
 REFUSAL_FLOORS = {"margin": -2.0, "log-odds": -5.0}  # a prompt below this no longer refuses (docs/search.md)
 
 
@@ -121,12 +123,27 @@ class EvaluationSettings:
     capability_items: int = setting(
         24, "built-in code/math problems scored for the capability proxy (teacher-forced loss of reference solutions; 0 skips it)"
     )
+    engine: str = setting(
+        "transformers",
+        "generation backend for the original model and exported checkpoints: transformers, or vllm (pip install vllm; a GPU); "
+        "hooked and in-place edits always use transformers",
+        choices=ENGINES,
+    )
+    tensor_parallel: int = setting(0, "vLLM: GPUs the model is split over (0: every visible GPU)")
+    vllm_memory: float = setting(0.5, "vLLM: fraction of each GPU's memory for its weights and cache (the transformers model shares the GPU)")
 
     def validate(self) -> None:
         for name in ("max_new_tokens", "batch_size", "kl_tokens"):
             _at_least(name, getattr(self, name), 1)
         _at_least("ce_tokens", self.ce_tokens, 0, " (0 skips the cross-entropy check)")
         _at_least("capability_items", self.capability_items, 0, " (0 skips the capability proxy)")
+        _at_least("tensor_parallel", self.tensor_parallel, 0, " (0: every visible GPU)")
+        if self.engine not in ENGINES:
+            raise RefusalError(f"unknown generation engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise RefusalError("--engine vllm needs the vllm package on a machine with a GPU: pip install vllm (or use --engine transformers)")
+        if not 0 < self.vllm_memory <= 1:
+            raise RefusalError(f"--vllm-memory {self.vllm_memory} is not a fraction; use a number in (0, 1], e.g. 0.5")
 
 
 @dataclass
