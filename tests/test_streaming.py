@@ -214,3 +214,43 @@ def test_a_model_placed_by_accelerate_exports_the_same_bytes(tmp_path):
     export_model(load_model(str(source), device="cpu"), Orthogonalization(direction), tmp_path / "plain")
     for file in (tmp_path / "plain").glob("*.safetensors"):
         assert file.read_bytes() == (tmp_path / "placed" / file.name).read_bytes()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_export_swap_runs_the_export_on_the_loaded_model_and_swaps_back(family, tmp_path):
+    source = save_sharded(tmp_path / "src", family, tie=True)
+    chat = load_model(str(source), device="cpu")
+    edit = KernelEdit(torch.nn.functional.normalize(torch.randn(chat.d_model), dim=0), EditParams(layer=1.0, attn=Kernel(0.7), mlp=Kernel(1.2)))
+    export_model(chat, edit, tmp_path / "out")
+    batch = chat.batch(["How do I bake bread?", "Tell me how to pick a lock."])
+    before = chat.logits(batch, last_only=False)
+    want = load_model(str(tmp_path / "out"), device="cpu").logits(batch, last_only=False)
+    swap = streaming.ExportSwap(chat, tmp_path / "out")
+    for _ in range(2):  # entered again and again, as the evaluation does per batch
+        with swap.swapped():
+            assert torch.equal(chat.logits(batch, last_only=False), want)
+        assert torch.equal(chat.logits(batch, last_only=False), before)
+    assert chat.model.get_output_embeddings().weight is chat.model.get_input_embeddings().weight  # tied again
+
+
+def test_evaluating_an_export_of_the_same_model_needs_no_second_copy(tmp_path):
+    from refusal.assess import edited_condition
+    from refusal.evaluation import Condition, EvalSettings, evaluate
+    from refusal.settings import Settings
+
+    source = save_sharded(tmp_path / "src", tie=True)
+    chat = load_model(str(source), device="cpu")
+    export_model(chat, Orthogonalization(torch.randn(chat.d_model, generator=torch.Generator().manual_seed(3))), tmp_path / "out")
+    settings = Settings()
+    swapped, loaded = (edited_condition(settings, chat, tmp_path / "out", same_model) for same_model in (True, False))
+    assert swapped.chat is chat and loaded.chat is not chat
+    prompts = {"harmful": ["Tell me how to pick a lock.", "How do I make a weapon?"], "harmless": ["How do I bake bread?", "Name a colour."]}
+    corpus = ["The quick brown fox jumps over the lazy dog. " * 8]
+    results = [
+        evaluate([Condition("original", "original", chat), c], prompts, EvalSettings(max_new_tokens=6, kl_tokens=4), corpus)
+        for c in (swapped, loaded)
+    ]
+    assert results[0]["completions"] == results[1]["completions"] and results[0]["rates"] == results[1]["rates"]
+    assert results[0]["kl"]["edited"]["first_token"]["mean"] == pytest.approx(results[1]["kl"]["edited"]["first_token"]["mean"], abs=1e-6)
+    assert results[0]["kl"]["edited"]["first_token"]["mean"] > 1e-5  # the edit does something (random weights: little)
+    assert results[0]["ce_loss"]["loss"] == pytest.approx(results[1]["ce_loss"]["loss"], abs=1e-6)

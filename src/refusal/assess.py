@@ -27,6 +27,7 @@ from .report import write_report
 from .report_schema import FORMAT_VERSION as REPORT_FORMAT
 from .run_dir import RunDir, read_json
 from .settings import Settings
+from .streaming import ExportSwap, NamesDiffer
 from .workspace import Context, load, model_identity, run_prompts
 
 LABELS = {"original": "original", "ablated": "ablated (hooks)", "added": "activation addition", "edited": "edited checkpoint"}
@@ -45,6 +46,22 @@ def load_edited(settings: Settings, path: Path) -> ChatModel:
     """An exported checkpoint, loaded like the original (same dtype and device)."""
     m = settings.model
     return load_model(str(path), dtype=m.dtype, device=m.device, device_map=m.device_map, trust_remote_code=m.trust_remote_code)
+
+
+def edited_condition(settings: Settings, chat: ChatModel, path: Path, same_model: bool) -> Condition:
+    """The "edited" condition of an exported checkpoint. An export of ``chat``'s own checkpoint (``same_model``:
+    this tool wrote it from the same model) runs on ``chat`` with the export's writer tensors swapped in
+    (``streaming.ExportSwap``: no second copy of the model); any other checkpoint, or a model whose writers are not
+    all in memory, is loaded as a model of its own."""
+    if same_model and chat.has_weights:
+        try:
+            swap = ExportSwap(chat, path)
+        except NamesDiffer:
+            pass
+        else:
+            return Condition("edited", LABELS["edited"], chat, swap.swapped, engine=checkpoint_engine(settings, chat, path))
+    edited_chat = load_edited(settings, path)
+    return Condition("edited", LABELS["edited"], edited_chat, engine=checkpoint_engine(settings, edited_chat, path))
 
 
 def checkpoint_engine(settings: Settings, chat: ChatModel, path: str | Path) -> Engine | None:
@@ -134,9 +151,8 @@ def evaluate_run(
     conditions = [Condition("original", LABELS["original"], chat, engine=checkpoint_engine(ctx.settings, chat, chat.path))]
     if direction is not None:
         conditions += hook_conditions(chat, direction)
-    edited_chat = load_edited(ctx.settings, run.file("model")) if edited else None
-    if edited_chat is not None:
-        conditions.append(Condition("edited", LABELS["edited"], edited_chat, engine=checkpoint_engine(ctx.settings, edited_chat, run.file("model"))))
+    if edited:
+        conditions.append(edited_condition(ctx.settings, chat, run.file("model"), same_model=True))
     prompts = {k: ctx.prompts.get(k, "test") for k in ("harmful", "harmless")}
     extra: dict = {"search": search}
     if selection is not None:
@@ -144,7 +160,6 @@ def evaluate_run(
     if direction is not None:
         extra["cosine"] = cosine_matrix(cands, direction.position)
     report = build_report(ctx.settings, chat, run.info.get("model", {}), conditions, prompts, direction, extra=extra)
-    del edited_chat
     ctx.timed("evaluate", begin)
     report["timings"] = run.info.get("timings", {})
     report["mechanisms"] = current_mechanisms(run, test)
@@ -221,6 +236,7 @@ def evaluate_model(
                 f"run {source_run} was made on another model ({ran_on.get('source')}, sha256 {str(ran_on.get('sha256'))[:12]}); "
                 f"pass --model {ran_on.get('path') or ran_on.get('source')} or a run of this model"
             )
+    made_from = None
     if edited is not None and (edited / "refusal.json").is_file():
         made_from = read_json(edited / "refusal.json", "re-export the model with `refusal export`").get("source_model") or {}
         if made_from.get("sha256") and record["sha256"] and made_from["sha256"] != record["sha256"]:
@@ -236,9 +252,9 @@ def evaluate_model(
     conditions = [Condition("original", LABELS["original"], chat, engine=checkpoint_engine(settings, chat, chat.path))]
     if direction is not None and (ablate_run or add_run):
         conditions += hook_conditions(chat, direction, ablated=bool(ablate_run), added=bool(add_run))
-    edited_chat = load_edited(settings, edited) if edited is not None else None
-    if edited is not None and edited_chat is not None:
-        conditions.append(Condition("edited", LABELS["edited"], edited_chat, engine=checkpoint_engine(settings, edited_chat, edited)))
+    if edited is not None:
+        same_model = made_from is not None and made_from.get("sha256") is not None and made_from["sha256"] == record["sha256"]
+        conditions.append(edited_condition(settings, chat, edited, same_model))
     begin = time.perf_counter()
     prompts = {k: prompts_all.get(k, "test") for k in ("harmful", "harmless")}
     report = build_report(settings, chat, record, conditions, prompts, direction, safety=safety)

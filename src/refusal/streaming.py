@@ -263,6 +263,49 @@ def exported_in_place(chat: ChatModel, exported: Path) -> Iterator[None]:
         snapshot.restore()
 
 
+class ExportSwap:
+    """The writer tensors of an export of ``chat``'s checkpoint, read once and held beside the model; within
+    ``swapped()`` the model's writer parameters hold them instead of their own, by exchanging the parameters'
+    storage (no copy, no disk read), and get their own back afterwards. The evaluation's "edited" condition
+    without a second copy of the model: the extra memory is the writers' tensors only. A tied embedding is
+    untied within the block, the unembedding keeping the original matrix, as the export untied it."""
+
+    def __init__(self, chat: ChatModel, exported: Path):
+        locations = tensor_locations(exported)
+        self.chat = chat
+        self.pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []  # (parameter, the tensor it gets next)
+        for writer in (*chat.embeddings, *chat.writers):
+            for name, tensor in ((writer.weight_name, writer.weight), (writer.bias_name, writer.bias)):
+                if name is None or tensor is None:
+                    continue
+                value = _read_exported(name, tensor, writer.rows, locations)
+                if value.shape != tensor.shape:
+                    raise RefusalError(
+                        f"the export's {name} has shape {tuple(value.shape)}, the model's {tuple(tensor.shape)}; it was not written from this model"
+                    )
+                self.pairs.append((tensor, value.to(tensor.device, tensor.dtype)))  # type: ignore[arg-type]
+
+    def _swap(self) -> None:
+        for i, (parameter, value) in enumerate(self.pairs):
+            self.pairs[i] = (parameter, parameter.data)
+            parameter.data = value
+
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        tied = embeddings_tied(self.chat)
+        output = self.chat.model.get_output_embeddings()
+        embedding = self.chat.model.get_input_embeddings().weight
+        try:
+            if tied:  # a Parameter of its own over the original matrix, before the embedding's storage changes
+                output.weight = torch.nn.Parameter(embedding.data, requires_grad=False)
+            self._swap()
+            yield
+        finally:
+            self._swap()
+            if tied:
+                output.weight = embedding
+
+
 def _read_exported(name: str, tensor: torch.Tensor, rows: bool, locations: dict) -> torch.Tensor:
     from safetensors import safe_open
 
@@ -275,4 +318,4 @@ def _read_exported(name: str, tensor: torch.Tensor, rows: bool, locations: dict)
     keys = _expert_keys(name, tensor.shape[0], locations) if tensor.dim() == 3 else None
     if keys is not None:  # fused experts stored one Linear weight [d_model, in] per expert
         return torch.stack([m.T if rows else m for m in map(read, keys)])
-    raise RefusalError(f"the export has no tensor {name}; it was not written from this model")
+    raise NamesDiffer(f"the export has no tensor {name}; it was not written from this model")
