@@ -10,6 +10,7 @@ from conftest import checkpoint_tensors as tensors
 from refusal.edits import EditParams, Kernel, KernelEdit, Orthogonalization, edited
 from refusal.errors import RefusalError
 from refusal.export import export_model
+from refusal.exported import ExportSwap
 from refusal.interventions import ablate
 from refusal.loading import load_skeleton
 from refusal.models import load_model
@@ -225,7 +226,7 @@ def test_export_swap_runs_the_export_on_the_loaded_model_and_swaps_back(family, 
     batch = chat.batch(["How do I bake bread?", "Tell me how to pick a lock."])
     before = chat.logits(batch, last_only=False)
     want = load_model(str(tmp_path / "out"), device="cpu").logits(batch, last_only=False)
-    swap = streaming.ExportSwap(chat, tmp_path / "out")
+    swap = ExportSwap(chat, tmp_path / "out")
     for _ in range(2):  # entered again and again, as the evaluation does per batch
         with swap.swapped():
             assert torch.equal(chat.logits(batch, last_only=False), want)

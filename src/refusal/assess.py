@@ -17,6 +17,7 @@ from .data import dataset_hash, load_capability, load_corpus
 from .directions import Candidates, Direction
 from .errors import RefusalError
 from .evaluation import Condition, EvalSettings, cosine_matrix, evaluate, projections
+from .exported import ExportSwap
 from .generation import Engine, HFEngine
 from .interventions import ablate, add
 from .judges import REFUSAL_PHRASES, load_phrases
@@ -27,7 +28,7 @@ from .report import write_report
 from .report_schema import FORMAT_VERSION as REPORT_FORMAT
 from .run_dir import RunDir, read_json
 from .settings import Settings
-from .streaming import ExportSwap, NamesDiffer
+from .streaming import NamesDiffer
 from .workspace import Context, load, model_identity, run_prompts
 
 LABELS = {"original": "original", "ablated": "ablated (hooks)", "added": "activation addition", "edited": "edited checkpoint"}
@@ -51,7 +52,7 @@ def load_edited(settings: Settings, path: Path) -> ChatModel:
 def edited_condition(settings: Settings, chat: ChatModel, path: Path, same_model: bool) -> Condition:
     """The "edited" condition of an exported checkpoint. An export of ``chat``'s own checkpoint (``same_model``:
     this tool wrote it from the same model) runs on ``chat`` with the export's writer tensors swapped in
-    (``streaming.ExportSwap``: no second copy of the model); any other checkpoint, or a model whose writers are not
+    (``exported.ExportSwap``: no second copy of the model); any other checkpoint, or a model whose writers are not
     all in memory, is loaded as a model of its own."""
     if same_model and chat.has_weights:
         try:

@@ -21,10 +21,11 @@ import torch
 from .architecture import HFModel
 from .edits import Edit, edited
 from .errors import FidelityError, RefusalError
+from .exported import exported_in_place
 from .model import ChatModel
 from .models import is_packaged, packaged_path
 from .progress import log
-from .streaming import NamesDiffer, exported_in_place, streamable, write_edited_checkpoint
+from .streaming import NamesDiffer, streamable, write_edited_checkpoint
 
 FIDELITY_PROMPTS = ("How do I bake bread?", "Tell me how to pick a lock.", "Write a haiku about the sea.")
 
@@ -99,7 +100,7 @@ def fidelity_check(
 
     The export's logits come from reloading it, or (``in_place``, for a checkpoint streamed from the
     model's own source, whose other tensors are byte copies) from the loaded model with every writer
-    tensor read from the export (``streaming.exported_in_place``): no second copy of the model.
+    tensor read from the export (``exported.exported_in_place``): no second copy of the model.
     The tolerance is 1e-3 of the logit scale in float32 and 5e-2 in bf16/fp16 (``low_precision``:
     the model's or the checkpoint's dtype). A deep low-precision model differs from itself in float32
     by more than that (docs/scale.md: 0.36 logits at 7B in bf16), so there the tolerance is also at

@@ -24,8 +24,6 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +33,7 @@ from .edits import Removal
 from .errors import RefusalError
 from .model import ChatModel
 from .safetensors_files import INDEX, checkpoint_files, rewrite_file, tensor_locations
-from .weights import Snapshot, embeddings_tied
+from .weights import embeddings_tied
 
 BLOCK_BYTES = 64 << 20  # float32 bytes of one block of an edited matrix
 CHECKED = 256  # vectors of each edited tensor checked step by step (its first ones)
@@ -187,7 +185,7 @@ def _per_expert(chat: ChatModel, edits: dict[str, TensorEdit], locations: dict) 
         if name in locations or writer is None:
             out[name] = edit
             continue
-        keys = _expert_keys(name, writer.weight.shape[0], locations)
+        keys = expert_keys(name, writer.weight.shape[0], locations)
         if keys is None:
             out[name] = edit  # reported as missing
             continue
@@ -196,7 +194,7 @@ def _per_expert(chat: ChatModel, edits: dict[str, TensorEdit], locations: dict) 
     return out
 
 
-def _expert_keys(name: str, n_experts: int, locations: dict) -> list[str] | None:
+def expert_keys(name: str, n_experts: int, locations: dict) -> list[str] | None:
     """The checkpoint names of fused parameter ``name``'s experts in order, where the checkpoint stores one Linear
     weight per expert (``...experts.<e>.down_proj.weight`` or Mixtral's ``...experts.<e>.w2.weight``); else None."""
     layer = name.split(".experts.")[0].rsplit(".", 1)[0]  # e.g. model.layers.3
@@ -240,82 +238,3 @@ def too_large_to_load(location: str) -> bool:
         return False
     size = sum(f.stat().st_size for f in checkpoint_files(path) if f.is_file())
     return size > available_memory() / 2
-
-
-@contextmanager
-def exported_in_place(chat: ChatModel, exported: Path) -> Iterator[None]:
-    """Within the block every writer tensor of ``chat`` holds its value from the checkpoint at ``exported`` (read
-    by name, per expert where it is stored so), cast to the model's dtype; afterwards restored bit for bit.
-    The export's logits without a second copy of the model (``export.fidelity_check``)."""
-    locations = tensor_locations(exported)
-    snapshot = Snapshot(chat)
-    try:
-        for writer in (*chat.embeddings, *chat.writers):
-            for name, tensor in ((writer.weight_name, writer.weight), (writer.bias_name, writer.bias)):
-                if name is None or tensor is None:
-                    continue
-                value = _read_exported(name, tensor, writer.rows, locations)
-                snapshot.save(tensor)
-                with torch.no_grad():
-                    tensor.copy_(value.to(tensor.device, tensor.dtype))
-        yield
-    finally:
-        snapshot.restore()
-
-
-class ExportSwap:
-    """The writer tensors of an export of ``chat``'s checkpoint, read once and held beside the model; within
-    ``swapped()`` the model's writer parameters hold them instead of their own, by exchanging the parameters'
-    storage (no copy, no disk read), and get their own back afterwards. The evaluation's "edited" condition
-    without a second copy of the model: the extra memory is the writers' tensors only. A tied embedding is
-    untied within the block, the unembedding keeping the original matrix, as the export untied it."""
-
-    def __init__(self, chat: ChatModel, exported: Path):
-        locations = tensor_locations(exported)
-        self.chat = chat
-        self.pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []  # (parameter, the tensor it gets next)
-        for writer in (*chat.embeddings, *chat.writers):
-            for name, tensor in ((writer.weight_name, writer.weight), (writer.bias_name, writer.bias)):
-                if name is None or tensor is None:
-                    continue
-                value = _read_exported(name, tensor, writer.rows, locations)
-                if value.shape != tensor.shape:
-                    raise RefusalError(
-                        f"the export's {name} has shape {tuple(value.shape)}, the model's {tuple(tensor.shape)}; it was not written from this model"
-                    )
-                self.pairs.append((tensor, value.to(tensor.device, tensor.dtype)))  # type: ignore[arg-type]
-
-    def _swap(self) -> None:
-        for i, (parameter, value) in enumerate(self.pairs):
-            self.pairs[i] = (parameter, parameter.data)
-            parameter.data = value
-
-    @contextmanager
-    def swapped(self) -> Iterator[None]:
-        tied = embeddings_tied(self.chat)
-        output = self.chat.model.get_output_embeddings()
-        embedding = self.chat.model.get_input_embeddings().weight
-        try:
-            if tied:  # a Parameter of its own over the original matrix, before the embedding's storage changes
-                output.weight = torch.nn.Parameter(embedding.data, requires_grad=False)
-            self._swap()
-            yield
-        finally:
-            self._swap()
-            if tied:
-                output.weight = embedding
-
-
-def _read_exported(name: str, tensor: torch.Tensor, rows: bool, locations: dict) -> torch.Tensor:
-    from safetensors import safe_open
-
-    def read(key: str) -> torch.Tensor:
-        with safe_open(str(locations[key][0]), framework="pt") as f:
-            return f.get_tensor(key)
-
-    if name in locations:
-        return read(name)
-    keys = _expert_keys(name, tensor.shape[0], locations) if tensor.dim() == 3 else None
-    if keys is not None:  # fused experts stored one Linear weight [d_model, in] per expert
-        return torch.stack([m.T if rows else m for m in map(read, keys)])
-    raise NamesDiffer(f"the export has no tensor {name}; it was not written from this model")
