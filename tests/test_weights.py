@@ -47,3 +47,16 @@ def test_orthogonalized_reverts_after_exception(llama_chat):
         with orthogonalized(llama_chat, torch.randn(llama_chat.d_model)):
             raise RuntimeError("boom")
     assert torch.equal(llama_chat.logits(batch), before)
+
+
+def test_an_edit_in_place_of_writers_not_in_memory_is_refused(tmp_path):
+    from conftest import save_tiny
+    from refusal.edits import Editor, Orthogonalization
+    from refusal.errors import RefusalError
+    from refusal.loading import load_skeleton
+
+    chat = load_skeleton(save_tiny(tmp_path / "src"))  # writers on the meta device, as accelerate leaves offloaded ones
+    assert not chat.has_weights
+    with pytest.raises(RefusalError, match="no weights in memory.*--streaming"):
+        with Editor(chat) as editor, editor.applied(Orthogonalization(torch.ones(chat.d_model))):
+            pass

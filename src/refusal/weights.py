@@ -21,6 +21,7 @@ from torch import nn
 
 from .architecture import HFModel, Writer
 from .directions import unit_vector
+from .errors import RefusalError
 from .hooks import hooked, retuple, untuple
 from .model import ChatModel
 from .projection import project_out
@@ -142,6 +143,11 @@ def remove_direction(
         if s == 0:
             continue
         weight, bias = writer.weight, writer.bias
+        if weight.device.type == "meta":  # offloaded by accelerate (its value lives elsewhere), or a skeleton's
+            raise RefusalError(
+                f"{writer.weight_name} has no weights in memory (offloaded by --device-map, or a model structure only); "
+                "edits in place need every writer in GPU or CPU memory: give the placement more memory, or export with --streaming"
+            )
         if snapshot is not None and snapshot.hook_experts and weight.dim() == 3 and not keep_norms:
             snapshot.hook_output(writer.module, writer.direction(unit), s)
             continue
