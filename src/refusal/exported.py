@@ -14,8 +14,9 @@ lacks raises ``streaming.NamesDiffer``: it was not written from this model.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,22 +27,48 @@ from .streaming import NamesDiffer, expert_keys
 from .weights import Snapshot, embeddings_tied
 
 
+def exported_writers(chat: ChatModel, exported: Path) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(the model's writer tensor, the export's tensor of that name as stored) for every writer weight and bias,
+    each checkpoint file opened once; a tensor of another shape is refused: the export is not of this model."""
+    from safetensors import safe_open
+
+    locations = tensor_locations(exported)
+    with ExitStack() as files:
+        opened: dict[Path, Any] = {}
+
+        def read(key: str) -> torch.Tensor:
+            file = locations[key][0]
+            if file not in opened:
+                opened[file] = files.enter_context(safe_open(str(file), framework="pt"))
+            return opened[file].get_tensor(key)
+
+        for writer in (*chat.embeddings, *chat.writers):
+            for name, tensor in ((writer.weight_name, writer.weight), (writer.bias_name, writer.bias)):
+                if name is None or tensor is None:
+                    continue
+                if name in locations:
+                    value = read(name)
+                elif tensor.dim() == 3 and (keys := expert_keys(name, tensor.shape[0], locations)) is not None:
+                    value = torch.stack([m.T if writer.rows else m for m in map(read, keys)])  # one Linear weight [d_model, in] per expert
+                else:
+                    raise NamesDiffer(f"the export has no tensor {name}; it was not written from this model")
+                if value.shape != tensor.shape:
+                    shapes = f"{tuple(value.shape)}, the model's {tuple(tensor.shape)}"
+                    raise RefusalError(f"the export's {name} has shape {shapes}; it was not written from this model")
+                yield tensor, value
+
+
 @contextmanager
 def exported_in_place(chat: ChatModel, exported: Path) -> Iterator[None]:
     """Within the block every writer tensor of ``chat`` holds its value from the checkpoint at ``exported`` (read
     by name, per expert where it is stored so), cast to the model's dtype; afterwards restored bit for bit.
     The export's logits without a second copy of the model (``export.fidelity_check``)."""
-    locations = tensor_locations(exported)
     snapshot = Snapshot(chat)
     try:
-        for writer in (*chat.embeddings, *chat.writers):
-            for name, tensor in ((writer.weight_name, writer.weight), (writer.bias_name, writer.bias)):
-                if name is None or tensor is None:
-                    continue
-                value = read_exported(name, tensor, writer.rows, locations)
-                snapshot.save(tensor)
-                with torch.no_grad():
-                    tensor.copy_(value.to(tensor.device, tensor.dtype))
+        for tensor, value in exported_writers(chat, exported):
+            snapshot.save(tensor)
+            with torch.no_grad():
+                tensor.copy_(value.to(tensor.device, tensor.dtype))
         yield
     finally:
         snapshot.restore()
@@ -55,19 +82,9 @@ class ExportSwap:
     untied within the block, the unembedding keeping the original matrix, as the export untied it."""
 
     def __init__(self, chat: ChatModel, exported: Path):
-        locations = tensor_locations(exported)
         self.chat = chat
-        self.pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []  # (parameter, the tensor it gets next)
-        for writer in (*chat.embeddings, *chat.writers):
-            for name, tensor in ((writer.weight_name, writer.weight), (writer.bias_name, writer.bias)):
-                if name is None or tensor is None:
-                    continue
-                value = read_exported(name, tensor, writer.rows, locations)
-                if value.shape != tensor.shape:
-                    raise RefusalError(
-                        f"the export's {name} has shape {tuple(value.shape)}, the model's {tuple(tensor.shape)}; it was not written from this model"
-                    )
-                self.pairs.append((tensor, value.to(tensor.device, tensor.dtype)))  # type: ignore[arg-type]
+        # (parameter, the tensor it gets next); writer tensors are parameters
+        self.pairs = [(tensor, value.to(tensor.device, tensor.dtype)) for tensor, value in exported_writers(chat, exported)]
 
     def _swap(self) -> None:
         for i, (parameter, value) in enumerate(self.pairs):
@@ -88,18 +105,3 @@ class ExportSwap:
             self._swap()
             if tied:
                 output.weight = embedding
-
-
-def read_exported(name: str, tensor: torch.Tensor, rows: bool, locations: dict) -> torch.Tensor:
-    from safetensors import safe_open
-
-    def read(key: str) -> torch.Tensor:
-        with safe_open(str(locations[key][0]), framework="pt") as f:
-            return f.get_tensor(key)
-
-    if name in locations:
-        return read(name)
-    keys = expert_keys(name, tensor.shape[0], locations) if tensor.dim() == 3 else None
-    if keys is not None:  # fused experts stored one Linear weight [d_model, in] per expert
-        return torch.stack([m.T if rows else m for m in map(read, keys)])
-    raise NamesDiffer(f"the export has no tensor {name}; it was not written from this model")
