@@ -1,6 +1,7 @@
 """The streamed export's peak memory and throughput against a plain copy of the same files (issue 16).
 
     python benchmarks/export.py [--hidden 1536 --layers 28 --intermediate 8960] [--shard-size 500MB] [--work DIR] [--loaded]
+                                [--workers N] [--profile]
 
 Builds a random-init Qwen2-architecture checkpoint in bf16 (by default Qwen2-1.5B's shape: 1.5 B
 parameters, 3.1 GB) saved in several shards, then measures, each in a fresh process:
@@ -32,18 +33,23 @@ from pathlib import Path
 CHILD = {
     "baseline": "import refusal, torch, transformers",
     "streamed": (
-        "import sys, torch\n"
+        "import cProfile, pstats, sys, time, torch\n"
+        "import refusal.streaming\n"
         "from refusal.edits import Orthogonalization\n"
         "from refusal.export import export_model\n"
         "from refusal.loading import load_skeleton\n"
         "from refusal.progress import set_quiet\n"
         "set_quiet(True)\n"
-        "import time\n"
+        "refusal.streaming.FILE_WORKERS = int(sys.argv[3])\n"
         "chat = load_skeleton(sys.argv[1])\n"
         "direction = torch.randn(chat.d_model, generator=torch.Generator().manual_seed(0))\n"
+        "profile = cProfile.Profile() if sys.argv[4] == 'profile' else None\n"
         "start = time.perf_counter()\n"
+        "profile and profile.enable()\n"
         "info = export_model(chat, Orthogonalization(direction), sys.argv[2], check=False)\n"
+        "profile and profile.disable()\n"
         "print('SECONDS', time.perf_counter() - start)\n"
+        "profile and pstats.Stats(profile, stream=sys.stdout).sort_stats('tottime').print_stats(14)\n"
         "print('WRITTEN', info['written'])\n"
     ),
     "loaded": (
@@ -74,7 +80,7 @@ def child(name: str, *args: str) -> tuple[float, float, str]:
     return seconds, peak * 1024 / 1e9, done.stdout
 
 
-def build(path: Path, hidden: int, layers: int, intermediate: int, shard_size: str) -> None:
+def build(path: Path, hidden: int, layers: int, intermediate: int, shard_size: str, device: str) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -92,7 +98,8 @@ def build(path: Path, hidden: int, layers: int, intermediate: int, shard_size: s
         tie_word_embeddings=True,
     )
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(str(path), max_shard_size=shard_size)
     build_tokenizer().save_pretrained(str(path))
 
@@ -127,12 +134,16 @@ def main() -> None:
     parser.add_argument("--shard-size", default="500MB")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--loaded", action="store_true", help="also time the export with the model loaded (float32, logits check)")
+    parser.add_argument("--build-device", default="cpu", help="where the random-init checkpoint is built (cuda is faster at 7B)")
+    parser.add_argument("--copies", type=int, default=3, help="plain copies timed: one before the export, the rest after")
+    parser.add_argument("--workers", type=int, default=1, help="files the streamed export rewrites at once (streaming.FILE_WORKERS)")
+    parser.add_argument("--profile", action="store_true", help="print the streamed export's profile (cProfile, by own time)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="refusal-export-"))
     source = work / "source"
     if not source.exists():
         start = time.perf_counter()
-        build(source, args.hidden, args.layers, args.intermediate, args.shard_size)
+        build(source, args.hidden, args.layers, args.intermediate, args.shard_size, args.build_device)
         print(f"built the checkpoint in {time.perf_counter() - start:.0f} s")
     shards = sorted(source.glob("*.safetensors"))
     sizes = [f.stat().st_size for f in shards]
@@ -148,15 +159,15 @@ def main() -> None:
     out = work / "streamed"
     shutil.rmtree(out, ignore_errors=True)
     os.sync()
-    seconds, peak, text = child("streamed", str(source), str(out))
+    seconds, peak, text = child("streamed", str(source), str(out), str(args.workers), "profile" if args.profile else "-")
     write_back = synced()  # the export's dirty pages reaching the disk, as the copies' timings include theirs
-    copies += [copy(source, work / "copy") for _ in range(2)]
+    copies += [copy(source, work / "copy") for _ in range(args.copies - 1)]
     written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     bound = largest / 1e9 + 0.512 * 1.073741824
     best, middle = min(copies), statistics.median(copies)
     inner = float(next(line.split()[1] for line in text.splitlines() if line.startswith("SECONDS"))) + write_back
     shown = ", ".join(f"{c:.1f}" for c in copies)
-    print(f"plain copy of the shards (one before the export, two after): {shown} s; median {middle:.1f} s ({total / 1e9 / middle:.2f} GB/s)")
+    print(f"plain copy of the shards (one before the export, the rest after): {shown} s; median {middle:.1f} s ({total / 1e9 / middle:.2f} GB/s)")
     print(f"streamed export: {inner:.1f} s ({written / 1e9:.2f} GB, {written / 1e9 / inner:.2f} GB/s); {seconds:.1f} s with the interpreter's start")
     print(f"  throughput vs a plain copy: {middle / inner:.0%} of the median one, {best / inner:.0%} of the fastest")
     print(
@@ -164,6 +175,8 @@ def main() -> None:
         f"-> {'within' if peak - base_gb <= bound else 'ABOVE'}"
     )
     print("  " + next(line for line in text.splitlines() if line.startswith("WRITTEN")))
+    if args.profile:
+        print(text[text.index("SECONDS") : text.index("WRITTEN")])
     shutil.rmtree(out)
     if args.loaded:
         out = work / "loaded"

@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from .model import ChatModel
 from .safetensors_files import INDEX, checkpoint_files, rewrite_file, tensor_locations
 from .weights import embeddings_tied
 
+FILE_WORKERS = 1  # files rewritten at once (each holds one edited tensor at a time)
 BLOCK_BYTES = 64 << 20  # float32 bytes of one block of an edited matrix
 CHECKED = 256  # vectors of each edited tensor checked step by step (its first ones)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")  # never copied: stale weights
@@ -55,6 +57,11 @@ class TensorEdit:
         """Edit ``tensor`` (any float dtype) in place, block by block, computing in float32 on ``device`` (default
         the CPU); returns the largest check residual (``check``). A 3-D tensor holds fused experts, one matrix
         per expert along its first dimension."""
+        if device is not None and device.type == "cuda" and tensor.device.type == "cpu" and _fits_on(device, tensor):
+            work = tensor.to(device)  # one contiguous transfer each way, not one per (strided) block
+            worst = self.apply(work, device)
+            tensor.copy_(work)
+            return worst
         if tensor.dim() == 3:
             return max((self.apply(matrix, device) for matrix in tensor), default=0.0)
         if tensor.dim() == 1:
@@ -107,6 +114,12 @@ class TensorEdit:
         return float(((got - want).abs() / allowed).max())
 
 
+def _fits_on(device: torch.device, tensor: torch.Tensor) -> bool:
+    """True when ``tensor`` plus its float32 blocks take at most a quarter of ``device``'s free memory."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return 4 * (tensor.nbytes + BLOCK_BYTES) <= free
+
+
 def tensor_edits(chat: ChatModel, removal: Removal) -> dict[str, TensorEdit]:
     """The edit of every writer tensor (weights and biases) that ``removal`` changes, by checkpoint name."""
     edits: dict[str, TensorEdit] = {}
@@ -142,10 +155,15 @@ def write_edited_checkpoint(chat: ChatModel, removal: Removal, source: Path, out
         if output_name not in locations:
             copies[locations[embed][0]] = {output_name: embed}
     residuals: dict[str, float] = {}
-    for file in checkpoint_files(source):
+
+    def rewrite(file: Path) -> dict[str, float]:
         todo = {name: edit for name, edit in edits.items() if locations[name][0] == file}
         edit_in_place = {name: functools.partial(edit.apply, device=device) for name, edit in todo.items()}
-        residuals.update(rewrite_file(file, out / file.name, edit_in_place, copies.get(file, {})))
+        return rewrite_file(file, out / file.name, edit_in_place, copies.get(file, {}))
+
+    with ThreadPoolExecutor(FILE_WORKERS) as pool:
+        for found in (pool.map if FILE_WORKERS > 1 else map)(rewrite, checkpoint_files(source)):
+            residuals.update(found)
     worst = max(residuals.values(), default=0.0)
     if not worst <= 1.0:  # also NaN
         name = max(residuals, key=lambda k: residuals[k])
