@@ -40,7 +40,7 @@ CHILD = {
         "from refusal.loading import load_skeleton\n"
         "from refusal.progress import set_quiet\n"
         "set_quiet(True)\n"
-        "refusal.streaming.FILE_WORKERS = int(sys.argv[3])\n"
+        "refusal.streaming.FILE_WORKERS = int(sys.argv[3]) if sys.argv[3] != '-' else refusal.streaming.FILE_WORKERS\n"
         "chat = load_skeleton(sys.argv[1])\n"
         "direction = torch.randn(chat.d_model, generator=torch.Generator().manual_seed(0))\n"
         "profile = cProfile.Profile() if sys.argv[4] == 'profile' else None\n"
@@ -136,8 +136,8 @@ def main() -> None:
     parser.add_argument("--loaded", action="store_true", help="also time the export with the model loaded (float32, logits check)")
     parser.add_argument("--build-device", default="cpu", help="where the random-init checkpoint is built (cuda is faster at 7B)")
     parser.add_argument("--copies", type=int, default=3, help="plain copies timed: one before the export, the rest after")
-    parser.add_argument("--workers", type=int, default=1, help="files the streamed export rewrites at once (streaming.FILE_WORKERS)")
-    parser.add_argument("--profile", action="store_true", help="print the streamed export's profile (cProfile, by own time)")
+    parser.add_argument("--workers", default="-", help="the cap on files rewritten at once (streaming.FILE_WORKERS)")
+    parser.add_argument("--profile", action="store_true", help="print the export's profile (main thread only: --workers 1)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="refusal-export-"))
     source = work / "source"

@@ -15,7 +15,7 @@ from refusal.interventions import ablate
 from refusal.loading import load_skeleton
 from refusal.models import load_model
 from refusal.safetensors_files import read_header
-from refusal.streaming import TensorEdit
+from refusal.streaming import TensorEdit, file_workers
 
 
 def save_sharded(path, family="qwen2", tie=True, dtype=torch.float32, shard="150KB", seed=0):
@@ -99,6 +99,42 @@ def test_skeleton_export_writes_the_same_bytes_as_the_loaded_model(tmp_path):
     assert "fidelity_max_abs_diff" not in info
     for file in sorted((tmp_path / "loaded").glob("*.safetensors")):
         assert file.read_bytes() == (tmp_path / "streamed" / file.name).read_bytes()
+
+
+def test_files_rewritten_at_once_write_the_same_bytes_as_one_at_a_time(tmp_path, monkeypatch):
+    source = save_sharded(tmp_path / "src", "qwen2", tie=True, shard="60KB")
+    assert len(list(source.glob("*.safetensors"))) >= 3
+    skeleton = load_skeleton(source)
+    direction = torch.randn(32, generator=torch.Generator().manual_seed(4))
+    monkeypatch.setattr(streaming, "BLOCK_BYTES", 4 * 32 * 3)  # the bound then allows several workers
+    monkeypatch.setattr(streaming.os, "cpu_count", lambda: 8)
+    used = []
+    monkeypatch.setattr(streaming, "file_workers", lambda *a: used.append(file_workers(*a)) or used[-1])
+    for n in (1, 3):
+        monkeypatch.setattr(streaming, "FILE_WORKERS", n)
+        export_model(skeleton, Orthogonalization(direction), tmp_path / f"w{n}", check=False)
+    assert used == [1, 3]
+    for file in sorted((tmp_path / "w1").glob("*.safetensors")):
+        assert file.read_bytes() == (tmp_path / "w3" / file.name).read_bytes()
+
+
+def test_file_workers_keep_the_tensors_held_at_once_within_the_bound(tmp_path, monkeypatch):
+    monkeypatch.setattr(streaming, "BLOCK_BYTES", 0)
+    monkeypatch.setattr(streaming.os, "cpu_count", lambda: 16)
+    files = []
+    for i in range(4):
+        files.append(tmp_path / f"f{i}")
+        with open(files[-1], "wb") as f:
+            f.truncate(1 << 30)  # sparse: 1 GiB files, no disk used
+    entry = lambda size: {"data_offsets": [0, size]}  # noqa: E731
+    half = {f"t{i}": (files[i], entry(1 << 29)) for i in range(4)}  # one 512 MiB tensor per file
+    assert file_workers(files, half) == 3  # 3 x 512 MiB fit in 1 GiB + 512 MiB, 4 do not
+    whole = {f"t{i}": (files[i], entry(1 << 30)) for i in range(4)}
+    assert file_workers(files, whole) == 1  # one whole-file tensor at a time
+    small = {f"t{i}": (files[i % 2], entry(1 << 20)) for i in range(4)}
+    assert file_workers(files, small) == streaming.FILE_WORKERS  # small tensors: the cap
+    monkeypatch.setattr(streaming.os, "cpu_count", lambda: 2)
+    assert file_workers(files, small) == 2
 
 
 def test_blocks_give_the_whole_matrix_edit(monkeypatch):
