@@ -1,7 +1,10 @@
+import pytest
 import torch
 
 from conftest import build_model
+from refusal.data import load_self_questions
 from refusal.edits import EditParams, Kernel, KernelEdit, edited
+from refusal.errors import RefusalError
 from refusal.model import wrap_model
 from refusal.second import FOLLOW_STRENGTHS, SCREEN_FRACTIONS, SCREEN_STRENGTH, plan, second_base, second_params
 from refusal.settings import SearchSettings
@@ -18,9 +21,19 @@ def test_the_plan_screens_layers_then_follows_the_best_one():
     assert plan(done[:3], 8) == screen[3:]  # the screen first
     best = SCREEN_FRACTIONS[2]  # the lowest refusal score
     assert plan(done, 8) == [(best, s) for s in FOLLOW_STRENGTHS]
-    assert plan(done, 7) == [(best, FOLLOW_STRENGTHS[0])] and plan(done, 6) == []
+    n = len(screen)
+    assert plan(done, n + 1) == [(best, FOLLOW_STRENGTHS[0])] and plan(done, n) == []
     followed = {**point(20, -1.5, 0.1, "second"), "fraction": best, "strength": FOLLOW_STRENGTHS[0]}
     assert plan([*done, followed], 8) == [(best, FOLLOW_STRENGTHS[1])]  # done ones are not repeated
+
+
+def test_the_plan_follows_the_best_layer_within_the_kl_cap():
+    screen = [(f, SCREEN_STRENGTH) for f in SCREEN_FRACTIONS]
+    kls = [0.15, 0.12, 0.3, 0.25]  # the two deepest layers refuse least but cost more than the cap
+    done = [{**point(10 + k, -1.0 - 0.1 * k, kls[k], "second"), "fraction": f, "strength": s} for k, (f, s) in enumerate(screen)]
+    assert plan(done, 8, max_kl=0.2) == [(SCREEN_FRACTIONS[1], s) for s in FOLLOW_STRENGTHS]
+    assert plan(done, 8)[0][0] == SCREEN_FRACTIONS[3]  # no cap: the lowest refusal score
+    assert plan(done, 8, max_kl=0.1)[0][0] == SCREEN_FRACTIONS[1]  # none within: the lowest KL
 
 
 def test_the_base_is_the_lowest_refusal_low_kl_front_point_above_the_floor():
@@ -62,13 +75,31 @@ def test_second_directions_on_the_organism_separate_still_refused_from_complied(
     cands = compute_candidates(mean_activations(chat, harmful, 32), mean_activations(chat, harmless, 32))
     ids = chat.refusal_token_ids()
     strong = KernelEdit.from_candidates(cands, EditParams(layer=chat.n_layers / 2, attn=Kernel(0.95), mlp=Kernel(0.95)))
-    directions, counts = second_directions(chat, strong, harmful, ids, 32, list(SCREEN_FRACTIONS))
+    directions, counts = second_directions(chat, strong, harmful, ids, 32, list(SCREEN_FRACTIONS), "refused")
     assert counts["train"] == 60 and counts["refusing"] >= 2 and counts["complying"] >= 2  # a mix: directions made
     assert set(directions) == set(SCREEN_FRACTIONS) and all(v.shape == (chat.d_model,) and torch.isfinite(v).all() for v in directions.values())
-    again, _ = second_directions(chat, strong, harmful, ids, 32, list(SCREEN_FRACTIONS))
+    again, _ = second_directions(chat, strong, harmful, ids, 32, list(SCREEN_FRACTIONS), "refused")
     assert all(torch.equal(directions[f], again[f]) for f in directions)  # deterministic: a resumed study finds the same
     weak = KernelEdit.from_candidates(cands, EditParams(layer=chat.n_layers / 2, attn=Kernel(0.2), mlp=Kernel(0.2)))
-    assert second_directions(chat, weak, harmful, ids, 32, list(SCREEN_FRACTIONS))[0] == {}  # all still refused: none
+    assert second_directions(chat, weak, harmful, ids, 32, list(SCREEN_FRACTIONS), "refused")[0] == {}  # all still refused: none
+    # the default source: the built-in self questions against harmless train prompts, under the same base
+    disclaimer, counts = second_directions(chat, strong, harmful, ids, 32, list(SCREEN_FRACTIONS), "disclaimer", harmless)
+    assert counts["source"] == "disclaimer" and counts["questions"] == len(load_self_questions()) and counts["harmless"] == 60
+    unedited = mean_activations(chat, load_self_questions(), 32)[:, -1] - mean_activations(chat, harmless, 32)[:, -1]
+    with edited(chat, strong):
+        expected = mean_activations(chat, load_self_questions(), 32)[:, -1] - mean_activations(chat, harmless, 32)[:, -1]
+    for f, v in disclaimer.items():
+        layer = round(f * chat.n_layers)
+        assert torch.allclose(v, expected[layer].float(), atol=1e-5)
+        assert not torch.allclose(v, directions[f])  # another direction than the refused-vs-complied one
+        assert not torch.allclose(v, unedited[layer].float(), atol=1e-3)  # read under the base edit
+    with pytest.raises(RefusalError, match="unknown second-direction source"):
+        second_directions(chat, strong, harmful, ids, 32, list(SCREEN_FRACTIONS), "other", harmless)
+
+
+def test_the_self_questions_are_distinct_questions():
+    questions = load_self_questions()
+    assert len(questions) == 48 and len(set(questions)) == 48 and all(q.endswith("?") for q in questions)
 
 
 def test_search_runs_records_and_exports_second_direction_trials(organism_dir, tmp_path, monkeypatch):

@@ -243,6 +243,13 @@ def load_capability(split: str | None = None) -> list[CapabilityItem]:
     return [item for item in items if split is None or item.split == split]
 
 
+def load_self_questions() -> list[str]:
+    """Harmless questions about the assistant itself (texts/self_questions.txt, written for this project), which
+    chat models answer with an identity disclaimer ("As an AI language model, I don't have personal ...")."""
+    text = resources.files("refusal").joinpath("texts").joinpath("self_questions.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 # ---- the prompt lists of one run ----------------------------------------------------------------
 def resolve_source(spec: str, kind: str, packaged: dict[str, Path] | None) -> str:
     """'builtin' means the model's own prompt sets where a packaged model ships them (the organism)."""

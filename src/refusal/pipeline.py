@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .activations import mean_activations
 from .cleaning import Protection, protect
-from .data import dataset_hash, load_capability
+from .data import dataset_hash, load_capability, load_self_questions
 from .directions import Candidates, Direction, compute_candidates
 from .edits import Edit, EditParams, KernelEdit, Orthogonalization
 from .errors import RefusalError
@@ -183,7 +183,14 @@ def paper_edit(ctx: Context, cands: Candidates) -> tuple[EditParams, str, tuple[
 
 
 def study_inputs(ctx: Context) -> dict:
-    return {"harmful_val": ctx.prompts.hash("harmful", "val"), "harmless_val": ctx.prompts.hash("harmless", "val")}
+    """What the study's trials read besides the upstream artifacts: the validation prompts, and the questions
+    and harmless train prompts a second direction is made of."""
+    return {
+        "harmful_val": ctx.prompts.hash("harmful", "val"),
+        "harmless_val": ctx.prompts.hash("harmless", "val"),
+        "harmless_train": ctx.prompts.hash("harmless", "train"),
+        "self_questions": dataset_hash(load_self_questions()),
+    }
 
 
 def protected_prompts(ctx: Context) -> list[str]:

@@ -67,10 +67,13 @@ def study(ctx: Context, cands: Candidates) -> dict:
 
     begin = time.perf_counter()
     harmful_train = ctx.prompts.get("harmful", "train")
+    harmless_train = ctx.prompts.get("harmless", "train")
     directions_cache: dict = {}  # the second direction's, found once per base
 
     def second(done: list[dict]) -> list:
-        return second_trials(ctx.chat, cands, cleaner, done, s.search, harmful_train, refusal_ids, s.evaluation.batch_size, directions_cache)
+        return second_trials(
+            ctx.chat, cands, cleaner, done, s.search, harmful_train, refusal_ids, s.evaluation.batch_size, directions_cache, harmless_train
+        )
 
     storage, name = str(run.file("search", 1)), "refusal-search"  # the run's journal, or a database shared by workers:
     if s.search.storage:  # the study's name is the search's fingerprint, so workers with the same inputs meet in it

@@ -30,6 +30,7 @@ from .study_storage import check_url
 REFUSAL_WORDS = ("I", "As", "Sorry", "I'm", "Unfortunately", "Apologies")
 VARIANTS = ("projection", "norm_preserving", "biprojected")
 REFUSAL_MEASURES = ("margin", "log-odds")
+SECOND_SOURCES = ("disclaimer", "refused")  # where the search's second direction comes from (refusal.second)
 ENGINES = ("transformers", "vllm")
 REFUSAL_FLOORS = {"margin": -2.0, "log-odds": -5.0}  # a prompt below this no longer refuses (docs/search.md)
 
@@ -160,7 +161,14 @@ class SearchSettings:
         metavar="URL",
     )
     second: int = setting(
-        0, "trials adding a second direction for the train prompts the best low-KL point still refuses (8: a screen of 6 layers, then 2); 0: none"
+        6, "trials adding a second direction for the train prompts the best low-KL point still refuses (a screen of 4 layers, then 2); 0: none"
+    )
+    second_source: str = setting(
+        "disclaimer",
+        "where the second direction comes from: 'disclaimer' (the built-in questions about the assistant itself, which chat models "
+        "answer 'As an AI language model, I don't have ...', against harmless prompts) or 'refused' (the train prompts still refused "
+        "against those complied with)",
+        choices=SECOND_SOURCES,
     )
     refine: int = setting(2, "front points (KL at most --max-kl/2) whose strengths are scaled up by 1.1-1.4 in 4 last trials each; 0: no refinement")
     refusal_measure: str = setting(
