@@ -18,7 +18,8 @@ Stages, in one process on one loaded model:
    forced loss of the built-in code/math reference solutions, test split).
 Prints wall time and peak RSS per stage. Not a test: it only measures.
 
-``--no-kernel`` leaves out stage 3 (its figures from an earlier run stand in; docs/bench).
+``--no-kernel`` leaves out stage 3 and ``--no-paper`` the paper's edit on the test split (their figures from an
+earlier run stand in; docs/bench).
 ``--reuse`` keeps an existing ``--out`` run directory: its extraction and paper selection are reused
 where their fingerprints match these settings (the stage then takes seconds and says so); the
 searches always run afresh, since both write the run's one study.
@@ -97,6 +98,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--reuse", action="store_true", help="reuse --out's fresh extraction and paper selection instead of starting afresh")
     parser.add_argument("--no-kernel", action="store_true", help="leave out the kernel search (issue 13's configuration) and its columns")
+    parser.add_argument("--no-paper", action="store_true", help="leave out the paper's edit on the test split (an earlier run's row stands in)")
     args = parser.parse_args(join_negative_lists(sys.argv[1:]))
     set_quiet(True)
     out = args.out or Path(tempfile.mkdtemp(prefix="refusal-search-")) / "run"
@@ -141,7 +143,9 @@ def main() -> None:
         return lambda: editor.applied(edit)
 
     paper = Orthogonalization(direction.vector)
-    conditions = [Condition("original", "original", chat), Condition("paper", "paper's edit", chat, lambda: editor.applied(paper))]
+    conditions = [Condition("original", "original", chat)]
+    if not args.no_paper:
+        conditions.append(Condition("paper", "paper's edit", chat, lambda: editor.applied(paper)))
     if kernel is not None and old is not None:
         conditions += [
             Condition("kernel_old", "kernel search, old rule (issue 13)", chat, chosen_edit(old, None)),
@@ -175,6 +179,11 @@ def main() -> None:
         print_front("kernel search (no cleaning, log-odds objective; the new choice rule)", kernel)
         print_front("kernel search with the old choice rule (issue 13: the 4 lowest refusal scores under KL 0.2, fewest refusals)", old)
     print_front("search with its defaults (cleaned directions, margin objective, refinement, second direction)", new)
+    chosen = next(t for t in new["trials"] if t["trial"] == new["chosen"]["trial"])
+    shown = {k: ("..." if k == "second" and v else v) for k, v in chosen["params"].items()}
+    print(f"  chosen: trial {chosen['trial']} ({chosen['role']}), params {shown}")
+    for t in (t for t in new["trials"] if t["role"] == "second"):
+        print(f"  second-direction trial {t['trial']}: fraction {t['fraction']}, strength {t['strength']}, refusal {t['refusal']:.3f}, KL {t['kl']:.4f}")
     ce, cap = test["ce_loss"]["loss"], test["capability"]["loss"]
     print(f"\ntest split        {'harmful refused':>30s} {'harmless refused':>30s}  KL first  KL multi  corpus CE  capability (Δ%)")
     for c in conditions:

@@ -138,3 +138,17 @@ def test_search_runs_records_and_exports_second_direction_trials(organism_dir, t
         assert [t["trial"] for t in again["trials"]] == [t["trial"] for t in result["trials"]]
     finally:
         set_quiet(previous)
+
+
+def test_second_directions_are_cleaned_like_the_base():
+    from refusal.cleaning import Protection
+    from refusal.second import cleaned
+
+    acts = torch.randn(20, 5, 1, 16, generator=torch.Generator().manual_seed(0))  # [prompts, layers + 1, positions, d_model]
+    protection = Protection(acts, [-1])
+    directions = {0.5: torch.randn(16), 0.75: torch.randn(16)}
+    assert cleaned(directions, EditParams(layer=2.0), protection, 4) is directions  # the base is not cleaned
+    assert cleaned(directions, EditParams(layer=2.0, clean=1.0), None, 4) is directions
+    out = cleaned(directions, EditParams(layer=2.0, clean=1.0), protection, 4)
+    for f, v in directions.items():
+        assert torch.allclose(out[f], protection.clean(v, f * 4, -1, 1.0)) and not torch.allclose(out[f], v)
