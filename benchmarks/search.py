@@ -183,7 +183,7 @@ def main() -> None:
     shown = {k: ("..." if k == "second" and v else v) for k, v in chosen["params"].items()}
     print(f"  chosen: trial {chosen['trial']} ({chosen['role']}), params {shown}")
     for t in (t for t in new["trials"] if t["role"] == "second"):
-        print(f"  second-direction trial {t['trial']}: fraction {t['fraction']}, strength {t['strength']}, refusal {t['refusal']:.3f}, KL {t['kl']:.4f}")
+        print(f"  second trial {t['trial']}: fraction {t['fraction']}, strength {t['strength']}, refusal {t['refusal']:.3f}, KL {t['kl']:.4f}")
     ce, cap = test["ce_loss"]["loss"], test["capability"]["loss"]
     print(f"\ntest split        {'harmful refused':>30s} {'harmless refused':>30s}  KL first  KL multi  corpus CE  capability (Δ%)")
     for c in conditions:
