@@ -50,7 +50,7 @@ from .settings import SECOND_SOURCES, SearchSettings
 
 SCREEN_FRACTIONS = (0.5, 0.625, 0.75, 0.875)  # depth fractions whose difference of means is screened
 SCREEN_STRENGTH = 0.3  # flat strength of the second direction in the screen
-FOLLOW_STRENGTHS = (0.2, 0.45)  # strengths tried on the screen's best layer
+FOLLOW_STRENGTHS = (0.5, 0.7)  # strengths tried on the screen's best layer: above the screen's, up towards --max-kl
 COMPLY_BELOW = -1.0  # source "refused": a train prompt complied with has a refusal margin below this under the base edit
 MAX_COMPLYING = 64  # source "refused": complying prompts averaged (the first ones; the mean needs no more)
 MAX_HARMLESS = 96  # source "disclaimer": harmless train prompts averaged against the self questions
