@@ -62,7 +62,10 @@ def print_front(name: str, result: dict) -> None:
         note = " <- chosen" if n == result["chosen"]["trial"] else ""
         counts = f"{c['harmful_refused']}/{c['harmful_total']}, {c['harmless_refused']}/{c['harmless_total']}" if c else "-"
         print(f"  {n:4d} {record['role']:8s} {record['refusal']:8.3f} {record['kl']:8.4f} {record['kl_multi']:8.4f}  {counts}{note}")
-    print(f"  chosen ({result['chosen']['rule']}): {trials[result['chosen']['trial']]['params']}")
+    params = trials[result["chosen"]["trial"]]["params"]
+    second = params.get("second")
+    shown = {**params, "second": {k: v for k, v in second.items() if k != "vector"}} if second else params  # not its d_model numbers
+    print(f"  chosen ({result['chosen']['rule']}): trial {result['chosen']['trial']}, {shown}")
 
 
 def old_rule_choice(ctx, cands, result: dict, editor: Editor) -> dict:
@@ -98,6 +101,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--reuse", action="store_true", help="reuse --out's fresh extraction and paper selection instead of starting afresh")
     parser.add_argument("--no-kernel", action="store_true", help="leave out the kernel search (issue 13's configuration) and its columns")
+    parser.add_argument("--second", type=int, default=None, help="second-direction trials of the default search (default: the search's)")
     parser.add_argument("--no-paper", action="store_true", help="leave out the paper's edit on the test split (an earlier run's row stands in)")
     args = parser.parse_args(join_negative_lists(sys.argv[1:]))
     set_quiet(True)
@@ -107,6 +111,8 @@ def main() -> None:
     settings.data.n_val, settings.data.n_test = args.n_val, args.n_test
     settings.selection.layers, settings.selection.positions = args.layers, args.positions
     settings.search.trials, settings.search.time_budget, settings.search.score_prompts = args.trials, args.time_budget, args.score_prompts
+    if args.second is not None:
+        settings.search.second = args.second
     defaults = settings.search.protect_prompts, settings.search.refusal_measure, settings.search.refine, settings.search.second
     stages = Stages()
     stage = stages.run
@@ -179,9 +185,6 @@ def main() -> None:
         print_front("kernel search (no cleaning, log-odds objective; the new choice rule)", kernel)
         print_front("kernel search with the old choice rule (issue 13: the 4 lowest refusal scores under KL 0.2, fewest refusals)", old)
     print_front("search with its defaults (cleaned directions, margin objective, refinement, second direction)", new)
-    chosen = next(t for t in new["trials"] if t["trial"] == new["chosen"]["trial"])
-    shown = {k: ("..." if k == "second" and v else v) for k, v in chosen["params"].items()}
-    print(f"  chosen: trial {chosen['trial']} ({chosen['role']}), params {shown}")
     for t in (t for t in new["trials"] if t["role"] == "second"):
         print(f"  second trial {t['trial']}: fraction {t['fraction']}, strength {t['strength']}, refusal {t['refusal']:.3f}, KL {t['kl']:.4f}")
     ce, cap = test["ce_loss"]["loss"], test["capability"]["loss"]

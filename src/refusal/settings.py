@@ -161,7 +161,7 @@ class SearchSettings:
         metavar="URL",
     )
     second: int = setting(
-        6, "trials adding a second direction for the train prompts the best low-KL point still refuses (a screen of 4 layers, then 2); 0: none"
+        0, "trials adding a second direction for the train prompts the best low-KL point still refuses (6: a screen of 4 layers, then 2); 0: none"
     )
     second_source: str = setting(
         "disclaimer",
