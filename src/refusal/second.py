@@ -91,16 +91,19 @@ def second_directions(
         counts: dict = {"source": source, "refusing": len(refusing), "train": len(harmful_train)}
         if source == "disclaimer":
             pair = (load_self_questions(), (harmless_train or [])[:MAX_HARMLESS])
+            names = ("second: self questions", "second: harmless")
             counts["questions"], counts["harmless"] = len(pair[0]), len(pair[1])
         elif source == "refused":
             pair = (refusing, [p for p, m in zip(harmful_train, margins.tolist()) if m < COMPLY_BELOW][:MAX_COMPLYING])
+            names = ("second: refusing", "second: complying")
             counts["complying"] = len(pair[1])
         else:
             raise RefusalError(f"unknown second-direction source {source!r}; choose one of {', '.join(SECOND_SOURCES)}")
         if len(refusing) < MIN_REFUSING or min(len(pair[0]), len(pair[1])) < MIN_REFUSING:
-            log(f"second direction: {len(refusing)} of {len(harmful_train)} train prompts still refused under the base; none made")
+            sizes = f"{len(pair[0])} and {len(pair[1])} prompts to compare"
+            log(f"second direction: {len(refusing)} of {len(harmful_train)} train prompts still refused under the base, {sizes}; none made")
             return {}, counts
-        means = [mean_activations(chat, prompts, batch_size, name) for prompts, name in zip(pair, ("second: refusing", "second: complying"))]
+        means = [mean_activations(chat, prompts, batch_size, name) for prompts, name in zip(pair, names)]
     diff = means[0][:, -1] - means[1][:, -1]  # [n_layers + 1, d_model], the last position
     log(f"second direction ({source}): {len(refusing)} of {len(harmful_train)} train prompts still refused under the base")
     return {f: diff[round(f * chat.n_layers)].float() for f in fractions}, counts
