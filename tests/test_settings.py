@@ -80,6 +80,7 @@ def test_the_two_kl_limits_have_different_names():
         (lambda s: setattr(s.search, "variants", ["sideways"]), "unknown edit variant sideways"),
         (lambda s: setattr(s.search, "max_kl", 0.0), "--max-kl must be a positive KL"),
         (lambda s: setattr(s.search, "refusal_measure", "odds"), "unknown --refusal-measure 'odds'"),
+        (lambda s: setattr(s.search, "second_source", "apology"), "unknown --second-source 'apology'"),
         (lambda s: setattr(s.search, "refusal_floor", float("inf")), "--refusal-floor must be a finite score"),
     ],
 )

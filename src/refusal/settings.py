@@ -216,6 +216,8 @@ class SearchSettings:
             raise RefusalError(f"--max-kl must be a positive KL (got {self.max_kl:g})")
         if self.refusal_measure not in REFUSAL_MEASURES:
             raise RefusalError(f"unknown --refusal-measure {self.refusal_measure!r}; choose from {', '.join(REFUSAL_MEASURES)}")
+        if self.second_source not in SECOND_SOURCES:
+            raise RefusalError(f"unknown --second-source {self.second_source!r}; choose from {', '.join(SECOND_SOURCES)}")
         if self.refusal_floor is not None and not math.isfinite(self.refusal_floor):
             raise RefusalError(f"--refusal-floor must be a finite score (got {self.refusal_floor})")
 
