@@ -16,12 +16,13 @@ def point(trial, refusal, kl, role="sampled"):
 
 def test_the_plan_screens_layers_then_follows_the_best_one():
     screen = [(f, SCREEN_STRENGTH) for f in SCREEN_FRACTIONS]
-    assert plan([], 8) == screen and plan([], 2) == screen[:2] and plan([], 0) == []
-    done = [{**point(10 + k, -1.0 - (k == 2), 0.1, "second"), "fraction": f, "strength": s} for k, (f, s) in enumerate(screen)]
-    assert plan(done[:3], 8) == screen[3:]  # the screen first
-    best = SCREEN_FRACTIONS[2]  # the lowest refusal score
-    assert plan(done, 8) == [(best, s) for s in FOLLOW_STRENGTHS]
     n = len(screen)
+    assert n >= 2 and plan([], 8) == screen and plan([], 1) == screen[:1] and plan([], 0) == []
+    best_index = n - 1
+    done = [{**point(10 + k, -1.0 - (k == best_index), 0.1, "second"), "fraction": f, "strength": s} for k, (f, s) in enumerate(screen)]
+    assert plan(done[:1], 8) == screen[1:]  # the screen first
+    best = SCREEN_FRACTIONS[best_index]  # the lowest refusal score
+    assert plan(done, 8) == [(best, s) for s in FOLLOW_STRENGTHS]
     assert plan(done, n + 1) == [(best, FOLLOW_STRENGTHS[0])] and plan(done, n) == []
     followed = {**point(20, -1.5, 0.1, "second"), "fraction": best, "strength": FOLLOW_STRENGTHS[0]}
     assert plan([*done, followed], 8) == [(best, FOLLOW_STRENGTHS[1])]  # done ones are not repeated
@@ -29,11 +30,11 @@ def test_the_plan_screens_layers_then_follows_the_best_one():
 
 def test_the_plan_follows_the_best_layer_within_the_kl_cap():
     screen = [(f, SCREEN_STRENGTH) for f in SCREEN_FRACTIONS]
-    kls = [0.15, 0.12, 0.3, 0.25]  # the two deepest layers refuse least but cost more than the cap
+    kls = [0.15, 0.3]  # the deeper layer refuses less but costs more than the cap
     done = [{**point(10 + k, -1.0 - 0.1 * k, kls[k], "second"), "fraction": f, "strength": s} for k, (f, s) in enumerate(screen)]
-    assert plan(done, 8, max_kl=0.2) == [(SCREEN_FRACTIONS[1], s) for s in FOLLOW_STRENGTHS]
-    assert plan(done, 8)[0][0] == SCREEN_FRACTIONS[3]  # no cap: the lowest refusal score
-    assert plan(done, 8, max_kl=0.1)[0][0] == SCREEN_FRACTIONS[1]  # none within: the lowest KL
+    assert plan(done, 8, max_kl=0.2) == [(SCREEN_FRACTIONS[0], s) for s in FOLLOW_STRENGTHS]
+    assert plan(done, 8)[0][0] == SCREEN_FRACTIONS[1]  # no cap: the lowest refusal score
+    assert plan(done, 8, max_kl=0.1)[0][0] == SCREEN_FRACTIONS[0]  # none within: the lowest KL
 
 
 def test_the_base_is_the_lowest_refusal_low_kl_front_point_above_the_floor():

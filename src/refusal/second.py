@@ -48,7 +48,7 @@ from .scoring import LastPosition, refusal_margin
 from .search import pareto_front
 from .settings import SECOND_SOURCES, SearchSettings
 
-SCREEN_FRACTIONS = (0.5, 0.625, 0.75, 0.875)  # depth fractions whose difference of means is screened
+SCREEN_FRACTIONS = (0.625, 0.75)  # depth fractions whose difference of means is screened
 SCREEN_STRENGTH = 0.3  # flat strength of the second direction in the screen
 FOLLOW_STRENGTHS = (0.5, 0.7)  # strengths tried on the screen's best layer: above the screen's, up towards --max-kl
 COMPLY_BELOW = -1.0  # source "refused": a train prompt complied with has a refusal margin below this under the base edit

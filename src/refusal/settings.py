@@ -161,7 +161,9 @@ class SearchSettings:
         metavar="URL",
     )
     second: int = setting(
-        0, "trials adding a second direction for the train prompts the best low-KL point still refuses (6: a screen of 4 layers, then 2); 0: none"
+        4,
+        "last trials adding a second direction for the harmful prompts the best low-KL point still refuses (a screen of 2 layers, "
+        "then 2 strengths on the better one); 0: none",
     )
     second_source: str = setting(
         "disclaimer",
@@ -184,7 +186,7 @@ class SearchSettings:
     min_layer_fraction: float = setting(0.25, "searched source layers start at this fraction of the depth")
     max_layer_fraction: float = setting(0.8, "searched source layers end at this fraction of the depth")
     anchors: list[float] = setting(
-        [0.45, 0.55, 0.65, 0.75],
+        [0.5, 0.6, 0.7, 0.8],
         "depth fractions of the flat biprojected trials that seed the study",
         parse=lambda t: [float(x) for x in t.split(",") if x.strip()],
     )
