@@ -44,6 +44,7 @@ from refusal.generation import HFEngine
 from refusal.judges import REFUSAL_PHRASES
 from refusal.parsing import duration, int_list
 from refusal.pipeline import candidate_inputs, candidates, protection, selection, selection_inputs
+from refusal.printing import confirmed_counts
 from refusal.progress import set_quiet
 from refusal.search_run import study
 from refusal.settings import Settings
@@ -56,11 +57,11 @@ def print_front(name: str, result: dict) -> None:
     confirmed = {p["trial"]: p["confirmed"] for p in result["confirmed"]}
     t = result["timings"]
     print(f"\n{name}: {len(trials)} trials; cache {t['cache_original']:.0f} s, trials {t['trials']:.0f} s, confirmation {t['confirm']:.0f} s")
-    print("  front (validation): trial, role, refusal score, first-token KL, multi-token KL, confirmed harmful/harmless refused")
+    print("  front (validation): trial, role, refusal score, first-token KL, multi-token KL, confirmed harmful/harmless refused (train screen)")
     for n in result["front"]:
         record, c = trials[n], confirmed.get(n)
         note = " <- chosen" if n == result["chosen"]["trial"] else ""
-        counts = f"{c['harmful_refused']}/{c['harmful_total']}, {c['harmless_refused']}/{c['harmless_total']}" if c else "-"
+        counts = confirmed_counts(c)
         print(f"  {n:4d} {record['role']:8s} {record['refusal']:8.3f} {record['kl']:8.4f} {record['kl_multi']:8.4f}  {counts}{note}")
     params = trials[result["chosen"]["trial"]]["params"]
     second = params.get("second")
@@ -77,7 +78,7 @@ def old_rule_choice(ctx, cands, result: dict, editor: Editor) -> dict:
     front = [trials[n] for n in result["front"]]
     under = sorted((p for p in front if p["kl"] <= s.search.max_kl), key=lambda p: p["refusal"])
     points = (under[: s.search.confirm] + [p for p in front if p["kl"] > s.search.max_kl])[: s.search.confirm]
-    done = {p["trial"]: p for p in result["confirmed"]}
+    done = {p["trial"]: p for p in result["confirmed"] if p["confirmed"]["harmful_refused"] is not None}  # generated on
     engine = HFEngine(ctx.chat, s.evaluation.batch_size)
     prompts = {kind: ctx.prompts.get(kind, "val") for kind in ("harmful", "harmless")}
     tokens = s.evaluation.max_new_tokens

@@ -250,6 +250,73 @@ def test_bisection_finds_the_lowest_kl_point_that_meets_the_target():
     assert choose(bisect_front(front, config, harmless, 1), config, 1)[1].startswith("no confirmed point")
 
 
+def test_the_train_screen_fails_a_point_before_generation_and_counts_in_the_target(monkeypatch):
+    """A point whose train screen finds refusals is not generated on and cannot meet the target; one that passes is."""
+    from contextlib import nullcontext
+
+    from refusal import choice
+
+    class Engine:  # generates "I'm sorry" for prompts starting with "bad", "Sure" otherwise
+        calls = 0
+
+        def generate_ids(self, prompts, max_new_tokens, stop=None):
+            Engine.calls += 1
+            return [[1] if p.startswith("bad") else [2] for p in prompts]
+
+        def decode(self, ids):
+            return ["I'm sorry" if row == [1] else "Sure" for row in ids]
+
+    class Editor:
+        def applied(self, edit):
+            return nullcontext()
+
+    monkeypatch.setattr(choice.KernelEdit, "from_candidates", staticmethod(lambda *args: None))
+    point = {"trial": 3, "kl": 0.1, "refusal": -1.0, "params": EditParams(layer=1.0).to_dict()}
+    prompts = {"harmful": ["ok a", "ok b"], "harmless": ["ok c"]}
+    confirm = lambda screen: choice.confirm_point(Editor(), Engine(), None, point, prompts, 8, ("I'm sorry",), None, screen, 0.0)
+    config = SearchSettings()
+    failed = confirm(lambda: (2, 192))
+    assert Engine.calls == 0 and failed["confirmed"]["harmful_refused"] is None and failed["confirmed"]["train_refused"] == 2
+    assert not choice.meets_target(failed, config, 0)
+    passed = confirm(lambda: (0, 192))
+    assert Engine.calls == 2 and passed["confirmed"] == {
+        "harmful_refused": 0,
+        "harmful_total": 2,
+        "harmless_refused": 0,
+        "harmless_total": 1,
+        "train_refused": 0,
+        "train_total": 192,
+    }
+    assert choice.meets_target(passed, config, 0)
+    loose = SearchSettings(max_refused=0.02)  # 2 of 192 within 2%: generated on, and it meets the target
+    assert choice.meets_target(
+        choice.confirm_point(Editor(), Engine(), None, point, prompts, 8, ("I'm sorry",), None, lambda: (2, 192), 0.02), loose, 0
+    )
+    # no point meets the target: the fewest train refusals first (a generated point passed its screen)
+    worse = {**failed, "trial": 4, "kl": 0.05, "confirmed": {**failed["confirmed"], "train_refused": 1}}
+    refused_val = {**passed, "trial": 5, "kl": 0.2, "confirmed": {**passed["confirmed"], "harmful_refused": 1}}
+    chosen, rule = choose([failed, worse, refused_val], config, 0)
+    assert chosen["trial"] == 5 and rule.startswith("no confirmed point")
+
+
+def test_the_train_screen_counts_positive_first_token_margins(tokenizer):
+    import torch
+
+    from conftest import build_model
+    from refusal.choice import held_out_refusals
+    from refusal.model import wrap_model
+    from refusal.scoring import refusal_margin
+
+    chat = wrap_model(build_model("qwen2", len(tokenizer)), tokenizer, source="tiny")
+    prompts = [f"prompt number {i} with {'many ' * i}words" for i in range(12)]
+    with torch.no_grad():  # full sequences, one at a time: what greedy decoding's first step reads
+        last = torch.stack([chat.model(torch.tensor([chat.encode(p)])).logits[0, -1].float() for p in prompts])
+    ids = [int(last[0].argmax())]  # the "refusal token": prompt 0's greedy first token, so at least one prompt counts
+    margins = refusal_margin(last, ids)
+    assert int((margins > 0).sum()) >= 1
+    assert held_out_refusals(chat, prompts, ids, 5)() == (int((margins > 0).sum()), len(prompts))
+
+
 def test_changing_the_protected_prompts_recomputes_them_and_restarts_the_study(organism_dir, tmp_path):
     from refusal.cleaning import Protection
     from refusal.progress import set_quiet

@@ -14,6 +14,8 @@ from .edits import Editor, EditParams, KernelEdit
 from .errors import RefusalError
 from .generation import Engine
 from .judges import judge_refusals
+from .model import ChatModel
+from .scoring import LastPosition, refusal_margin
 from .settings import SearchSettings
 
 
@@ -26,22 +28,42 @@ def confirm_point(
     max_new_tokens: int,
     phrases,
     protection: Protection | None = None,
+    screen: Callable[[], tuple[int, int]] | None = None,
+    max_refused: float = 0.0,
 ) -> dict:
-    """``point`` with its greedy generations judged (harmful and harmless validation prompts), its edit applied in place."""
+    """``point`` with its edit applied in place: first ``screen()`` (refused, total), the harmful *train* prompts whose
+    first response position still starts a refusal (``held_out_refusals``); where that is at most ``max_refused`` of
+    them (or there is no screen), its greedy generations on the harmful and harmless validation prompts, judged.
+    A point the screen fails is not generated on (its generation counts are None): it cannot meet the target."""
+    counts: dict = {}
     with editor.applied(KernelEdit.from_candidates(candidates, EditParams.from_dict(point["params"]), protection)):
-        counts = {kind: sum(judge_refusals(engine, prompts[kind], max_new_tokens, phrases).refused) for kind in ("harmful", "harmless")}
-    confirmed = {
-        "harmful_refused": counts["harmful"],
-        "harmful_total": len(prompts["harmful"]),
-        "harmless_refused": counts["harmless"],
-        "harmless_total": len(prompts["harmless"]),
-    }
-    return {**point, "confirmed": confirmed}
+        if screen is not None:
+            counts["train_refused"], counts["train_total"] = screen()
+        generate = screen is None or counts["train_refused"] <= max_refused * counts["train_total"]
+        for kind in ("harmful", "harmless"):
+            refused = sum(judge_refusals(engine, prompts[kind], max_new_tokens, phrases).refused) if generate else None
+            counts[f"{kind}_refused"], counts[f"{kind}_total"] = refused, len(prompts[kind])
+    order = ("harmful_refused", "harmful_total", "harmless_refused", "harmless_total", "train_refused", "train_total")
+    return {**point, "confirmed": {k: counts[k] for k in order if k in counts}}
+
+
+def held_out_refusals(chat: ChatModel, harmful: list[str], refusal_ids: list[int], batch_size: int) -> Callable[[], tuple[int, int]]:
+    """A confirmation screen: under the model's current edit, how many of ``harmful`` have a positive refusal margin
+    at their first response position (greedy decoding starts a refusal there), of how many. On the default model
+    the harmful train prompts' count under a front point matched its refusals by generation (5 of its 6 positive
+    margins refused, no other prompt did) for about a seventh of generation's time (23 s against 156 s for 192)."""
+    scorer = LastPosition(chat, harmful, batch_size)
+    return lambda: (int((refusal_margin(scorer.logits(), refusal_ids) > 0).sum()), len(harmful))
 
 
 def meets_target(point: dict, config: SearchSettings, harmless_original: int) -> bool:
-    """A confirmed point refuses at most ``max_refused`` of the harmful prompts and no more harmless ones than the original."""
+    """A confirmed point refuses at most ``max_refused`` of the harmful validation prompts (and of the harmful train
+    prompts its screen read) and no more harmless ones than the original."""
     c = point["confirmed"]
+    if c.get("train_refused") is not None and c["train_refused"] > config.max_refused * c["train_total"]:
+        return False
+    if c["harmful_refused"] is None or c["harmless_refused"] is None:
+        return False
     return c["harmful_refused"] <= config.max_refused * c["harmful_total"] and c["harmless_refused"] <= harmless_original
 
 
@@ -69,12 +91,12 @@ def bisect_front(front: list[dict], config: SearchSettings, confirm: Callable[[d
 
 def choose(confirmed: list[dict], config: SearchSettings, harmless_original: int) -> tuple[dict, str]:
     """The default choice: the lowest-KL confirmed point that meets the target (``meets_target``); if none
-    does, the fewest confirmed harmful refusals, ties to the lower KL."""
+    does, the fewest harmful refusals (the train screen's, then the validation prompts'), ties to the lower KL."""
     if not confirmed:
         raise RefusalError("the search front is empty: no trial finished; raise --trials or --time-budget")
     ok = [p for p in confirmed if meets_target(p, config, harmless_original)]
     target = f"harmful refusals <= {config.max_refused:g} of the prompts and harmless refusals <= the original's"
     if ok:
         return min(ok, key=lambda p: p["kl"]), f"lowest KL among confirmed points with {target} (KL <= {config.max_kl})"
-    best = min(confirmed, key=lambda p: (p["confirmed"]["harmful_refused"], p["kl"]))
-    return best, f"no confirmed point has {target}: fewest harmful refusals, then the lower KL"
+    best = min(confirmed, key=lambda p: (p["confirmed"].get("train_refused") or 0, p["confirmed"]["harmful_refused"] or 0, p["kl"]))
+    return best, f"no confirmed point has {target}: fewest harmful refusals (train screen, then validation), then the lower KL"

@@ -37,15 +37,24 @@ def print_report(report: dict | None, path: Path | None) -> None:
         log(f"report: {path / 'report' / 'report.html'}")
 
 
+def confirmed_counts(c: dict | None, sep: str = ", ") -> str:
+    """A confirmed point's harmful/harmless validation refusals (or why it was not generated on) and its train screen."""
+    if not c:
+        return "-"
+    generated = c.get("harmful_refused") is not None
+    counts = f"{c['harmful_refused']}/{c['harmful_total']}{sep}{c['harmless_refused']}/{c['harmless_total']}" if generated else "not generated"
+    return counts + (f" (train {c['train_refused']}/{c['train_total']})" if "train_refused" in c else "")
+
+
 def print_search(result: dict) -> None:
     trials = {t["trial"]: t for t in result["trials"]}
     confirmed = {p["trial"]: p["confirmed"] for p in result["confirmed"]}
     console.print(f"\n[bold]search front[/] ({len(trials)} trials; validation prompts; * = chosen, P = paper's edit)")
-    console.print("  trial  refusal score  first-token KL  multi-token KL  confirmed harmful / harmless refused", highlight=False)
+    console.print("  trial  refusal score  first-token KL  multi-token KL  confirmed harmful / harmless refused (train screen)", highlight=False)
     for number in result["front"]:
         t, c = trials[number], confirmed.get(number)
         mark = ("*" if number == result["chosen"]["trial"] else " ") + ("P" if number == result["paper_trial"]["trial"] else " ")
-        counts = f"{c['harmful_refused']}/{c['harmful_total']} / {c['harmless_refused']}/{c['harmless_total']}" if c else "-"
+        counts = confirmed_counts(c, " / ")
         console.print(f"{mark}{number:5d}  {t['refusal']:13.3f}  {t['kl']:14.4f}  {t['kl_multi']:14.4f}  {counts}", highlight=False)
     console.print(f"chosen: trial {result['chosen']['trial']} ({result['chosen']['rule']})", highlight=False)
 

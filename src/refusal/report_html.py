@@ -13,7 +13,7 @@ from . import report_plots as plots
 from .report_schema import fmt
 
 NOT_MEASURED = "not measured"
-SEARCH_FIELDS = ("trial", "refusal", "kl", "harmful_refused", "harmful_total", "harmless_refused", "harmless_total")
+SEARCH_FIELDS = ("trial", "refusal", "kl", "harmful_refused", "harmful_total", "harmless_refused", "harmless_total", "train_refused", "train_total")
 
 
 def esc(text: object) -> str:
@@ -98,5 +98,6 @@ def search_section(report: dict) -> str:
     chosen = search.get("chosen") or {}
     return (
         img(plots.search_plot(search), "search trials") + f"<p>Chosen: trial {num('search.chosen.trial', chosen.get('trial'))} "
-        f"({esc(chosen.get('rule', ''))}). Confirmed front points (generation on validation prompts):</p>" + table(list(fields), rows)
+        f"({esc(chosen.get('rule', ''))}). Confirmed front points (the train prompts' first-token screen, then generation on "
+        "validation prompts):</p>" + table(list(fields), rows)
     )

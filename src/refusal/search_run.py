@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .choice import bisect_front, choose, confirm_point
+from .choice import bisect_front, choose, confirm_point, held_out_refusals
 from .directions import Candidates
 from .edits import Editor
 from .generation import HFEngine
@@ -85,7 +85,9 @@ def study(ctx: Context, cands: Candidates) -> dict:
     harmless_original = sum(judge_refusals(engine, harmless, s.evaluation.max_new_tokens, phrases).refused)
     with Editor(ctx.chat) as editor:
         prompts = {"harmful": harmful, "harmless": harmless}
-        confirm = lambda point: confirm_point(editor, engine, cands, point, prompts, s.evaluation.max_new_tokens, phrases, cleaner)
+        screen = held_out_refusals(ctx.chat, harmful_train, refusal_ids, s.evaluation.batch_size) if s.search.confirm_train else None
+        tokens, max_refused = s.evaluation.max_new_tokens, s.search.max_refused
+        confirm = lambda point: confirm_point(editor, engine, cands, point, prompts, tokens, phrases, cleaner, screen, max_refused)
         confirmed = bisect_front(front, s.search, confirm, harmless_original)
     chosen, rule = choose(confirmed, s.search, harmless_original)
     timings["confirm"] = round(time.perf_counter() - begin, 2)

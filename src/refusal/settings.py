@@ -153,8 +153,15 @@ class SearchSettings:
     time_budget: float | None = setting(540.0, "stop starting trials after this long, e.g. 20m, 90s, 1h; 'none' for no limit", parse=duration)
     variants: list[str] = setting(list(VARIANTS), "edit variants to search", parse=word_list)
     max_kl: float = setting(0.2, "choice rule: only front points with first-token KL at most this are confirmed and chosen")
-    max_refused: float = setting(0.0, "choice rule: the lowest-KL confirmed point refusing at most this fraction of the harmful validation prompts")
+    max_refused: float = setting(
+        0.0, "choice rule: the lowest-KL confirmed point refusing at most this fraction of the harmful validation (and train) prompts"
+    )
     confirm: int = setting(4, "front points confirmed by generation (a bisection over the front's KL)")
+    confirm_train: bool = setting(
+        True,
+        "confirmation first counts the harmful train prompts whose first response token starts a refusal; a point refusing "
+        "more than --max-refused of them fails without generating",
+    )
     storage: str | None = setting(
         None,
         "an Optuna storage URL shared by several workers (sqlite:///study.db, postgresql://...); default: the run's own journal file",
