@@ -52,6 +52,9 @@ def test_options_override_defaults_and_nothing_else():
     untouched = Settings()
     assert settings.evaluation.batch_size == untouched.evaluation.batch_size and settings.search.max_kl == untouched.search.max_kl
     assert given(args, "selection") == {"layers": [3, 4, 5]}
+    assert settings.search.confirm_train  # a switch that is on by default is turned off with --no-NAME
+    off = parser(("search",)).parse_args(["--no-confirm-train"])
+    assert from_args(off).search.confirm_train is False and given(off, "search") == {"confirm_train": False}
 
 
 def test_the_tree_round_trips_through_json_and_rejects_unknown_keys():

@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...]) -> N
             shown = ",".join(map(str, default)) if isinstance(default, list) else default
             help_text = f"{meta['help']} (default: {shown})"
             if hints[group_name][f.name] is bool:
-                group.add_argument(flag(f), dest=f"{group_name}.{f.name}", action="store_true", default=None, help=help_text)
+                action = argparse.BooleanOptionalAction if default else "store_true"  # an on-by-default switch: --no-NAME turns it off
+                group.add_argument(flag(f), dest=f"{group_name}.{f.name}", action=action, default=None, help=help_text)
                 continue
             parse = meta["parse"] or _scalar_parser(hints[group_name][f.name])
             group.add_argument(
