@@ -256,15 +256,15 @@ def test_the_train_screen_fails_a_point_before_generation_and_counts_in_the_targ
 
     from refusal import choice
 
-    class Engine:  # generates "I'm sorry" for prompts starting with "bad", "Sure" otherwise
+    class Engine:  # complies with every prompt and counts its generation calls
         calls = 0
 
         def generate_ids(self, prompts, max_new_tokens, stop=None):
             Engine.calls += 1
-            return [[1] if p.startswith("bad") else [2] for p in prompts]
+            return [[2] for _ in prompts]
 
         def decode(self, ids):
-            return ["I'm sorry" if row == [1] else "Sure" for row in ids]
+            return ["Sure" for _ in ids]
 
     class Editor:
         def applied(self, edit):
