@@ -213,6 +213,7 @@ def test_bad_search_options_are_clear_errors(organism_dir, tmp_path, capsys):
         (["--trials", "0"], "--trials must be at least 1"),
         (["--max-kl", "0"], "--max-kl must be a positive KL"),
         (["--max-refused", "2"], "--max-refused must be a fraction"),
+        (["--screen-margin", "-0.1"], "--screen-margin must be a margin of at least 0"),
         (["--protect-prompts=-1"], "--protect-prompts must be at least 0"),
     ):
         capsys.readouterr()
@@ -315,6 +316,13 @@ def test_the_train_screen_counts_positive_first_token_margins(tokenizer):
     margins = refusal_margin(last, ids)
     assert int((margins > 0).sum()) >= 1
     assert held_out_refusals(chat, prompts, ids, 5)() == (int((margins > 0).sum()), len(prompts))
+    runner_up = [int(last[0].topk(2).indices[1])]  # a token no prompt starts with: every margin below 0
+    below = refusal_margin(last, runner_up)
+    ordered = below.sort().values
+    buffer = -float(ordered[5] + ordered[6]) / 2  # a buffer between two prompts' margins: it takes in the top half
+    assert held_out_refusals(chat, prompts, runner_up, 5)() == (0, len(prompts))
+    wider = held_out_refusals(chat, prompts, runner_up, 5, margin=buffer)()
+    assert wider == (int((below > -buffer).sum()), len(prompts)) and 0 < wider[0] < len(prompts)
 
 
 def test_changing_the_protected_prompts_recomputes_them_and_restarts_the_study(organism_dir, tmp_path):

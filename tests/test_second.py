@@ -6,7 +6,7 @@ from refusal.data import load_self_questions
 from refusal.edits import EditParams, Kernel, KernelEdit, edited
 from refusal.errors import RefusalError
 from refusal.model import wrap_model
-from refusal.second import FOLLOW_STRENGTHS, SCREEN_FRACTIONS, SCREEN_STRENGTH, plan, second_base, second_params
+from refusal.second import BASE_KL_FRACTION, FOLLOW_STRENGTHS, SCREEN_FRACTIONS, SCREEN_STRENGTH, plan, second_base, second_params
 from refusal.settings import SearchSettings
 
 
@@ -25,7 +25,15 @@ def test_the_plan_screens_layers_then_follows_the_best_one():
     assert plan(done, 8) == [(best, s) for s in FOLLOW_STRENGTHS]
     assert plan(done, n + 1) == [(best, FOLLOW_STRENGTHS[0])] and plan(done, n) == []
     followed = {**point(20, -1.5, 0.1, "second"), "fraction": best, "strength": FOLLOW_STRENGTHS[0]}
-    assert plan([*done, followed], 8) == [(best, FOLLOW_STRENGTHS[1])]  # done ones are not repeated
+    assert plan([*done, followed], 8) == [(best, s) for s in FOLLOW_STRENGTHS[1:]]  # done ones are not repeated
+
+
+def test_the_plan_counts_only_the_trials_on_its_base():
+    screen = [(f, SCREEN_STRENGTH) for f in SCREEN_FRACTIONS]
+    done = [{**point(10 + k, -1.0, 0.1, "second"), "fraction": f, "strength": s, "base": 3} for k, (f, s) in enumerate(screen)]
+    assert plan(done, 8, base=3)[0][1] == FOLLOW_STRENGTHS[0]  # the screen on base 3 is done
+    assert plan(done, 8, base=5) == screen  # a resumed study whose base changed screens again
+    assert plan(done, 8) == plan(done, 8, base=3)  # no base given: every second-direction trial counts
 
 
 def test_the_plan_follows_the_best_layer_within_the_kl_cap():
@@ -38,9 +46,10 @@ def test_the_plan_follows_the_best_layer_within_the_kl_cap():
 
 
 def test_the_base_is_the_lowest_refusal_low_kl_front_point_above_the_floor():
-    config = SearchSettings(max_kl=0.2)  # KL <= 0.1, refusal above the floor -2
-    records = [point(0, 0.5, 0.0), point(1, -1.0, 0.05), point(2, -1.5, 0.09), point(3, -1.9, 0.3), point(4, -2.0, 0.095, "refine")]
-    assert second_base(records, config)["trial"] == 2  # 3: KL too high; 4: at the floor
+    config = SearchSettings(max_kl=0.3)
+    cap = BASE_KL_FRACTION * config.max_kl  # 0.1
+    records = [point(0, 0.5, 0.0), point(1, -1.0, 0.05), point(2, -1.5, 0.09), point(3, -1.9, cap + 0.01), point(4, -2.0, 0.095, "refine")]
+    assert second_base(records, config)["trial"] == 2  # 3: KL above the base's cap; 4: at the floor
     records.append({**point(5, -1.8, 0.02, "second")})  # second-direction trials never become the base
     assert second_base(records, config)["trial"] == 2
     assert second_base([point(0, 0.5, 0.5)], config) is None

@@ -32,7 +32,7 @@ def confirm_point(
     max_refused: float = 0.0,
 ) -> dict:
     """``point`` with its edit applied in place: first ``screen()`` (refused, total), the harmful *train* prompts whose
-    first response position still starts a refusal (``held_out_refusals``); where that is at most ``max_refused`` of
+    first response position still starts a refusal, or nearly (``held_out_refusals``); where that is at most ``max_refused`` of
     them (or there is no screen), its greedy generations on the harmful and harmless validation prompts, judged.
     A point the screen fails is not generated on (its generation counts are None): it cannot meet the target."""
     counts: dict = {}
@@ -47,13 +47,19 @@ def confirm_point(
     return {**point, "confirmed": {k: counts[k] for k in order if k in counts}}
 
 
-def held_out_refusals(chat: ChatModel, harmful: list[str], refusal_ids: list[int], batch_size: int) -> Callable[[], tuple[int, int]]:
-    """A confirmation screen: under the model's current edit, how many of ``harmful`` have a positive refusal margin
-    at their first response position (greedy decoding starts a refusal there), of how many. On the default model
-    the harmful train prompts' count under a front point matched its refusals by generation (5 of its 6 positive
-    margins refused, no other prompt did) for about a seventh of generation's time (23 s against 156 s for 192)."""
+def held_out_refusals(
+    chat: ChatModel, harmful: list[str], refusal_ids: list[int], batch_size: int, margin: float = 0.0
+) -> Callable[[], tuple[int, int]]:
+    """A confirmation screen: under the model's current edit, how many of ``harmful`` have a refusal margin above
+    ``-margin`` at their first response position, of how many. Above 0 greedy decoding starts a refusal: on the
+    default model the harmful train prompts' count under a front point matched its refusals by generation (5 of its
+    6 positive margins refused, no other prompt did) for about a seventh of generation's time (23 s against 156 s
+    for 192). The buffer ``margin`` (``--screen-margin``) is for the prompts the screen did not see: the point the
+    bisection picks is the cheapest whose highest train margin is below the line, and a new set of 64 prompts holds a
+    prompt above all 192 train prompts about one time in four (64 / 256), by about the train margins' top spacing
+    (docs/search.md, "Measured (issue 15, seventh session)")."""
     scorer = LastPosition(chat, harmful, batch_size)
-    return lambda: (int((refusal_margin(scorer.logits(), refusal_ids) > 0).sum()), len(harmful))
+    return lambda: (int((refusal_margin(scorer.logits(), refusal_ids) > -margin).sum()), len(harmful))
 
 
 def meets_target(point: dict, config: SearchSettings, harmless_original: int) -> bool:

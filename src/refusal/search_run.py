@@ -86,7 +86,7 @@ def study(ctx: Context, cands: Candidates) -> dict:
     with Editor(ctx.chat) as editor:
         prompts = {"harmful": harmful, "harmless": harmless}
         use_screen = s.search.confirm_train and harmful_train  # no train prompts (a small custom dataset): generation alone
-        screen = held_out_refusals(ctx.chat, harmful_train, refusal_ids, s.evaluation.batch_size) if use_screen else None
+        screen = held_out_refusals(ctx.chat, harmful_train, refusal_ids, s.evaluation.batch_size, s.search.screen_margin) if use_screen else None
         tokens, max_refused = s.evaluation.max_new_tokens, s.search.max_refused
         confirm = lambda point: confirm_point(editor, engine, cands, point, prompts, tokens, phrases, cleaner, screen, max_refused)
         confirmed = bisect_front(front, s.search, confirm, harmless_original)

@@ -7,7 +7,8 @@ disclaimer rather than an apology. The refusal direction does not carry that beh
 direction does:
 
 1. the *base*: the front point with the lowest refusal score among those with first-token KL at most
-   ``max_kl / 2`` that still score above the floor (the refinements' first base);
+   ``BASE_KL_FRACTION`` of ``max_kl`` that still score above the floor (a third: the second direction
+   buys refusals for less KL than a stronger base, and a base above strength 1.2 costs capability);
 2. with the base applied, the harmful *train* prompts are scored at their last position (the refusal
    margin); with fewer than ``MIN_REFUSING`` still refused (margin > 0) there is nothing to do;
 3. the second direction r2 at a layer is a difference of mean residual activations at the last
@@ -50,19 +51,22 @@ from .settings import SECOND_SOURCES, SearchSettings
 
 SCREEN_FRACTIONS = (0.625, 0.75)  # depth fractions whose difference of means is screened
 SCREEN_STRENGTH = 0.3  # flat strength of the second direction in the screen
-FOLLOW_STRENGTHS = (0.5, 0.7)  # strengths tried on the screen's best layer: above the screen's, up towards --max-kl
+FOLLOW_STRENGTHS = (0.5, 0.7, 0.9)  # strengths tried on the screen's best layer: above the screen's, up towards --max-kl
+BASE_KL_FRACTION = 1 / 3  # the base's first-token KL is at most this fraction of --max-kl
 COMPLY_BELOW = -1.0  # source "refused": a train prompt complied with has a refusal margin below this under the base edit
 MAX_COMPLYING = 64  # source "refused": complying prompts averaged (the first ones; the mean needs no more)
 MAX_HARMLESS = 96  # source "disclaimer": harmless train prompts averaged against the self questions
 MIN_REFUSING = 2  # fewer still-refused train prompts than this: no second direction
 
 
-def plan(records: list[dict], n: int, max_kl: float = math.inf) -> list[tuple[float, float]]:
+def plan(records: list[dict], n: int, max_kl: float = math.inf, base: int | None = None) -> list[tuple[float, float]]:
     """The (depth fraction, strength) pairs of the second-direction trials to run next, at most ``n`` in all:
     the screen first; once it is done, the best screened layer (the lowest refusal score among those with
-    first-token KL at most ``max_kl``, else the lowest KL) at the follow strengths."""
+    first-token KL at most ``max_kl``, else the lowest KL) at the follow strengths. Only trials on ``base``
+    count as done (a resumed study whose base changed plans afresh); None: every second-direction trial."""
     screen = [(f, SCREEN_STRENGTH) for f in SCREEN_FRACTIONS][:n]
-    done = {(r["fraction"], r["strength"]): r for r in records if r["role"] == "second"}
+    ours = [r for r in records if r["role"] == "second" and (base is None or r.get("base") == base)]
+    done = {(r["fraction"], r["strength"]): r for r in ours}
     todo = [pair for pair in screen if pair not in done]
     if todo or not screen:
         return todo
@@ -125,9 +129,9 @@ def cleaned(directions: dict[float, torch.Tensor], base: EditParams, protection:
 
 def second_base(records: list[dict], config: SearchSettings) -> dict | None:
     """The front point (sampled and refinement trials) with the lowest refusal score among those with
-    first-token KL at most ``max_kl / 2`` still scoring above the floor, or None."""
+    first-token KL at most ``BASE_KL_FRACTION * max_kl`` still scoring above the floor, or None."""
     front = pareto_front([r for r in records if r["role"] != "second"])
-    low = [p for p in front if p["kl"] <= config.max_kl / 2 and p["refusal"] > config.floor]
+    low = [p for p in front if p["kl"] <= BASE_KL_FRACTION * config.max_kl and p["refusal"] > config.floor]
     return min(low, key=lambda p: p["refusal"]) if low else None
 
 
@@ -146,9 +150,11 @@ def second_trials(
     """The second-direction trials to run next (``plan``), as (user attributes, params); none once all ran or
     where no base or no still-refused train prompts exist. ``cache`` keeps the directions between calls.
     A resumed study finds the same base and directions."""
-    todo = plan(records, config.second, config.max_kl)
     base = second_base(records, config)
-    if not todo or base is None:
+    if base is None:
+        return []
+    todo = plan(records, config.second, config.max_kl, base["trial"])
+    if not todo:
         return []
     params = EditParams.from_dict(base["params"])
     cache = {} if cache is None else cache

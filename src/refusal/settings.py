@@ -162,15 +162,20 @@ class SearchSettings:
         "confirmation first counts the harmful train prompts whose first response token starts a refusal; a point refusing "
         "more than --max-refused of them fails without generating",
     )
+    screen_margin: float = setting(
+        0.25,
+        "the train screen counts a prompt as refused when its first-token refusal margin is above minus this: a buffer for "
+        "prompts it did not see (0: margin above 0, where greedy decoding starts a refusal)",
+    )
     storage: str | None = setting(
         None,
         "an Optuna storage URL shared by several workers (sqlite:///study.db, postgresql://...); default: the run's own journal file",
         metavar="URL",
     )
     second: int = setting(
-        4,
+        5,
         "last trials adding a second direction for the harmful prompts the best low-KL point still refuses (a screen of 2 layers, "
-        "then 2 strengths on the better one); 0: none",
+        "then 3 strengths on the better one); 0: none",
     )
     second_source: str = setting(
         "disclaimer",
@@ -219,6 +224,8 @@ class SearchSettings:
             raise RefusalError(f"unknown edit variant {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
         if not 0 <= self.min_layer_fraction < self.max_layer_fraction <= 1:
             raise RefusalError("the searched layer range is empty; need 0 <= --min-layer-fraction < --max-layer-fraction <= 1")
+        if not (self.screen_margin >= 0 and math.isfinite(self.screen_margin)):
+            raise RefusalError(f"--screen-margin must be a margin of at least 0 (got {self.screen_margin:g})")
         if not 0 <= self.max_refused <= 1:
             raise RefusalError(f"--max-refused must be a fraction between 0 and 1 (got {self.max_refused:g})")
         if not (self.max_kl > 0 and math.isfinite(self.max_kl)):
