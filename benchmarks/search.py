@@ -114,7 +114,17 @@ def main() -> None:
     settings.search.trials, settings.search.time_budget, settings.search.score_prompts = args.trials, args.time_budget, args.score_prompts
     if args.second is not None:
         settings.search.second = args.second
-    defaults = settings.search.protect_prompts, settings.search.refusal_measure, settings.search.refine, settings.search.second
+    knobs = ("protect_prompts", "refusal_measure", "refine", "second", "anchors", "confirm_train")
+    defaults = {k: getattr(settings.search, k) for k in knobs}
+    # issue 13's kernel search: no cleaning, the log-odds objective, no refinement or second direction, its anchors, no screen
+    kernel_settings = {
+        "protect_prompts": 0,
+        "refusal_measure": "log-odds",
+        "refine": 0,
+        "second": 0,
+        "anchors": [0.45, 0.55, 0.65, 0.75],
+        "confirm_train": False,
+    }
     stages = Stages()
     stage = stages.run
 
@@ -133,9 +143,11 @@ def main() -> None:
         (out / name).unlink(missing_ok=True)  # each search starts afresh
     kernel = old = None
     if not args.no_kernel:
-        settings.search.protect_prompts, settings.search.refusal_measure, settings.search.refine, settings.search.second = 0, "log-odds", 0, 0
+        for k, v in kernel_settings.items():
+            setattr(settings.search, k, v)
         kernel = stage("kernel search", lambda: study(ctx, cands))
-        settings.search.protect_prompts, settings.search.refusal_measure, settings.search.refine, settings.search.second = defaults
+        for k, v in defaults.items():
+            setattr(settings.search, k, v)
         for name in ("search.json", "search.journal"):
             (out / name).unlink(missing_ok=True)
     new = stage("search (default)", lambda: study(ctx, cands))
