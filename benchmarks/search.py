@@ -114,8 +114,6 @@ def main() -> None:
     settings.search.trials, settings.search.time_budget, settings.search.score_prompts = args.trials, args.time_budget, args.score_prompts
     if args.second is not None:
         settings.search.second = args.second
-    knobs = ("protect_prompts", "refusal_measure", "refine", "second", "anchors", "confirm_train")
-    defaults = {k: getattr(settings.search, k) for k in knobs}
     # issue 13's kernel search: no cleaning, the log-odds objective, no refinement or second direction, its anchors, no screen
     kernel_settings = {
         "protect_prompts": 0,
@@ -125,6 +123,7 @@ def main() -> None:
         "anchors": [0.45, 0.55, 0.65, 0.75],
         "confirm_train": False,
     }
+    defaults = {k: getattr(settings.search, k) for k in kernel_settings}  # restored for the default search
     stages = Stages()
     stage = stages.run
 

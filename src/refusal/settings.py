@@ -159,8 +159,8 @@ class SearchSettings:
     confirm: int = setting(4, "front points confirmed by generation (a bisection over the front's KL)")
     confirm_train: bool = setting(
         True,
-        "confirmation first counts the harmful train prompts whose first response token starts a refusal; a point refusing "
-        "more than --max-refused of them fails without generating",
+        "confirmation first counts the harmful train prompts whose first response token starts a refusal, or nearly "
+        "(--screen-margin); a point refusing more than --max-refused of them fails without generating",
     )
     screen_margin: float = setting(
         0.25,
