@@ -39,7 +39,7 @@ from .architecture import Writer
 from .cleaning import Protection
 from .directions import Candidates, unit_vector
 from .errors import RefusalError
-from .interventions import ablate
+from .interventions import ablate, damp_outputs
 from .model import ChatModel
 from .settings import VARIANTS
 from .weights import Snapshot, remove_direction
@@ -208,8 +208,17 @@ class KernelEdit:
     def describe(self) -> dict:
         return {"kind": "kernel", "params": self.params.to_dict()}
 
-    def hooks(self, chat: ChatModel) -> None:
-        return None
+    def hooks(self, chat: ChatModel) -> AbstractContextManager | None:
+        """Each writer's output damped along the direction(s) with the kernels' strengths, computed here from the
+        params, not from ``removal``: an independent reference. None for norm-preserving edits: rescaling each
+        written column to its norm is not a function of the writer's output, so the edit in memory is the reference."""
+        if self.removal(chat.n_layers).keep_norms:
+            return None
+        per_layer = {"attn": self.params.attn.strengths(chat.n_layers), "mlp": self.params.mlp.strengths(chat.n_layers)}
+        steps: list = [(self.unit, lambda w: per_layer["attn"][0] if w.component == "embed" else per_layer[w.component][w.layer])]
+        if self.second is not None and self.params.second is not None:
+            steps.append((self.second, lambda w, s=float(self.params.second["strength"]): s))
+        return damp_outputs(chat, steps)
 
 
 @contextmanager

@@ -14,6 +14,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -137,6 +141,24 @@ def fidelity_check(
     return diff
 
 
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM raises KeyboardInterrupt, as Ctrl-C does, so that a partial export is removed
+    (by default SIGTERM ends the process on the spot, leaving it whole). Only in the main thread, which is
+    where Python handles signals, and only where no one else handles SIGTERM."""
+    mine = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    previous = signal.signal(signal.SIGTERM, _interrupt) if mine else None
+    try:
+        yield
+    finally:
+        if mine:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def export_model(chat: ChatModel, edit: Edit, out_dir: Path, metadata: dict | None = None, overwrite: bool = False, check: bool = True) -> dict:
     """Write ``chat`` carrying ``edit`` to ``out_dir``; return the metadata written to refusal.json.
 
@@ -144,8 +166,14 @@ def export_model(chat: ChatModel, edit: Edit, out_dir: Path, metadata: dict | No
     ("streamed" from the source checkpoint, with its tensor check) and, with ``check``, the fidelity
     check's max |logit difference| against ``edit.hooks(chat)`` (or, for an edit without a hooked
     equivalent, the edited model in memory). The model is unchanged afterwards. A model loaded without
-    weights (``loading.load_skeleton``) exports only by streaming, with ``check=False``.
+    weights (``loading.load_skeleton``) exports only by streaming, with ``check=False``. Interrupted
+    (Ctrl-C or SIGTERM), it leaves nothing behind.
     """
+    with terminate_as_interrupt():
+        return _export(chat, edit, out_dir, metadata, overwrite, check)
+
+
+def _export(chat: ChatModel, edit: Edit, out_dir: Path, metadata: dict | None, overwrite: bool, check: bool) -> dict:
     out = check_target(out_dir, chat.path, overwrite)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -187,6 +215,7 @@ def export_model(chat: ChatModel, edit: Edit, out_dir: Path, metadata: dict | No
                 reference = "the edited model in memory"
             low = chat.dtype != torch.float32 or any(d not in ("F32", "F64", "float32") for d in written["tensor_dtypes"])
             original = chat.logits(batch, last_only=False) if low else None  # only the low-precision tolerance reads it
+            info["fidelity_reference"] = reference
             info["fidelity_max_abs_diff"] = fidelity_check(
                 chat, tmp, expected, reference, original=original, low_precision=low, in_place=written["streamed"]
             )

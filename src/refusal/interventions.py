@@ -7,11 +7,12 @@ layer's input at every position. Projections run in float32 and are cast back to
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 
+from .architecture import Writer
 from .directions import unit_vector
 from .errors import RefusalError
 from .hooks import get_hidden, hooked, replace_hidden, retuple, untuple
@@ -36,6 +37,31 @@ def ablate(chat: ChatModel, direction: torch.Tensor) -> Iterator[None]:
     pre = [(layer, layer_hook) for layer in chat.layers]
     post = [(w.module, writer_hook(w.direction(unit))) for w in chat.writers]
     with hooked(pre=pre, post=post):
+        yield
+
+
+@contextmanager
+def damp_outputs(chat: ChatModel, steps: Sequence[tuple[torch.Tensor, Callable[[Writer], float]]]) -> Iterator[None]:
+    """Within the block, for each (unit, strength) step in order, every residual writer's output (the embeddings'
+    too) loses ``strength(writer)`` times its component along ``unit`` (behind a post-norm, the gain-adjusted
+    direction ``ablate``'s writer hooks use): out - s (out . u) u. The hooked equivalent of a weight edit with
+    those strengths, since a writer's output is linear in its weight and bias (``edits.KernelEdit.hooks``)."""
+
+    def writer_hook(units: list[tuple[torch.Tensor, float]]):
+        def hook(module, args, output):
+            out = untuple(output)
+            for u, s in units:
+                out = project_out(out, u, s)
+            return retuple(output, out)
+
+        return hook
+
+    post = []
+    for writer in (*chat.embeddings, *chat.writers):
+        units = [(writer.direction(unit_vector(unit)), s) for unit, strength in steps if (s := strength(writer)) != 0]
+        if units:
+            post.append((writer.module, writer_hook(units)))
+    with hooked(post=post):
         yield
 
 

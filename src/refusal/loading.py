@@ -16,6 +16,7 @@ from .architecture import HFModel
 from .errors import RefusalError
 from .model import ChatModel, wrap_model
 from .progress import log
+from .safetensors_files import checkpoint_files, tensor_locations
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -128,6 +129,7 @@ def load_checkpoint(
         elif not (path / "config.json").exists():
             raise RefusalError(f"model directory {path} has no config.json (and not exactly one .gguf file); is it a Hugging Face checkpoint?")
         else:
+            checkpoint_files(path)  # an index naming a file outside the directory is refused before loading
             where = str(path)
     elif str(location).startswith((".", "/", "~")) or str(location).endswith(".gguf") or str(location).count("/") > 1:
         raise RefusalError(f"model path {source} does not exist; check the path, or give a hub id like Qwen/Qwen2.5-0.5B-Instruct")
@@ -196,11 +198,16 @@ def load_skeleton(
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .streaming import checkpoint_files, tensor_locations
 
     source = str(location) if source is None else source
     path = Path(location).expanduser()
     if not (path.is_dir() and (path / "config.json").is_file() and checkpoint_files(path)):
+        others = sorted(p.name for p in path.glob("*.safetensors")) if path.is_dir() else []
+        if others:  # transformers would load none of them: which one is the model is not known
+            raise RefusalError(
+                f"{source} has {', '.join(others)} but neither model.safetensors nor model.safetensors.index.json; "
+                "rename the model's file to model.safetensors (or add an index)"
+            )
         raise RefusalError(f"{source} is not a local checkpoint directory with config.json and safetensors files; the streamed export needs one")
     _check_remote_code(path, trust_remote_code, source)
     template_text = Path(chat_template).read_text(encoding="utf-8") if chat_template is not None else None

@@ -1,7 +1,8 @@
 """Where an artifact came from: content hashes of models and files, the environment, timestamps.
 
-A model's fingerprint is the sha256 of its config and weight files (symlinks resolved, so a Hugging
-Face cache snapshot hashes its blobs). Hashing a multi-GB checkpoint takes seconds, so the size and
+A model's fingerprint is the sha256 of the files it loads: its config, tokenizer and template files
+and the weight files transformers reads (through the index, subfolders included; symlinks resolved,
+so a Hugging Face cache snapshot hashes its blobs). Hashing a multi-GB checkpoint takes seconds, so the size and
 modification time of every file are kept beside the hash: while they match, the recorded hash is
 reused (the way git's index trusts stat data), otherwise the files are hashed again.
 """
@@ -44,17 +45,39 @@ def file_sha256(path: Path) -> str:
 
 
 def model_files(location: str) -> list[Path]:
-    """The files that define a local checkpoint (a .gguf file, or a directory's config, weights and tokenizer)."""
+    """The files a local checkpoint loads: a .gguf file, or a directory's weight files as transformers finds them
+    (``model.safetensors`` or the files its index names, in subfolders too; else ``pytorch_model.bin`` or its
+    index's files) and its top-level config, tokenizer and template files. Weights it does not load are left out."""
     path = Path(location).expanduser()
     if path.is_file():
         return [path]
     if not path.is_dir():
         return []
-    return sorted(p for p in path.iterdir() if p.is_file() and p.suffix in MODEL_SUFFIXES and p.name != "refusal.json")
+    from .safetensors_files import checkpoint_files
+
+    weights = checkpoint_files(path) or _torch_files(path)
+    others = [p for p in path.iterdir() if p.is_file() and p.suffix in MODEL_SUFFIXES and p.suffix not in (".safetensors", ".bin")]
+    return sorted({*weights, *(p for p in others if p.name != "refusal.json")}, key=lambda p: _name(p, path))
 
 
-def _stats(files: list[Path]) -> dict[str, list[int]]:
-    return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+def _torch_files(directory: Path) -> list[Path]:
+    """The PyTorch weight files transformers loads where there are no safetensors ones."""
+    if (directory / "pytorch_model.bin").is_file():
+        return [directory / "pytorch_model.bin"]
+    try:
+        weight_map = json.loads((directory / "pytorch_model.bin.index.json").read_text(encoding="utf-8"))["weight_map"]
+        return [directory / name for name in sorted(set(weight_map.values()))]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+
+
+def _name(file: Path, directory: Path) -> str:
+    """A file's name in the fingerprint: its path within the checkpoint (just its name at the top level)."""
+    return file.relative_to(directory).as_posix() if file.is_relative_to(directory) else file.name
+
+
+def _stats(files: list[Path], directory: Path) -> dict[str, list[int]]:
+    return {_name(f, directory): [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
 
 
 def model_fingerprint(location: str, known: dict | None = None) -> dict:
@@ -66,12 +89,13 @@ def model_fingerprint(location: str, known: dict | None = None) -> dict:
     files = model_files(location)
     if not files:
         return {"path": location, "sha256": None, "files": {}}
-    stats = _stats(files)
+    directory = Path(location).expanduser()
+    stats = _stats(files, directory)
     if known and known.get("path") == location and known.get("files") == stats and known.get("sha256"):
         return dict(known)
     h = hashlib.sha256()
     for file in files:
-        h.update(file.name.encode())
+        h.update(_name(file, directory).encode())
         h.update(file_sha256(file.resolve()).encode())
     return {"path": location, "sha256": h.hexdigest(), "files": stats}
 

@@ -22,6 +22,7 @@ from .errors import RefusalError
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 COPY_BYTES = 64 << 20  # bytes per kernel copy or read when copying unedited tensors
 INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"  # transformers reads it before the index where both exist
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -38,12 +39,23 @@ def read_header(path: Path) -> tuple[dict, int]:
 
 
 def checkpoint_files(directory: Path) -> list[Path]:
-    """The safetensors files of a checkpoint directory (from its index where it has one)."""
+    """The safetensors files transformers loads from a checkpoint directory, in its order: ``model.safetensors``
+    where it exists, else the files its index names; none where neither exists (other ``*.safetensors`` files
+    beside them are never read). An index entry outside the directory is refused."""
+    if (directory / SINGLE).is_file():
+        return [directory / SINGLE]
     index = directory / INDEX
-    if index.is_file():
+    if not index.is_file():
+        return []
+    try:
         weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-        return [directory / name for name in sorted(set(weight_map.values()))]
-    return sorted(directory.glob("*.safetensors"))
+        names = sorted(set(weight_map.values()))
+    except (ValueError, AttributeError, TypeError) as e:
+        raise RefusalError(f"{index} is not a valid safetensors index ({e}); re-download or re-save the checkpoint") from None
+    for name in names:  # a subfolder is fine; symlinks are not followed here (a hub snapshot's files link out of it)
+        if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise RefusalError(f"{index} names the file {name!r}, outside the checkpoint directory; re-download or re-save the checkpoint")
+    return [directory / name for name in names]
 
 
 def tensor_locations(directory: Path) -> dict[str, tuple[Path, dict]]:

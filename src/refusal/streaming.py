@@ -34,13 +34,19 @@ import torch
 from .edits import Removal
 from .errors import RefusalError
 from .model import ChatModel
-from .safetensors_files import INDEX, checkpoint_files, rewrite_file, tensor_locations
+from .safetensors_files import INDEX, SINGLE, checkpoint_files, rewrite_file, tensor_locations
 from .weights import embeddings_tied
 
 FILE_WORKERS = 4  # at most this many files rewritten at once (each holds one edited tensor at a time): ``file_workers``
 BLOCK_BYTES = 64 << 20  # float32 bytes of one block of an edited matrix
 CHECKED = 256  # vectors of each edited tensor checked step by step (its first ones)
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")  # never copied: stale weights
+# The files besides the weights that a checkpoint needs, copied into the export; nothing else is (no dotfiles, no
+# stray weights, no notes): configs, tokenizer files, chat templates, processor configs, the licence and model card.
+NEEDED = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "*.model", "*.tiktoken", "chat_template.jinja", "chat_template.json",
+    "preprocessor_config.json", "processor_config.json", "LICENSE*", "README*", "NOTICE*", "USE_POLICY*",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -176,25 +182,29 @@ def write_edited_checkpoint(chat: ChatModel, removal: Removal, source: Path, out
     def rewrite(file: Path) -> dict[str, float]:
         todo = {name: edit for name, edit in edits.items() if locations[name][0] == file}
         edit_in_place = {name: functools.partial(edit.apply, device=device) for name, edit in todo.items()}
-        return rewrite_file(file, out / file.name, edit_in_place, copies.get(file, {}))
+        target = out / file.relative_to(source)  # an index may keep its files in a subfolder: kept there
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return rewrite_file(file, target, edit_in_place, copies.get(file, {}))
 
     files = checkpoint_files(source)
     workers = file_workers(files, {name: locations[name] for name in edits})
-    with ThreadPoolExecutor(workers) as pool:
+    pool = ThreadPoolExecutor(workers)
+    try:
         for found in (pool.map if workers > 1 else map)(rewrite, files):
             residuals.update(found)
+    finally:  # interrupted: the files not begun are not written
+        pool.shutdown(wait=True, cancel_futures=True)
     worst = max(residuals.values(), default=0.0)
     if not worst <= 1.0:  # also NaN
         name = max(residuals, key=lambda k: residuals[k])
         raise RefusalError(f"the edited tensor {name} failed its check (residual {worst:.3g} > 1); the export was not written. Please report this")
-    for item in source.iterdir():
-        if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES) and item.name not in (INDEX, "refusal.json"):
-            shutil.copyfile(item, out / item.name)
-    if (source / INDEX).is_file():
+    for item in checkpoint_extras(source):
+        shutil.copyfile(item, out / item.relative_to(source))
+    if files and files[0].name != SINGLE:  # read through the index
         index = json.loads((source / INDEX).read_text(encoding="utf-8"))
         for file, new in copies.items():
             for name, old in new.items():
-                index["weight_map"][name] = file.name
+                index["weight_map"][name] = file.relative_to(source).as_posix()
                 if "total_size" in index.get("metadata", {}):
                     begin, end = locations[old][1]["data_offsets"]
                     index["metadata"]["total_size"] += end - begin
@@ -238,6 +248,22 @@ def expert_keys(name: str, n_experts: int, locations: dict) -> list[str] | None:
     pattern = re.compile(rf"^{re.escape(layer)}\.[A-Za-z_]+\.experts\.(\d+)\.(down_proj|w2|fc2)\.weight$")
     found = {int(m[1]): key for key in locations if (m := pattern.match(key))}
     return [found[e] for e in range(n_experts)] if sorted(found) == list(range(n_experts)) else None
+
+
+def checkpoint_extras(source: Path) -> list[Path]:
+    """The top-level files besides the weights that the export needs (``NEEDED``; with an ``auto_map`` in the config,
+    the model's own ``*.py`` code too), never a dotfile; symlinks are followed only for these names."""
+    names = NEEDED + (("*.py",) if "auto_map" in _read_config(source) else ())
+    found = {p for pattern in names for p in source.glob(pattern)}
+    return sorted(p for p in found if p.is_file() and not p.name.startswith("."))
+
+
+def _read_config(source: Path) -> dict:
+    try:
+        config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def _untie_config(path: Path) -> None:
