@@ -59,15 +59,14 @@ def hooked_logits(chat, hooks, texts=("How do I bake bread?", "Tell me how to pi
 
 def test_a_stray_safetensors_file_is_neither_edited_nor_exported(tmp_path):
     source = save_tiny(tmp_path / "src")
-    save_tiny(tmp_path / "other", seed=1)
-    shutil.copyfile(tmp_path / "other" / "model.safetensors", source / "zz-old.safetensors")  # sorts after model.safetensors
+    shutil.copyfile(source / "model.safetensors", source / "zz-backup.safetensors")  # a backup copy, sorted after model.safetensors
     chat = load_model(str(source), device="cpu")
     direction = torch.randn(chat.d_model, generator=torch.Generator().manual_seed(1))
     info = export_model(chat, Orthogonalization(direction), tmp_path / "out")
     assert info["written"]["streamed"]
-    assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == ["model.safetensors"]
     got = plain_logits(tmp_path / "out", chat)
     assert torch.allclose(got, hooked_logits(chat, ablate(chat, direction)), atol=1e-4)  # what transformers loads is edited
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == ["model.safetensors"]
 
 
 def test_safetensors_files_without_model_safetensors_or_an_index_are_refused(tmp_path):
@@ -120,7 +119,6 @@ def test_an_index_naming_a_file_outside_the_directory_is_refused_before_anything
 def test_a_replaced_shard_in_a_subfolder_changes_the_model_hash_and_makes_artifacts_stale(tmp_path, capsys):
     source = save_sharded(tmp_path / "src", sub="sub")
     before = model_fingerprint(str(source))
-    assert any(name.startswith("sub/") for name in before["files"])
     run = tmp_path / "run"
     assert main(["extract", "--model", str(source), "--out", str(run), *FAST]) == 0
     first = (run / "candidates.safetensors").stat().st_mtime_ns
@@ -128,6 +126,7 @@ def test_a_replaced_shard_in_a_subfolder_changes_the_model_hash_and_makes_artifa
     shard = sorted((source / "sub").glob("*.safetensors"))[0]
     shutil.copyfile(tmp_path / "other" / "sub" / shard.name, shard)
     assert model_fingerprint(str(source), before)["sha256"] != before["sha256"]
+    assert any(name.startswith("sub/") for name in before["files"])
     capsys.readouterr()
     assert main(["select", "--run", str(run), "--quiet"]) == 1
     assert "candidates.safetensors is stale" in capsys.readouterr().err
@@ -191,10 +190,10 @@ def test_a_kernel_edit_export_matches_its_hooked_reference(family, tmp_path):
     source = save_tiny(tmp_path / "src", family=family)
     chat = load_model(str(source), device="cpu")
     edit = kernel_edit(chat)
-    info = export_model(chat, edit, tmp_path / "out")
-    assert info["fidelity_reference"].startswith("its hooked equivalent") and info["fidelity_max_abs_diff"] < 1e-4
     hooks = edit.hooks(chat)
     assert hooks is not None
+    info = export_model(chat, edit, tmp_path / "out")
+    assert info["fidelity_reference"].startswith("its hooked equivalent") and info["fidelity_max_abs_diff"] < 1e-4
     expected = hooked_logits(chat, hooks)
     assert torch.allclose(plain_logits(tmp_path / "out", chat), expected, atol=1e-4)
 
