@@ -189,10 +189,10 @@ def test_integer_tensors_are_refused_and_other_names_need_the_model_loaded(tmp_p
 def test_weights_in_other_formats_are_not_copied(tmp_path):
     source = save_sharded(tmp_path / "src", "qwen2", tie=False)
     (source / "pytorch_model.bin").write_bytes(b"stale unedited weights")
-    (source / "notes.txt").write_text("kept")
+    (source / "README.md").write_text("kept")  # a model card is copied (other files are not: tests/test_trust_export.py)
     chat = load_model(str(source), device="cpu")
     export_model(chat, Orthogonalization(torch.randn(chat.d_model)), tmp_path / "out")
-    assert not (tmp_path / "out" / "pytorch_model.bin").exists() and (tmp_path / "out" / "notes.txt").read_text() == "kept"
+    assert not (tmp_path / "out" / "pytorch_model.bin").exists() and (tmp_path / "out" / "README.md").read_text() == "kept"
 
 
 def test_a_second_direction_streams_like_the_edit_in_memory(tmp_path):

@@ -198,7 +198,6 @@ def load_skeleton(
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
-
     source = str(location) if source is None else source
     path = Path(location).expanduser()
     if not (path.is_dir() and (path / "config.json").is_file() and checkpoint_files(path)):
