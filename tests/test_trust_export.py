@@ -69,6 +69,18 @@ def test_a_stray_safetensors_file_is_neither_edited_nor_exported(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == ["model.safetensors"]
 
 
+def test_the_weights_file_the_config_names_is_the_one_edited(tmp_path):
+    source = save_tiny(tmp_path / "src")
+    shutil.copyfile(source / "model.safetensors", source / "custom.safetensors")  # model.safetensors stays, a copy transformers skips
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "transformers_weights": "custom.safetensors"}))
+    chat = load_model(str(source), device="cpu")
+    direction = torch.randn(chat.d_model, generator=torch.Generator().manual_seed(4))
+    export_model(chat, Orthogonalization(direction), tmp_path / "out")
+    assert torch.allclose(plain_logits(tmp_path / "out", chat), hooked_logits(chat, ablate(chat, direction)), atol=1e-4)
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == ["custom.safetensors"]
+
+
 def test_safetensors_files_without_model_safetensors_or_an_index_are_refused(tmp_path):
     source = save_tiny(tmp_path / "src")
     (source / "model.safetensors").rename(source / "a.safetensors")

@@ -22,7 +22,7 @@ from .errors import RefusalError
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 COPY_BYTES = 64 << 20  # bytes per kernel copy or read when copying unedited tensors
 INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"  # transformers reads it before the index where both exist
+SINGLE = "model.safetensors"  # transformers 5 reads it before the index where both exist
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -38,24 +38,38 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + size
 
 
-def checkpoint_files(directory: Path) -> list[Path]:
-    """The safetensors files transformers loads from a checkpoint directory, in its order: ``model.safetensors``
-    where it exists, else the files its index names; none where neither exists (other ``*.safetensors`` files
-    beside them are never read). An index entry outside the directory is refused."""
-    if (directory / SINGLE).is_file():
-        return [directory / SINGLE]
-    index = directory / INDEX
-    if not index.is_file():
-        return []
+def weights_entry(directory: Path) -> Path | None:
+    """The file transformers 5 opens for a checkpoint directory's weights: the one its config names as
+    ``transformers_weights``, else ``model.safetensors``, else the index (in that order); None where there is none."""
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        explicit = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("transformers_weights")
+    except (OSError, ValueError, AttributeError):
+        explicit = None
+    if isinstance(explicit, str):
+        return directory / _inside(explicit, directory / "config.json")
+    return next((directory / name for name in (SINGLE, INDEX) if (directory / name).is_file()), None)
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    """The safetensors files transformers loads from a checkpoint directory (``weights_entry``, through the index
+    where it is one); none where there is no entry: other ``*.safetensors`` files are never read. A file named
+    outside the directory is refused; a subfolder is fine."""
+    entry = weights_entry(directory)
+    if entry is None or not entry.name.endswith(".index.json"):
+        return [] if entry is None else [entry]
+    try:
+        weight_map = json.loads(entry.read_text(encoding="utf-8")).get("weight_map", {})
         names = sorted(set(weight_map.values()))
-    except (ValueError, AttributeError, TypeError) as e:
-        raise RefusalError(f"{index} is not a valid safetensors index ({e}); re-download or re-save the checkpoint") from None
-    for name in names:  # a subfolder is fine; symlinks are not followed here (a hub snapshot's files link out of it)
-        if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
-            raise RefusalError(f"{index} names the file {name!r}, outside the checkpoint directory; re-download or re-save the checkpoint")
-    return [directory / name for name in names]
+    except (OSError, ValueError, AttributeError, TypeError) as e:
+        raise RefusalError(f"{entry} is not a valid safetensors index ({e}); re-download or re-save the checkpoint") from None
+    return [directory / _inside(name, entry) for name in names]
+
+
+def _inside(name: object, where: Path) -> str:
+    """``name`` if it is a relative path with no ``..``; symlinks are not followed (a hub snapshot's files link out of it)."""
+    if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise RefusalError(f"{where} names the file {name!r}, outside the checkpoint directory; re-download or re-save the checkpoint")
+    return name
 
 
 def tensor_locations(directory: Path) -> dict[str, tuple[Path, dict]]:

@@ -34,7 +34,8 @@ import torch
 from .edits import Removal
 from .errors import RefusalError
 from .model import ChatModel
-from .safetensors_files import INDEX, SINGLE, checkpoint_files, rewrite_file, tensor_locations
+from .safetensors_files import INDEX as INDEX
+from .safetensors_files import checkpoint_files, rewrite_file, tensor_locations, weights_entry
 from .weights import embeddings_tied
 
 FILE_WORKERS = 4  # at most this many files rewritten at once (each holds one edited tensor at a time): ``file_workers``
@@ -200,15 +201,17 @@ def write_edited_checkpoint(chat: ChatModel, removal: Removal, source: Path, out
         raise RefusalError(f"the edited tensor {name} failed its check (residual {worst:.3g} > 1); the export was not written. Please report this")
     for item in checkpoint_extras(source):
         shutil.copyfile(item, out / item.relative_to(source))
-    if files and files[0].name != SINGLE:  # read through the index
-        index = json.loads((source / INDEX).read_text(encoding="utf-8"))
+    entry = weights_entry(source)
+    if entry is not None and entry.name.endswith(".index.json"):  # read through an index: the same index, new tensors added
+        index = json.loads(entry.read_text(encoding="utf-8"))
         for file, new in copies.items():
             for name, old in new.items():
                 index["weight_map"][name] = file.relative_to(source).as_posix()
                 if "total_size" in index.get("metadata", {}):
                     begin, end = locations[old][1]["data_offsets"]
                     index["metadata"]["total_size"] += end - begin
-        (out / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        (out / entry.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+        (out / entry.relative_to(source)).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     if untie:
         _untie_config(out / "config.json")
     if chat.chat_template is not None:
