@@ -153,6 +153,18 @@ def test_a_stray_safetensors_file_does_not_change_the_model_hash(tmp_path):
     assert model_fingerprint(str(source))["sha256"] == before
 
 
+def test_the_model_hash_covers_its_own_code_and_skips_dotfiles(tmp_path):
+    source = save_tiny(tmp_path / "src")
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoConfig": "modeling_x.XConfig"}}))
+    (source / "modeling_x.py").write_text("# the model's code\n")
+    before = model_fingerprint(str(source))["sha256"]
+    (source / ".cache.json").write_text("{}")
+    assert model_fingerprint(str(source))["sha256"] == before
+    (source / "modeling_x.py").write_text("# the model's code, changed\n")
+    assert model_fingerprint(str(source))["sha256"] != before
+
+
 # 4. Only what a checkpoint needs is copied
 
 

@@ -47,7 +47,8 @@ def file_sha256(path: Path) -> str:
 def model_files(location: str) -> list[Path]:
     """The files a local checkpoint loads: a .gguf file, or a directory's weight files as transformers finds them
     (``model.safetensors`` or the files its index names, in subfolders too; else ``pytorch_model.bin`` or its
-    index's files) and its top-level config, tokenizer and template files. Weights it does not load are left out."""
+    index's files) and its top-level config, tokenizer and template files (and its own code, ``has_own_code``).
+    Weights it does not load and dotfiles are left out."""
     path = Path(location).expanduser()
     if path.is_file():
         return [path]
@@ -56,8 +57,20 @@ def model_files(location: str) -> list[Path]:
     from .safetensors_files import checkpoint_files
 
     weights = checkpoint_files(path) or _torch_files(path)
-    others = [p for p in path.iterdir() if p.is_file() and p.suffix in MODEL_SUFFIXES and p.suffix not in (".safetensors", ".bin")]
-    return sorted({*weights, *(p for p in others if p.name != "refusal.json")}, key=lambda p: _name(p, path))
+    suffixes = set(MODEL_SUFFIXES) - {".safetensors", ".bin"} | ({".py"} if has_own_code(path) else set())
+    others = [p for p in path.iterdir() if p.is_file() and p.suffix in suffixes and not p.name.startswith(".") and p.name != "refusal.json"]
+    return sorted({*weights, *others}, key=lambda p: _name(p, path))
+
+
+def has_own_code(directory: Path) -> bool:
+    """True when the checkpoint's config or tokenizer config maps classes to its own ``*.py`` files (``auto_map``)."""
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            if "auto_map" in json.loads((directory / name).read_text(encoding="utf-8")):
+                return True
+        except (OSError, ValueError, TypeError):
+            continue
+    return False
 
 
 def _torch_files(directory: Path) -> list[Path]:

@@ -34,6 +34,7 @@ import torch
 from .edits import Removal
 from .errors import RefusalError
 from .model import ChatModel
+from .provenance import has_own_code
 from .safetensors_files import INDEX as INDEX
 from .safetensors_files import checkpoint_files, rewrite_file, tensor_locations, weights_entry
 from .weights import embeddings_tied
@@ -254,19 +255,11 @@ def expert_keys(name: str, n_experts: int, locations: dict) -> list[str] | None:
 
 
 def checkpoint_extras(source: Path) -> list[Path]:
-    """The top-level files besides the weights that the export needs (``NEEDED``; with an ``auto_map`` in the config,
-    the model's own ``*.py`` code too), never a dotfile; symlinks are followed only for these names."""
-    names = NEEDED + (("*.py",) if "auto_map" in _read_config(source) else ())
+    """The top-level files besides the weights that the export needs (``NEEDED``; with an ``auto_map`` in the config
+    or tokenizer config, the model's own ``*.py`` code too), never a dotfile; symlinks are followed only for these names."""
+    names = NEEDED + (("*.py",) if has_own_code(source) else ())
     found = {p for pattern in names for p in source.glob(pattern)}
     return sorted(p for p in found if p.is_file() and not p.name.startswith("."))
-
-
-def _read_config(source: Path) -> dict:
-    try:
-        config = json.loads((source / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return config if isinstance(config, dict) else {}
 
 
 def _untie_config(path: Path) -> None:
