@@ -111,17 +111,25 @@ def test_analyze_remakes_a_stale_report_instead_of_patching_it(model_dir, tmp_pa
 
 
 # ---- 4 and 5. evaluate --edited: the export's source model, its run's direction only while it is the export's ------------------
-def test_evaluate_edited_takes_the_source_model_and_only_the_exports_own_direction(model_dir, tmp_path, capsys):
+def exported_run(model_dir, tmp_path):
     run = tmp_path / "run"
     assert main(["run", "--model", str(model_dir), "--out", str(run), *FAST]) == 0
-    exported = json.loads((run / "model" / "refusal.json").read_text())["direction"]
-    assert main(["evaluate", "--edited", str(run / "model"), "--out", str(tmp_path / "fresh"), *FAST]) == 0  # no --model: the source's
-    report = json.loads((tmp_path / "fresh" / "report.json").read_text())
+    return run, json.loads((run / "model" / "refusal.json").read_text())["direction"]
+
+
+def test_evaluate_edited_takes_the_source_model_and_its_runs_direction(model_dir, tmp_path):
+    run, exported = exported_run(model_dir, tmp_path)
+    assert main(["evaluate", "--edited", str(run / "model"), "--out", str(tmp_path / "rep"), *FAST]) == 0  # no --model: the source's
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert report["model"]["path"] == str(model_dir)
     assert report["direction"]["layer"] == exported["layer"] and report["projections"] is not None
+
+
+def test_evaluate_edited_leaves_out_a_direction_the_run_selected_after_the_export(model_dir, tmp_path):
+    run, exported = exported_run(model_dir, tmp_path)
     assert main(["select", "--run", str(run), "--layers", str(other_layer(run)), "--quiet"]) == 0  # the run moves on; the export does not
-    assert main(["evaluate", "--edited", str(run / "model"), "--out", str(tmp_path / "moved"), *FAST]) == 0
-    report = json.loads((tmp_path / "moved" / "report.json").read_text())
+    assert main(["evaluate", "--model", str(model_dir), "--edited", str(run / "model"), "--out", str(tmp_path / "rep"), *FAST]) == 0
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert report["direction"] is None and report["projections"] is None  # not the run's new direction
     assert "another direction" in report["settings"]["run_direction"]
     assert report["rates"]["edited"]["harmful"]["total"] == 4  # the export itself is still evaluated
@@ -135,7 +143,7 @@ def test_evaluate_edited_refuses_a_source_model_replaced_since_the_export(model_
     shutil.rmtree(model)
     save_tiny(model, seed=1)
     err = error_line(capsys, ["evaluate", "--edited", str(run / "model"), "--out", str(tmp_path / "rep"), *FAST])
-    assert "was made on another model" in err and not (tmp_path / "rep").exists()
+    assert "was exported from another model" in err and not (tmp_path / "rep").exists()
 
 
 def test_an_edited_checkpoint_without_refusal_json_needs_model(model_dir, tmp_path, capsys):

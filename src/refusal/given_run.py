@@ -49,9 +49,9 @@ def same_model(given: str, source: str, recorded: dict) -> bool:
     return sha is not None and model_fingerprint(location)["sha256"] == sha
 
 
-def _other_model(what: str, recorded: dict, given: str, fix: str) -> RefusalError:
+def _other_model(what: str, recorded: dict, given: str, fix: str, made: str = "was made on") -> RefusalError:
     sha = str(recorded.get("sha256"))[:12]
-    return RefusalError(f"{what} was made on another model ({recorded.get('source')}, sha256 {sha}) than --model {given}; {fix}")
+    return RefusalError(f"{what} {made} another model ({recorded.get('source')}, sha256 {sha}) than {given}; {fix}")
 
 
 def run_model(settings: Settings, run: RunDir, options: dict | None, what: str) -> str:
@@ -62,7 +62,7 @@ def run_model(settings: Settings, run: RunDir, options: dict | None, what: str) 
     given = settings.model.model if options is None else options.get("model")
     if given is not None and not same_model(given, saved.model, recorded):
         fix = "leave out --model (the run's model is used) or give a run of this model"
-        raise _other_model(f"{what} {run.path}", {"source": saved.model, **recorded}, given, fix)
+        raise _other_model(f"{what} {run.path}", {"source": saved.model, **recorded}, f"--model {given}", fix)
     if options is not None:
         settings.model = saved
         for name, value in options.items():
@@ -80,7 +80,7 @@ def check_run_model(out: Path, settings: Settings, overwrite: bool) -> None:
     recorded = {"source": run.settings.model.model, **run.info.get("model", {})}
     if not same_model(settings.model.model, run.settings.model.model, recorded):
         fix = "leave out --model to use the run's, or choose another --out (or --overwrite to start it again)"
-        raise _other_model(f"run {out}", recorded, settings.model.model, fix)
+        raise _other_model(f"run {out}", recorded, f"--model {settings.model.model}", fix)
 
 
 def export_info(edited: Path) -> dict:
@@ -105,7 +105,8 @@ def export_model(settings: Settings, edited: Path, info: dict, options: dict | N
     sha = made_from.get("sha256")
     now = model_fingerprint(model_location(given))["sha256"]
     if sha and now and now != sha:
-        raise _other_model(f"--edited {edited}", made_from, given, "pass --model with the model it was exported from, as it was then")
+        fix = "pass --model with the model it was exported from, as it was then"
+        raise _other_model(f"--edited {edited}", made_from, f"{given} as it is now", fix, "was exported from")
 
 
 # ---- the run's direction ------------------------------------------------------------------------------------------
