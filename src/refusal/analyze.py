@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .activations import mean_activations
-from .assess import evaluate_run
+from .assess import evaluate_run, fresh_report
 from .attack_run import fresh_attack
 from .directions import Candidates, Direction, compute_candidates
 from .errors import RefusalError
@@ -199,8 +199,8 @@ def analyze(path: Path, options: dict) -> AnalyzeResult:
         run.update(settings=settings.to_dict())  # the analysis options are kept once they worked (a bad --base changes nothing)
         run.record("analysis", ctx.settings, inputs, upstream, selection=run.entry("selection").get("fingerprint"), test=inputs["test"])
         ctx.timed("analyze", start)
-    if run.file("report").is_dir() and (run.file("report") / "report.json").is_file():
-        report = run.read("report")
+    report = fresh_report(ctx)  # a stale report (another selection, model or test split) is made again, not patched
+    if report is not None:
         report["mechanisms"] = mechanisms
         write_report(report, run.file("report"))
     else:

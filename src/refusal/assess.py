@@ -19,14 +19,16 @@ from .errors import RefusalError
 from .evaluation import Condition, EvalSettings, cosine_matrix, evaluate, projections
 from .exported import ExportSwap
 from .generation import Engine, HFEngine
+from .given_run import export_direction, export_info, export_model, fresh_direction, run_model
 from .interventions import ablate, add
 from .judges import REFUSAL_PHRASES, load_phrases
 from .model import ChatModel
 from .models import load_model
+from .progress import log
 from .provenance import digest, environment, timestamp
 from .report import write_report
 from .report_schema import FORMAT_VERSION as REPORT_FORMAT
-from .run_dir import RunDir, read_json
+from .run_dir import RunDir
 from .settings import Settings
 from .streaming import NamesDiffer
 from .workspace import Context, load, model_identity, run_prompts
@@ -145,8 +147,8 @@ def evaluate_run(
     begin = time.perf_counter()
     chat, run = ctx.chat, ctx.run
     upstream = tuple(u for u in ("selection" if selection else "", "search" if search else "", "model" if edited else "") if u)
-    test = [ctx.prompts.hash(k, "test") for k in ("harmful", "harmless")]
-    inputs = {"test": test, "search": digest(search) if search else None}
+    inputs = report_inputs(ctx, search)
+    test = inputs["test"]
     if run.fresh("report", ctx.settings, inputs, upstream):
         return run.read("report")
     conditions = [Condition("original", LABELS["original"], chat, engine=checkpoint_engine(ctx.settings, chat, chat.path))]
@@ -170,6 +172,22 @@ def evaluate_run(
     return report
 
 
+def report_inputs(ctx: Context, search: dict | None) -> dict:
+    """What RUN/report is made from besides its settings and upstream artifacts: the test splits, the search's summary."""
+    return {"test": [ctx.prompts.hash(k, "test") for k in ("harmful", "harmless")], "search": digest(search) if search else None}
+
+
+def fresh_report(ctx: Context) -> dict | None:
+    """RUN/report.json while it is fresh (made from the run's current test prompts, evaluation settings and the upstream
+    artifacts it was made from, as they are recorded now), else None: `refusal analyze` attaches its section only to it."""
+    run = ctx.run
+    if not (run.file("report") / "report.json").is_file():
+        return None
+    report = run.read("report")
+    upstream = tuple(run.entry("report").get("upstream", []))
+    return report if run.fresh("report", ctx.settings, report_inputs(ctx, report.get("search")), upstream) else None
+
+
 def current_mechanisms(run: RunDir, test: list[str]) -> dict | None:
     """RUN/analysis.json's numbers while they were measured on the run's current direction and ``test`` split hashes
     (the report's "Mechanisms" section)."""
@@ -179,19 +197,6 @@ def current_mechanisms(run: RunDir, test: list[str]) -> dict | None:
     if not run.file("analysis").is_file():
         return None
     return run.read("analysis").get("mechanisms")
-
-
-def _run_of_export(edited: Path) -> Path | None:
-    """The run directory an exported checkpoint came from (refusal.json's "run", relative to the checkpoint)."""
-    info_path = edited / "refusal.json"
-    if not info_path.is_file():
-        return None
-    info = read_json(info_path, f"re-export the model with `refusal export`, or give --edited a checkpoint without {info_path.name}")
-    where = info.get("run")
-    if not isinstance(where, str) or not info.get("direction"):
-        return None
-    path = (edited / where).resolve()
-    return path if (path / "run.json").is_file() else None
 
 
 @dataclass
@@ -213,14 +218,26 @@ def evaluate_model(
     overwrite: bool = False,
     safety_judge: str | None = None,
     safety_format: str = "llama-guard-3",
+    model_options: dict | None = None,
 ) -> EvaluateResult:
-    """``refusal evaluate``: the original model against one edit (hooks from a run, or an exported checkpoint) -> OUT/report.*"""
+    """``refusal evaluate``: the original model against one edit (hooks from a run, or an exported checkpoint) -> OUT/report.*
+
+    ``model_options``: the model options given on the command line; with a run or an export the model is then the
+    run's (or the export's source) with these applied (``given_run``). None: ``settings.model`` as it is, checked."""
     settings.validate()
     if edited is not None and not (edited / "config.json").is_file():
         raise RefusalError(f"--edited {edited} is not a checkpoint directory (no config.json); give the directory `refusal export` wrote")
-    source_run = ablate_run or add_run or (_run_of_export(edited) if edited is not None else None)
-    run = RunDir.open(source_run) if source_run is not None else None
-    direction = Direction.load(run.file("selection", 1)) if run is not None else None
+    source_run = ablate_run or add_run
+    direction, note, info = None, None, {}
+    if source_run is not None:  # the run's model (or the same one), and its direction while fresh: before anything is loaded
+        run = RunDir.open(source_run)
+        direction = fresh_direction(run, run_model(settings, run, model_options, "--ablate" if ablate_run else "--add"))
+    if edited is not None:
+        info = export_info(edited)
+        export_model(settings, edited, info, model_options)
+        direction, note = export_direction(edited, info)
+        if note:
+            log(f"[yellow]the report leaves out the direction's sections[/]: {note}")
     if out.exists() and not out.is_dir():
         raise RefusalError(f"report directory {out} is a file; choose a directory path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -230,21 +247,7 @@ def evaluate_model(
         load_corpus(settings.evaluation.corpus)
     chat = load(settings)
     _, record = model_identity(chat, None)
-    if run is not None and (ablate_run or add_run):
-        ran_on = run.info.get("model", {})
-        if ran_on.get("sha256") != record["sha256"] or (record["sha256"] is None and ran_on.get("path") != record["path"]):
-            raise RefusalError(
-                f"run {source_run} was made on another model ({ran_on.get('source')}, sha256 {str(ran_on.get('sha256'))[:12]}); "
-                f"pass --model {ran_on.get('path') or ran_on.get('source')} or a run of this model"
-            )
-    made_from = None
-    if edited is not None and (edited / "refusal.json").is_file():
-        made_from = read_json(edited / "refusal.json", "re-export the model with `refusal export`").get("source_model") or {}
-        if made_from.get("sha256") and record["sha256"] and made_from["sha256"] != record["sha256"]:
-            raise RefusalError(
-                f"--edited {edited} was exported from another model ({made_from.get('source')}); "
-                f"pass --model {made_from.get('path') or made_from.get('source')}"
-            )
+    made_from = info.get("source_model") or {}
     safety = None
     if safety_judge:
         from .judges import load_safety_judge
@@ -254,20 +257,28 @@ def evaluate_model(
     if direction is not None and (ablate_run or add_run):
         conditions += hook_conditions(chat, direction, ablated=bool(ablate_run), added=bool(add_run))
     if edited is not None:
-        same_model = made_from is not None and made_from.get("sha256") is not None and made_from["sha256"] == record["sha256"]
+        same_model = made_from.get("sha256") is not None and made_from["sha256"] == record["sha256"]
         conditions.append(edited_condition(settings, chat, edited, same_model))
     begin = time.perf_counter()
     prompts = {k: prompts_all.get(k, "test") for k in ("harmful", "harmless")}
     report = build_report(settings, chat, record, conditions, prompts, direction, safety=safety)
+    report["settings"]["run_direction"] = note or (str(source_run or edited) if direction is not None else None)
     report["timings"] = {"evaluate": round(time.perf_counter() - begin, 2)}
     paths = write_report(report, out)
     return EvaluateResult(out, paths["html"], report)
 
 
 def generate_completions(
-    settings: Settings, prompts: list[str], max_new_tokens: int, ablate_run: Path | None = None, add_run: Path | None = None, coeff: float = 1.0
+    settings: Settings,
+    prompts: list[str],
+    max_new_tokens: int,
+    ablate_run: Path | None = None,
+    add_run: Path | None = None,
+    coeff: float = 1.0,
+    model_options: dict | None = None,
 ) -> list[str]:
-    """``refusal generate``: greedy completions, with a run's direction ablated or added (hooks) if asked."""
+    """``refusal generate``: greedy completions, with a run's direction ablated or added (hooks) if asked (the run's
+    model unless ``model_options``, the model options given on the command line, name the same one)."""
     import math
 
     if not 1 <= max_new_tokens <= 4096:
@@ -275,9 +286,9 @@ def generate_completions(
     if not math.isfinite(coeff):
         raise RefusalError(f"--coeff must be a finite number (got {coeff})")
     direction = None
-    if ablate_run or add_run:
+    if ablate_run or add_run:  # the run's model (or the same one), and its direction while fresh: before anything is loaded
         run = RunDir.open(ablate_run or add_run)  # type: ignore[arg-type]
-        direction = Direction.load(run.file("selection", 1))
+        direction = fresh_direction(run, run_model(settings, run, model_options, "--ablate" if ablate_run else "--add"))
     chat = load(settings)
     if chat.max_positions is not None and max_new_tokens > chat.max_positions:
         raise RefusalError(f"--max-new-tokens {max_new_tokens} is more than the model's context of {chat.max_positions} tokens")

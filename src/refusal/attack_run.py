@@ -25,6 +25,7 @@ from .attack import AttackState, optimize_suffix
 from .errors import RefusalError
 from .evaluation import rate
 from .generation import HFEngine
+from .given_run import check_run_model
 from .judges import REFUSAL_PHRASES, judge_refusals, load_phrases
 from .progress import log
 from .provenance import digest, timestamp
@@ -155,6 +156,8 @@ def attack(settings: Settings, out: Path, overwrite: bool = False, inherit: tupl
     begin = time.perf_counter()
     file, length = settings.attack.suffix_file, settings.attack.suffix_length
     check = (lambda chat: read_suffix_file(chat, file, length)) if file is not None else None
+    if "model" not in inherit:  # --model given: a run of another model in --out is refused, not switched over
+        check_run_model(out, settings, overwrite)
     ctx = start(settings, out, overwrite, inherit=("selection", "search", "analysis", *inherit), check=check)
     chat, a, run = ctx.chat, ctx.settings.attack, ctx.run
     train = ctx.prompts.get("harmful", "train")[: a.attack_prompts]

@@ -188,7 +188,10 @@ def cmd_export(args: argparse.Namespace) -> dict:
 def cmd_generate(args: argparse.Namespace) -> dict:
     from .assess import generate_completions
 
-    completions = generate_completions(from_args(args), args.prompt, args.max_new_tokens, ablate_run=args.ablate, add_run=args.add, coeff=args.coeff)
+    model_options = given(args, "model")  # with a run, the model is the run's: these apply over its saved ones
+    completions = generate_completions(
+        from_args(args), args.prompt, args.max_new_tokens, ablate_run=args.ablate, add_run=args.add, coeff=args.coeff, model_options=model_options
+    )
     if not args.json:
         for prompt, completion in zip(args.prompt, completions):
             print(f"> {prompt}\n{completion}\n")
@@ -207,6 +210,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
         overwrite=args.overwrite,
         safety_judge=args.safety_judge,
         safety_format=args.safety_format,
+        model_options=given(args, "model"),
     )
     if not args.quiet and not args.json:
         print_report(result.report, None)

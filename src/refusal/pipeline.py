@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import given_run
 from .activations import mean_activations
 from .cleaning import Protection, protect
 from .data import dataset_hash, load_capability, load_self_questions
@@ -52,7 +53,7 @@ class RunResult:
 
 # ---- stages ---------------------------------------------------------------------------------------
 def candidate_inputs(ctx: Context) -> dict:
-    return {"model": ctx.model_id, "harmful_train": ctx.prompts.hash("harmful", "train"), "harmless_train": ctx.prompts.hash("harmless", "train")}
+    return given_run.candidate_inputs(ctx.model_id, ctx.prompts)
 
 
 def candidates(ctx: Context, reuse_only: bool = False) -> Candidates:
@@ -87,7 +88,7 @@ def candidates(ctx: Context, reuse_only: bool = False) -> Candidates:
 
 
 def selection_inputs(ctx: Context) -> dict:
-    return {"harmful_val": ctx.prompts.hash("harmful", "val"), "harmless_val": ctx.prompts.hash("harmless", "val")}
+    return given_run.selection_inputs(ctx.prompts)
 
 
 def selection(ctx: Context, cands: Candidates) -> tuple[dict, Direction]:
@@ -154,6 +155,7 @@ def export(ctx: Context, edit: Edit, out: Path, source: str, overwrite: bool = F
     metadata = {
         "created": timestamp(),
         "source_model": {k: ctx.run.info.get("model", {}).get(k) for k in ("source", "path", "sha256")},
+        "upstream": {source: ctx.run.entry(source).get("fingerprint")},  # the selection or search it was made from
         "datasets": ctx.prompts.summary(),
         "environment": environment(),
         **(extra or {}),
