@@ -1,0 +1,102 @@
+"""Issue 27, "the first minutes": one trial numbering, a confirmation that says what it did, a report of what was measured,
+and the fresh held-out prompt set that only the final benchmark reads."""
+
+import contextlib
+import io
+import json
+import re
+
+import pytest
+
+from refusal.choice import bisect_front, choose
+from refusal.cli import main
+from refusal.settings import SearchSettings
+
+# the organism's search, cheap (as in tests/test_search.py), with a front longer than --confirm 2 can bisect by generation alone
+ORGANISM_SEARCH = ["--n-val", "32", "--n-test", "16", "--max-new-tokens", "16", "--trials", "24", "--time-budget", "none", "--confirm", "2"]
+LOGGED = re.compile(r"^trial +(\d+): refusal +(-?[\d.]+) +KL ([\d.]+)", re.M)
+
+
+@pytest.fixture(scope="module")
+def organism_search(organism_dir, tmp_path_factory):
+    """`refusal search --model organism` (not quiet): the run directory and what it printed on stderr."""
+    out = tmp_path_factory.mktemp("first") / "run"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["search", "--model", "organism", "--out", str(out), "--no-export", *ORGANISM_SEARCH]) == 0
+    return out, err.getvalue()
+
+
+# ---- one trial numbering ---------------------------------------------------------------------------
+def test_the_live_log_numbers_trials_as_search_json_the_front_and_export_do(organism_search, tmp_path):
+    out, printed = organism_search
+    result = json.loads((out / "search.json").read_text())
+    logged = {int(n): (float(refusal), float(kl)) for n, refusal, kl in LOGGED.findall(printed)}
+    trials = {t["trial"]: t for t in result["trials"]}
+    assert logged and set(logged) == set(trials)
+    for number, (refusal, kl) in logged.items():  # the log's trial K is search.json's trial K
+        assert refusal == pytest.approx(trials[number]["refusal"], abs=1e-3) and kl == pytest.approx(trials[number]["kl"], abs=1e-4)
+    front_rows = re.findall(r"^[* ][P ] *(\d+) +(-?[\d.]+) ", printed, re.M)  # the printed front
+    assert [int(n) for n, _ in front_rows] == result["front"]
+    k = result["front"][-1]
+    assert main(["export", "--run", str(out), "--trial", str(k), "--out", str(tmp_path / "m"), "--quiet"]) == 0
+    exported = json.loads((tmp_path / "m" / "refusal.json").read_text())["search_trial"]
+    assert exported["trial"] == k and exported["refusal"] == pytest.approx(logged[k][0], abs=1e-3)
+
+
+# ---- the confirmation says what it did; the screen's buffer follows the model ---------------------------------------
+def test_on_the_organism_a_point_is_confirmed_by_generation_and_the_choice_says_how(organism_search):
+    out, printed = organism_search
+    result = json.loads((out / "search.json").read_text())
+    chosen, confirmed = result["chosen"], result["confirmed"]
+    generated = [p for p in confirmed if p["confirmed"]["harmful_refused"] is not None]
+    assert generated, f"no front point was generated on: {[p['confirmed'] for p in confirmed]}"
+    did = chosen["confirmation"]
+    assert did["generated"] == [p["trial"] for p in generated] and set(did["met_target"]) <= set(did["generated"])
+    assert did["screened"] == [p["trial"] for p in confirmed]  # every point is screened first (--confirm-train)
+    assert all(p["confirmed"]["train_buffer"] > 0 for p in confirmed)  # auto: from the margins, never 0 on the organism
+    if chosen["confirmed"]:
+        assert chosen["trial"] in did["met_target"] and chosen["rule"].startswith("confirmed:")
+    else:
+        assert chosen["rule"].startswith("fallback, not confirmed")
+    assert f"met the target: {', '.join(map(str, did['met_target'])) or 'none'}" in chosen["rule"]
+    assert "chosen: trial" in printed and ("confirmed" in printed.split("chosen: trial")[1].splitlines()[0])
+
+
+def point(trial: int, kl: float) -> dict:
+    return {"trial": trial, "kl": kl, "refusal": -trial}
+
+
+def test_screen_failures_do_not_use_up_the_confirmations_and_the_fallback_says_why():
+    """A front of 17: the train screen fails every point below index 16. Failed screens cost no generation, so the
+    bisection reaches the one point that passes; with none passing, the choice is named a fallback and says why."""
+    front = [point(i, 0.01 * (i + 1)) for i in range(17)]
+
+    def confirm(p, passes=lambda i: i >= 16):
+        if not passes(p["trial"]):
+            return {**p, "confirmed": {"harmful_refused": None, "harmful_total": 32, "harmless_refused": None, "harmless_total": 32, "train_refused": 3, "train_total": 252}}
+        return {**p, "confirmed": {"harmful_refused": 0, "harmful_total": 32, "harmless_refused": 0, "harmless_total": 32, "train_refused": 0, "train_total": 252}}
+
+    config = SearchSettings(confirm=2, max_kl=1.0)
+    confirmed = bisect_front(front, config, confirm, 0)
+    assert [p["trial"] for p in confirmed] == [8, 12, 14, 15, 16]
+    chosen, rule = choose(confirmed, config, 0)
+    assert chosen["trial"] == 16 and rule.startswith("confirmed: the lowest KL") and "generated on: 16; met the target: 16" in rule
+    never = bisect_front(front, config, lambda p: confirm(p, lambda i: False), 0)
+    chosen, rule = choose(never, config, 0)
+    assert rule.startswith("fallback, not confirmed") and "generated on: none" in rule and "not generated on" in rule
+
+
+def test_the_auto_buffer_is_the_tail_scale_of_the_margins(tmp_path, capsys):
+    """The mean of i·(x₍ᵢ₎ − x₍ᵢ₊₁₎) over the top four spacings: a model whose margins are ten times wider gets a buffer ten times wider."""
+    from refusal.choice import tail_scale
+
+    margins = [-0.02, -0.41, -0.46, -0.60, -0.70, -3.0]
+    expected = (1 * 0.39 + 2 * 0.05 + 3 * 0.14 + 4 * 0.10) / 4
+    assert tail_scale(margins) == pytest.approx(expected)
+    assert tail_scale([10 * m for m in margins]) == pytest.approx(10 * expected)
+    assert tail_scale([1.0]) == 0.0 and tail_scale([2.0, 1.0]) == pytest.approx(1.0)
+    assert SearchSettings().screen_margin == "auto"
+    for bad, message in (("-0.1", "--screen-margin must be a margin of at least 0 or 'auto'"), ("wide", "neither 'auto' nor a number")):
+        assert main(["search", "--screen-margin", bad, "--out", str(tmp_path / "run"), "--quiet"]) == 1
+        assert message in capsys.readouterr().err and not (tmp_path / "run").exists()
