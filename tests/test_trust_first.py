@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +101,43 @@ def test_the_auto_buffer_is_the_tail_scale_of_the_margins(tmp_path, capsys):
     for bad, message in (("-0.1", "--screen-margin must be a margin of at least 0 or 'auto'"), ("wide", "neither 'auto' nor a number")):
         assert main(["search", "--screen-margin", bad, "--out", str(tmp_path / "run"), "--quiet"]) == 1
         assert message in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+# ---- a report shows what was measured ---------------------------------------------------------------
+OPTIONAL = ("selection", "projections", "cosine", "search", "mechanisms")
+
+
+def evaluate_edited(organism_dir, model: Path, out: Path) -> tuple[dict, str]:
+    from conftest import organism_args
+
+    argv = ["evaluate", *organism_args(organism_dir), "--edited", str(model), "--out", str(out), "--n-test", "16", "--max-new-tokens", "12", "--quiet"]
+    assert main(argv) == 0
+    return json.loads((out / "report.json").read_text()), (out / "report.html").read_text()
+
+
+def test_an_edited_report_shows_its_fresh_runs_direction_and_leaves_out_what_it_did_not_measure(organism_dir, tmp_path):
+    from conftest import organism_args
+    from refusal.pipeline import export_run
+
+    run = tmp_path / "run"
+    assert main(["extract", *organism_args(organism_dir), "--out", str(run), "--n-val", "16", "--quiet"]) == 0
+    assert main(["select", "--run", str(run), "--quiet"]) == 0
+    export_run(run, tmp_path / "model")
+    report, page = evaluate_edited(organism_dir, tmp_path / "model", tmp_path / "report")
+    for name in ("selection", "projections", "cosine"):  # the export's run is fresh: its direction's sections, as RUN/report has them
+        assert report[name] and f'<section id="{name}">' in page, name
+    assert report["selection"]["chosen"] == json.loads((run / "selection.json").read_text())["chosen"]
+    assert page.count("data:image/png;base64,") >= 4  # rates, selection heatmaps, projections, cosine
+    for name in ("search", "mechanisms"):  # not measured here: not on the page at all
+        assert f'<section id="{name}">' not in page, name
+    assert "not measured" not in page.split('<section id="rates">')[1].split("Unsafe")[0]
+
+
+def test_a_search_exports_report_has_no_sections_it_did_not_measure(organism_search, organism_dir, tmp_path):
+    out, _ = organism_search
+    trial = json.loads((out / "search.json").read_text())["chosen"]["trial"]
+    assert main(["export", "--run", str(out), "--trial", str(trial), "--out", str(tmp_path / "m"), "--quiet"]) == 0
+    report, page = evaluate_edited(organism_dir, tmp_path / "m", tmp_path / "report")
+    for name in OPTIONAL:
+        assert f'<section id="{name}">' not in page, name
+    assert "rates.edited.harmful.refused" in page and page.count("not measured") <= 4  # only values inside shown sections

@@ -29,7 +29,7 @@ from .report_schema import FORMAT_VERSION as REPORT_FORMAT
 from .run_dir import RunDir, read_json
 from .settings import Settings
 from .streaming import NamesDiffer
-from .workspace import Context, load, model_identity, run_prompts
+from .workspace import Context, fresh_selection, load, model_identity, run_prompts
 
 LABELS = {"original": "original", "ablated": "ablated (hooks)", "added": "activation addition", "edited": "edited checkpoint"}
 
@@ -220,6 +220,9 @@ def evaluate_model(
         raise RefusalError(f"--edited {edited} is not a checkpoint directory (no config.json); give the directory `refusal export` wrote")
     source_run = ablate_run or add_run or (_run_of_export(edited) if edited is not None else None)
     run = RunDir.open(source_run) if source_run is not None else None
+    selection = fresh_selection(run) if run is not None else None
+    if selection is None and not (ablate_run or add_run):
+        run = None  # the export's run chose another direction since (or cannot tell): the report shows none of its sections
     direction = Direction.load(run.file("selection", 1)) if run is not None else None
     if out.exists() and not out.is_dir():
         raise RefusalError(f"report directory {out} is a file; choose a directory path")
@@ -258,7 +261,11 @@ def evaluate_model(
         conditions.append(edited_condition(settings, chat, edited, same_model))
     begin = time.perf_counter()
     prompts = {k: prompts_all.get(k, "test") for k in ("harmful", "harmless")}
-    report = build_report(settings, chat, record, conditions, prompts, direction, safety=safety)
+    extra = {}
+    if run is not None and direction is not None and selection is not None:  # the direction's plots, as RUN/report shows them
+        extra["selection"] = {"chosen": selection["chosen"], "candidates": selection["candidates"]}
+        extra["cosine"] = cosine_matrix(Candidates.load(run.file("candidates")), direction.position)
+    report = build_report(settings, chat, record, conditions, prompts, direction, safety=safety, extra=extra)
     report["timings"] = {"evaluate": round(time.perf_counter() - begin, 2)}
     paths = write_report(report, out)
     return EvaluateResult(out, paths["html"], report)

@@ -30,7 +30,7 @@ from .search import paper_params
 from .selection import score_candidates, select_direction
 from .settings import Settings
 from .streaming import too_large_to_load
-from .workspace import Context, reopen, start
+from .workspace import Context, reopen, start, validation_inputs
 
 
 @dataclass
@@ -87,7 +87,7 @@ def candidates(ctx: Context, reuse_only: bool = False) -> Candidates:
 
 
 def selection_inputs(ctx: Context) -> dict:
-    return {"harmful_val": ctx.prompts.hash("harmful", "val"), "harmless_val": ctx.prompts.hash("harmless", "val")}
+    return validation_inputs(ctx.prompts)
 
 
 def selection(ctx: Context, cands: Candidates) -> tuple[dict, Direction]:
