@@ -141,3 +141,84 @@ def test_a_search_exports_report_has_no_sections_it_did_not_measure(organism_sea
     for name in OPTIONAL:
         assert f'<section id="{name}">' not in page, name
     assert "rates.edited.harmful.refused" in page and page.count("not measured") <= 4  # only values inside shown sections
+
+
+# ---- the fresh held-out set: pinned, new, and read only by the final benchmark run ------------------------------------
+# These tests hash, count and compare the held-out prompts; they never print one.
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def normalised(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())
+
+
+def holdout_records(kind: str) -> list[dict]:
+    from refusal.holdout import holdout_bytes
+
+    return [json.loads(line) for line in holdout_bytes(kind).decode("utf-8").splitlines() if line.strip()]
+
+
+def shared_instructions() -> set[str]:
+    """The refusal_direction data beside the checkout (../shared/data/refusal_direction), where there is a copy."""
+    found = next((p for p in (ROOT.parent / "shared", ROOT.parents[1] / "shared") if (p / "data" / "refusal_direction").is_dir()), None)
+    if found is None:
+        return set()
+    out = set()
+    for path in (found / "data" / "refusal_direction").rglob("*.json"):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        out |= {normalised(r["instruction"]) for r in data if isinstance(data, list) and isinstance(r, dict) and isinstance(r.get("instruction"), str)}
+    return out
+
+
+def test_the_held_out_set_is_pinned_counted_and_new():
+    import hashlib
+
+    from refusal.data import builtin_prompts
+    from refusal.holdout import HOLDOUT_SHA256
+
+    known = {normalised(p.instruction) for kind in ("harmful", "harmless") for p in builtin_prompts(kind)} | shared_instructions()
+    seen: set[str] = set()
+    for kind in ("harmful", "harmless"):
+        path = ROOT / "src" / "refusal" / "prompts" / f"holdout_{kind}.jsonl"
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == HOLDOUT_SHA256[kind]
+        records = holdout_records(kind)
+        assert len(records) >= 64 and all(r["split"] == "holdout" and r["category"] for r in records)
+        texts = {normalised(r["instruction"]) for r in records}
+        assert len(texts) == len(records)  # no duplicate within the set
+        assert len(texts & known) == 0, f"{len(texts & known)} {kind} held-out prompts repeat a built-in or refusal_direction prompt"
+        assert len(texts & seen) == 0
+        seen |= texts
+
+
+def test_no_default_path_reads_the_held_out_set(tmp_path):
+    from refusal.data import load_prompts, load_splits
+    from refusal.errors import RefusalError
+
+    for spec in ("builtin:holdout_harmful", "builtin:holdout_harmless:test"):
+        with pytest.raises(RefusalError, match="unknown built-in prompt set"):
+            load_prompts(spec)
+    held = {normalised(r["instruction"]) for kind in ("harmful", "harmless") for r in holdout_records(kind)}
+    for kind in ("harmful", "harmless"):
+        builtin = {normalised(t) for split in load_splits("builtin", kind).values() for t in split}
+        assert len(builtin & held) == 0
+    readers = [p.relative_to(ROOT).as_posix() for p in (ROOT / "src").rglob("*.py") if "load_holdout" in p.read_text(encoding="utf-8")]
+    readers += [p.relative_to(ROOT).as_posix() for p in (ROOT / "benchmarks").glob("*.py") if "load_holdout" in p.read_text(encoding="utf-8")]
+    assert sorted(readers) == ["benchmarks/search.py", "src/refusal/holdout.py"]  # only the final benchmark run reads it
+    text = (ROOT / "benchmarks" / "search.py").read_text(encoding="utf-8")
+    assert "if args.holdout" in text and 'add_argument("--holdout", action="store_true"' in text  # and only when asked
+
+
+def test_reading_the_held_out_set_is_logged_first(tmp_path):
+    from refusal.errors import RefusalError
+    from refusal.holdout import load_holdout
+
+    log = tmp_path / "bench" / "holdout-reads.md"
+    with pytest.raises(RefusalError, match="needs a reader and a commit"):
+        load_holdout(log, "", "abc123")
+    assert not log.exists()
+    sets = load_holdout(log, "benchmarks/search.py --holdout", "abc123")
+    assert [len(sets["harmful"]), len(sets["harmless"])] == [len(holdout_records("harmful")), len(holdout_records("harmless"))]
+    lines = log.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "# Reads of the fresh held-out set" and "commit abc123, read by benchmarks/search.py --holdout" in lines[-1]
+    load_holdout(log, "benchmarks/search.py --holdout", "def456")
+    assert log.read_text(encoding="utf-8").count("read by") == 2  # appended, never rewritten
