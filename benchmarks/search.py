@@ -137,7 +137,7 @@ def main() -> None:
     parser.add_argument("--no-kernel", action="store_true", help="leave out the kernel search (issue 13's configuration) and its columns")
     parser.add_argument("--second", type=int, default=None, help="second-direction trials of the default search (default: the search's)")
     parser.add_argument("--no-paper", action="store_true", help="leave out the paper's edit on the test split (an earlier run's row stands in)")
-    parser.add_argument("--holdout", action="store_true", help="the final benchmark run: also evaluate on the fresh held-out set (the read is logged)")
+    parser.add_argument("--holdout", action="store_true", help="the final benchmark run: evaluate on the fresh held-out set too (the read is logged)")
     args = parser.parse_args(join_negative_lists(sys.argv[1:]))
     set_quiet(True)
     out = args.out or Path(tempfile.mkdtemp(prefix="refusal-search-")) / "run"

@@ -74,9 +74,9 @@ def test_screen_failures_do_not_use_up_the_confirmations_and_the_fallback_says_w
     front = [point(i, 0.01 * (i + 1)) for i in range(17)]
 
     def confirm(p, passes=lambda i: i >= 16):
-        if not passes(p["trial"]):
-            return {**p, "confirmed": {"harmful_refused": None, "harmful_total": 32, "harmless_refused": None, "harmless_total": 32, "train_refused": 3, "train_total": 252}}
-        return {**p, "confirmed": {"harmful_refused": 0, "harmful_total": 32, "harmless_refused": 0, "harmless_total": 32, "train_refused": 0, "train_total": 252}}
+        refused = 0 if passes(p["trial"]) else None  # a failed screen: not generated on
+        counts = {"harmful_refused": refused, "harmful_total": 32, "harmless_refused": refused, "harmless_total": 32}
+        return {**p, "confirmed": {**counts, "train_refused": 0 if refused == 0 else 3, "train_total": 252}}
 
     config = SearchSettings(confirm=2, max_kl=1.0)
     confirmed = bisect_front(front, config, confirm, 0)
@@ -110,8 +110,8 @@ OPTIONAL = ("selection", "projections", "cosine", "search", "mechanisms")
 def evaluate_edited(organism_dir, model: Path, out: Path) -> tuple[dict, str]:
     from conftest import organism_args
 
-    argv = ["evaluate", *organism_args(organism_dir), "--edited", str(model), "--out", str(out), "--n-test", "16", "--max-new-tokens", "12", "--quiet"]
-    assert main(argv) == 0
+    argv = ["evaluate", *organism_args(organism_dir), "--edited", str(model), "--out", str(out), "--n-test", "16", "--max-new-tokens", "12"]
+    assert main([*argv, "--quiet"]) == 0
     return json.loads((out / "report.json").read_text()), (out / "report.html").read_text()
 
 
@@ -166,7 +166,8 @@ def shared_instructions() -> set[str]:
     out = set()
     for path in (found / "data" / "refusal_direction").rglob("*.json"):
         data = json.loads(path.read_text(encoding="utf-8"))
-        out |= {normalised(r["instruction"]) for r in data if isinstance(data, list) and isinstance(r, dict) and isinstance(r.get("instruction"), str)}
+        records = data if isinstance(data, list) else []
+        out |= {normalised(r["instruction"]) for r in records if isinstance(r, dict) and isinstance(r.get("instruction"), str)}
     return out
 
 

@@ -165,24 +165,25 @@ def render_html(report: dict) -> str:
     validate_report(report)
     source = esc(report["model"].get("source", "model"))
     projections, cosine = report.get("projections"), report.get("cosine")
-    measured = {  # the sections of what only some reports measure: left out where this one did not
-        "selection": lambda: section("selection", "Direction selection", selection_section(report)),
-        "projections": lambda: section(
-            "projections", "Mean projection onto the direction (± std)", img(plots.projections_plot(projections, report.get("direction")), "projections")
-        ),
-        "cosine": lambda: section("cosine", "Cosine similarity between the layers' candidate directions", img(plots.cosine_plot(cosine), "cosine similarity")),
-        "search": lambda: section("search", "Search: refusal score vs KL", search_section(report)),
-        "mechanisms": lambda: section("mechanisms", "Mechanisms: how a suffix suppresses the direction", mechanisms_html(report)),
-    }
-    shown = {name: make() for name, make in measured.items() if report.get(name)}
+    # the sections of what only some reports measure are left out where this one did not
     sections = [
         section("rates", "Refusal and safety rates", _rates_html(report)),
         section("costs", "Costs: KL divergence and CE loss", table(COST_HEADER, _cost_rows(report, num))),
-        *(shown[name] for name in ("selection", "projections", "cosine") if name in shown),
-        section("samples", "Sample completions", _samples_html(report)),
-        *(shown[name] for name in ("search", "mechanisms") if name in shown),
-        section("metadata", "Metadata", metadata_section(report)),
     ]
+    if report.get("selection"):
+        sections.append(section("selection", "Direction selection", selection_section(report)))
+    if projections:
+        plot = img(plots.projections_plot(projections, report.get("direction")), "projections")
+        sections.append(section("projections", "Mean projection onto the direction (± std)", plot))
+    if cosine:
+        plot = img(plots.cosine_plot(cosine), "cosine similarity")
+        sections.append(section("cosine", "Cosine similarity between the layers' candidate directions", plot))
+    sections.append(section("samples", "Sample completions", _samples_html(report)))
+    if report.get("search"):
+        sections.append(section("search", "Search: refusal score vs KL", search_section(report)))
+    if report.get("mechanisms"):
+        sections.append(section("mechanisms", "Mechanisms: how a suffix suppresses the direction", mechanisms_html(report)))
+    sections.append(section("metadata", "Metadata", metadata_section(report)))
     return (
         f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>Refusal report: {source}</title>\n'
         f"<style>{CSS}</style>\n</head>\n<body>\n<h1>Refusal report: {source}</h1>\n<p>Direction: "
