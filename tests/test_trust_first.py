@@ -131,6 +131,13 @@ def test_an_edited_report_shows_its_fresh_runs_direction_and_leaves_out_what_it_
     for name in ("search", "mechanisms"):  # not measured here: not on the page at all
         assert f'<section id="{name}">' not in page, name
     assert "not measured" not in page.split('<section id="rates">')[1].split("Unsafe")[0]
+    # the run chooses another direction afterwards: the export is no longer its direction, so none of its sections show
+    chosen = json.loads((run / "selection.json").read_text())["chosen"]["layer"]
+    assert main(["select", "--run", str(run), "--layers", str(1 if chosen != 1 else 2), "--quiet"]) == 0
+    report, page = evaluate_edited(organism_dir, tmp_path / "model", tmp_path / "report2")
+    assert report["direction"] is None and report["projections"] is None
+    for name in OPTIONAL:
+        assert f'<section id="{name}">' not in page, name
 
 
 def test_a_search_exports_report_has_no_sections_it_did_not_measure(organism_search, organism_dir, tmp_path):

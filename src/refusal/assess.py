@@ -194,6 +194,12 @@ def _run_of_export(edited: Path) -> Path | None:
     return path if (path / "run.json").is_file() else None
 
 
+def _same_direction(edited: Path, chosen: dict) -> bool:
+    """Whether the export's refusal.json names the candidate its run has chosen now (layer and position)."""
+    made = read_json(edited / "refusal.json", "re-export the model with `refusal export`").get("direction") or {}
+    return (made.get("layer"), made.get("position")) == (chosen.get("layer"), chosen.get("position"))
+
+
 @dataclass
 class EvaluateResult:
     out: Path
@@ -221,7 +227,7 @@ def evaluate_model(
     source_run = ablate_run or add_run or (_run_of_export(edited) if edited is not None else None)
     run = RunDir.open(source_run) if source_run is not None else None
     selection = fresh_selection(run) if run is not None else None
-    if selection is None and not (ablate_run or add_run):
+    if not (ablate_run or add_run) and (selection is None or not _same_direction(edited, selection["chosen"])):  # type: ignore[arg-type]
         run = None  # the export's run chose another direction since (or cannot tell): the report shows none of its sections
     direction = Direction.load(run.file("selection", 1)) if run is not None else None
     if out.exists() and not out.is_dir():
