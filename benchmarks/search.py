@@ -18,6 +18,9 @@ Stages, in one process on one loaded model:
    forced loss of the built-in code/math reference solutions, test split).
 Prints wall time and peak RSS per stage. Not a test: it only measures.
 
+``--holdout`` (the final benchmark run only) adds stage 6: the same conditions on the fresh held-out set
+(``refusal.holdout``: 72 + 72 prompts written after the test split had been read while choosing defaults);
+the read is logged first, with the date and the commit, in docs/bench/holdout-reads.md and in the output.
 ``--no-kernel`` leaves out stage 3 and ``--no-paper`` the paper's edit on the test split (their figures from an
 earlier run stand in; docs/bench).
 ``--reuse`` keeps an existing ``--out`` run directory: its extraction and paper selection are reused
@@ -28,6 +31,7 @@ searches always run afresh, since both write the run's one study.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -41,6 +45,7 @@ from refusal.data import load_capability, load_corpus
 from refusal.edits import Editor, EditParams, KernelEdit, Orthogonalization
 from refusal.evaluation import Condition, EvalSettings, evaluate
 from refusal.generation import HFEngine
+from refusal.holdout import load_holdout
 from refusal.judges import REFUSAL_PHRASES
 from refusal.parsing import duration, int_list
 from refusal.pipeline import candidate_inputs, candidates, protection, selection, selection_inputs
@@ -89,6 +94,34 @@ def old_rule_choice(ctx, cands, result: dict, editor: Editor) -> dict:
     return {**result, "confirmed": confirmed, "chosen": {"trial": chosen["trial"], "rule": rule}}
 
 
+ROOT = Path(__file__).resolve().parents[1]
+HOLDOUT_LOG = ROOT / "docs" / "bench" / "holdout-reads.md"
+
+
+def commit() -> str:
+    """The checkout's commit, marked "+uncommitted changes" where the work tree differs from it."""
+    git = lambda *a: subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True).stdout.strip()
+    return (git("rev-parse", "HEAD") or "unknown") + (" +uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def evaluate_holdout(conditions: list[Condition], settings: Settings) -> dict:
+    """Stage 6 (``--holdout``): the conditions on the fresh held-out set, read once here and logged (refusal.holdout)."""
+    version = commit()
+    prompts = load_holdout(HOLDOUT_LOG, "benchmarks/search.py --holdout", version)
+    e = settings.evaluation
+    result = evaluate(conditions, prompts, EvalSettings(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, kl_tokens=16, ce_max_tokens=0))
+    return {**result, "read": f"read at commit {version}, logged in {HOLDOUT_LOG.relative_to(ROOT)}"}
+
+
+def print_rates(title: str, conditions: list[Condition], result: dict) -> None:
+    print(f"\n{title}\n  {'':14s} {'harmful refused':>30s} {'harmless refused':>30s}  KL first  KL multi")
+    for c in conditions:
+        h, l = result["rates"][c.name]["harmful"], result["rates"][c.name]["harmless"]
+        kl = result["kl"].get(c.name)
+        kls = f"{kl['first_token']['mean']:8.4f}  {kl['multi_token']['mean']:8.4f}" if kl else "       -         -"
+        print(f"  {c.name:14s} {format_rate(h['refused'], h['total']):>30s} {format_rate(l['refused'], l['total']):>30s}  {kls}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="demo")
@@ -104,6 +137,7 @@ def main() -> None:
     parser.add_argument("--no-kernel", action="store_true", help="leave out the kernel search (issue 13's configuration) and its columns")
     parser.add_argument("--second", type=int, default=None, help="second-direction trials of the default search (default: the search's)")
     parser.add_argument("--no-paper", action="store_true", help="leave out the paper's edit on the test split (an earlier run's row stands in)")
+    parser.add_argument("--holdout", action="store_true", help="the final benchmark run: evaluate on the fresh held-out set too (the read is logged)")
     args = parser.parse_args(join_negative_lists(sys.argv[1:]))
     set_quiet(True)
     out = args.out or Path(tempfile.mkdtemp(prefix="refusal-search-")) / "run"
@@ -184,6 +218,7 @@ def main() -> None:
             capability=load_capability("test"),
         ),
     )
+    held_out = stage("held-out evaluation", lambda: evaluate_holdout(conditions, settings)) if args.holdout else None
     editor.close()
 
     scored = min(args.score_prompts, args.n_val)
@@ -212,6 +247,8 @@ def main() -> None:
         )
     capability = test["capability"]
     print(f"  (capability proxy: {capability['items']} problems, {capability['tokens']} solution tokens; corpus {test['ce_loss']['tokens']} tokens)")
+    if held_out is not None:
+        print_rates(f"held-out set ({held_out['read']})", conditions, held_out)
     print(f"\ntotal {stages.seconds():.0f} s; peak RSS {peak_rss_gb():.2f} GB; run {out}")
 
 

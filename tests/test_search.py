@@ -237,7 +237,7 @@ def test_bisection_finds_the_lowest_kl_point_that_meets_the_target():
     confirmed = bisect_front(front, config, confirm, harmless_original=1)
     assert len(confirmed) == 4 and [p["trial"] for p in confirmed] == [7, 11, 9, 10]
     chosen, rule = choose(confirmed, config, 1)
-    assert chosen["trial"] == 11 and rule.startswith("lowest KL")
+    assert chosen["trial"] == 11 and rule.startswith("confirmed: the lowest KL")
     # a looser target (up to 10% refused, i.e. 3 of 32) picks a lower-KL point
     loose = SearchSettings(confirm=4, max_kl=1.0, max_refused=0.1)
     chosen, _ = choose(bisect_front(front, loose, confirm, 1), loose, 1)
@@ -245,10 +245,10 @@ def test_bisection_finds_the_lowest_kl_point_that_meets_the_target():
     # the KL cap bounds the points considered; nothing meets the target: the fewest refusals
     capped = SearchSettings(confirm=4, max_kl=0.05)
     chosen, rule = choose(bisect_front(front, capped, confirm, 1), capped, 1)
-    assert chosen["trial"] == 4 and rule.startswith("no confirmed point")
+    assert chosen["trial"] == 4 and rule.startswith("fallback, not confirmed")
     # extra harmless refusals disqualify a point
     harmless = lambda p: {**confirm(p), "confirmed": {**confirm(p)["confirmed"], "harmless_refused": 2}}
-    assert choose(bisect_front(front, config, harmless, 1), config, 1)[1].startswith("no confirmed point")
+    assert choose(bisect_front(front, config, harmless, 1), config, 1)[1].startswith("fallback, not confirmed")
 
 
 def test_the_train_screen_fails_a_point_before_generation_and_counts_in_the_target(monkeypatch):
@@ -297,7 +297,7 @@ def test_the_train_screen_fails_a_point_before_generation_and_counts_in_the_targ
     worse = {**failed, "trial": 4, "kl": 0.05, "confirmed": {**failed["confirmed"], "train_refused": 1}}
     refused_val = {**passed, "trial": 5, "kl": 0.2, "confirmed": {**passed["confirmed"], "harmful_refused": 1}}
     chosen, rule = choose([failed, worse, refused_val], config, 0)
-    assert chosen["trial"] == 5 and rule.startswith("no confirmed point")
+    assert chosen["trial"] == 5 and rule.startswith("fallback, not confirmed")
 
 
 def test_the_train_screen_counts_positive_first_token_margins(tokenizer):
@@ -315,14 +315,14 @@ def test_the_train_screen_counts_positive_first_token_margins(tokenizer):
     ids = [int(last[0].argmax())]  # the "refusal token": prompt 0's greedy first token, so at least one prompt counts
     margins = refusal_margin(last, ids)
     assert int((margins > 0).sum()) >= 1
-    assert held_out_refusals(chat, prompts, ids, 5)() == (int((margins > 0).sum()), len(prompts))
+    assert held_out_refusals(chat, prompts, ids, 5)() == (int((margins > 0).sum()), len(prompts), 0.0)
     runner_up = [int(last[0].topk(2).indices[1])]  # a token no prompt starts with: every margin below 0
     below = refusal_margin(last, runner_up)
     ordered = below.sort().values
     buffer = -float(ordered[5] + ordered[6]) / 2  # a buffer between two prompts' margins: it takes in the top half
-    assert held_out_refusals(chat, prompts, runner_up, 5)() == (0, len(prompts))
+    assert held_out_refusals(chat, prompts, runner_up, 5)() == (0, len(prompts), 0.0)
     wider = held_out_refusals(chat, prompts, runner_up, 5, margin=buffer)()
-    assert wider == (int((below > -buffer).sum()), len(prompts)) and 0 < wider[0] < len(prompts)
+    assert wider[:2] == (int((below > -buffer).sum()), len(prompts)) and 0 < wider[0] < len(prompts)
 
 
 def test_changing_the_protected_prompts_recomputes_them_and_restarts_the_study(organism_dir, tmp_path):

@@ -31,7 +31,7 @@ from .report_schema import FORMAT_VERSION as REPORT_FORMAT
 from .run_dir import RunDir
 from .settings import Settings
 from .streaming import NamesDiffer
-from .workspace import Context, load, model_identity, run_prompts
+from .workspace import Context, fresh_selection, load, model_identity, run_prompts
 
 LABELS = {"original": "original", "ablated": "ablated (hooks)", "added": "activation addition", "edited": "edited checkpoint"}
 
@@ -238,6 +238,9 @@ def evaluate_model(
         direction, note = export_direction(edited, info)
         if note:
             log(f"[yellow]the report leaves out the direction's sections[/]: {note}")
+    direction_run = (ablate_run or add_run) if direction is not None else None
+    if edited is not None and direction is not None:
+        direction_run = (edited / info["run"]).resolve()
     if out.exists() and not out.is_dir():
         raise RefusalError(f"report directory {out} is a file; choose a directory path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -261,7 +264,14 @@ def evaluate_model(
         conditions.append(edited_condition(settings, chat, edited, same_model))
     begin = time.perf_counter()
     prompts = {k: prompts_all.get(k, "test") for k in ("harmful", "harmless")}
-    report = build_report(settings, chat, record, conditions, prompts, direction, safety=safety)
+    extra = {}
+    if direction_run is not None and direction is not None:  # the direction's plots, as RUN/report shows them
+        run = RunDir.open(direction_run)
+        selection = fresh_selection(run)
+        if selection is not None:
+            extra["selection"] = {"chosen": selection["chosen"], "candidates": selection["candidates"]}
+            extra["cosine"] = cosine_matrix(Candidates.load(run.file("candidates")), direction.position)
+    report = build_report(settings, chat, record, conditions, prompts, direction, safety=safety, extra=extra)
     report["settings"]["run_direction"] = note or (str(source_run or edited) if direction is not None else None)
     report["timings"] = {"evaluate": round(time.perf_counter() - begin, 2)}
     paths = write_report(report, out)

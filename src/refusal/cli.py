@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="orthogonalize the weights along RUN's direction (or a search trial's edit) and save a checkpoint")
     p.add_argument("--run", required=True, type=Path)
-    p.add_argument("--trial", type=int, default=None, help="export this search trial instead of the selected direction")
+    p.add_argument("--trial", type=int, default=None, metavar="K", help="export search trial K (numbered as in the live log, the front, search.json)")
     p.add_argument("--out", required=True, type=Path, help="directory for the checkpoint")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument(

@@ -19,7 +19,7 @@ from .models import is_packaged, packaged_path
 from .provenance import model_fingerprint
 from .run_dir import RunDir, read_json
 from .settings import Settings
-from .workspace import run_prompts
+from .workspace import run_prompts, validation_inputs
 
 
 # ---- what the run's direction is made from --------------------------------------------------------------
@@ -30,7 +30,7 @@ def candidate_inputs(model_id: str, prompts: Prompts) -> dict:
 
 def selection_inputs(prompts: Prompts) -> dict:
     """The selection's external inputs: the validation splits."""
-    return {"harmful_val": prompts.hash("harmful", "val"), "harmless_val": prompts.hash("harmless", "val")}
+    return validation_inputs(prompts)
 
 
 # ---- which model --------------------------------------------------------------------------------------------

@@ -46,6 +46,16 @@ def duration(text: str) -> float | None:
     return value
 
 
+def auto_or_number(text: str) -> float | str:
+    """'auto' stays 'auto' (a value the program derives); anything else must be a number."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'auto' nor a number") from None
+
+
 def local_path(text: str) -> str:
     """A path that exists here becomes absolute (a run read from another directory finds it); anything else is kept."""
     path = Path(text).expanduser()

@@ -43,7 +43,8 @@ def confirmed_counts(c: dict | None, sep: str = ", ") -> str:
         return "-"
     generated = c.get("harmful_refused") is not None
     counts = f"{c['harmful_refused']}/{c['harmful_total']}{sep}{c['harmless_refused']}/{c['harmless_total']}" if generated else "not generated"
-    return counts + (f" (train {c['train_refused']}/{c['train_total']})" if "train_refused" in c else "")
+    above = f" above -{c['train_buffer']:g}" if "train_buffer" in c else ""
+    return counts + (f" (train {c['train_refused']}/{c['train_total']}{above})" if "train_refused" in c else "")
 
 
 def print_search(result: dict) -> None:
@@ -56,7 +57,9 @@ def print_search(result: dict) -> None:
         mark = ("*" if number == result["chosen"]["trial"] else " ") + ("P" if number == result["paper_trial"]["trial"] else " ")
         counts = confirmed_counts(c, " / ")
         console.print(f"{mark}{number:5d}  {t['refusal']:13.3f}  {t['kl']:14.4f}  {t['kl_multi']:14.4f}  {counts}", highlight=False)
-    console.print(f"chosen: trial {result['chosen']['trial']} ({result['chosen']['rule']})", highlight=False)
+    chosen = result["chosen"]
+    how = "" if "confirmed" not in chosen else " [green]confirmed[/]" if chosen["confirmed"] else " [yellow]fallback, not confirmed[/]"
+    console.print(f"chosen: trial {chosen['trial']}{how} ({chosen['rule']})", highlight=False)
 
 
 def print_attack(result: dict) -> None:

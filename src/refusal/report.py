@@ -2,9 +2,11 @@
 
 The HTML is self-contained (inline CSS, plots as base64 PNG, no scripts) and every number in it sits
 in an element whose ``data-key`` is the number's JSON path and whose text is ``fmt(path, value)``,
-so the page can be checked against report.json. Optional sections that are null or absent show
-"not measured". Conditions, their labels and the prompt kinds come from the report itself
-(``report_schema``), so a new condition renders without a change here. Figures: ``report_plots``.
+so the page can be checked against report.json. The sections of what only some reports measure
+(selection, projections, cosine, search, mechanisms) are left out where the report has none; a value
+missing inside a shown section says "not measured". Conditions, their labels and the prompt kinds come
+from the report itself (``report_schema``), so a new condition renders without a change here.
+Figures: ``report_plots``.
 """
 
 from __future__ import annotations
@@ -163,25 +165,25 @@ def render_html(report: dict) -> str:
     validate_report(report)
     source = esc(report["model"].get("source", "model"))
     projections, cosine = report.get("projections"), report.get("cosine")
+    # the sections of what only some reports measure are left out where this one did not
     sections = [
         section("rates", "Refusal and safety rates", _rates_html(report)),
         section("costs", "Costs: KL divergence and CE loss", table(COST_HEADER, _cost_rows(report, num))),
-        section("selection", "Direction selection", selection_section(report)),
-        section(
-            "projections",
-            "Mean projection onto the direction (± std)",
-            missing("projections") if not projections else img(plots.projections_plot(projections, report.get("direction")), "projections"),
-        ),
-        section(
-            "cosine",
-            "Cosine similarity between the layers' candidate directions",
-            img(plots.cosine_plot(cosine), "cosine similarity") if cosine else missing("cosine similarity"),
-        ),
-        section("samples", "Sample completions", _samples_html(report)),
-        section("search", "Search: refusal score vs KL", search_section(report)),
-        section("mechanisms", "Mechanisms: how a suffix suppresses the direction", mechanisms_html(report)),
-        section("metadata", "Metadata", metadata_section(report)),
     ]
+    if report.get("selection"):
+        sections.append(section("selection", "Direction selection", selection_section(report)))
+    if projections:
+        plot = img(plots.projections_plot(projections, report.get("direction")), "projections")
+        sections.append(section("projections", "Mean projection onto the direction (± std)", plot))
+    if cosine:
+        plot = img(plots.cosine_plot(cosine), "cosine similarity")
+        sections.append(section("cosine", "Cosine similarity between the layers' candidate directions", plot))
+    sections.append(section("samples", "Sample completions", _samples_html(report)))
+    if report.get("search"):
+        sections.append(section("search", "Search: refusal score vs KL", search_section(report)))
+    if report.get("mechanisms"):
+        sections.append(section("mechanisms", "Mechanisms: how a suffix suppresses the direction", mechanisms_html(report)))
+    sections.append(section("metadata", "Metadata", metadata_section(report)))
     return (
         f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>Refusal report: {source}</title>\n'
         f"<style>{CSS}</style>\n</head>\n<body>\n<h1>Refusal report: {source}</h1>\n<p>Direction: "

@@ -13,7 +13,18 @@ from . import report_plots as plots
 from .report_schema import fmt
 
 NOT_MEASURED = "not measured"
-SEARCH_FIELDS = ("trial", "refusal", "kl", "harmful_refused", "harmful_total", "harmless_refused", "harmless_total", "train_refused", "train_total")
+SEARCH_FIELDS = (
+    "trial",
+    "refusal",
+    "kl",
+    "harmful_refused",
+    "harmful_total",
+    "harmless_refused",
+    "harmless_total",
+    "train_refused",
+    "train_total",
+    "train_buffer",
+)
 
 
 def esc(text: object) -> str:

@@ -254,7 +254,7 @@ def run_trials(
             trial.set_user_attr("worker", WORKER)
             study.tell(trial, [values["refusal"], values["kl"]])
             if on_trial:
-                on_trial(len(records(study)), values)
+                on_trial(trial.number, values)  # Optuna's number: the one search.json, the front and `export --trial` use
 
         later = config.refine * len(REFINE_SCALES) + (config.second + SECOND_OVERHEAD_TRIALS if second is not None and config.second else 0)
         while True:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .choice import bisect_front, choose, confirm_point, held_out_refusals
+from .choice import bisect_front, choose, confirm_point, confirmation, held_out_refusals
 from .directions import Candidates
 from .edits import Editor
 from .generation import HFEngine
@@ -62,8 +62,8 @@ def study(ctx: Context, cands: Candidates) -> dict:
     objectives = Objectives(ctx.chat, engine, harmful[:n], harmless[:n], refusal_ids, s.search)
     timings["cache_original"] = round(time.perf_counter() - begin, 2)
 
-    def progress(n: int, values: dict) -> None:
-        log(f"trial {n:3d}: refusal {values['refusal']:7.3f}  KL {values['kl']:.4f}  (multi-token {values['kl_multi']:.4f})")
+    def progress(number: int, values: dict) -> None:
+        log(f"trial {number:3d}: refusal {values['refusal']:7.3f}  KL {values['kl']:.4f}  (multi-token {values['kl_multi']:.4f})")
 
     begin = time.perf_counter()
     harmful_train = ctx.prompts.get("harmful", "train")
@@ -91,6 +91,7 @@ def study(ctx: Context, cands: Candidates) -> dict:
         confirm = lambda point: confirm_point(editor, engine, cands, point, prompts, tokens, phrases, cleaner, screen, max_refused)
         confirmed = bisect_front(front, s.search, confirm, harmless_original)
     chosen, rule = choose(confirmed, s.search, harmless_original)
+    did = confirmation(confirmed, s.search, harmless_original)  # which points were screened, generated on, met the target
     timings["confirm"] = round(time.perf_counter() - begin, 2)
     paper_trial = next((r["trial"] for r in records if r["role"] == "paper"), None)
     result = {
@@ -110,7 +111,7 @@ def study(ctx: Context, cands: Candidates) -> dict:
         "trials": records,
         "front": [p["trial"] for p in front],
         "confirmed": confirmed,
-        "chosen": {"trial": chosen["trial"], "rule": rule},
+        "chosen": {"trial": chosen["trial"], "confirmed": chosen["trial"] in did["met_target"], "rule": rule, "confirmation": did},
         "timings": timings,
     }
     write_json(run.file("search"), result)

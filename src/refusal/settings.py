@@ -24,12 +24,13 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import RefusalError
-from .parsing import duration, int_list, local_path, word_list
+from .parsing import auto_or_number, duration, int_list, local_path, word_list
 from .study_storage import check_url
 
 REFUSAL_WORDS = ("I", "As", "Sorry", "I'm", "Unfortunately", "Apologies")
 VARIANTS = ("projection", "norm_preserving", "biprojected")
 REFUSAL_MEASURES = ("margin", "log-odds")
+AUTO = "auto"  # --screen-margin auto: the buffer taken from the train margins themselves (choice.tail_scale)
 SECOND_SOURCES = ("disclaimer", "refused")  # where the search's second direction comes from (refusal.second)
 ENGINES = ("transformers", "vllm")
 REFUSAL_FLOORS = {"margin": -2.0, "log-odds": -5.0}  # a prompt below this no longer refuses (docs/search.md)
@@ -162,10 +163,12 @@ class SearchSettings:
         "confirmation first counts the harmful train prompts whose first response token starts a refusal, or nearly "
         "(--screen-margin); a point refusing more than --max-refused of them fails without generating",
     )
-    screen_margin: float = setting(
-        0.25,
+    screen_margin: float | str = setting(
+        AUTO,
         "the train screen counts a prompt as refused when its first-token refusal margin is above minus this: a buffer for "
-        "prompts it did not see (0: margin above 0, where greedy decoding starts a refusal)",
+        "prompts it did not see; 'auto': the tail scale of the point's own train margins (the mean of i times the i-th top "
+        "spacing over the top four), so it follows the model's scale; a number is used as it is (0: margin above 0)",
+        parse=auto_or_number,
     )
     storage: str | None = setting(
         None,
@@ -224,8 +227,9 @@ class SearchSettings:
             raise RefusalError(f"unknown edit variant {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
         if not 0 <= self.min_layer_fraction < self.max_layer_fraction <= 1:
             raise RefusalError("the searched layer range is empty; need 0 <= --min-layer-fraction < --max-layer-fraction <= 1")
-        if not (self.screen_margin >= 0 and math.isfinite(self.screen_margin)):
-            raise RefusalError(f"--screen-margin must be a margin of at least 0 (got {self.screen_margin:g})")
+        margin = self.screen_margin
+        if margin != AUTO and not (isinstance(margin, int | float) and margin >= 0 and math.isfinite(margin)):
+            raise RefusalError(f"--screen-margin must be a margin of at least 0 or 'auto' (got {margin})")
         if not 0 <= self.max_refused <= 1:
             raise RefusalError(f"--max-refused must be a fraction between 0 and 1 (got {self.max_refused:g})")
         if not (self.max_kl > 0 and math.isfinite(self.max_kl)):
