@@ -21,6 +21,7 @@ from .model import ChatModel
 from .models import load_model, packaged_prompts, resolve_model
 from .provenance import model_fingerprint, source_fingerprint
 from .run_dir import ARTIFACTS, RunDir, write_json
+from .run_lock import lock_run
 from .settings import Settings
 
 
@@ -115,6 +116,8 @@ def start(
     run being resumed."""
     settings.validate()
     RunDir.check_target(out, overwrite)
+    if (Path(out) / "run.json").is_file():
+        lock_run(out)  # another process writing this run: one line now, before any work
     existing = RunDir(out) if (Path(out) / "run.json").is_file() and not overwrite else None
     for group in inherit if existing is not None else ():
         setattr(settings, group, getattr(existing.settings, group))  # type: ignore[union-attr]
@@ -135,6 +138,7 @@ def start(
         check_target(export_to, chat.path, overwrite=True)
     if check is not None:
         check(chat)
+    lock_run(out)
     run = RunDir.create(out, settings, overwrite)
     save_prompts(run, settings, prompts)
     identity, record = model_identity(chat, run)
@@ -153,6 +157,7 @@ def reopen(path: Path, weights: bool = True) -> Context:
     """An existing run with its saved settings, for commands that read it (select, export, search --run);
     ``weights=False`` opens the model's structure only (``loading.load_skeleton``), for the streamed export."""
     run = RunDir.open(path)
+    lock_run(path)  # the commands that reopen a run write to it (select, export, analyze)
     settings = run.settings
     m = settings.model
     location = run.info.get("model", {}).get("path") or resolve_model(m.model)  # where the run found it (a hub snapshot too)
