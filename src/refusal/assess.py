@@ -229,6 +229,7 @@ def evaluate_model(
     if settings.evaluation.ce_tokens > 0:
         load_corpus(settings.evaluation.corpus)
     chat = load(settings)
+    chat.check_context([*prompts_all.get("harmful", "test"), *prompts_all.get("harmless", "test")], settings.evaluation.max_new_tokens)
     _, record = model_identity(chat, None)
     if run is not None and (ablate_run or add_run):
         ran_on = run.info.get("model", {})
@@ -281,6 +282,7 @@ def generate_completions(
     chat = load(settings)
     if chat.max_positions is not None and max_new_tokens > chat.max_positions:
         raise RefusalError(f"--max-new-tokens {max_new_tokens} is more than the model's context of {chat.max_positions} tokens")
+    chat.check_context(prompts, max_new_tokens)
     if direction is not None and direction.vector.shape[-1] != chat.d_model:
         raise RefusalError(
             f"the direction of {ablate_run or add_run} has {direction.vector.shape[-1]} dimensions, the model {chat.d_model}; "

@@ -184,6 +184,28 @@ class ChatModel:
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device), "position_ids": positions.to(self.device)}
 
+    def check_context(
+        self, instructions: list[str], new_tokens: int, suffix: int = 0, suffix_name: str = "the suffix", new_name: str = "--max-new-tokens"
+    ) -> None:
+        """Refuse, before any work, chat prompts that with a ``suffix`` of that many tokens and ``new_tokens`` generated
+        (or scored) after them would not fit the model's context."""
+        limit = self.max_positions
+        if limit is None or not instructions:
+            return
+        longest, prompt = max((len(self.encode(x)), x) for x in instructions)
+        total = longest + suffix + new_tokens
+        if total <= limit:
+            return
+        if suffix and longest + new_tokens <= limit:  # the suffix is what does not fit
+            raise RefusalError(
+                f"{suffix_name} is {suffix} tokens: the longest prompt ({longest} tokens) with it{f' and {new_name} {new_tokens}' if new_tokens else ''} "
+                f"makes {total}, more than the model's context of {limit} tokens; use a suffix of at most {limit - longest - new_tokens} tokens"
+            )
+        raise RefusalError(
+            f"the prompt {prompt[:40]!r}{'...' if len(prompt) > 40 else ''} is {longest} tokens: with {new_name} {new_tokens} that makes {longest + new_tokens}, more than "
+            f"the model's context of {limit} tokens; lower {new_name} or shorten the prompt"
+        )
+
     def logits(self, batch: dict[str, torch.Tensor], last_only: bool = True, grad: bool = False) -> torch.Tensor:
         """Forward pass without cache; float32 logits (last position only by default).
 

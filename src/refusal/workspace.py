@@ -108,9 +108,9 @@ def start(
     overwrite: bool = False,
     export_to: Path | None = None,
     inherit: tuple[str, ...] = (),
-    check: Callable[[ChatModel], object] | None = None,
+    check: Callable[[ChatModel, Prompts], object] | None = None,
 ) -> Context:
-    """Validate everything (settings, run directory, prompts, corpus, model, export target, and ``check(model)``,
+    """Validate everything (settings, run directory, prompts, corpus, model, export target, and ``check(model, prompts)``,
     e.g. a suffix file) before anything is written; then open or create the run directory. The settings groups
     in ``inherit`` (those the command does not take, e.g. the selection for `refusal search`) are kept from a
     run being resumed."""
@@ -136,14 +136,22 @@ def start(
     check_overlap(out, chat.path, "run directory")  # run files never go into the model's own directory
     if export_to is not None:
         check_target(export_to, chat.path, overwrite=True)
+    check_prompt_context(chat, prompts, settings.evaluation.max_new_tokens)
     if check is not None:
-        check(chat)
+        check(chat, prompts)
     lock_run(out)
     run = RunDir.create(out, settings, overwrite)
     save_prompts(run, settings, prompts)
     identity, record = model_identity(chat, run)
     run.update(model=record)
     return Context(run, settings, chat, prompts, identity)
+
+
+def check_prompt_context(chat: ChatModel, prompts: Prompts, max_new_tokens: int) -> None:
+    """Every prompt fits the model's context: the train prompts as they are, the validation and test prompts (which
+    are generated from) with ``max_new_tokens`` more."""
+    for split, new_tokens in (("train", 0), ("val", max_new_tokens), ("test", max_new_tokens)):
+        chat.check_context([*prompts.get("harmful", split), *prompts.get("harmless", split)], new_tokens)
 
 
 def load(settings: Settings) -> ChatModel:
