@@ -97,7 +97,16 @@ class ChatModel:
         kwargs = dict(tokenize=False, add_generation_prompt=True, **self.template_kwargs)
         if self.chat_template is not None:
             kwargs["chat_template"] = self.chat_template
-        return self.tokenizer.apply_chat_template(messages, **kwargs)
+        try:
+            return self.tokenizer.apply_chat_template(messages, **kwargs)
+        except Exception as e:  # jinja2's syntax, runtime and sandbox errors, the template's own raise_exception
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e).strip() else type(e).__name__
+            if type(e).__name__ == "SecurityError":  # jinja2.exceptions.SecurityError: the sandbox stopped the template
+                raise RefusalError(
+                    f"the chat template of {self.source} does something Jinja's sandbox forbids ({why}) while rendering "
+                    f"{instruction[:40]!r}; fix the template or pass --chat-template FILE"
+                ) from None
+            raise RefusalError(f"the chat template of {self.source} cannot be rendered ({why}); fix it or pass --chat-template FILE") from None
 
     def encode(self, instruction: str) -> list[int]:
         """Token ids of the chat-formatted instruction (the template supplies special tokens)."""
