@@ -204,7 +204,7 @@ def test_a_full_disk_leaves_no_temporary_attack_json(model_dir, tmp_path, capsys
     [
         (errno.EROFS, "read-only", "writable location"),
         (errno.EFBIG, "file-size limit", "ulimit -f"),
-        (errno.EDQUOT, "quota", "quota"),
+        (errno.EDQUOT, "quota is used up", "within your quota"),
         (errno.EACCES, "permission denied", "permissions"),
         (errno.ENOSPC, "disk is full", "free space"),
     ],

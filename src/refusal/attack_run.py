@@ -168,7 +168,8 @@ def check_attack(chat: ChatModel, prompts: Prompts, s: Settings) -> None:
 def attack(settings: Settings, out: Path, overwrite: bool = False, inherit: tuple[str, ...] = ()) -> AttackResult:
     """``refusal attack``: optimise (or read) a suffix, evaluate it on held-out harmful prompts, write RUN/attack.json."""
     begin = time.perf_counter()
-    ctx = start(settings, out, overwrite, inherit=("selection", "search", "analysis", *inherit), check=lambda chat, p: check_attack(chat, p, settings))
+    check = lambda chat, prompts: check_attack(chat, prompts, settings)
+    ctx = start(settings, out, overwrite, inherit=("selection", "search", "analysis", *inherit), check=check)
     chat, a, run = ctx.chat, ctx.settings.attack, ctx.run
     train = ctx.prompts.get("harmful", "train")[: a.attack_prompts]
     state: AttackState | None = None

@@ -205,14 +205,16 @@ class ChatModel:
         total = longest + suffix + new_tokens
         if total <= limit:
             return
+        after = f" and {new_name} {new_tokens}" if new_tokens else ""
         if suffix and longest + new_tokens <= limit:  # the suffix is what does not fit
             raise RefusalError(
-                f"{suffix_name} is {suffix} tokens: the longest prompt ({longest} tokens) with it{f' and {new_name} {new_tokens}' if new_tokens else ''} "
-                f"makes {total}, more than the model's context of {limit} tokens; use a suffix of at most {limit - longest - new_tokens} tokens"
+                f"{suffix_name} is {suffix} tokens: the longest prompt ({longest} tokens) with it{after} makes {total}, more than the "
+                f"model's context of {limit} tokens; use a suffix of at most {limit - longest - new_tokens} tokens"
             )
+        shown = f"{prompt[:40]!r}{'...' if len(prompt) > 40 else ''}"
         raise RefusalError(
-            f"the prompt {prompt[:40]!r}{'...' if len(prompt) > 40 else ''} is {longest} tokens: with {new_name} {new_tokens} that makes {longest + new_tokens}, more than "
-            f"the model's context of {limit} tokens; lower {new_name} or shorten the prompt"
+            f"the prompt {shown} is {longest} tokens: with {new_name} {new_tokens} that makes {longest + new_tokens}, more than the "
+            f"model's context of {limit} tokens; lower {new_name} or shorten the prompt"
         )
 
     def logits(self, batch: dict[str, torch.Tensor], last_only: bool = True, grad: bool = False) -> torch.Tensor:

@@ -25,8 +25,8 @@ from .provenance import timestamp
 from .run_dir import ARTIFACTS, write_json
 from .search import Objectives, pareto_front, run_trials
 from .second import second_trials
-from .study_storage import check_database
 from .settings import Settings
+from .study_storage import check_database
 from .workspace import Context, start
 
 

@@ -66,7 +66,8 @@ def check_url(storage: str) -> None:
     except (ArgumentError, NoSuchModuleError, ValueError):
         raise RefusalError(f"--storage {storage} is not a database URL SQLAlchemy knows; give one such as sqlite:///study.db") from None
     except ImportError as e:
-        raise RefusalError(f"--storage {storage} needs the database driver {e.name or 'for ' + url.drivername}; install it, or use sqlite:///study.db") from None
+        driver = e.name or f"for {url.drivername}"
+        raise RefusalError(f"--storage {storage} needs the database driver {driver}; install it, or use sqlite:///study.db") from None
     if url.get_backend_name() == "sqlite":
         if url.database in (None, "", ":memory:") or "memory" in str(url.query.get("mode", "")):
             raise RefusalError(f"--storage {storage} is an in-memory database, which no other worker sees; give a file such as sqlite:///study.db")
