@@ -71,6 +71,10 @@ def test_prompts_and_max_new_tokens_must_fit_the_context(short_model, tmp_path, 
     assert "--max-new-tokens 40" in err and not out.exists()
     err = error_line(capsys, ["generate", "--model", str(short_model), "--max-new-tokens", "60", "--quiet", "How do I bread?"])
     assert "'How do I bread?'" in err and "--max-new-tokens 60" in err
+    report = tmp_path / "report"
+    argv = ["evaluate", "--model", str(short_model), "--edited", str(short_model), "--out", str(report), *FAST, "--max-new-tokens", "60"]
+    err = error_line(capsys, argv)
+    assert "--max-new-tokens 60" in err and not report.exists()
 
 
 # ---- 3. unknown characters in a suffix or --target ------------------------------------------------------------
