@@ -128,7 +128,8 @@ def test_a_base_of_another_width_is_refused_before_extraction(model_dir, tmp_pat
         ("postgresql+psycopg2://user@localhost/db", "driver psycopg2"),
     ],
 )
-def test_bad_storage_urls_are_refused_before_any_work(model_dir, tmp_path, capsys, url, says):
+def test_bad_storage_urls_are_refused_before_any_work(model_dir, tmp_path, capsys, monkeypatch, url, says):
+    monkeypatch.chdir(tmp_path)  # where a relative database (and its lock file) would go
     if url == "CORRUPT":
         url = f"sqlite:///{write(tmp_path / 'study.db', 'this is not an SQLite file ' * 40)}"
     if "psycopg2" in url:
