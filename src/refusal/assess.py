@@ -29,7 +29,7 @@ from .report_schema import FORMAT_VERSION as REPORT_FORMAT
 from .run_dir import RunDir, read_json
 from .settings import Settings
 from .streaming import NamesDiffer
-from .workspace import Context, load, model_identity, run_prompts
+from .workspace import Context, check_prompt_context, load, model_identity, run_prompts
 
 LABELS = {"original": "original", "ablated": "ablated (hooks)", "added": "activation addition", "edited": "edited checkpoint"}
 
@@ -229,7 +229,7 @@ def evaluate_model(
     if settings.evaluation.ce_tokens > 0:
         load_corpus(settings.evaluation.corpus)
     chat = load(settings)
-    chat.check_context([*prompts_all.get("harmful", "test"), *prompts_all.get("harmless", "test")], settings.evaluation.max_new_tokens)
+    check_prompt_context(chat, prompts_all, settings.evaluation, ("test",))
     _, record = model_identity(chat, None)
     if run is not None and (ablate_run or add_run):
         ran_on = run.info.get("model", {})

@@ -22,7 +22,7 @@ from .models import load_model, packaged_prompts, resolve_model
 from .provenance import model_fingerprint, source_fingerprint
 from .run_dir import ARTIFACTS, RunDir, write_json
 from .run_lock import lock_run
-from .settings import Settings
+from .settings import EvaluationSettings, Settings
 
 
 @dataclass
@@ -136,7 +136,7 @@ def start(
     check_overlap(out, chat.path, "run directory")  # run files never go into the model's own directory
     if export_to is not None:
         check_target(export_to, chat.path, overwrite=True)
-    check_prompt_context(chat, prompts, settings.evaluation.max_new_tokens)
+    check_prompt_context(chat, prompts, settings.evaluation)
     if check is not None:
         check(chat, prompts)
     lock_run(out)
@@ -147,11 +147,13 @@ def start(
     return Context(run, settings, chat, prompts, identity)
 
 
-def check_prompt_context(chat: ChatModel, prompts: Prompts, max_new_tokens: int) -> None:
+def check_prompt_context(chat: ChatModel, prompts: Prompts, e: EvaluationSettings, splits: tuple[str, ...] = ("train", "val", "test")) -> None:
     """Every prompt fits the model's context: the train prompts as they are, the validation and test prompts (which
-    are generated from) with ``max_new_tokens`` more."""
-    for split, new_tokens in (("train", 0), ("val", max_new_tokens), ("test", max_new_tokens)):
-        chat.check_context([*prompts.get("harmful", split), *prompts.get("harmless", split)], new_tokens)
+    are generated from: completions and the KL's greedy tokens) with ``--max-new-tokens`` or ``--kl-tokens`` more."""
+    new_tokens, name = max((e.max_new_tokens, "--max-new-tokens"), (e.kl_tokens, "--kl-tokens"))
+    for split in splits:
+        both = [*prompts.get("harmful", split), *prompts.get("harmless", split)]
+        chat.check_context(both, 0 if split == "train" else new_tokens, new_name=name)
 
 
 def load(settings: Settings) -> ChatModel:
