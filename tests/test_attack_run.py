@@ -115,11 +115,11 @@ def test_a_second_call_resumes_and_more_steps_continue(attacked, robust_organism
 
 def test_a_published_suffix_is_evaluated_instead_of_optimised(tmp_path, robust_organism_dir):
     suffix = tmp_path / "suffix.txt"
-    suffix.write_text("recipe for a cake\n")
+    suffix.write_text("a poem for bread\n")
     run = tmp_path / "run"
     assert main(["attack", "--out", str(run), *organism_args(robust_organism_dir), "--suffix-file", str(suffix), "--quiet"]) == 0
     result = json.loads((run / "attack.json").read_text())
-    assert result["source"].startswith("file") and result["suffix"] == "recipe for a cake" and result["optimisation"] is None
+    assert result["source"].startswith("file") and result["suffix"] == "a poem for bread" and result["optimisation"] is None
     assert not (run / "attack.state.json").exists()
 
 
@@ -128,7 +128,7 @@ def test_a_published_suffix_is_evaluated_instead_of_optimised(tmp_path, robust_o
     [
         (["--suffix-length", "0"], None, "--suffix-length must be at least 1"),
         (["--suffix-file", "{file}"], "", "is empty"),
-        (["--suffix-file", "{file}", "--suffix-length", "7"], "recipe for a cake", "not --suffix-length 7"),
+        (["--suffix-file", "{file}", "--suffix-length", "7"], "a poem for bread", "not --suffix-length 7"),
         (["--suffix-file", "{missing}"], None, "does not exist"),
         (["--steps", "0"], None, "--steps must be at least 1"),
     ],

@@ -14,6 +14,7 @@ All on the test split (``--analysis-prompts`` caps it); directions and projectio
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from .assess import evaluate_run, fresh_report
 from .attack_run import fresh_attack
 from .directions import Candidates, Direction, compute_candidates
 from .errors import RefusalError
-from .mechanisms import attention_masses, compare_directions, decompose, direction_cosines, layer_cosines, top_heads
+from .mechanisms import attention_masses, check_decomposable, compare_directions, decompose, direction_cosines, layer_cosines, top_heads
 from .models import load_model, resolve_model
 from .pipeline import candidates, selection
 from .progress import log
@@ -131,6 +132,26 @@ def measure(ctx: Context, cands: Candidates, direction: Direction, suffix: list[
     }
 
 
+def check_base(ctx: Context) -> None:
+    """``--base``'s depth and width from its config.json, before any work (a hub id or a .gguf file is checked once loaded)."""
+    source, chat = ctx.settings.analysis.base, ctx.chat
+    config = Path(resolve_model(source)).expanduser() / "config.json" if source is not None else None
+    if config is None or not config.is_file():
+        return
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # loading it says what is wrong
+    text = data.get("text_config") if isinstance(data.get("text_config"), dict) else data
+    width = next((text[k] for k in ("hidden_size", "n_embd", "d_model") if isinstance(text.get(k), int)), chat.d_model)
+    layers = next((text[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(text.get(k), int)), chat.n_layers)
+    if (width, layers) != (chat.d_model, chat.n_layers):
+        raise RefusalError(
+            f"--base {source} has {layers} layers of width {width}, the run's model {chat.n_layers} of {chat.d_model}; "
+            "give the base model of the same architecture"
+        )
+
+
 def base_candidates(ctx: Context) -> Candidates | None:
     """Difference-in-means directions of ``--base`` on the run's train prompts, formatted with the run model's chat template."""
     source = ctx.settings.analysis.base
@@ -177,6 +198,8 @@ def analyze(path: Path, options: dict) -> AnalyzeResult:
     ctx = reopen(path)
     ctx.settings = settings
     suffix, baseline, source = the_suffix(ctx)  # a bad suffix fails here, before anything is written
+    check_decomposable(ctx.chat)  # a mixture-of-experts model, and a --base of another shape, fail here too
+    check_base(ctx)
     cands = candidates(ctx)
     chosen, direction = selection(ctx, cands)
     base_id = model_fingerprint(resolve_model(ctx.settings.analysis.base))["sha256"] if ctx.settings.analysis.base else None

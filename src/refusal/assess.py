@@ -31,7 +31,7 @@ from .report_schema import FORMAT_VERSION as REPORT_FORMAT
 from .run_dir import RunDir
 from .settings import Settings
 from .streaming import NamesDiffer
-from .workspace import Context, fresh_selection, load, model_identity, run_prompts
+from .workspace import Context, check_prompt_context, fresh_selection, load, model_identity, run_prompts
 
 LABELS = {"original": "original", "ablated": "ablated (hooks)", "added": "activation addition", "edited": "edited checkpoint"}
 
@@ -249,6 +249,7 @@ def evaluate_model(
     if settings.evaluation.ce_tokens > 0:
         load_corpus(settings.evaluation.corpus)
     chat = load(settings)
+    check_prompt_context(chat, prompts_all, settings.evaluation, ("test",))
     _, record = model_identity(chat, None)
     made_from = info.get("source_model") or {}
     safety = None
@@ -302,6 +303,7 @@ def generate_completions(
     chat = load(settings)
     if chat.max_positions is not None and max_new_tokens > chat.max_positions:
         raise RefusalError(f"--max-new-tokens {max_new_tokens} is more than the model's context of {chat.max_positions} tokens")
+    chat.check_context(prompts, max_new_tokens)
     if direction is not None and direction.vector.shape[-1] != chat.d_model:
         raise RefusalError(
             f"the direction of {ablate_run or add_run} has {direction.vector.shape[-1]} dimensions, the model {chat.d_model}; "

@@ -22,11 +22,13 @@ import torch
 
 from .activations import batches
 from .attack import AttackState, optimize_suffix
+from .data import Prompts
 from .errors import RefusalError
 from .evaluation import rate
 from .generation import HFEngine
 from .given_run import check_run_model
 from .judges import REFUSAL_PHRASES, judge_refusals, load_phrases
+from .model import ChatModel
 from .progress import log
 from .provenance import digest, timestamp
 from .run_dir import ARTIFACTS, read_json, write_json
@@ -151,11 +153,23 @@ def first_token_scores(ctx: Context, prompts: list[SuffixedPrompt], refusal_ids:
 
 
 # ---- the command ---------------------------------------------------------------------------------
+def check_attack(chat: ChatModel, prompts: Prompts, s: Settings) -> None:
+    """What the attack needs of the model, checked before anything is written: the suffix file and the target tokenize
+    back to their text, and the prompts with the suffix (and the target or the generated tokens) fit the context."""
+    a = s.attack
+    if a.suffix_file is not None:
+        length, name = len(read_suffix_file(chat, a.suffix_file, a.suffix_length)[1]), f"the suffix of {a.suffix_file}"
+    else:
+        length, name = a.length, f"the suffix (--suffix-length {a.length})"
+    target = suffix_from_text(chat, a.target, where="--target") if a.target is not None else []
+    chat.check_context(prompts.get("harmful", "train")[: a.attack_prompts], len(target), length, name, "--target")
+    chat.check_context(prompts.get("harmful", "test"), s.evaluation.max_new_tokens, length, name)
+
+
 def attack(settings: Settings, out: Path, overwrite: bool = False, inherit: tuple[str, ...] = ()) -> AttackResult:
     """``refusal attack``: optimise (or read) a suffix, evaluate it on held-out harmful prompts, write RUN/attack.json."""
     begin = time.perf_counter()
-    file, length = settings.attack.suffix_file, settings.attack.suffix_length
-    check = (lambda chat: read_suffix_file(chat, file, length)) if file is not None else None
+    check = lambda chat, prompts: check_attack(chat, prompts, settings)
     if "model" not in inherit:  # --model given: a run of another model in --out is refused, not switched over
         check_run_model(out, settings, overwrite)
     ctx = start(settings, out, overwrite, inherit=("selection", "search", "analysis", *inherit), check=check)

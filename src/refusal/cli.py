@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
-from .errors import RefusalError
+from .errors import RefusalError, os_error_line
 from .options import add_arguments, from_args, given
 from .printing import print_analysis, print_attack, print_report, print_search
 from .progress import log, set_quiet
@@ -267,9 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     except RefusalError as e:
         print(f"refusal: error: {e}", file=sys.stderr)
         return 1
-    except OSError as e:  # disk full, read-only directory, ...: one line, not a traceback
-        place = f" ({e.filename})" if e.filename else ""
-        print(f"refusal: error: {e.strerror or e}{place}; free space or choose another location, then re-run", file=sys.stderr)
+    except OSError as e:  # disk full, read-only directory, ...: one line naming the cause, not a traceback
+        print(f"refusal: error: {os_error_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         resumable = args.command in ("run", "extract", "select", "search", "attack")

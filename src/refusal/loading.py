@@ -160,6 +160,8 @@ def load_checkpoint(
     chat = wrap_model(model, tokenizer, source=source, chat_template=template_text, path=resolved, trust_remote_code=trust_remote_code)
     try:
         rendered = {chat.format_chat("Say hello"), chat.format_chat("List three colours.")}
+    except RefusalError:  # the template's own error, named by format_chat
+        raise
     except Exception as e:  # jinja2 syntax and runtime errors
         why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
         raise RefusalError(f"the chat template of {source} cannot be rendered ({why}); fix it or pass --chat-template FILE") from None

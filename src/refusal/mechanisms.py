@@ -106,6 +106,15 @@ class Decomposition:
         return self.embed + self.heads.sum((1, 2)) + self.attn_bias.sum(1) + self.mlp.sum(1)
 
 
+def check_decomposable(chat: ChatModel) -> None:
+    """Refuse a model the decomposition cannot split (one attention and one dense MLP writer per layer), before any work."""
+    if len(chat.writers) != 2 * chat.n_layers or any(w.weight.dim() != 2 for w in chat.writers):
+        raise UnsupportedModelError(
+            f"{type(chat.model).__name__} has mixture-of-experts layers, which `refusal analyze` does not support yet "
+            "(the decomposition needs one attention and one dense MLP writer per layer); analyse a dense model"
+        )
+
+
 def decompose(chat: ChatModel, prompts: list[list[int]], direction: torch.Tensor, batch_size: int = 16) -> Decomposition:
     """Split the last position's final-residual projection on `direction` into embeddings, heads, attention biases and MLPs.
 
@@ -114,10 +123,7 @@ def decompose(chat: ChatModel, prompts: list[list[int]], direction: torch.Tensor
     the last layer's output, at the last position only. Parallel-residual layers (GPT-NeoX) need
     no special case: the writers' outputs are summed either way.
     """
-    if len(chat.writers) != 2 * chat.n_layers:
-        raise UnsupportedModelError(
-            "the decomposition needs one attention and one MLP writer per layer; mixture-of-experts layers are not supported yet"
-        )
+    check_decomposable(chat)
     unit = unit_vector(direction)
     n_heads, head_dim = chat.n_heads, chat.head_dim
     parts: dict[str, list[torch.Tensor]] = {"embed": [], "heads": [], "attn_bias": [], "mlp": [], "total": []}

@@ -97,7 +97,16 @@ class ChatModel:
         kwargs = dict(tokenize=False, add_generation_prompt=True, **self.template_kwargs)
         if self.chat_template is not None:
             kwargs["chat_template"] = self.chat_template
-        return self.tokenizer.apply_chat_template(messages, **kwargs)
+        try:
+            return self.tokenizer.apply_chat_template(messages, **kwargs)
+        except Exception as e:  # jinja2's syntax, runtime and sandbox errors, the template's own raise_exception
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e).strip() else type(e).__name__
+            if type(e).__name__ == "SecurityError":  # jinja2.exceptions.SecurityError: the sandbox stopped the template
+                raise RefusalError(
+                    f"the chat template of {self.source} does something Jinja's sandbox forbids ({why}) while rendering "
+                    f"{instruction[:40]!r}; fix the template or pass --chat-template FILE"
+                ) from None
+            raise RefusalError(f"the chat template of {self.source} cannot be rendered ({why}); fix it or pass --chat-template FILE") from None
 
     def encode(self, instruction: str) -> list[int]:
         """Token ids of the chat-formatted instruction (the template supplies special tokens)."""
@@ -183,6 +192,30 @@ class ChatModel:
             mask[i, longest - len(seq) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device), "position_ids": positions.to(self.device)}
+
+    def check_context(
+        self, instructions: list[str], new_tokens: int, suffix: int = 0, suffix_name: str = "the suffix", new_name: str = "--max-new-tokens"
+    ) -> None:
+        """Refuse, before any work, chat prompts that with a ``suffix`` of that many tokens and ``new_tokens`` generated
+        (or scored) after them would not fit the model's context."""
+        limit = self.max_positions
+        if limit is None or not instructions:
+            return
+        longest, prompt = max((len(self.encode(x)), x) for x in instructions)
+        total = longest + suffix + new_tokens
+        if total <= limit:
+            return
+        after = f" and {new_name} {new_tokens}" if new_tokens else ""
+        if suffix and longest + new_tokens <= limit:  # the suffix is what does not fit
+            raise RefusalError(
+                f"{suffix_name} is {suffix} tokens: the longest prompt ({longest} tokens) with it{after} makes {total}, more than the "
+                f"model's context of {limit} tokens; use a suffix of at most {limit - longest - new_tokens} tokens"
+            )
+        shown = f"{prompt[:40]!r}{'...' if len(prompt) > 40 else ''}"
+        raise RefusalError(
+            f"the prompt {shown} is {longest} tokens: with {new_name} {new_tokens} that makes {longest + new_tokens}, more than the "
+            f"model's context of {limit} tokens; lower {new_name} or shorten the prompt"
+        )
 
     def logits(self, batch: dict[str, torch.Tensor], last_only: bool = True, grad: bool = False) -> torch.Tensor:
         """Forward pass without cache; float32 logits (last position only by default).

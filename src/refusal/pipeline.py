@@ -27,6 +27,7 @@ from .export import check_target, export_model
 from .progress import log
 from .provenance import environment, timestamp
 from .run_dir import ARTIFACTS, RunDir, write_json
+from .run_lock import lock_run
 from .search import paper_params
 from .selection import score_candidates, select_direction
 from .settings import Settings
@@ -275,6 +276,7 @@ def extract(settings: Settings, out: Path, overwrite: bool = False) -> RunResult
 def select(path: Path, options: dict) -> RunResult:
     """``refusal select --run RUN``: selection again with ``options`` (selection settings) changed in the run."""
     run = RunDir.open(path)
+    lock_run(path)
     settings = run.settings
     for name, value in options.items():
         setattr(settings.selection, name, value)

@@ -12,11 +12,10 @@
     RUN/attack.json (+ attack.state.json while optimising)                                      attack
     RUN/analysis.json             analyze (also shown as the report's "Mechanisms" section)
 
-An artifact's fingerprint is the sha256 of its format version, the settings it depends on, the
-content hashes of its external inputs (model files, prompt lists) and its upstream artifacts'
-fingerprints. It is *fresh* when its files exist and its recorded fingerprint equals the one computed
-now; anything else is stale and is recomputed by the stage that makes it (``refusal run``,
-``refusal search``) or refused with a one-line error by a command that only reads it. ``--overwrite``
+An artifact's fingerprint is the sha256 of its format version, the settings it depends on, the content hashes of its
+external inputs (model files, prompt lists) and its upstream artifacts' fingerprints. It is *fresh* when its files exist
+and its recorded fingerprint equals the one computed now; anything else is stale and is recomputed by the stage that makes
+it (``refusal run``, ``refusal search``) or refused with a one-line error by a command that only reads it. ``--overwrite``
 removes every registered artifact. Paths inside artifacts are relative to the run directory.
 """
 
@@ -107,8 +106,11 @@ ARTIFACTS = {
 def write_json(path: Path, data: dict) -> None:
     """Write JSON atomically (temporary file, then rename)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    finally:  # after a failed write (a full disk, an interrupt) no half-written temporary file is left behind
+        tmp.unlink(missing_ok=True)
 
 
 def read_json(path: Path, fix: str) -> dict:

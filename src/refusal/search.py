@@ -40,10 +40,10 @@ from .edits import Editor, EditParams, Kernel, KernelEdit
 from .errors import RefusalError, check_finite
 from .generation import Engine
 from .model import ChatModel
-from .progress import log
+from .progress import is_quiet, log
 from .scoring import TeacherForced, kl_divergence, refusal_margin, refusal_score
 from .settings import SearchSettings
-from .study_storage import StudyLock, fail_stale, heartbeat, is_shared, open_storage, surplus, wait_for_running
+from .study_storage import StudyLock, fail_stale, heartbeat, is_shared, open_storage, quiet_optuna, surplus, wait_for_running
 
 
 # ---- objectives --------------------------------------------------------------------------------
@@ -192,6 +192,7 @@ def reserve_seconds(done: list[dict], trials: int) -> float:
     return trials * statistics.median(r["seconds"] for r in done) if len(done) >= 3 else 0.0
 
 
+@quiet_optuna()
 def run_trials(
     chat: ChatModel,
     candidates: Candidates,
@@ -218,7 +219,7 @@ def run_trials(
         import optuna
     except ImportError:
         raise RefusalError("the search needs optuna; install it with: pip install 'refusal[search]'") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR if is_quiet() else optuna.logging.WARNING)
     state = optuna.trial.TrialState
     shared = is_shared(storage)
     sampler_seed = (seed * 1_000_003 + os.getpid()) % 2**31 if shared else seed  # workers with one seed would propose the same points

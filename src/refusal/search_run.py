@@ -26,6 +26,7 @@ from .run_dir import ARTIFACTS, write_json
 from .search import Objectives, pareto_front, run_trials
 from .second import second_trials
 from .settings import Settings
+from .study_storage import check_database
 from .workspace import Context, start
 
 
@@ -136,6 +137,8 @@ def search(settings: Settings, out: Path, overwrite: bool = False, export_model_
     from .assess import evaluate_run
 
     begin = time.perf_counter()
+    if settings.search.storage is not None:
+        check_database(settings.search.storage)  # a corrupt file or an unreachable server: before any work
     ctx = start(settings, out, overwrite, export_to=Path(out) / "model" if export_model_dir else None, inherit=("selection",))
     cands = candidates(ctx)
     result = study(ctx, cands)

@@ -240,13 +240,13 @@ class SearchSettings:
             raise RefusalError(f"unknown --second-source {self.second_source!r}; choose from {', '.join(SECOND_SOURCES)}")
         if self.refusal_floor is not None and not math.isfinite(self.refusal_floor):
             raise RefusalError(f"--refusal-floor must be a finite score (got {self.refusal_floor})")
+        if not self.source_positions or any(p >= 0 for p in self.source_positions):
+            raise RefusalError("--source-positions must be negative offsets such as -1,-2")
 
     @property
     def floor(self) -> float:
         """The refusal floor in effect: ``refusal_floor``, or the measure's default."""
         return REFUSAL_FLOORS[self.refusal_measure] if self.refusal_floor is None else self.refusal_floor
-        if not self.source_positions or any(p >= 0 for p in self.source_positions):
-            raise RefusalError("--source-positions must be negative offsets such as -1,-2")
 
 
 @dataclass
@@ -273,6 +273,8 @@ class AttackSettings:
             raise RefusalError(f"--attack-floor must be a finite log-odds (got {self.attack_floor})")
         if self.target is not None and not self.target.strip():
             raise RefusalError("--target is empty; give the completion to optimise towards, or leave it out")
+        if self.target is not None and self.suffix_file is not None:
+            raise RefusalError("--target only steers an optimised suffix and --suffix-file skips the optimisation; drop one of the two")
 
     @property
     def length(self) -> int:

@@ -103,11 +103,31 @@ def suffix_from_text(chat: ChatModel, text: str, length: int | None = None, wher
     if not text.strip():
         raise RefusalError(f"{where} is empty; give the suffix text, or leave the suffix out to optimise one")
     ids = chat.tokenizer(text, add_special_tokens=False)["input_ids"]
+    check_roundtrip(chat, text, ids, where)
     if length is not None and len(ids) != length:
         raise RefusalError(
             f"{where} is {len(ids)} tokens long for this tokenizer, not --suffix-length {length}; drop --suffix-length or fix the text"
         )
     return [int(t) for t in ids]
+
+
+def check_roundtrip(chat: ChatModel, text: str, ids: list[int], where: str) -> None:
+    """Refuse text the tokenizer cannot represent: its unknown characters would silently become its unknown token."""
+    decoded = chat.tokenizer.decode(ids)
+    if "".join(decoded.split()) == "".join(text.split()):
+        return
+    unk = getattr(chat.tokenizer, "unk_token_id", None)
+    pieces: list[str] = []
+    try:
+        offsets = chat.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        pieces = [text[a:b] for t, (a, b) in zip(ids, offsets) if t == unk]
+    except (NotImplementedError, TypeError, ValueError, KeyError):
+        pass
+    unknown = sorted(set(pieces)) or sorted({c for c in text if not c.isspace() and c not in decoded})
+    raise RefusalError(
+        f"{where} has text this tokenizer cannot represent ({', '.join(repr(p) for p in unknown) or repr(text[:40])}): it would become "
+        f"{decoded[:60]!r}; remove or replace it"
+    )
 
 
 def read_suffix_file(chat: ChatModel, path: str | Path, length: int | None = None) -> tuple[str, list[int]]:

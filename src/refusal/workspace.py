@@ -21,7 +21,8 @@ from .model import ChatModel
 from .models import load_model, packaged_prompts, resolve_model
 from .provenance import model_fingerprint, source_fingerprint
 from .run_dir import ARTIFACTS, RunDir, write_json
-from .settings import Settings
+from .run_lock import lock_run
+from .settings import EvaluationSettings, Settings
 
 
 @dataclass
@@ -122,14 +123,16 @@ def start(
     overwrite: bool = False,
     export_to: Path | None = None,
     inherit: tuple[str, ...] = (),
-    check: Callable[[ChatModel], object] | None = None,
+    check: Callable[[ChatModel, Prompts], object] | None = None,
 ) -> Context:
-    """Validate everything (settings, run directory, prompts, corpus, model, export target, and ``check(model)``,
+    """Validate everything (settings, run directory, prompts, corpus, model, export target, and ``check(model, prompts)``,
     e.g. a suffix file) before anything is written; then open or create the run directory. The settings groups
     in ``inherit`` (those the command does not take, e.g. the selection for `refusal search`) are kept from a
     run being resumed."""
     settings.validate()
     RunDir.check_target(out, overwrite)
+    if (Path(out) / "run.json").is_file():
+        lock_run(out)  # another process writing this run: one line now, before any work
     existing = RunDir(out) if (Path(out) / "run.json").is_file() and not overwrite else None
     for group in inherit if existing is not None else ():
         setattr(settings, group, getattr(existing.settings, group))  # type: ignore[union-attr]
@@ -148,13 +151,24 @@ def start(
     check_overlap(out, chat.path, "run directory")  # run files never go into the model's own directory
     if export_to is not None:
         check_target(export_to, chat.path, overwrite=True)
+    check_prompt_context(chat, prompts, settings.evaluation)
     if check is not None:
-        check(chat)
+        check(chat, prompts)
+    lock_run(out)
     run = RunDir.create(out, settings, overwrite)
     save_prompts(run, settings, prompts)
     identity, record = model_identity(chat, run)
     run.update(model=record)
     return Context(run, settings, chat, prompts, identity)
+
+
+def check_prompt_context(chat: ChatModel, prompts: Prompts, e: EvaluationSettings, splits: tuple[str, ...] = ("train", "val", "test")) -> None:
+    """Every prompt fits the model's context: the train prompts as they are, the validation and test prompts (which
+    are generated from: completions and the KL's greedy tokens) with ``--max-new-tokens`` or ``--kl-tokens`` more."""
+    new_tokens, name = max((e.max_new_tokens, "--max-new-tokens"), (e.kl_tokens, "--kl-tokens"))
+    for split in splits:
+        both = [*prompts.get("harmful", split), *prompts.get("harmless", split)]
+        chat.check_context(both, 0 if split == "train" else new_tokens, new_name=name)
 
 
 def load(settings: Settings) -> ChatModel:
@@ -168,6 +182,7 @@ def reopen(path: Path, weights: bool = True) -> Context:
     """An existing run with its saved settings, for commands that read it (select, export, search --run);
     ``weights=False`` opens the model's structure only (``loading.load_skeleton``), for the streamed export."""
     run = RunDir.open(path)
+    lock_run(path)  # the commands that reopen a run write to it (select, export, analyze)
     settings = run.settings
     m = settings.model
     location = run.info.get("model", {}).get("path") or resolve_model(m.model)  # where the run found it (a hub snapshot too)
