@@ -1,0 +1,140 @@
+"""Issue 27, science: edit variants named for what they do, the residual and writer forms of ablation, analyze on refused prompts."""
+
+import pytest
+import torch
+
+from conftest import build_model, save_tiny
+from refusal.directions import Candidates, unit_vector
+from refusal.edits import EditParams, Kernel, KernelEdit, edited, source_direction
+from refusal.errors import RefusalError
+from refusal.export import export_model
+from refusal.model import wrap_model
+from refusal.models import load_model
+from refusal.settings import VARIANT_ALIASES, VARIANTS, Settings, variant_parts
+
+NEW_VARIANTS = ["projected+coordinate_norms", "biprojected_targets", "biprojected_targets+coordinate_norms", "projection+coordinate_norms"]
+
+
+def fresh(tokenizer, family="llama", tie=False):
+    return wrap_model(build_model(family, len(tokenizer), tie=tie), tokenizer, source=f"tiny-{family}")
+
+
+def candidates_for(chat, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (chat.n_layers + 1, 2, chat.d_model)
+    return Candidates(torch.randn(shape, generator=g), torch.randn(shape, generator=g) + 1.0)
+
+
+def edited_weights(chat, edit):
+    with edited(chat, edit):
+        return {n: p.detach().clone() for n, p in chat.model.named_parameters()}
+
+
+# ---- 1. variants ------------------------------------------------------------------------------------
+def test_old_variant_names_read_as_the_same_edits(tokenizer):
+    """search.json / refusal.json / journals written before the rename: the old names give identical weights."""
+    chat = fresh(tokenizer)
+    cands = candidates_for(chat)
+    assert VARIANT_ALIASES == {"norm_preserving": "projection+written_norms", "biprojected": "projected"}
+    for old, new in VARIANT_ALIASES.items():
+        kernels = {"attn": {"peak": 1.2, "centre": 1.0, "width": 1.0, "floor": 0.1}, "mlp": {"peak": 0.7, "centre": 0.0, "width": None, "floor": 0.0}}
+        stored = {"layer": 1.5, "position": -1, **kernels, "variant": old, "clean": None, "second": None}
+        params_old, params_new = EditParams.from_dict(stored), EditParams.from_dict({**stored, "variant": new})
+        params_old.validate(chat.n_layers, 2)
+        a = edited_weights(chat, KernelEdit.from_candidates(cands, params_old))
+        b = edited_weights(chat, KernelEdit.from_candidates(cands, params_new))
+        assert all(torch.equal(a[k], b[k]) for k in a), old
+    settings = Settings()
+    settings.search.variants = ["projection", "norm_preserving", "biprojected"]  # an old run.json's settings
+    settings.validate()
+    # the default search space is today's three, in the same order (the same trials): only the names are new
+    assert [variant_parts(v) for v in VARIANTS] == [variant_parts(v) for v in ("projection", "norm_preserving", "biprojected")]
+    with pytest.raises(RefusalError, match="unknown edit variant projection\\+sideways"):
+        variant_parts("projection+sideways")
+
+
+def test_biprojected_targets_leaves_each_layers_harmless_mean_untouched(tokenizer):
+    chat = fresh(tokenizer)
+    cands = candidates_for(chat)
+    params = EditParams(layer=1, variant="biprojected_targets")
+    edit = KernelEdit.from_candidates(cands, params)
+    before = {id(w.weight): w.weight.detach().clone() for w in (*chat.embeddings, *chat.writers)}
+    with edited(chat, edit):
+        for w in chat.writers:  # Linear [d_model, in]: the harmless mean of the writer's layer reads the same from it
+            m = cands.mean_harmless[w.layer, -1]
+            assert not torch.equal(w.weight, before[id(w.weight)])
+            assert torch.allclose(m @ w.weight, m @ before[id(w.weight)], atol=1e-4), w.weight_name
+        embed = chat.embeddings[0].weight  # rows: each token's vector keeps its component along layer 0's mean
+        m0 = cands.mean_harmless[0, -1]
+        assert torch.allclose(embed @ m0, before[id(embed)] @ m0, atol=1e-4)
+    # the source-layer form (today's, formerly "biprojected") does change them: the two are different edits
+    with edited(chat, KernelEdit.from_candidates(cands, EditParams(layer=1, variant="projected"))):
+        w = chat.writers[-1]
+        m = cands.mean_harmless[w.layer, -1]
+        assert not torch.allclose(m @ w.weight, m @ before[id(w.weight)], atol=1e-3)
+    with pytest.raises(RefusalError, match="needs the harmless mean of every layer"):
+        KernelEdit(source_direction(cands, params), params)
+
+
+def published_norm_preserving(weight: torch.Tensor, u: torch.Tensor, s: float) -> torch.Tensor:
+    """The public description, written independently: a Linear W [d_model, in] as row norms times row directions;
+    the directions lose s times their component along u (in d_model), are renormalised, and get the norms back."""
+    norms = weight.norm(dim=1, keepdim=True)
+    direction = weight / norms
+    direction = direction - s * torch.outer(u, u @ direction)
+    return norms * direction / direction.norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("norms", ["written_norms", "coordinate_norms"])
+def test_each_norm_choice_keeps_exactly_its_axis(tokenizer, norms):
+    chat = fresh(tokenizer)
+    unit = unit_vector(torch.randn(chat.d_model, generator=torch.Generator().manual_seed(7)))
+    writer, embed = chat.writers[0], chat.embeddings[0]
+    w0, e0 = writer.weight.detach().clone(), embed.weight.detach().clone()
+    with edited(chat, KernelEdit(unit, EditParams(layer=1, attn=Kernel(0.9), variant=f"projection+{norms}"))):
+        w, e = writer.weight.detach(), embed.weight.detach()
+        written = (w.norm(dim=0), w0.norm(dim=0), e.norm(dim=1), e0.norm(dim=1))  # the vectors written into the stream
+        coordinate = (w.norm(dim=1), w0.norm(dim=1), e.norm(dim=0), e0.norm(dim=0))  # each residual coordinate's weights
+        kept, other = (written, coordinate) if norms == "written_norms" else (coordinate, written)
+        assert torch.allclose(kept[0], kept[1], rtol=1e-5) and torch.allclose(kept[2], kept[3], rtol=1e-5)
+        assert not torch.allclose(other[0], other[1], rtol=1e-3) and not torch.allclose(other[2], other[3], rtol=1e-3)
+        if norms == "coordinate_norms":
+            assert torch.allclose(w, published_norm_preserving(w0, unit, 0.9), atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", NEW_VARIANTS)
+def test_new_variants_export_with_fidelity_in_memory_and_streamed(tokenizer, tmp_path, variant):
+    chat = fresh(tokenizer, "qwen2", tie=True)  # saved from memory (no checkpoint on disk)
+    params = EditParams(layer=1.0, attn=Kernel(0.8, centre=1.0, width=1.0), mlp=Kernel(1.1), variant=variant)
+    info = export_model(chat, KernelEdit.from_candidates(candidates_for(chat), params), tmp_path / "memory")
+    assert not info["written"]["streamed"] and info["fidelity_max_abs_diff"] < 1e-4
+    loaded = load_model(str(save_tiny(tmp_path / "src", "gemma2", tie=False)), device="cpu")  # post-norm gains
+    edit = KernelEdit.from_candidates(candidates_for(loaded), params)
+    info = export_model(loaded, edit, tmp_path / "streamed")
+    written = info["written"]
+    assert written["streamed"] and info["fidelity_max_abs_diff"] < 1e-4 and written["tensor_check_max_residual"] <= 1
+    with edited(loaded, edit):
+        expected = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
+    from conftest import checkpoint_tensors
+
+    for name, value in checkpoint_tensors(tmp_path / "streamed").items():
+        assert torch.allclose(value, expected[name], atol=1e-5), name
+
+
+def test_streamed_coordinate_norms_in_small_blocks_equal_one_block(monkeypatch):
+    from refusal import streaming
+    from refusal.streaming import TensorEdit
+
+    g = torch.Generator().manual_seed(2)
+    u = unit_vector(torch.randn(16, generator=g))
+    for rows, shape in ((False, (16, 40)), (True, (40, 16))):
+        weight = torch.randn(shape, generator=g)
+        edit = TensorEdit("w", ((u, 0.7), (unit_vector(torch.randn(16, generator=g)), 0.4)), rows, norms="coordinate_norms")
+        whole = weight.clone()
+        edit.apply(whole)
+        monkeypatch.setattr(streaming, "BLOCK_BYTES", 4 * 16 * 3)
+        blocked = weight.clone()
+        assert edit.apply(blocked) <= 1
+        monkeypatch.undo()
+        assert torch.allclose(whole, blocked, atol=1e-6)
+        assert torch.allclose(whole.norm(dim=0 if rows else 1), weight.norm(dim=0 if rows else 1), rtol=1e-5)
