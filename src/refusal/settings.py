@@ -166,7 +166,11 @@ class EvaluationSettings:
 class SearchSettings:
     trials: int = setting(60, "finished trials to reach (a resumed study counts its earlier ones)")
     time_budget: float | None = setting(540.0, "stop starting trials after this long, e.g. 20m, 90s, 1h; 'none' for no limit", parse=duration)
-    variants: list[str] = setting(list(VARIANTS), "edit variants to search", parse=word_list)
+    variants: list[str] = setting(
+        list(VARIANTS),
+        "edit variants to search: projection|projected|biprojected_targets, each optionally +written_norms|+coordinate_norms",
+        parse=word_list,
+    )
     max_kl: float = setting(0.2, "choice rule: only front points with first-token KL at most this are confirmed and chosen")
     max_refused: float = setting(
         0.0, "choice rule: the lowest-KL confirmed point refusing at most this fraction of the harmful validation (and train) prompts"

@@ -177,9 +177,8 @@ def tensor_edits(chat: ChatModel, removal: Removal) -> dict[str, TensorEdit]:
     """The edit of every writer tensor (weights and biases) that ``removal`` changes, by checkpoint name."""
     edits: dict[str, TensorEdit] = {}
     for writer in (*chat.embeddings, *chat.writers):
-        steps = tuple(
-            (writer.direction(Removal.unit(unit, writer).float().cpu()).float().cpu(), s) for unit, strength in removal.steps if (s := strength(writer)) != 0
-        )
+        units = [writer.direction(Removal.unit(unit, writer).float().cpu()).float().cpu() for unit, _ in removal.steps]
+        steps = tuple((u, s) for u, (_, strength) in zip(units, removal.steps) if (s := strength(writer)) != 0)
         if not steps:
             continue
         edits[writer.weight_name] = TensorEdit(writer.weight_name, steps, writer.rows, removal.norms)

@@ -164,7 +164,7 @@ def remove_direction(
         kept = None
         if norms != "none":
             kept = snapshot.norms(weight, rows) if snapshot is not None else weight.float().norm(dim=-1 if rows else -2)
-        if norms == "coordinate_norms":
+        if kept is not None and norms == "coordinate_norms":
             project_out_coordinates(weight, u, s, rows=writer.rows, norms=kept)
         else:
             project_out(weight, u, s, rows=writer.rows, norms=kept, in_place=True)
