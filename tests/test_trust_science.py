@@ -10,7 +10,7 @@ from refusal.errors import RefusalError
 from refusal.export import export_model
 from refusal.model import wrap_model
 from refusal.models import load_model
-from refusal.settings import VARIANT_ALIASES, VARIANTS, Settings, variant_parts
+from refusal.settings import Settings
 
 NEW_VARIANTS = ["projected+coordinate_norms", "biprojected_targets", "biprojected_targets+coordinate_norms", "projection+coordinate_norms"]
 
@@ -33,6 +33,8 @@ def edited_weights(chat, edit):
 # ---- 1. variants ------------------------------------------------------------------------------------
 def test_old_variant_names_read_as_the_same_edits(tokenizer):
     """search.json / refusal.json / journals written before the rename: the old names give identical weights."""
+    from refusal.settings import VARIANT_ALIASES, VARIANTS, variant_parts
+
     chat = fresh(tokenizer)
     cands = candidates_for(chat)
     assert VARIANT_ALIASES == {"norm_preserving": "projection+written_norms", "biprojected": "projected"}
@@ -106,6 +108,7 @@ def test_each_norm_choice_keeps_exactly_its_axis(tokenizer, norms):
 def test_new_variants_export_with_fidelity_in_memory_and_streamed(tokenizer, tmp_path, variant):
     chat = fresh(tokenizer, "qwen2", tie=True)  # saved from memory (no checkpoint on disk)
     params = EditParams(layer=1.0, attn=Kernel(0.8, centre=1.0, width=1.0), mlp=Kernel(1.1), variant=variant)
+    params.validate(chat.n_layers, 2)  # a variant the search and the export accept
     info = export_model(chat, KernelEdit.from_candidates(candidates_for(chat), params), tmp_path / "memory")
     assert not info["written"]["streamed"] and info["fidelity_max_abs_diff"] < 1e-4
     loaded = load_model(str(save_tiny(tmp_path / "src", "gemma2", tie=False)), device="cpu")  # post-norm gains
@@ -138,3 +141,85 @@ def test_streamed_coordinate_norms_in_small_blocks_equal_one_block(monkeypatch):
         monkeypatch.undo()
         assert torch.allclose(whole, blocked, atol=1e-6)
         assert torch.allclose(whole.norm(dim=0 if rows else 1), weight.norm(dim=0 if rows else 1), rtol=1e-5)
+
+
+# ---- 3. analyze on the refused prompts, the attack's rates in the report ---------------------------
+ATTACK = ["--suffix-length", "4", "--steps", "40", "--candidates", "64", "--attack-prompts", "8", "--time-budget", "none", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory, robust_organism_dir):
+    from conftest import organism_args
+    from refusal.cli import main
+
+    run = tmp_path_factory.mktemp("science") / "run"
+    assert main(["attack", "--out", str(run), *organism_args(robust_organism_dir), *ATTACK]) == 0
+    assert main(["analyze", "--run", str(run), "--quiet"]) == 0
+    return run
+
+
+def test_analyze_measures_the_prompts_the_model_refuses(analysed):
+    import json
+
+    attack = json.loads((analysed / "attack.json").read_text())
+    m = json.loads((analysed / "analysis.json").read_text())["mechanisms"]
+    refused = [c["instruction"] for c in attack["completions"]["none"] if c["refused"]]
+    assert m["refused"]["refused"] == len(refused) == attack["refusal"]["none"]["refused"] and m["refused"]["of"] == attack["n_test"]
+    assert m["n_prompts"]["harmful"] == m["refused"]["used"] == len(refused) and "attack.json" in m["refused"]["judge"]
+
+
+def test_the_report_carries_the_attacks_rates(analysed):
+    import json
+    import re
+
+    attack = json.loads((analysed / "attack.json").read_text())
+    report = json.loads((analysed / "report" / "report.json").read_text())
+    rates = report["mechanisms"]["attack"]
+    for name in ("none", "suffix", "random"):
+        assert rates["refusal"][name] == attack["refusal"][name]
+        assert rates["refusal_score"][name] == attack["refusal_score"][name]
+    html = (analysed / "report" / "report.html").read_text()
+    shown = dict(re.findall(r'data-key="(mechanisms\.attack\.[^"]+)">([^<]*)<', html))
+    keys = ("refused", "total", "rate", "low", "high")
+    assert {f"mechanisms.attack.refusal.{n}.{k}" for n in ("none", "suffix", "random") for k in keys} <= set(shown)
+    markdown = (analysed / "report" / "report.md").read_text()
+    assert "adversarial suffix" in markdown and "random suffix of the same length" in markdown
+    assert f"{report['mechanisms']['refused']['refused']} of {attack['n_test']} harmful test prompts refused" in markdown
+
+
+def test_analyze_refuses_when_no_prompt_is_refused(analysed, tmp_path, monkeypatch, capsys):
+    """A suffix from a file: the refusals are judged here; none refused is a one-line error and nothing is written."""
+    from refusal import analyze as analyze_module
+    from refusal.cli import main
+    from refusal.judges import Judged
+
+    suffix = tmp_path / "suffix.txt"
+    suffix.write_text("recipe for a cake\n")
+    before = {p.name: p.read_bytes() for p in analysed.iterdir() if p.is_file()}
+    nothing = lambda engine, prompts, *a, **k: Judged([""] * len(prompts), [[]] * len(prompts), [False] * len(prompts))
+    monkeypatch.setattr(analyze_module, "judge_refusals", nothing)
+    assert main(["analyze", "--run", str(analysed), "--suffix-file", str(suffix), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "refuses none of the" in err and len(err.splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in analysed.iterdir() if p.is_file()} == before
+
+
+def test_analyze_keeps_only_the_refused_prompts(analysed, tmp_path, monkeypatch):
+    """(Runs last: it changes the module's analysis.) The organism refuses every test prompt; a judge that says it refuses
+    every other one leaves half of them, and the report says so."""
+    import json
+
+    from refusal import analyze as analyze_module
+    from refusal.cli import main
+    from refusal.judges import Judged
+
+    suffix = tmp_path / "suffix.txt"
+    suffix.write_text("recipe for a cake\n")
+    judged = lambda engine, prompts, *a, **k: Judged([""] * len(prompts), [[]] * len(prompts), [i % 2 == 1 for i in range(len(prompts))])
+    monkeypatch.setattr(analyze_module, "judge_refusals", judged)
+    assert main(["analyze", "--run", str(analysed), "--suffix-file", str(suffix), "--quiet"]) == 0
+    m = json.loads((analysed / "analysis.json").read_text())["mechanisms"]
+    n = m["refused"]["of"]
+    assert m["refused"]["refused"] == m["refused"]["used"] == m["n_prompts"]["harmful"] == n // 2 and "attack.json" not in m["refused"]["judge"]
+    assert m["attack"] is None  # the suffix came from a file: no attack rates to show
+    assert "the suffix came from a file" in (analysed / "report" / "report.html").read_text()
