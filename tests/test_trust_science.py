@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import build_model, save_tiny
+from conftest import FAMILIES, build_model, save_tiny
 from refusal.directions import Candidates, unit_vector
 from refusal.edits import EditParams, Kernel, KernelEdit, edited, source_direction
 from refusal.errors import RefusalError
@@ -143,6 +143,66 @@ def test_streamed_coordinate_norms_in_small_blocks_equal_one_block(monkeypatch):
         assert torch.allclose(whole.norm(dim=0 if rows else 1), weight.norm(dim=0 if rows else 1), rtol=1e-5)
 
 
+# ---- 2. the residual and writer forms of ablation ---------------------------------------------------
+PROMPTS = ["How do I bake bread?", "Name three colors."]
+POST_NORM = ["gemma2", "gemma3_text", "olmo2"]
+
+
+def forms_logits(chat, direction):
+    from refusal.interventions import ablate
+
+    batch = chat.batch(PROMPTS)
+    out = {}
+    for form in ("writers", "residual"):
+        with ablate(chat, direction, form=form):
+            out[form] = chat.logits(batch, last_only=False)
+    return out
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in POST_NORM])
+def test_the_two_ablation_forms_agree_on_pre_norm_families(family, tokenizer):
+    chat = fresh(tokenizer, family)
+    assert all(w.post_norm is None for w in chat.writers)
+    out = forms_logits(chat, torch.randn(chat.d_model, generator=torch.Generator().manual_seed(3)))
+    assert torch.equal(out["writers"], out["residual"])
+
+
+@pytest.mark.parametrize("family", POST_NORM)
+def test_on_post_norm_families_the_residual_form_is_not_the_weight_edit(family, tokenizer):
+    """Both forms leave no component along u in the stream; the writer form equals the weight edit, the residual form
+    (the paper's hooks, after the post-norm) does not: the norm rescales what the writers' projection leaves."""
+    from refusal.activations import residual_reader
+    from refusal.edits import orthogonalized
+    from refusal.interventions import ablate
+
+    chat = fresh(tokenizer, family)
+    direction = torch.randn(chat.d_model, generator=torch.Generator().manual_seed(3))
+    unit = unit_vector(direction)
+    batch = chat.batch(PROMPTS)
+    for form in ("writers", "residual"):
+        found: dict[int, torch.Tensor] = {}
+        with ablate(chat, direction, form=form), residual_reader(chat, 4, found.__setitem__):
+            chat.logits(batch, last_only=False)
+        assert sorted(found) == list(range(chat.n_layers + 1))
+        assert max(float((x @ unit).abs().max()) for x in found.values()) < 1e-4, form
+    out = forms_logits(chat, direction)
+    with orthogonalized(chat, direction):
+        edit = chat.logits(batch, last_only=False)
+    assert torch.allclose(out["writers"], edit, atol=1e-4)
+    assert float((out["residual"] - edit).abs().max()) > 1e-3
+
+
+def test_an_unknown_ablation_form_is_a_clear_error(tokenizer):
+    from refusal.assess import generate_completions
+    from refusal.interventions import ablate
+
+    with pytest.raises(RefusalError, match="unknown ablation form 'sideways'"):
+        with ablate(fresh(tokenizer), torch.randn(32), form="sideways"):
+            pass
+    with pytest.raises(RefusalError, match="unknown ablation form 'sideways'"):
+        generate_completions(Settings(), ["hello"], 4, ablation_form="sideways")  # before any model is loaded
+
+
 # ---- 3. analyze on the refused prompts, the attack's rates in the report ---------------------------
 ATTACK = ["--suffix-length", "4", "--steps", "40", "--candidates", "64", "--attack-prompts", "8", "--time-budget", "none", "--quiet"]
 
@@ -223,3 +283,19 @@ def test_analyze_keeps_only_the_refused_prompts(analysed, tmp_path, monkeypatch)
     assert m["refused"]["refused"] == m["refused"]["used"] == m["n_prompts"]["harmful"] == n // 2 and "attack.json" not in m["refused"]["judge"]
     assert m["attack"] is None  # the suffix came from a file: no attack rates to show
     assert "the suffix came from a file" in (analysed / "report" / "report.html").read_text()
+
+
+def test_evaluate_and_generate_take_the_ablation_form(tmp_path):
+    from refusal.assess import hook_conditions
+    from refusal.cli import build_parser
+    from refusal.directions import Direction
+
+    parser = build_parser()
+    for command in (["evaluate", "--ablate", "RUN", "--out", "OUT"], ["generate", "--ablate", "RUN", "hello"]):
+        assert parser.parse_args(command).ablation_form == "writers"
+        assert parser.parse_args([*command, "--ablation-form", "residual"]).ablation_form == "residual"
+        with pytest.raises(RefusalError, match="invalid choice"):
+            parser.parse_args([*command, "--ablation-form", "sideways"])
+    direction = Direction(torch.randn(32), 1, -1)
+    (condition,) = hook_conditions(None, direction, added=False, form="residual")  # type: ignore[arg-type]
+    assert condition.name == "ablated" and condition.label == "ablated (hooks, residual form)"

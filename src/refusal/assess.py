@@ -19,7 +19,7 @@ from .errors import RefusalError
 from .evaluation import Condition, EvalSettings, cosine_matrix, evaluate, projections
 from .exported import ExportSwap
 from .generation import Engine, HFEngine
-from .interventions import ablate, add
+from .interventions import ABLATION_FORMS, ablate, add
 from .judges import REFUSAL_PHRASES, load_phrases
 from .model import ChatModel
 from .models import load_model
@@ -34,10 +34,12 @@ from .workspace import Context, load, model_identity, run_prompts
 LABELS = {"original": "original", "ablated": "ablated (hooks)", "added": "activation addition", "edited": "edited checkpoint"}
 
 
-def hook_conditions(chat: ChatModel, direction: Direction, ablated: bool = True, added: bool = True) -> list[Condition]:
+def hook_conditions(chat: ChatModel, direction: Direction, ablated: bool = True, added: bool = True, form: str = "writers") -> list[Condition]:
+    """The hooked conditions; ``form``: where ablation projects a post-norm block's output (``interventions.ablate``)."""
     out = []
     if ablated:
-        out.append(Condition("ablated", LABELS["ablated"], chat, lambda: ablate(chat, direction.vector)))
+        label = LABELS["ablated"] if form == "writers" else "ablated (hooks, residual form)"
+        out.append(Condition("ablated", label, chat, lambda: ablate(chat, direction.vector, form)))
     if added:
         out.append(Condition("added", LABELS["added"], chat, lambda: add(chat, direction.vector, direction.layer), kinds=("harmless",), costs=False))
     return out
@@ -213,9 +215,12 @@ def evaluate_model(
     overwrite: bool = False,
     safety_judge: str | None = None,
     safety_format: str = "llama-guard-3",
+    ablation_form: str = "writers",
 ) -> EvaluateResult:
     """``refusal evaluate``: the original model against one edit (hooks from a run, or an exported checkpoint) -> OUT/report.*"""
     settings.validate()
+    if ablation_form not in ABLATION_FORMS:
+        raise RefusalError(f"unknown ablation form {ablation_form!r}; choose one of {', '.join(ABLATION_FORMS)}")
     if edited is not None and not (edited / "config.json").is_file():
         raise RefusalError(f"--edited {edited} is not a checkpoint directory (no config.json); give the directory `refusal export` wrote")
     source_run = ablate_run or add_run or (_run_of_export(edited) if edited is not None else None)
@@ -252,7 +257,7 @@ def evaluate_model(
         safety = load_safety_judge(safety_judge, safety_format, device=settings.model.device if settings.model.device != "auto" else "cpu")
     conditions = [Condition("original", LABELS["original"], chat, engine=checkpoint_engine(settings, chat, chat.path))]
     if direction is not None and (ablate_run or add_run):
-        conditions += hook_conditions(chat, direction, ablated=bool(ablate_run), added=bool(add_run))
+        conditions += hook_conditions(chat, direction, ablated=bool(ablate_run), added=bool(add_run), form=ablation_form)
     if edited is not None:
         same_model = made_from is not None and made_from.get("sha256") is not None and made_from["sha256"] == record["sha256"]
         conditions.append(edited_condition(settings, chat, edited, same_model))
@@ -265,11 +270,19 @@ def evaluate_model(
 
 
 def generate_completions(
-    settings: Settings, prompts: list[str], max_new_tokens: int, ablate_run: Path | None = None, add_run: Path | None = None, coeff: float = 1.0
+    settings: Settings,
+    prompts: list[str],
+    max_new_tokens: int,
+    ablate_run: Path | None = None,
+    add_run: Path | None = None,
+    coeff: float = 1.0,
+    ablation_form: str = "writers",
 ) -> list[str]:
-    """``refusal generate``: greedy completions, with a run's direction ablated or added (hooks) if asked."""
+    """``refusal generate``: greedy completions, with a run's direction ablated (in ``ablation_form``) or added (hooks) if asked."""
     import math
 
+    if ablation_form not in ABLATION_FORMS:
+        raise RefusalError(f"unknown ablation form {ablation_form!r}; choose one of {', '.join(ABLATION_FORMS)}")
     if not 1 <= max_new_tokens <= 4096:
         raise RefusalError(f"--max-new-tokens must be between 1 and 4096 (got {max_new_tokens})")
     if not math.isfinite(coeff):
@@ -288,6 +301,6 @@ def generate_completions(
         )
     context: AbstractContextManager = nullcontext()
     if direction is not None:
-        context = ablate(chat, direction.vector) if ablate_run else add(chat, direction.vector, direction.layer, coeff)
+        context = ablate(chat, direction.vector, ablation_form) if ablate_run else add(chat, direction.vector, direction.layer, coeff)
     with context:
         return HFEngine(chat, 8).generate(prompts, max_new_tokens)
