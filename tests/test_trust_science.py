@@ -299,3 +299,30 @@ def test_evaluate_and_generate_take_the_ablation_form(tmp_path):
     direction = Direction(torch.randn(32), 1, -1)
     (condition,) = hook_conditions(None, direction, added=False, form="residual")  # type: ignore[arg-type]
     assert condition.name == "ablated" and condition.label == "ablated (hooks, residual form)"
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])
+def test_the_published_variant_exports_experts_like_the_edit_in_memory(family, tmp_path):
+    """Mixture of experts: one Linear per expert on disk (Qwen2-MoE) or fused with rows (GPT-OSS); per-layer units and
+    coordinate norms streamed match the edit in memory, and a search Editor reverts them bit for bit."""
+    from conftest import build_tokenizer, checkpoint_tensors
+    from refusal.edits import Editor
+
+    tok = build_tokenizer()
+    build_model(family, len(tok), tie=False).save_pretrained(tmp_path / "src", max_shard_size="200KB")
+    tok.save_pretrained(tmp_path / "src")
+    chat = load_model(str(tmp_path / "src"), device="cpu")
+    params = EditParams(layer=1.0, attn=Kernel(0.7), mlp=Kernel(1.2, centre=1.0, width=1.0), variant="biprojected_targets+coordinate_norms")
+    edit = KernelEdit.from_candidates(candidates_for(chat), params)
+    info = export_model(chat, edit, tmp_path / "out")
+    assert info["written"]["streamed"] and info["fidelity_max_abs_diff"] < 1e-4
+    state = {k: v.clone() for k, v in chat.model.state_dict().items()}
+    with Editor(chat) as editor, editor.applied(edit):
+        expected = {k: v.detach().clone() for k, v in chat.model.state_dict().items()}
+    assert all(torch.equal(v, state[k]) for k, v in chat.model.state_dict().items())
+    written = checkpoint_tensors(tmp_path / "out")
+    fused = {k: v for k, v in expected.items() if k not in written}  # per-expert files: stacked back by name
+    for name, value in written.items():
+        if name in expected:
+            assert torch.allclose(value, expected[name], atol=1e-5), name
+    assert all(".experts." in k for k in fused)
