@@ -313,6 +313,7 @@ def test_the_published_variant_exports_experts_like_the_edit_in_memory(family, t
     tok.save_pretrained(tmp_path / "src")
     chat = load_model(str(tmp_path / "src"), device="cpu")
     params = EditParams(layer=1.0, attn=Kernel(0.7), mlp=Kernel(1.2, centre=1.0, width=1.0), variant="biprojected_targets+coordinate_norms")
+    params.validate(chat.n_layers, 2)
     edit = KernelEdit.from_candidates(candidates_for(chat), params)
     info = export_model(chat, edit, tmp_path / "out")
     assert info["written"]["streamed"] and info["fidelity_max_abs_diff"] < 1e-4
