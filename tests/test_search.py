@@ -130,7 +130,7 @@ def test_the_study_starts_with_the_papers_edit_then_flat_anchors(organism_search
     assert len(anchors) == 4
     for number, anchor in enumerate(anchors, start=1):
         got = EditParams.from_dict(trials[number]["params"])
-        assert got.variant == "biprojected" and got.layer == anchor.layer and got.clean == 1.0
+        assert got.variant == "projected" and got.layer == anchor.layer and got.clean == 1.0
         assert set(got.attn.strengths(chat.n_layers) + got.mlp.strengths(chat.n_layers)) == {1.0}
     assert all(t["refusal"] >= SearchSettings().floor for t in trials.values())  # per-prompt floor
 

@@ -9,7 +9,11 @@
     the direction across layers              and against a second model's (--base), the paper's App. J
     -> RUN/analysis.json, and the report's "Mechanisms" section (RUN/report, made if missing)
 
-All on the test split (``--analysis-prompts`` caps it); directions and projections in float32.
+All on the test split (``--analysis-prompts`` caps it): the harmful prompts are those the model refuses without a
+suffix, as in the paper (the substring judge on greedy generations: attack.json's, or made here for a --suffix-file;
+how many of how many go into analysis.json; none refused is an error before anything is written). The attack's
+rates (no suffix, suffix, random suffix) from attack.json go into the report beside the measurements.
+Directions and projections in float32.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ import torch
 
 from .activations import mean_activations
 from .assess import evaluate_run, fresh_report
-from .attack_run import fresh_attack
+from .attack_run import CONDITIONS, fresh_attack
 from .directions import Candidates, Direction, compute_candidates
 from .errors import RefusalError
+from .generation import HFEngine
+from .judges import REFUSAL_PHRASES, judge_refusals, load_phrases
 from .mechanisms import attention_masses, check_decomposable, compare_directions, decompose, direction_cosines, layer_cosines, top_heads
 from .models import load_model, resolve_model
 from .pipeline import candidates, selection
@@ -79,11 +85,14 @@ def gap_closed(cosine: dict, layers: list[int], group: str) -> dict:
     return {"per_layer": per_layer.tolist(), "mean_from_direction_layer": float(tail.mean())}
 
 
-def measure(ctx: Context, cands: Candidates, direction: Direction, suffix: list[int], baseline: list[int], base: Candidates | None) -> dict:
-    """The mechanisms section of the report: every number the figures show."""
+def measure(
+    ctx: Context, cands: Candidates, direction: Direction, suffix: list[int], baseline: list[int], base: Candidates | None, refused: dict
+) -> dict:
+    """The mechanisms section of the report: every number the figures show, on the refused harmful prompts (``refused_prompts``)."""
     chat, s = ctx.chat, ctx.settings
     cap, batch = s.analysis.analysis_prompts, s.evaluation.batch_size
-    harmful, harmless = (ctx.prompts.get(k, "test")[:cap] for k in ("harmful", "harmless"))
+    test = ctx.prompts.get("harmful", "test")
+    harmful, harmless = [test[i] for i in refused["indices"]][:cap], ctx.prompts.get("harmless", "test")[:cap]
     prompts: dict[str, list[SuffixedPrompt]] = {
         "harmful": [split_prompt(chat, x) for x in harmful],
         "harmful_suffix": [split_prompt(chat, x, suffix) for x in harmful],
@@ -102,6 +111,7 @@ def measure(ctx: Context, cands: Candidates, direction: Direction, suffix: list[
         "direction": {"layer": direction.layer, "position": direction.position},
         "suffix": {"text": chat.tokenizer.decode(suffix), "ids": suffix, "random_text": chat.tokenizer.decode(baseline), "random_ids": baseline},
         "n_prompts": {"harmful": len(harmful), "harmless": len(harmless)},
+        "refused": {"refused": len(refused["indices"]), "of": len(test), "used": len(harmful), "judge": refused["judge"]},
         "groups": GROUPS,
         "layers": list(range(chat.n_layers + 1)),  # decoder-layer inputs, then the final residual
         "cosine": cosine,
@@ -175,14 +185,48 @@ def base_candidates(ctx: Context) -> Candidates | None:
 
 
 # ---- the command ---------------------------------------------------------------------------------
-def the_suffix(ctx: Context) -> tuple[list[int], list[int], str]:
-    """(suffix ids, random ids of the same length, where the suffix came from)."""
+def the_suffix(ctx: Context) -> tuple[list[int], list[int], str, dict | None]:
+    """(suffix ids, random ids of the same length, where the suffix came from, attack.json or None)."""
     file = ctx.settings.analysis.suffix_file
     if file is not None:
         _, ids = read_suffix_file(ctx.chat, file)
-        return ids, random_suffix(ctx.chat, len(ids), ctx.settings.data.seed), f"file {file}"
+        return ids, random_suffix(ctx.chat, len(ids), ctx.settings.data.seed), f"file {file}", None
     attack = fresh_attack(ctx)
-    return attack["suffix_ids"], attack["random_suffix_ids"], "attack.json"
+    return attack["suffix_ids"], attack["random_suffix_ids"], "attack.json", attack
+
+
+def refused_prompts(ctx: Context, attack: dict | None) -> dict:
+    """Which harmful test prompts the model refuses without a suffix (the paper analyses those): attack.json's judged
+    generations, else generated and judged here the same way. A one-line error when it refuses none."""
+    test, e = ctx.prompts.get("harmful", "test"), ctx.settings.evaluation
+    done = (attack or {}).get("completions", {}).get("none")
+    if done is not None and [c.get("instruction") for c in done] == test:
+        flags, judge = [bool(c.get("refused")) for c in done], "attack.json: substring judge on greedy generations without a suffix"
+    else:
+        engine = HFEngine(ctx.chat, e.batch_size, description="analyze: which harmful test prompts are refused")
+        phrases = load_phrases(e.refusal_phrases) if e.refusal_phrases else REFUSAL_PHRASES
+        flags = judge_refusals(engine, [split_prompt(ctx.chat, x).ids for x in test], e.max_new_tokens, phrases).refused
+        judge = "substring judge on greedy generations without a suffix"
+    indices = [i for i, r in enumerate(flags) if r]
+    if not indices:
+        raise RefusalError(
+            f"the model refuses none of the {len(test)} harmful test prompts (judged on its greedy generations); the analysis "
+            "measures how a suffix suppresses refusal and needs refused prompts: use a model that refuses, or other --harmful prompts"
+        )
+    return {"indices": indices, "judge": judge}
+
+
+def attack_rates(attack: dict | None) -> dict | None:
+    """attack.json's held-out rates for the report: per condition the judged count, rate and interval, and the log-odds."""
+    if attack is None:
+        return None
+    keys = ("refused", "total", "rate", "low", "high")
+    return {
+        "conditions": dict(CONDITIONS),
+        "n_test": attack.get("n_test"),
+        "refusal": {name: {k: attack["refusal"][name].get(k) for k in keys} for name in CONDITIONS if name in attack.get("refusal", {})},
+        "refusal_score": {name: attack.get("refusal_score", {}).get(name) for name in CONDITIONS},
+    }
 
 
 def analyze(path: Path, options: dict) -> AnalyzeResult:
@@ -197,9 +241,10 @@ def analyze(path: Path, options: dict) -> AnalyzeResult:
         raise RefusalError(f"{path} has no attack.json; run `refusal attack --out {path}` first, or pass --suffix-file FILE")
     ctx = reopen(path)
     ctx.settings = settings
-    suffix, baseline, source = the_suffix(ctx)  # a bad suffix fails here, before anything is written
+    suffix, baseline, source, attack = the_suffix(ctx)  # a bad suffix fails here, before anything is written
     check_decomposable(ctx.chat)  # a mixture-of-experts model, and a --base of another shape, fail here too
     check_base(ctx)
+    refused = refused_prompts(ctx, attack)  # so does a model that refuses none of the prompts
     cands = candidates(ctx)
     chosen, direction = selection(ctx, cands)
     base_id = model_fingerprint(resolve_model(ctx.settings.analysis.base))["sha256"] if ctx.settings.analysis.base else None
@@ -209,14 +254,17 @@ def analyze(path: Path, options: dict) -> AnalyzeResult:
         "suffix": suffix,
         "random": baseline,
         "base": base_id or ctx.settings.analysis.base,
+        "refused": refused,
+        "attack": attack_rates(attack),
     }
     upstream = ("candidates", "selection")
     if run.fresh("analysis", ctx.settings, inputs, upstream):
         mechanisms = run.read("analysis")["mechanisms"]
     else:
         start = time.perf_counter()
-        mechanisms = measure(ctx, cands, direction, suffix, baseline, base_candidates(ctx))
+        mechanisms = measure(ctx, cands, direction, suffix, baseline, base_candidates(ctx), refused)
         mechanisms["suffix"]["source"] = source
+        mechanisms["attack"] = inputs["attack"]
         run.remove("analysis", quiet=True)  # only now: a failed analysis leaves the previous one
         write_json(run.file("analysis"), {"format_version": ARTIFACTS["analysis"].format_version, "mechanisms": mechanisms})
         run.update(settings=settings.to_dict())  # the analysis options are kept once they worked (a bad --base changes nothing)

@@ -20,7 +20,7 @@ from .evaluation import Condition, EvalSettings, cosine_matrix, evaluate, projec
 from .exported import ExportSwap
 from .generation import Engine, HFEngine
 from .given_run import export_direction, export_info, export_model, fresh_direction, run_model
-from .interventions import ablate, add
+from .interventions import ABLATION_FORMS, ablate, add
 from .judges import REFUSAL_PHRASES, load_phrases
 from .model import ChatModel
 from .models import load_model
@@ -36,10 +36,12 @@ from .workspace import Context, check_prompt_context, fresh_selection, load, mod
 LABELS = {"original": "original", "ablated": "ablated (hooks)", "added": "activation addition", "edited": "edited checkpoint"}
 
 
-def hook_conditions(chat: ChatModel, direction: Direction, ablated: bool = True, added: bool = True) -> list[Condition]:
+def hook_conditions(chat: ChatModel, direction: Direction, ablated: bool = True, added: bool = True, form: str = "writers") -> list[Condition]:
+    """The hooked conditions; ``form``: where ablation projects a post-norm block's output (``interventions.ablate``)."""
     out = []
     if ablated:
-        out.append(Condition("ablated", LABELS["ablated"], chat, lambda: ablate(chat, direction.vector)))
+        label = LABELS["ablated"] if form == "writers" else "ablated (hooks, residual form)"
+        out.append(Condition("ablated", label, chat, lambda: ablate(chat, direction.vector, form)))
     if added:
         out.append(Condition("added", LABELS["added"], chat, lambda: add(chat, direction.vector, direction.layer), kinds=("harmless",), costs=False))
     return out
@@ -219,12 +221,15 @@ def evaluate_model(
     safety_judge: str | None = None,
     safety_format: str = "llama-guard-3",
     model_options: dict | None = None,
+    ablation_form: str = "writers",
 ) -> EvaluateResult:
     """``refusal evaluate``: the original model against one edit (hooks from a run, or an exported checkpoint) -> OUT/report.*
 
     ``model_options``: the model options given on the command line; with a run or an export the model is then the
     run's (or the export's source) with these applied (``given_run``). None: ``settings.model`` as it is, checked."""
     settings.validate()
+    if ablation_form not in ABLATION_FORMS:
+        raise RefusalError(f"unknown ablation form {ablation_form!r}; choose one of {', '.join(ABLATION_FORMS)}")
     if edited is not None and not (edited / "config.json").is_file():
         raise RefusalError(f"--edited {edited} is not a checkpoint directory (no config.json); give the directory `refusal export` wrote")
     source_run = ablate_run or add_run
@@ -259,7 +264,7 @@ def evaluate_model(
         safety = load_safety_judge(safety_judge, safety_format, device=settings.model.device if settings.model.device != "auto" else "cpu")
     conditions = [Condition("original", LABELS["original"], chat, engine=checkpoint_engine(settings, chat, chat.path))]
     if direction is not None and (ablate_run or add_run):
-        conditions += hook_conditions(chat, direction, ablated=bool(ablate_run), added=bool(add_run))
+        conditions += hook_conditions(chat, direction, ablated=bool(ablate_run), added=bool(add_run), form=ablation_form)
     if edited is not None:
         same_model = made_from.get("sha256") is not None and made_from["sha256"] == record["sha256"]
         conditions.append(edited_condition(settings, chat, edited, same_model))
@@ -287,11 +292,14 @@ def generate_completions(
     add_run: Path | None = None,
     coeff: float = 1.0,
     model_options: dict | None = None,
+    ablation_form: str = "writers",
 ) -> list[str]:
-    """``refusal generate``: greedy completions, with a run's direction ablated or added (hooks) if asked (the run's
+    """``refusal generate``: greedy completions, with a run's direction ablated (in ``ablation_form``) or added (hooks) if asked (the run's
     model unless ``model_options``, the model options given on the command line, name the same one)."""
     import math
 
+    if ablation_form not in ABLATION_FORMS:
+        raise RefusalError(f"unknown ablation form {ablation_form!r}; choose one of {', '.join(ABLATION_FORMS)}")
     if not 1 <= max_new_tokens <= 4096:
         raise RefusalError(f"--max-new-tokens must be between 1 and 4096 (got {max_new_tokens})")
     if not math.isfinite(coeff):
@@ -311,6 +319,6 @@ def generate_completions(
         )
     context: AbstractContextManager = nullcontext()
     if direction is not None:
-        context = ablate(chat, direction.vector) if ablate_run else add(chat, direction.vector, direction.layer, coeff)
+        context = ablate(chat, direction.vector, ablation_form) if ablate_run else add(chat, direction.vector, direction.layer, coeff)
     with context:
         return HFEngine(chat, 8).generate(prompts, max_new_tokens)

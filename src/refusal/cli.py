@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--ablate", type=Path, metavar="RUN", help="ablate RUN's direction")
     group.add_argument("--add", type=Path, metavar="RUN", help="add RUN's direction at its layer")
     p.add_argument("--coeff", type=float, default=1.0, help="scale of the added direction")
+    p.add_argument(
+        "--ablation-form",
+        choices=("writers", "residual"),
+        default="writers",
+        help="where --ablate projects a post-norm block's output (Gemma 2/3, OLMo 2): before the norm along the gain-adjusted "
+        "direction, as the weight edit does (writers), or after it, out of the residual stream (residual); the same on other models",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("prompt", nargs="+")
     add_arguments(p, ("model",))
@@ -101,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--add", type=Path, metavar="RUN", help="add RUN's direction at its layer with hooks")
     p.add_argument("--out", required=True, type=Path, help="report directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    p.add_argument(
+        "--ablation-form",
+        choices=("writers", "residual"),
+        default="writers",
+        help="where --ablate projects a post-norm block's output (Gemma 2/3, OLMo 2): before the norm along the gain-adjusted "
+        "direction, as the weight edit does (writers), or after it, out of the residual stream (residual); the same on other models",
+    )
     p.add_argument(
         "--safety-judge",
         default=None,
@@ -188,10 +202,8 @@ def cmd_export(args: argparse.Namespace) -> dict:
 def cmd_generate(args: argparse.Namespace) -> dict:
     from .assess import generate_completions
 
-    model_options = given(args, "model")  # with a run, the model is the run's: these apply over its saved ones
-    completions = generate_completions(
-        from_args(args), args.prompt, args.max_new_tokens, ablate_run=args.ablate, add_run=args.add, coeff=args.coeff, model_options=model_options
-    )
+    ablation = {"ablate_run": args.ablate, "add_run": args.add, "coeff": args.coeff, "ablation_form": args.ablation_form}
+    completions = generate_completions(from_args(args), args.prompt, args.max_new_tokens, model_options=given(args, "model"), **ablation)
     if not args.json:
         for prompt, completion in zip(args.prompt, completions):
             print(f"> {prompt}\n{completion}\n")
@@ -211,6 +223,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
         safety_judge=args.safety_judge,
         safety_format=args.safety_format,
         model_options=given(args, "model"),
+        ablation_form=args.ablation_form,
     )
     if not args.quiet and not args.json:
         print_report(result.report, None)

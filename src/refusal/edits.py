@@ -14,10 +14,15 @@ fidelity reference), or None when it has none. Two edits exist:
     E        <- E - s_attn(0) * E u u^T                       (token embeddings, row-wise)
 
   with a smooth strength kernel per component, ``s(i) = floor + (peak - floor) * exp(-(i - centre)^2 / (2 width^2))``.
-  Strength 1 at every layer is exactly the paper's orthogonalization. Variants: ``projection`` (the
-  formulas above); ``norm_preserving`` (every written vector is then rescaled to its original norm);
-  ``biprojected`` (the direction is first made orthogonal to the harmless mean activation at its
-  source layer, so the edit leaves the harmless mean's own direction untouched). With ``clean`` set,
+  Strength 1 at every layer is exactly the paper's orthogonalization. A variant (``settings.variant_parts``)
+  is a direction form and a norm choice, independent of each other. Forms: ``projection`` (u as given);
+  ``projected`` (u first made orthogonal to the harmless mean activation at its source layer: grimjim's
+  "projected abliteration"); ``biprojected_targets`` (``projected``, then, for each target layer's writers,
+  orthogonal to that layer's harmless mean, so no writer changes its layer's harmless mean direction: the
+  published biprojection). Norms: none; ``written_norms`` (every written vector then rescaled to its original
+  norm); ``coordinate_norms`` (each residual coordinate's weights keep their norm: the published
+  norm-preserving form, which projects the coordinate-normalised matrix and rescales). Old names:
+  ``norm_preserving`` = ``projection+written_norms``, ``biprojected`` = ``projected``. With ``clean`` set,
   the direction is first ridge-residualised against the protected prompts' activations
   (``cleaning.Protection``, strength 10**clean).
 
@@ -41,7 +46,7 @@ from .directions import Candidates, unit_vector
 from .errors import RefusalError
 from .interventions import ablate, damp_outputs
 from .model import ChatModel
-from .settings import VARIANTS
+from .settings import variant_parts
 from .weights import Snapshot, remove_direction
 
 
@@ -73,8 +78,10 @@ class EditParams:
     second: dict | None = None  # {"vector": [d_model floats], "strength": s, ...}: a second direction (search.second_trials)
 
     def validate(self, n_layers: int, n_post: int) -> None:
-        if self.variant not in VARIANTS:
-            raise RefusalError(f"unknown edit variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
+        try:
+            variant_parts(self.variant)
+        except RefusalError as error:
+            raise RefusalError(f"unknown edit variant {self.variant!r}: {str(error).split('; ', 1)[1]}") from None
         if not 0 <= self.layer <= n_layers:
             raise RefusalError(f"source layer {self.layer} is out of range; use 0 .. {n_layers}")
         if not -n_post <= self.position < 0:
@@ -96,7 +103,8 @@ class EditParams:
 
 
 def source_direction(candidates: Candidates, params: EditParams, protection: Protection | None = None) -> torch.Tensor:
-    """The unit direction a trial removes: blended between layers, cleaned and biprojected if asked."""
+    """The unit direction a trial removes: blended between layers, cleaned, and made orthogonal to the source
+    layer's harmless mean for the ``projected`` and ``biprojected_targets`` forms."""
     low = math.floor(params.layer)
     high = min(low + 1, candidates.n_layers)
     t = params.layer - low
@@ -106,7 +114,7 @@ def source_direction(candidates: Candidates, params: EditParams, protection: Pro
             raise RefusalError("this edit cleans its direction but no protected activations were given; rerun refusal search to make them")
         raw = protection.clean(raw, params.layer, params.position, params.clean)
     unit = unit_vector(raw)
-    if params.variant == "biprojected":
+    if variant_parts(params.variant)[0] != "projection":
         index = candidates.n_post + params.position
         mean = (1 - t) * candidates.mean_harmless[low, index] + t * candidates.mean_harmless[high, index]
         m = mean.double() / mean.double().norm().clamp_min(1e-12)
@@ -114,18 +122,32 @@ def source_direction(candidates: Candidates, params: EditParams, protection: Pro
     return unit
 
 
+def target_units(unit: torch.Tensor, means: torch.Tensor) -> list[torch.Tensor]:
+    """``unit`` made orthogonal to each layer's harmless mean (``means`` [layers, d_model]) and of unit norm."""
+    m = means.double() / means.double().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    u = unit.double()
+    return [unit_vector((u - (u @ row) * row).float()) for row in m]
+
+
 @dataclass(frozen=True)
 class Removal:
     """What an edit does to each residual writer: for each step in order, the writer loses ``strength(writer)``
-    times its component along ``unit`` (``keep_norms``: every written vector then rescaled to its original
-    norm). The in-memory edit (``weights.remove_direction``) and the streamed export (``streaming``) both read it."""
+    times its component along the step's unit (one for every writer, or a function of the writer: one per
+    target layer). ``norms``: "none", "written_norms" (every written vector then rescaled to its original norm)
+    or "coordinate_norms" (each residual coordinate's weights keep their norm; ``projection.project_out_coordinates``).
+    The in-memory edit (``weights.remove_direction``) and the streamed export (``streaming``) both read it."""
 
-    steps: tuple[tuple[torch.Tensor, Callable[[Writer], float]], ...]
-    keep_norms: bool = False
+    steps: tuple[tuple[torch.Tensor | Callable[[Writer], torch.Tensor], Callable[[Writer], float]], ...]
+    norms: str = "none"
+
+    @staticmethod
+    def unit(step_unit: torch.Tensor | Callable[[Writer], torch.Tensor], writer: Writer) -> torch.Tensor:
+        """The step's unit direction for ``writer``."""
+        return step_unit if isinstance(step_unit, torch.Tensor) else step_unit(writer)
 
     def apply(self, chat: ChatModel, snapshot: Snapshot) -> None:
         for unit, strength in self.steps:
-            remove_direction(chat, unit, strength, snapshot, keep_norms=self.keep_norms)
+            remove_direction(chat, unit, strength, snapshot, norms=self.norms)
 
 
 def second_direction(unit: torch.Tensor, params: EditParams) -> torch.Tensor | None:
@@ -179,16 +201,22 @@ class Orthogonalization:
 
 
 class KernelEdit:
-    """A search trial: ``unit`` removed with the per-layer strengths and the variant of ``params``."""
+    """A search trial: ``unit`` removed with the per-layer strengths and the variant of ``params``; the
+    ``biprojected_targets`` form needs ``means``, the harmless mean per layer at the source position [layers, d_model]."""
 
-    def __init__(self, unit: torch.Tensor, params: EditParams):
+    def __init__(self, unit: torch.Tensor, params: EditParams, means: torch.Tensor | None = None):
         self.unit = unit
         self.params = params
         self.second = second_direction(unit, params)
+        self.form, self.norms = variant_parts(params.variant)
+        if self.form == "biprojected_targets" and means is None:
+            raise RefusalError(f"the {params.variant} edit needs the harmless mean of every layer; build it with KernelEdit.from_candidates")
+        self.targets = target_units(unit, means) if self.form == "biprojected_targets" and means is not None else None
 
     @classmethod
     def from_candidates(cls, candidates: Candidates, params: EditParams, protection: Protection | None = None) -> KernelEdit:
-        return cls(source_direction(candidates, params, protection), params)
+        means = candidates.mean_harmless[:, candidates.n_post + params.position]
+        return cls(source_direction(candidates, params, protection), params, means)
 
     def removal(self, n_layers: int) -> Removal:
         strengths = {"attn": self.params.attn.strengths(n_layers), "mlp": self.params.mlp.strengths(n_layers)}
@@ -196,11 +224,13 @@ class KernelEdit:
         def strength(writer: Writer) -> float:  # the embeddings follow the attention kernel at layer 0
             return strengths["attn"][0] if writer.component == "embed" else strengths[writer.component][writer.layer]
 
-        steps: tuple = ((self.unit, strength),)
+        targets = self.targets
+        unit = self.unit if targets is None else lambda writer: targets[writer.layer]  # embeddings are layer 0
+        steps: tuple = ((unit, strength),)
         if self.second is not None:  # a second direction, removed from every writer with one strength
             second_strength = float(self.params.second["strength"])  # type: ignore[index]
             steps += ((self.second, lambda writer: second_strength),)
-        return Removal(steps, keep_norms=self.params.variant == "norm_preserving")
+        return Removal(steps, norms=self.norms)
 
     def apply(self, chat: ChatModel, snapshot: Snapshot) -> None:
         self.removal(chat.n_layers).apply(chat, snapshot)

@@ -1,8 +1,13 @@
 """Activation-space interventions as context managers that always remove their hooks.
 
 ``ablate`` erases a direction from the residual stream: projected out of every decoder layer's
-input and out of every attention and MLP output (``projection.project_out``). ``add`` adds the (unnormalised) direction to one
-layer's input at every position. Projections run in float32 and are cast back to the model dtype.
+input and out of every attention and MLP output (``projection.project_out``), in one of two forms that
+differ only on post-norm layers (Gemma 2/3, OLMo 2; docs/method.md): ``writers`` (the default) projects
+each writer's raw output along its gain-adjusted direction before the post-norm, which a weight edit
+equals exactly; ``residual`` projects the direction itself out of what each block adds to the stream
+(the post-norm's output), as the paper's hooks do on its pre-norm models: not a weight edit there, since
+the norm rescales. ``add`` adds the (unnormalised) direction to one layer's input at every position.
+Projections run in float32 and are cast back to the model dtype.
 """
 
 from __future__ import annotations
@@ -19,10 +24,16 @@ from .hooks import get_hidden, hooked, replace_hidden, retuple, untuple
 from .model import ChatModel
 from .projection import project_out
 
+ABLATION_FORMS = ("writers", "residual")
+
 
 @contextmanager
-def ablate(chat: ChatModel, direction: torch.Tensor) -> Iterator[None]:
-    """Within the block the model cannot represent ``direction`` in its residual stream."""
+def ablate(chat: ChatModel, direction: torch.Tensor, form: str = "writers") -> Iterator[None]:
+    """Within the block the model cannot represent ``direction`` in its residual stream; ``form`` (``ABLATION_FORMS``)
+    says where a post-norm block's output is projected: before the norm along the gain-adjusted direction
+    (``writers``, what the weight edit equals) or after it along the direction (``residual``)."""
+    if form not in ABLATION_FORMS:
+        raise RefusalError(f"unknown ablation form {form!r}; choose one of {', '.join(ABLATION_FORMS)}")
     unit = unit_vector(direction)
 
     def layer_hook(module, args, kwargs):
@@ -35,7 +46,11 @@ def ablate(chat: ChatModel, direction: torch.Tensor) -> Iterator[None]:
         return hook
 
     pre = [(layer, layer_hook) for layer in chat.layers]
-    post = [(w.module, writer_hook(w.direction(unit))) for w in chat.writers]
+    if form == "writers":
+        post = [(w.module, writer_hook(w.direction(unit))) for w in chat.writers]
+    else:  # what each block adds to the residual: the post-norm's output where there is one (each module hooked once)
+        added = {id(m): m for m in (w.post_norm if w.post_norm is not None else w.module for w in chat.writers)}
+        post = [(module, writer_hook(unit)) for module in added.values()]
     with hooked(pre=pre, post=post):
         yield
 

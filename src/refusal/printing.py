@@ -75,6 +75,8 @@ def print_attack(result: dict) -> None:
 
 
 def print_analysis(m: dict) -> None:
+    if r := m.get("refused"):
+        console.print(f"  harmful prompts analysed: {r['used']} of the {r['refused']}/{r['of']} test prompts the model refuses", highlight=False)
     for group, gap in m["gap_closed"].items():
         console.print(f"  {m['groups'][group]}: closes {gap['mean_from_direction_layer']:.0%} of the harmful-harmless cosine gap", highlight=False)
     heads = ", ".join(f"L{h['layer']}H{h['head']} {h['attribution']['harmful']:+.2f}->{h['attribution']['harmful_suffix']:+.2f}" for h in m["heads"])

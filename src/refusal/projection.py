@@ -41,3 +41,17 @@ def project_out(
             x.copy_(y.to(x.dtype))
         return x
     return y.to(x.dtype)
+
+
+def project_out_coordinates(x: torch.Tensor, u: torch.Tensor, strength: float, rows: bool, norms: torch.Tensor) -> torch.Tensor:
+    """In place, the published norm-preserving form (grimjim, "norm-preserving biprojected abliteration", 2025):
+    each residual coordinate's weights (a Linear's rows, an embedding's columns) are scaled to unit norm, the
+    written vectors of that matrix lose ``strength`` times their component along unit ``u``, and each coordinate's
+    weights are rescaled to ``norms`` (their original norms). The direction's component is then not exactly
+    removed: the rescaling moves it back in part; that is the published method's trade."""
+    dim = -2 if rows else -1  # the axis of one residual coordinate's weights
+    y = x.float()
+    y = y / y.norm(dim=dim, keepdim=True).clamp_min(1e-12)
+    y = project_out(y, u, strength, rows=rows)
+    y = y * (norms.to(y.device) / y.norm(dim=dim).clamp_min(1e-12)).unsqueeze(dim)
+    return x.copy_(y.to(x.dtype))

@@ -33,7 +33,7 @@ from .report_html import (
     selection_section,
     table,
 )
-from .report_mechanisms import mechanisms_html, mechanisms_tables
+from .report_mechanisms import mechanisms_html, mechanisms_tables, refused_sentence
 from .report_schema import FORMAT_VERSION, REQUIRED, fmt, kinds, labels, validate_report
 from .stats import rate_values
 
@@ -244,7 +244,7 @@ def render_markdown(report: dict, samples_per_kind: int = 2, max_chars: int = 16
         ]
     if m := report.get("mechanisms"):
         suffix = (m.get("suffix") or {}).get("text", "").replace("`", "'")
-        lines += ["", "## Mechanisms (refusal analyze)", "", f"Suffix: `{suffix}`"]
+        lines += ["", "## Mechanisms (refusal analyze)", "", f"Suffix: `{suffix}`", "", _md(refused_sentence(m))]
         for header, rows in mechanisms_tables(m, _plain, _md).values():
             lines += ["", *_md_table(header, rows)]
     if timings := report.get("timings"):

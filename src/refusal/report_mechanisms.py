@@ -36,11 +36,33 @@ def mechanisms_tables(m: dict, tag, text) -> dict[str, tuple[list[str], list[lis
         [text(m["groups"][g]), *(tag(f"mechanisms.decomposition.{g}.{f}", d.get(f)) for f in DECOMPOSITION_FIELDS)]
         for g, d in m["decomposition"].items()
     ]
+    attack = m.get("attack") or {}
+    rates = [
+        [
+            text(label),
+            *(tag(f"mechanisms.attack.refusal.{name}.{k}", attack["refusal"][name].get(k)) for k in ("refused", "total", "rate", "low", "high")),
+            tag(f"mechanisms.attack.refusal_score.{name}", attack["refusal_score"].get(name)),
+        ]
+        for name, label in attack.get("conditions", {}).items()
+        if name in attack.get("refusal", {})
+    ]
     return {
+        "attack": (["harmful test prompts", "refused", "of", "rate", "95% low", "95% high", "first-token refusal log-odds"], rates),
         "gap": (["prompts", "gap closed"], gap),
         "heads": (["layer", "head", "prompts", "attribution", *(f"attention on {r}" for r in _regions(m))], heads),
         "decomposition": (["prompts", *DECOMPOSITION_FIELDS], parts),
     }
+
+
+def refused_sentence(m: dict) -> str:
+    """Which harmful prompts were analysed, in words (analysis.json from before issue 27 used them all)."""
+    r = m.get("refused")
+    if not r:
+        return "Harmful prompts: every harmful test prompt (an analysis from before the refused-only rule; run `refusal analyze` again)."
+    return (
+        f"Harmful prompts: the {r['used']} the model refuses without a suffix ({r['refused']} of {r['of']} harmful test prompts "
+        f"refused; {r['judge']}), as in the paper."
+    )
 
 
 def _regions(m: dict) -> list[str]:
@@ -59,6 +81,9 @@ def mechanisms_html(report: dict) -> str:
             f"{num('mechanisms.n_prompts.harmful', m['n_prompts']['harmful'])} harmful and "
             f"{num('mechanisms.n_prompts.harmless', m['n_prompts']['harmless'])} harmless test prompts; direction from layer "
             f"{num('mechanisms.direction.layer', m['direction']['layer'])}.</p>",
+            f"<p>{esc(refused_sentence(m))}</p>",
+            "<h3>The attack on the held-out harmful prompts (attack.json; substring judge, 95% Wilson intervals)</h3>",
+            table(*tables["attack"]) if tables["attack"][1] else missing("the attack's rates (the suffix came from a file: run `refusal attack`)"),
             "<h3>Cosine with the direction at the last position, per layer (mean ± std)</h3>",
             img(plots.layer_cosine_plot(m), "cosine per layer"),
             "<p>Share of the harmful − harmless gap the suffix closes (mean over layers from the direction's on):</p>",

@@ -42,7 +42,7 @@ from .generation import Engine
 from .model import ChatModel
 from .progress import is_quiet, log
 from .scoring import TeacherForced, kl_divergence, refusal_margin, refusal_score
-from .settings import SearchSettings
+from .settings import SearchSettings, variant_parts
 from .study_storage import StudyLock, fail_stale, heartbeat, is_shared, open_storage, quiet_optuna, surplus, wait_for_running
 
 
@@ -106,10 +106,10 @@ def paper_params(layer: int, position: int) -> EditParams:
 
 
 def anchor_params(n_layers: int, config: SearchSettings) -> list[EditParams]:
-    """Flat-strength edits from a few source depths (biprojected when searched, cleaned with α = 10 when
+    """Flat-strength edits from a few source depths (``projected`` when searched, cleaned with α = 10 when
     cleaning is on): cheap first points that cover the direction axis before the sampler's model takes over."""
     low, high = config.min_layer_fraction * n_layers, config.max_layer_fraction * n_layers
-    variant = "biprojected" if "biprojected" in config.variants else config.variants[0]
+    variant = next((v for v in config.variants if variant_parts(v) == ("projected", "none")), config.variants[0])
     clean = ANCHOR_CLEAN if config.protect_prompts > 0 else None
     layers = sorted({round(f * n_layers, 2) for f in config.anchors if low <= f * n_layers <= high})
     return [EditParams(layer=layer, position=config.source_positions[0], variant=variant, clean=clean) for layer in layers]

@@ -28,12 +28,27 @@ from .parsing import auto_or_number, duration, int_list, local_path, word_list
 from .study_storage import check_url
 
 REFUSAL_WORDS = ("I", "As", "Sorry", "I'm", "Unfortunately", "Apologies")
-VARIANTS = ("projection", "norm_preserving", "biprojected")
+# Edit variants (docs/search.md): a direction form, optionally "+" a norm choice. The default search space, named
+# for what each does (formerly projection, norm_preserving, biprojected; the old names still read, same behaviour).
+VARIANTS = ("projection", "projection+written_norms", "projected")
+DIRECTION_FORMS = ("projection", "projected", "biprojected_targets")  # as given; ⟂ source-layer harmless mean; ⟂ it, then ⟂ each target layer's
+NORM_CHOICES = ("written_norms", "coordinate_norms")  # each written vector keeps its norm; each residual coordinate's weights keep theirs
+VARIANT_ALIASES = {"norm_preserving": "projection+written_norms", "biprojected": "projected"}
 REFUSAL_MEASURES = ("margin", "log-odds")
 AUTO = "auto"  # --screen-margin auto: the buffer taken from the train margins themselves (choice.tail_scale)
 SECOND_SOURCES = ("disclaimer", "refused")  # where the search's second direction comes from (refusal.second)
 ENGINES = ("transformers", "vllm")
 REFUSAL_FLOORS = {"margin": -2.0, "log-odds": -5.0}  # a prompt below this no longer refuses (docs/search.md)
+
+
+def variant_parts(variant: str) -> tuple[str, str]:
+    """An edit variant's (direction form, norm choice or "none"); old names read as the variants they always were."""
+    name = VARIANT_ALIASES.get(variant, variant)
+    form, _, norms = name.partition("+")
+    if form not in DIRECTION_FORMS or (norms or "none") not in ("none", *NORM_CHOICES) or name.endswith("+"):
+        forms, choices = "|".join(DIRECTION_FORMS), "|".join(NORM_CHOICES)
+        raise RefusalError(f"unknown edit variant {variant}; use one of {forms}, optionally +{choices} (e.g. {', '.join(VARIANTS)})")
+    return form, norms or "none"
 
 
 def setting(default: Any, help: str, *, choices: tuple | None = None, metavar: str | None = None, parse=None, flag: str | None = None):
@@ -152,7 +167,11 @@ class EvaluationSettings:
 class SearchSettings:
     trials: int = setting(60, "finished trials to reach (a resumed study counts its earlier ones)")
     time_budget: float | None = setting(540.0, "stop starting trials after this long, e.g. 20m, 90s, 1h; 'none' for no limit", parse=duration)
-    variants: list[str] = setting(list(VARIANTS), "edit variants to search", parse=word_list)
+    variants: list[str] = setting(
+        list(VARIANTS),
+        "edit variants to search: projection|projected|biprojected_targets, each optionally +written_norms|+coordinate_norms",
+        parse=word_list,
+    )
     max_kl: float = setting(0.2, "choice rule: only front points with first-token KL at most this are confirmed and chosen")
     max_refused: float = setting(
         0.0, "choice rule: the lowest-KL confirmed point refusing at most this fraction of the harmful validation (and train) prompts"
@@ -202,7 +221,7 @@ class SearchSettings:
     max_layer_fraction: float = setting(0.8, "searched source layers end at this fraction of the depth")
     anchors: list[float] = setting(
         [0.5, 0.6, 0.7, 0.8],
-        "depth fractions of the flat biprojected trials that seed the study",
+        "depth fractions of the flat projected trials that seed the study",
         parse=lambda t: [float(x) for x in t.split(",") if x.strip()],
     )
     score_batch_size: int = setting(16, "prompts per teacher-forced scoring pass")
@@ -222,9 +241,10 @@ class SearchSettings:
             check_url(self.storage)
         for name in ("confirm", "refusal_positions", "search_kl_tokens", "score_batch_size", "score_prompts"):
             _at_least(name, getattr(self, name), 1)
-        unknown = [v for v in self.variants if v not in VARIANTS]
-        if unknown or not self.variants:
-            raise RefusalError(f"unknown edit variant {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
+        if not self.variants:
+            raise RefusalError(f"unknown edit variant (none given); choose from {', '.join(VARIANTS)}")
+        for variant in self.variants:
+            variant_parts(variant)
         if not 0 <= self.min_layer_fraction < self.max_layer_fraction <= 1:
             raise RefusalError("the searched layer range is empty; need 0 <= --min-layer-fraction < --max-layer-fraction <= 1")
         margin = self.screen_margin

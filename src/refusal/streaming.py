@@ -54,12 +54,13 @@ NEEDED = (
 @dataclass(frozen=True)
 class TensorEdit:
     """One checkpoint tensor's edit: for each (unit, strength) step in order, its vectors lose ``strength``
-    times their component along ``unit``; ``keep_norms`` rescales them to their original norms at the end."""
+    times their component along ``unit``; ``norms`` (``edits.Removal``): "written_norms" rescales them to their
+    original norms at the end, "coordinate_norms" applies each step in the published norm-preserving form."""
 
     name: str
     steps: tuple[tuple[torch.Tensor, float], ...]  # float32 [d_model] units, gain-adjusted behind a post-norm
     rows: bool  # the written vectors are rows (embeddings, Conv1D, biases) rather than columns (Linear)
-    keep_norms: bool = False
+    norms: str = "none"
 
     @torch.no_grad()
     def apply(self, tensor: torch.Tensor, device: torch.device | None = None) -> float:
@@ -83,14 +84,13 @@ class TensorEdit:
             raise RefusalError(f"checkpoint tensor {self.name} has shape {shape}, which does not write d_model = {self.steps[0][0].numel()} vectors")
         device = device or torch.device("cpu")
         steps = [(unit.to(device, torch.float32), strength) for unit, strength in self.steps]
-        n = tensor.shape[0] if self.rows else tensor.shape[1]
-        size = max(1, BLOCK_BYTES // (4 * d))
+        if self.norms == "coordinate_norms":
+            return self._apply_coordinates(tensor, steps, device)
         dim = -1 if self.rows else 0
         worst = 0.0
-        for k, i in enumerate(range(0, n, size)):
-            block = tensor[i : i + size] if self.rows else tensor[:, i : i + size]
+        for k, block in enumerate(self._blocks(tensor)):
             x = block.to(device, torch.float32, copy=True)  # [vectors, d_model] (rows) or [d_model, vectors]
-            norms = x.norm(dim=dim) if self.keep_norms else None  # [vectors]
+            norms = x.norm(dim=dim) if self.norms == "written_norms" else None  # [vectors]
             checked = k == 0  # each tensor's first CHECKED vectors are checked step by step: a wrong name, orientation or direction shows
             original = self._first(x).clone() if checked else None
             for unit, strength in steps:
@@ -108,6 +108,42 @@ class TensorEdit:
                 want = norms[:CHECKED]
                 got = self._first(block).to(device, torch.float32).norm(dim=dim)
                 worst = max(worst, float(((got - want).abs() / (8 * torch.finfo(block.dtype).eps * want + 1e-6)).max()))
+        return worst
+
+    def _blocks(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Views of at most ``BLOCK_BYTES`` of float32 each, whole vectors (rows, or columns) each."""
+        d = tensor.shape[1] if self.rows else tensor.shape[0]
+        size = max(1, BLOCK_BYTES // (4 * d))
+        n = tensor.shape[0] if self.rows else tensor.shape[1]
+        return [tensor[i : i + size] if self.rows else tensor[:, i : i + size] for i in range(0, n, size)]
+
+    def _apply_coordinates(self, tensor: torch.Tensor, steps: list[tuple[torch.Tensor, float]], device: torch.device) -> float:
+        """Each step in the published norm-preserving form (``projection.project_out_coordinates``), block by block:
+        one pass for each residual coordinate's norm, one for its norm after the step, one to write. The first
+        block is checked: in the coordinate-normalised matrix the component along the unit is (1 - strength) times."""
+        worst = 0.0
+        for unit, strength in steps:
+            sums = [torch.zeros(unit.numel(), dtype=torch.float64, device=device) for _ in range(2)]
+            for stage in range(3):
+                coord, after = (v.sqrt().float().clamp_min(1e-12) for v in sums)
+                for k, block in enumerate(self._blocks(tensor)):
+                    x = block.to(device, torch.float32, copy=True)
+                    xt = x if self.rows else x.T  # [vectors, d_model]
+                    if stage == 0:
+                        sums[0] += (xt.double() ** 2).sum(0)
+                        continue
+                    y = xt / coord
+                    y = y - strength * (y @ unit).unsqueeze(-1) * unit
+                    if stage == 1:
+                        sums[1] += (y.double() ** 2).sum(0)
+                        continue
+                    out = y * (coord / after)
+                    if k == 0:
+                        normal = (xt / coord)[:CHECKED]
+                        got, want = (out[:CHECKED] * after / coord) @ unit, (1 - strength) * (normal @ unit)
+                        allowed = 8 * torch.finfo(torch.float32).eps * normal.norm(dim=-1) + 1e-6
+                        worst = max(worst, float(((got - want).abs() / allowed).max()))
+                    block.copy_(out if self.rows else out.T)
         return worst
 
     def _first(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,10 +185,11 @@ def tensor_edits(chat: ChatModel, removal: Removal) -> dict[str, TensorEdit]:
     """The edit of every writer tensor (weights and biases) that ``removal`` changes, by checkpoint name."""
     edits: dict[str, TensorEdit] = {}
     for writer in (*chat.embeddings, *chat.writers):
-        steps = tuple((writer.direction(unit.float().cpu()).float().cpu(), s) for unit, strength in removal.steps if (s := strength(writer)) != 0)
+        units = [writer.direction(Removal.unit(unit, writer).float().cpu()).float().cpu() for unit, _ in removal.steps]
+        steps = tuple((u, s) for u, (_, strength) in zip(units, removal.steps) if (s := strength(writer)) != 0)
         if not steps:
             continue
-        edits[writer.weight_name] = TensorEdit(writer.weight_name, steps, writer.rows, removal.keep_norms)
+        edits[writer.weight_name] = TensorEdit(writer.weight_name, steps, writer.rows, removal.norms)
         if writer.bias_name is not None:
             edits[writer.bias_name] = TensorEdit(writer.bias_name, steps, rows=True)
     return edits
@@ -241,7 +278,7 @@ def _per_expert(chat: ChatModel, edits: dict[str, TensorEdit], locations: dict) 
             out[name] = edit  # reported as missing
             continue
         for key in keys:
-            out[key] = TensorEdit(key, edit.steps, rows=False, keep_norms=edit.keep_norms)
+            out[key] = TensorEdit(key, edit.steps, rows=False, norms=edit.norms)
     return out
 
 

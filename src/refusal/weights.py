@@ -24,7 +24,7 @@ from .directions import unit_vector
 from .errors import RefusalError
 from .hooks import hooked, retuple, untuple
 from .model import ChatModel
-from .projection import project_out
+from .projection import project_out, project_out_coordinates
 
 
 def _text_configs(model: HFModel) -> list:
@@ -129,15 +129,17 @@ class Snapshot:
 @torch.no_grad()
 def remove_direction(
     chat: ChatModel,
-    unit: torch.Tensor,
+    unit: torch.Tensor | Callable[[Writer], torch.Tensor],
     strength: Callable[[Writer], float] | None = None,
     snapshot: Snapshot | None = None,
-    keep_norms: bool = False,
+    norms: str = "none",
 ) -> None:
     """In place: every writer (embeddings, then attention and MLP outputs) loses ``strength(writer)`` (default 1)
-    times its component along ``unit`` (gain-adjusted after post-norms), biases too; writers at strength 0 are
-    not touched. ``keep_norms`` rescales every written vector to its original norm. Every tensor is saved
-    into ``snapshot`` before it changes; without one the edit is permanent."""
+    times its component along ``unit`` (one for all, or ``unit(writer)``; gain-adjusted after post-norms), biases
+    too; writers at strength 0 are not touched. ``norms``: "written_norms" rescales every written vector to its
+    original norm, "coordinate_norms" keeps each residual coordinate's weights' norm (``project_out_coordinates``;
+    biases are projected only). Every tensor is saved into ``snapshot`` before it changes; without one the edit
+    is permanent."""
     for writer in (*chat.embeddings, *chat.writers):
         s = 1.0 if strength is None else strength(writer)
         if s == 0:
@@ -148,8 +150,9 @@ def remove_direction(
                 f"{writer.weight_name} has no weights in memory (offloaded by --device-map, or a model structure only); "
                 "edits in place need every writer in GPU or CPU memory: give the placement more memory, or export with --streaming"
             )
-        if snapshot is not None and snapshot.hook_experts and weight.dim() == 3 and not keep_norms:
-            snapshot.hook_output(writer.module, writer.direction(unit), s)
+        u = writer.direction(unit if isinstance(unit, torch.Tensor) else unit(writer))
+        if snapshot is not None and snapshot.hook_experts and weight.dim() == 3 and norms == "none":
+            snapshot.hook_output(writer.module, u, s)
             continue
         if snapshot is not None:
             for tensor in (weight, bias):
@@ -157,11 +160,14 @@ def remove_direction(
                     snapshot.save(tensor)
         elif writer.component == "embed":
             untie_embeddings(chat)
-        norms = None
-        if keep_norms:
-            norms = snapshot.norms(weight, writer.rows) if snapshot is not None else weight.float().norm(dim=-1 if writer.rows else -2)
-        u = writer.direction(unit)
-        project_out(weight, u, s, rows=writer.rows, norms=norms, in_place=True)
+        rows = writer.rows if norms == "written_norms" else not writer.rows  # the axis whose norms are kept
+        kept = None
+        if norms != "none":
+            kept = snapshot.norms(weight, rows) if snapshot is not None else weight.float().norm(dim=-1 if rows else -2)
+        if kept is not None and norms == "coordinate_norms":
+            project_out_coordinates(weight, u, s, rows=writer.rows, norms=kept)
+        else:
+            project_out(weight, u, s, rows=writer.rows, norms=kept, in_place=True)
         if bias is not None:
             project_out(bias, u, s, in_place=True)
 
