@@ -240,12 +240,14 @@ class KernelEdit:
 
     def hooks(self, chat: ChatModel) -> AbstractContextManager | None:
         """Each writer's output damped along the direction(s) with the kernels' strengths, computed here from the
-        params, not from ``removal``: an independent reference. None for norm-preserving edits: rescaling each
-        written column to its norm is not a function of the writer's output, so the edit in memory is the reference."""
-        if self.removal(chat.n_layers).keep_norms:
+        params, not from ``removal``: an independent reference. None where norms are rescaled: rescaling written
+        vectors or coordinates is not a function of the writer's output, so the edit in memory is the reference."""
+        if self.norms != "none":
             return None
         per_layer = {"attn": self.params.attn.strengths(chat.n_layers), "mlp": self.params.mlp.strengths(chat.n_layers)}
-        steps: list = [(self.unit, lambda w: per_layer["attn"][0] if w.component == "embed" else per_layer[w.component][w.layer])]
+        targets = self.targets
+        unit = self.unit if targets is None else lambda w: targets[w.layer]  # biprojected_targets: one unit per target layer
+        steps: list = [(unit, lambda w: per_layer["attn"][0] if w.component == "embed" else per_layer[w.component][w.layer])]
         if self.second is not None and self.params.second is not None:
             steps.append((self.second, lambda w, s=float(self.params.second["strength"]): s))
         return damp_outputs(chat, steps)

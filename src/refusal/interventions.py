@@ -56,11 +56,14 @@ def ablate(chat: ChatModel, direction: torch.Tensor, form: str = "writers") -> I
 
 
 @contextmanager
-def damp_outputs(chat: ChatModel, steps: Sequence[tuple[torch.Tensor, Callable[[Writer], float]]]) -> Iterator[None]:
+def damp_outputs(
+    chat: ChatModel, steps: Sequence[tuple[torch.Tensor | Callable[[Writer], torch.Tensor], Callable[[Writer], float]]]
+) -> Iterator[None]:
     """Within the block, for each (unit, strength) step in order, every residual writer's output (the embeddings'
     too) loses ``strength(writer)`` times its component along ``unit`` (behind a post-norm, the gain-adjusted
     direction ``ablate``'s writer hooks use): out - s (out . u) u. The hooked equivalent of a weight edit with
-    those strengths, since a writer's output is linear in its weight and bias (``edits.KernelEdit.hooks``)."""
+    those strengths, since a writer's output is linear in its weight and bias (``edits.KernelEdit.hooks``). A step's
+    unit may be a function of the writer (one direction per target layer)."""
 
     def writer_hook(units: list[tuple[torch.Tensor, float]]):
         def hook(module, args, output):
@@ -73,7 +76,11 @@ def damp_outputs(chat: ChatModel, steps: Sequence[tuple[torch.Tensor, Callable[[
 
     post = []
     for writer in (*chat.embeddings, *chat.writers):
-        units = [(writer.direction(unit_vector(unit)), s) for unit, strength in steps if (s := strength(writer)) != 0]
+        units = [
+            (writer.direction(unit_vector(unit if isinstance(unit, torch.Tensor) else unit(writer))), s)
+            for unit, strength in steps
+            if (s := strength(writer)) != 0
+        ]
         if units:
             post.append((writer.module, writer_hook(units)))
     with hooked(post=post):
