@@ -159,12 +159,12 @@ def test_generate_with_a_nan_coefficient_is_refused(model_dir, tmp_path, capsys)
 
 
 def test_interrupting_generate_does_not_promise_a_resume(model_dir, capsys, monkeypatch):
-    import refusal.assess
+    import refusal.completions
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(refusal.assess, "generate_completions", interrupted)
+    monkeypatch.setattr(refusal.completions, "generate_completions", interrupted)
     capsys.readouterr()
     assert main(["generate", "--model", str(model_dir), "--quiet", "Hi"]) == 130
     assert "resume" not in capsys.readouterr().err

@@ -193,7 +193,7 @@ def test_on_post_norm_families_the_residual_form_is_not_the_weight_edit(family, 
 
 
 def test_an_unknown_ablation_form_is_a_clear_error(tokenizer):
-    from refusal.assess import generate_completions
+    from refusal.completions import generate_completions
     from refusal.interventions import ablate
 
     with pytest.raises(RefusalError, match="unknown ablation form 'sideways'"):

@@ -9,7 +9,6 @@ report (report.json, report.md, report.html).
 from __future__ import annotations
 
 import time
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from .directions import Candidates, Direction
 from .errors import RefusalError
 from .evaluation import Condition, EvalSettings, cosine_matrix, evaluate, projections
 from .exported import ExportSwap
-from .generation import Engine, HFEngine
+from .generation import Engine
 from .given_run import export_direction, export_info, export_model, fresh_direction, run_model
 from .interventions import ABLATION_FORMS, ablate, add
 from .judges import REFUSAL_PHRASES, load_phrases
@@ -282,43 +281,3 @@ def evaluate_model(
     report["timings"] = {"evaluate": round(time.perf_counter() - begin, 2)}
     paths = write_report(report, out)
     return EvaluateResult(out, paths["html"], report)
-
-
-def generate_completions(
-    settings: Settings,
-    prompts: list[str],
-    max_new_tokens: int,
-    ablate_run: Path | None = None,
-    add_run: Path | None = None,
-    coeff: float = 1.0,
-    model_options: dict | None = None,
-    ablation_form: str = "writers",
-) -> list[str]:
-    """``refusal generate``: greedy completions, with a run's direction ablated (in ``ablation_form``) or added (hooks) if asked (the run's
-    model unless ``model_options``, the model options given on the command line, name the same one)."""
-    import math
-
-    if ablation_form not in ABLATION_FORMS:
-        raise RefusalError(f"unknown ablation form {ablation_form!r}; choose one of {', '.join(ABLATION_FORMS)}")
-    if not 1 <= max_new_tokens <= 4096:
-        raise RefusalError(f"--max-new-tokens must be between 1 and 4096 (got {max_new_tokens})")
-    if not math.isfinite(coeff):
-        raise RefusalError(f"--coeff must be a finite number (got {coeff})")
-    direction = None
-    if ablate_run or add_run:  # the run's model (or the same one), and its direction while fresh: before anything is loaded
-        run = RunDir.open(ablate_run or add_run)  # type: ignore[arg-type]
-        direction = fresh_direction(run, run_model(settings, run, model_options, "--ablate" if ablate_run else "--add"))
-    chat = load(settings)
-    if chat.max_positions is not None and max_new_tokens > chat.max_positions:
-        raise RefusalError(f"--max-new-tokens {max_new_tokens} is more than the model's context of {chat.max_positions} tokens")
-    chat.check_context(prompts, max_new_tokens)
-    if direction is not None and direction.vector.shape[-1] != chat.d_model:
-        raise RefusalError(
-            f"the direction of {ablate_run or add_run} has {direction.vector.shape[-1]} dimensions, the model {chat.d_model}; "
-            "give a run of this model"
-        )
-    context: AbstractContextManager = nullcontext()
-    if direction is not None:
-        context = ablate(chat, direction.vector, ablation_form) if ablate_run else add(chat, direction.vector, direction.layer, coeff)
-    with context:
-        return HFEngine(chat, 8).generate(prompts, max_new_tokens)

@@ -200,7 +200,7 @@ def cmd_export(args: argparse.Namespace) -> dict:
 
 
 def cmd_generate(args: argparse.Namespace) -> dict:
-    from .assess import generate_completions
+    from .completions import generate_completions
 
     ablation = {"ablate_run": args.ablate, "add_run": args.add, "coeff": args.coeff, "ablation_form": args.ablation_form}
     completions = generate_completions(from_args(args), args.prompt, args.max_new_tokens, model_options=given(args, "model"), **ablation)

@@ -12,6 +12,7 @@ model, prompts and settings) and otherwise recomputes it; data stays in memory w
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,19 +161,13 @@ def export(ctx: Context, edit: Edit, out: Path, source: str, overwrite: bool = F
         "datasets": ctx.prompts.summary(),
         "environment": environment(),
         **(extra or {}),
-        "run": _relative(ctx.run.path, Path(out)),
+        "run": os.path.relpath(ctx.run.path.resolve(), Path(out).resolve()),
     }
     info = export_model(ctx.chat, edit, out, metadata, overwrite=overwrite or inside)
     if inside:
         ctx.run.record("model", ctx.settings, inputs or {"edit": edit.describe()}, (source,))
     ctx.timed("export", start)
     return info
-
-
-def _relative(run_path: Path, out: Path) -> str:
-    import os
-
-    return os.path.relpath(run_path.resolve(), out.resolve())
 
 
 # ---- the search's artifacts, as the export reads them ---------------------------------------------
