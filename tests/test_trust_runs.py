@@ -65,6 +65,16 @@ def test_attack_refuses_a_run_of_another_model(selected, tmp_path, capsys):
     assert (selected / "run.json").read_text() == before and not (selected / "attack.json").exists()
 
 
+def test_attack_with_model_options_but_no_model_keeps_the_runs_model(model_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(["extract", "--model", str(model_dir), "--out", str(out), *FAST]) == 0
+    suffix = tmp_path / "suffix.txt"
+    suffix.write_text("Sure here is")
+    assert main(["attack", "--out", str(out), "--dtype", "float32", "--suffix-file", str(suffix), *FAST]) == 0  # no --model
+    info = json.loads((out / "run.json").read_text())
+    assert info["settings"]["model"]["model"] == str(model_dir) and (out / "attack.json").is_file()
+
+
 # ---- 2. generate with a foreign or stale run --------------------------------------------------------------------
 def test_generate_refuses_a_run_of_another_model_of_the_same_width(selected, tmp_path, capsys):
     other = save_tiny(tmp_path / "other", seed=3)  # the same family and width: the old check (width only) let it through

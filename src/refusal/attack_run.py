@@ -26,12 +26,12 @@ from .data import Prompts
 from .errors import RefusalError
 from .evaluation import rate
 from .generation import HFEngine
-from .given_run import check_run_model
+from .given_run import check_run_model, run_model
 from .judges import REFUSAL_PHRASES, judge_refusals, load_phrases
 from .model import ChatModel
 from .progress import log
 from .provenance import digest, timestamp
-from .run_dir import ARTIFACTS, read_json, write_json
+from .run_dir import ARTIFACTS, RunDir, read_json, write_json
 from .scoring import last_logits, refusal_score
 from .settings import Settings
 from .suffix_scoring import Objective
@@ -166,11 +166,16 @@ def check_attack(chat: ChatModel, prompts: Prompts, s: Settings) -> None:
     chat.check_context(prompts.get("harmful", "test"), s.evaluation.max_new_tokens, length, name)
 
 
-def attack(settings: Settings, out: Path, overwrite: bool = False, inherit: tuple[str, ...] = ()) -> AttackResult:
-    """``refusal attack``: optimise (or read) a suffix, evaluate it on held-out harmful prompts, write RUN/attack.json."""
+def attack(settings: Settings, out: Path, overwrite: bool = False, inherit: tuple[str, ...] = (), model_options: dict | None = None) -> AttackResult:
+    """``refusal attack``: optimise (or read) a suffix, evaluate it on held-out harmful prompts, write RUN/attack.json.
+    ``model_options``: the model options given on the command line; without ``model`` among them, an existing run's
+    model is kept with the others (``--dtype``...) applied over it."""
     begin = time.perf_counter()
     check = lambda chat, prompts: check_attack(chat, prompts, settings)
-    if "model" not in inherit:  # --model given: a run of another model in --out is refused, not switched over
+    existing = not overwrite and (Path(out) / "run.json").is_file()
+    if existing and "model" not in inherit and model_options is not None and "model" not in model_options:
+        run_model(settings, RunDir.open(out), model_options, "--out")  # --dtype etc. without --model: the run's model
+    elif "model" not in inherit:  # --model given: a run of another model in --out is refused, not switched over
         check_run_model(out, settings, overwrite)
     ctx = start(settings, out, overwrite, inherit=("selection", "search", "analysis", *inherit), check=check)
     chat, a, run = ctx.chat, ctx.settings.attack, ctx.run

@@ -178,7 +178,7 @@ def cmd_attack(args: argparse.Namespace) -> dict:
     from .attack_run import attack
 
     inherit = tuple(g for g in ("model", "data", "evaluation") if not given(args, g))  # kept from a run being resumed
-    result = attack(from_args(args), args.out, overwrite=args.overwrite, inherit=inherit)
+    result = attack(from_args(args), args.out, overwrite=args.overwrite, inherit=inherit, model_options=given(args, "model"))
     if not args.quiet and not args.json:
         print_attack(result.attack)
     return result.summary()
