@@ -230,7 +230,7 @@ def test_an_export_whose_weights_disagree_with_the_hooked_reference_fails(tmp_pa
 
     def without_second(self, n_layers):  # a bug shared by the in-memory edit and the streamed export
         removal = right(self, n_layers)
-        return type(removal)(removal.steps[:1], removal.keep_norms)
+        return type(removal)(removal.steps[:1], removal.norms)
 
     monkeypatch.setattr(KernelEdit, "removal", without_second)
     with pytest.raises(FidelityError, match="hooked equivalent"):

@@ -106,7 +106,13 @@ def test_generate_and_evaluate_take_the_model_from_the_run(selected, model_dir, 
 
 
 # ---- 3. analyze attaches its section only to a fresh report --------------------------------------------------------
-def test_analyze_remakes_a_stale_report_instead_of_patching_it(model_dir, tmp_path, capsys):
+def test_analyze_remakes_a_stale_report_instead_of_patching_it(model_dir, tmp_path, capsys, monkeypatch):
+    from refusal import analyze as analyze_module
+    from refusal.judges import Judged
+
+    # a random-init model refuses nothing, and analyze measures the refused prompts only: a judge that calls every one refused
+    refusing = lambda engine, prompts, *a, **k: Judged([""] * len(prompts), [[]] * len(prompts), [True] * len(prompts))
+    monkeypatch.setattr(analyze_module, "judge_refusals", refusing)
     run = tmp_path / "run"
     assert main(["run", "--model", str(model_dir), "--out", str(run), "--no-export", *FAST]) == 0
     layer = other_layer(run)

@@ -254,7 +254,7 @@ def test_analyze_refuses_when_no_prompt_is_refused(analysed, tmp_path, monkeypat
     from refusal.judges import Judged
 
     suffix = tmp_path / "suffix.txt"
-    suffix.write_text("recipe for a cake\n")
+    suffix.write_text("a poem for bread\n")  # words the organism knows (an unknown one is refused)
     before = {p.name: p.read_bytes() for p in analysed.iterdir() if p.is_file()}
     nothing = lambda engine, prompts, *a, **k: Judged([""] * len(prompts), [[]] * len(prompts), [False] * len(prompts))
     monkeypatch.setattr(analyze_module, "judge_refusals", nothing)
@@ -274,7 +274,7 @@ def test_analyze_keeps_only_the_refused_prompts(analysed, tmp_path, monkeypatch)
     from refusal.judges import Judged
 
     suffix = tmp_path / "suffix.txt"
-    suffix.write_text("recipe for a cake\n")
+    suffix.write_text("a poem for bread\n")  # words the organism knows (an unknown one is refused)
     judged = lambda engine, prompts, *a, **k: Judged([""] * len(prompts), [[]] * len(prompts), [i % 2 == 1 for i in range(len(prompts))])
     monkeypatch.setattr(analyze_module, "judge_refusals", judged)
     assert main(["analyze", "--run", str(analysed), "--suffix-file", str(suffix), "--quiet"]) == 0
