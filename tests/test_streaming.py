@@ -5,6 +5,7 @@ import torch
 from safetensors import safe_open
 
 import refusal.streaming as streaming
+import refusal.tensor_edit as tensor_edit
 from conftest import FAMILIES, build_model, build_tokenizer
 from conftest import checkpoint_tensors as tensors
 from refusal.edits import EditParams, Kernel, KernelEdit, Orthogonalization, edited
@@ -138,12 +139,13 @@ def test_file_workers_keep_the_tensors_held_at_once_within_the_bound(tmp_path, m
 
 
 def test_blocks_give_the_whole_matrix_edit(monkeypatch):
-    monkeypatch.setattr(streaming, "BLOCK_BYTES", 4 * 32 * 3)  # 3 vectors per block
+    monkeypatch.setattr(tensor_edit, "BLOCK_BYTES", 4 * 32 * 3)  # 3 vectors per block
     u = torch.nn.functional.normalize(torch.randn(32), dim=0)
     for rows, shape in ((True, (50, 32)), (False, (32, 50))):
         weight = torch.randn(shape)
         whole = weight - 0.6 * (torch.outer(weight @ u, u) if rows else torch.outer(u, u @ weight))
         blocked = weight.clone()
+        assert len(TensorEdit("w", ((u, 0.6),), rows)._blocks(blocked)) > 1  # the patch reaches the blocks
         residual = TensorEdit("w", ((u, 0.6),), rows).apply(blocked)
         assert torch.allclose(blocked, whole, atol=1e-5) and residual <= 1
 

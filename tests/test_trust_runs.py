@@ -126,6 +126,24 @@ def test_analyze_remakes_a_stale_report_instead_of_patching_it(model_dir, tmp_pa
     assert report["selection"]["chosen"]["layer"] == layer
 
 
+def test_a_remade_report_keeps_the_runs_export(model_dir, tmp_path, monkeypatch):
+    from refusal import analyze as analyze_module
+    from refusal.judges import Judged
+
+    refusing = lambda engine, prompts, *a, **k: Judged([""] * len(prompts), [[]] * len(prompts), [True] * len(prompts))
+    monkeypatch.setattr(analyze_module, "judge_refusals", refusing)
+    run = tmp_path / "run"
+    assert main(["run", "--model", str(model_dir), "--out", str(run), *FAST]) == 0
+    info = json.loads((run / "run.json").read_text())
+    info["artifacts"]["report"]["fingerprint"] = "stale"  # the report no longer matches what it was made from
+    (run / "run.json").write_text(json.dumps(info))
+    suffix = tmp_path / "suffix.txt"
+    suffix.write_text("Sure here is")
+    assert main(["analyze", "--run", str(run), "--suffix-file", str(suffix), "--analysis-prompts", "2", "--quiet"]) == 0
+    report = json.loads((run / "report" / "report.json").read_text())
+    assert "edited" in [c["name"] for c in report["conditions"]] and report["mechanisms"] is not None  # remade whole: the export kept
+
+
 # ---- 4 and 5. evaluate --edited: the export's source model, its run's direction only while it is the export's ------------------
 def exported_run(model_dir, tmp_path):
     run = tmp_path / "run"

@@ -30,6 +30,7 @@ from .activations import mean_activations
 from .assess import evaluate_run, fresh_report
 from .attack_run import CONDITIONS, fresh_attack
 from .directions import Candidates, Direction, compute_candidates
+from .edits import Orthogonalization
 from .errors import RefusalError
 from .generation import HFEngine
 from .judges import REFUSAL_PHRASES, judge_refusals, load_phrases
@@ -274,7 +275,8 @@ def analyze(path: Path, options: dict) -> AnalyzeResult:
     if report is not None:
         report["mechanisms"] = mechanisms
         write_report(report, run.file("report"))
-    else:
-        evaluate_run(ctx, cands, chosen, direction, edited=False)
+    else:  # with the run's export while it is made from this direction, as `refusal run` reports it
+        exported = run.fresh("model", ctx.settings, {"edit": Orthogonalization(direction.vector).describe()}, ("selection",))
+        evaluate_run(ctx, cands, chosen, direction, edited=exported)
     ctx.timed("analyze_total", begin)
     return AnalyzeResult(ctx.run.path, mechanisms, ctx.run.info.get("timings", {}))

@@ -277,7 +277,7 @@ def evaluate_model(
             extra["selection"] = {"chosen": selection["chosen"], "candidates": selection["candidates"]}
             extra["cosine"] = cosine_matrix(Candidates.load(run.file("candidates")), direction.position)
     report = build_report(settings, chat, record, conditions, prompts, direction, safety=safety, extra=extra)
-    report["settings"]["run_direction"] = note or (str(source_run or edited) if direction is not None else None)
+    report["settings"]["run_direction"] = note or (str(direction_run) if direction_run is not None else None)  # the run it came from, or why none
     report["timings"] = {"evaluate": round(time.perf_counter() - begin, 2)}
     paths = write_report(report, out)
     return EvaluateResult(out, paths["html"], report)

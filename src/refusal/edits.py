@@ -211,6 +211,7 @@ class KernelEdit:
         self.form, self.norms = variant_parts(params.variant)
         if self.form == "biprojected_targets" and means is None:
             raise RefusalError(f"the {params.variant} edit needs the harmless mean of every layer; build it with KernelEdit.from_candidates")
+        self.means = means if self.form == "biprojected_targets" else None
         self.targets = target_units(unit, means) if self.form == "biprojected_targets" and means is not None else None
 
     @classmethod
@@ -245,8 +246,10 @@ class KernelEdit:
         if self.norms != "none":
             return None
         per_layer = {"attn": self.params.attn.strengths(chat.n_layers), "mlp": self.params.mlp.strengths(chat.n_layers)}
-        targets = self.targets
-        unit = self.unit if targets is None else lambda w: targets[w.layer]  # biprojected_targets: one unit per target layer
+        unit: torch.Tensor | Callable[[Writer], torch.Tensor] = self.unit
+        if self.means is not None:  # biprojected_targets: the unit made orthogonal to each target layer's harmless mean, here again
+            u, means = self.unit.double(), self.means.double()
+            unit = lambda w: (u - (u @ means[w.layer]) * means[w.layer] / means[w.layer].square().sum().clamp_min(1e-24)).float()
         steps: list = [(unit, lambda w: per_layer["attn"][0] if w.component == "embed" else per_layer[w.component][w.layer])]
         if self.second is not None and self.params.second is not None:
             steps.append((self.second, lambda w, s=float(self.params.second["strength"]): s))

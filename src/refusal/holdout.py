@@ -40,10 +40,10 @@ def load_holdout(log: Path, reader: str, commit: str) -> dict[str, list[str]]:
     ``reader`` is appended to ``log``: the explicit opt-in of the one run allowed to read them."""
     if not reader.strip() or not commit.strip():
         raise RefusalError("reading the held-out set needs a reader and a commit to log; only the final benchmark run reads it")
-    data = {kind: holdout_bytes(kind) for kind in KINDS}
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     hashes = ", ".join(f"{kind} {HOLDOUT_SHA256[kind][:12]}" for kind in KINDS)
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a", encoding="utf-8") as f:
         f.write(("" if log.stat().st_size else LOG_HEADER) + f"- {when}: commit {commit}, read by {reader} ({hashes})\n")
+    data = {kind: holdout_bytes(kind) for kind in KINDS}  # read (and checked against the pinned sha256) only once logged
     return {kind: [json.loads(line)["instruction"] for line in data[kind].decode("utf-8").splitlines() if line.strip()] for kind in KINDS}

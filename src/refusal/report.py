@@ -246,7 +246,8 @@ def render_markdown(report: dict, samples_per_kind: int = 2, max_chars: int = 16
         suffix = (m.get("suffix") or {}).get("text", "").replace("`", "'")
         lines += ["", "## Mechanisms (refusal analyze)", "", f"Suffix: `{suffix}`", "", _md(refused_sentence(m))]
         for header, rows in mechanisms_tables(m, _plain, _md).values():
-            lines += ["", *_md_table(header, rows)]
+            if rows:  # a table with no rows (e.g. no attack rates for a suffix from a file) is left out
+                lines += ["", *_md_table(header, rows)]
     if timings := report.get("timings"):
         rows = [[_md(k), _plain(f"timings.{k}", v)] for k, v in timings.items()]
         lines += ["", "## Timings", "", *_md_table(["stage", "seconds"], rows)]

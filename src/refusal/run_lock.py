@@ -21,7 +21,7 @@ _held: dict[Path, int] = {}  # run directory -> the open lock file's descriptor,
 
 def lock_run(path: Path) -> None:
     """Hold the exclusive lock on run directory ``path`` (made if missing) until this process exits."""
-    key = Path(path).absolute()
+    key = Path(path).resolve()  # one key per directory, however it is reached (symlinks, "..")
     if key in _held:
         return
     try:

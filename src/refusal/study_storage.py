@@ -80,10 +80,10 @@ def check_database(storage: str) -> None:
     """Open ``--storage`` read-only before any work: an existing SQLite file must be a database, any other server reachable."""
     import sqlite3
 
+    check_url(storage)  # first: without optuna (the search extra) this is the one-line "install refusal[search]"
     from sqlalchemy import create_engine
     from sqlalchemy.engine import make_url
 
-    check_url(storage)
     url = make_url(storage)
     try:
         if url.get_backend_name() == "sqlite":
