@@ -11,6 +11,7 @@ from refusal.errors import RefusalError
 from refusal.settings import SearchSettings
 
 
+@pytest.mark.slow  # two worker processes, each importing torch and loading the organism (12-28 s); CI runs it
 def test_two_workers_finish_the_requested_trials_of_one_sqlite_study(organism_dir, tmp_path):
     import optuna
 
