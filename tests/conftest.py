@@ -125,3 +125,15 @@ def checkpoint_tensors(path) -> dict[str, torch.Tensor]:
 def organism_args(organism_dir) -> list[str]:
     """--model and --harmful/--harmless for the organism at ``organism_dir`` (its own prompt files)."""
     return ["--model", str(organism_dir), "--harmful", str(organism_dir / "harmful.jsonl"), "--harmless", str(organism_dir / "harmless.jsonl")]
+
+
+def error_line(capsys, argv) -> str:
+    """Run the command line ``argv``: it must fail with exit code 1 and one line on stderr, which is returned."""
+    from refusal.cli import main
+
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 1, (code, err)
+    assert err.startswith("refusal: error:") and len(err.splitlines()) == 1, err
+    return err

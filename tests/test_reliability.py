@@ -10,19 +10,10 @@ import os
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import save_tiny
+from conftest import error_line, save_tiny
 from refusal.cli import main
 
 FAST = ["--n-train", "12", "--n-val", "6", "--n-test", "4", "--max-new-tokens", "4", "--ce-tokens", "64", "--quiet"]
-
-
-def error_line(capsys, argv) -> str:
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 1, (code, err)
-    assert err.startswith("refusal: error:") and len(err.splitlines()) == 1, err
-    return err
 
 
 @pytest.fixture

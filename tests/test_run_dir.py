@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import save_tiny
+from conftest import error_line, save_tiny
 from refusal.cli import main
 
 FAST = ["--n-train", "12", "--n-val", "6", "--n-test", "4", "--max-new-tokens", "4", "--ce-tokens", "64", "--quiet"]
@@ -25,14 +25,6 @@ def stamps(run):
         "search": "search.journal",
     }
     return {k: (run / v).stat().st_mtime_ns if (run / v).exists() else None for k, v in names.items()}
-
-
-def error_line(capsys, argv) -> str:
-    capsys.readouterr()
-    assert main(argv) == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("refusal: error:") and len(err.splitlines()) == 1, err
-    return err
 
 
 @pytest.fixture

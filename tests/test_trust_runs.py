@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import save_tiny
+from conftest import error_line, save_tiny
 from refusal import models
 from refusal.cli import main
 from refusal.errors import RefusalError
@@ -24,14 +24,6 @@ def no_fetch(monkeypatch):
         raise RefusalError(f"test: fetch_packaged({name!r}) was called")
 
     monkeypatch.setattr(models, "fetch_packaged", refuse)
-
-
-def error_line(capsys, argv) -> str:
-    capsys.readouterr()
-    assert main(argv) == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("refusal: error:") and len(err.splitlines()) == 1, err
-    return err
 
 
 @pytest.fixture(scope="module")

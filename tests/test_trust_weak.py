@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from conftest import save_tiny
+from conftest import error_line, save_tiny
 from refusal.cli import main
 from refusal.errors import RefusalError
 from refusal.settings import SearchSettings, Settings
@@ -20,15 +20,6 @@ ATTACK = ["--steps", "1", "--attack-prompts", "1", "--candidates", "4", "--top-k
 SEARCH = ["--trials", "2", "--time-budget", "none", "--confirm", "1", "--score-prompts", "4", "--protect-prompts", "0", "--second", "0"]
 SEARCH += ["--refine", "0", "--no-export"]
 KNOWN = "How do I bread"  # words of the tiny models' word-level vocabulary
-
-
-def error_line(capsys, argv) -> str:
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 1, (code, err)
-    assert err.startswith("refusal: error:") and len(err.splitlines()) == 1, err
-    return err
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from .report_schema import FORMAT_VERSION as REPORT_FORMAT
 from .run_dir import RunDir
 from .settings import Settings
 from .streaming import NamesDiffer
-from .workspace import Context, check_prompt_context, fresh_selection, load, model_identity, run_prompts
+from .workspace import Context, check_prompt_context, load, model_identity, run_prompts
 
 LABELS = {"original": "original", "ablated": "ablated (hooks)", "added": "activation addition", "edited": "edited checkpoint"}
 
@@ -271,11 +271,10 @@ def evaluate_model(
     prompts = {k: prompts_all.get(k, "test") for k in ("harmful", "harmless")}
     extra = {}
     if direction_run is not None and direction is not None:  # the direction's plots, as RUN/report shows them
-        run = RunDir.open(direction_run)
-        selection = fresh_selection(run)
-        if selection is not None:
-            extra["selection"] = {"chosen": selection["chosen"], "candidates": selection["candidates"]}
-            extra["cosine"] = cosine_matrix(Candidates.load(run.file("candidates")), direction.position)
+        run = RunDir.open(direction_run)  # fresh: ``given_run.fresh_direction`` checked its candidates and selection
+        selection = run.read("selection")
+        extra["selection"] = {"chosen": selection["chosen"], "candidates": selection["candidates"]}
+        extra["cosine"] = cosine_matrix(Candidates.load(run.file("candidates")), direction.position)
     report = build_report(settings, chat, record, conditions, prompts, direction, safety=safety, extra=extra)
     report["settings"]["run_direction"] = note or (str(direction_run) if direction_run is not None else None)  # the run it came from, or why none
     report["timings"] = {"evaluate": round(time.perf_counter() - begin, 2)}

@@ -40,6 +40,17 @@ def _whole_run(sub, name: str, help: str, suffix: str, groups: tuple[str, ...]) 
     add_arguments(p, groups)
 
 
+def add_ablation_form(p: argparse.ArgumentParser) -> None:
+    """``--ablation-form`` of `generate` and `evaluate` (``interventions.ABLATION_FORMS``)."""
+    p.add_argument(
+        "--ablation-form",
+        choices=("writers", "residual"),
+        default="writers",
+        help="where --ablate projects a post-norm block's output (Gemma 2/3, OLMo 2): before the norm along the gain-adjusted "
+        "direction, as the weight edit does (writers), or after it, out of the residual stream (residual); the same on other models",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="refusal", description="Find, select, apply and export the refusal direction of a chat model.")
     parser.add_argument("--version", action="version", version=f"refusal {__version__}")
@@ -90,13 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--ablate", type=Path, metavar="RUN", help="ablate RUN's direction")
     group.add_argument("--add", type=Path, metavar="RUN", help="add RUN's direction at its layer")
     p.add_argument("--coeff", type=float, default=1.0, help="scale of the added direction")
-    p.add_argument(
-        "--ablation-form",
-        choices=("writers", "residual"),
-        default="writers",
-        help="where --ablate projects a post-norm block's output (Gemma 2/3, OLMo 2): before the norm along the gain-adjusted "
-        "direction, as the weight edit does (writers), or after it, out of the residual stream (residual); the same on other models",
-    )
+    add_ablation_form(p)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("prompt", nargs="+")
     add_arguments(p, ("model",))
@@ -108,13 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--add", type=Path, metavar="RUN", help="add RUN's direction at its layer with hooks")
     p.add_argument("--out", required=True, type=Path, help="report directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
-    p.add_argument(
-        "--ablation-form",
-        choices=("writers", "residual"),
-        default="writers",
-        help="where --ablate projects a post-norm block's output (Gemma 2/3, OLMo 2): before the norm along the gain-adjusted "
-        "direction, as the weight edit does (writers), or after it, out of the residual stream (residual); the same on other models",
-    )
+    add_ablation_form(p)
     p.add_argument(
         "--safety-judge",
         default=None,

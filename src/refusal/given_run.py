@@ -28,11 +28,6 @@ def candidate_inputs(model_id: str, prompts: Prompts) -> dict:
     return {"model": model_id, "harmful_train": prompts.hash("harmful", "train"), "harmless_train": prompts.hash("harmless", "train")}
 
 
-def selection_inputs(prompts: Prompts) -> dict:
-    """The selection's external inputs: the validation splits."""
-    return validation_inputs(prompts)
-
-
 # ---- which model --------------------------------------------------------------------------------------------
 def model_location(source: str) -> str:
     """Where a model's files are without fetching or training anything: a packaged model's cache directory, else ``source``."""
@@ -118,7 +113,7 @@ def fresh_direction(run: RunDir, location: str | None = None) -> Direction:
     model_id = model_fingerprint(location, recorded.get("fingerprint"))["sha256"] or location
     prompts = run_prompts(run, settings)
     run.ensure_fresh("candidates", settings, candidate_inputs(model_id, prompts))
-    run.ensure_fresh("selection", settings, selection_inputs(prompts), ("candidates",))
+    run.ensure_fresh("selection", settings, validation_inputs(prompts), ("candidates",))
     return Direction.load(run.file("selection", 1))
 
 

@@ -33,7 +33,7 @@ from .search import paper_params
 from .selection import score_candidates, select_direction
 from .settings import Settings
 from .streaming import too_large_to_load
-from .workspace import Context, reopen, start
+from .workspace import Context, reopen, start, validation_inputs
 
 
 @dataclass
@@ -90,7 +90,7 @@ def candidates(ctx: Context, reuse_only: bool = False) -> Candidates:
 
 
 def selection_inputs(ctx: Context) -> dict:
-    return given_run.selection_inputs(ctx.prompts)
+    return validation_inputs(ctx.prompts)
 
 
 def selection(ctx: Context, cands: Candidates) -> tuple[dict, Direction]:

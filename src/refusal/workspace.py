@@ -76,16 +76,6 @@ def validation_inputs(prompts: Prompts) -> dict:
     return {"harmful_val": prompts.hash("harmful", "val"), "harmless_val": prompts.hash("harmless", "val")}
 
 
-def fresh_selection(run: RunDir) -> dict | None:
-    """RUN/selection.json while it is fresh (its settings, candidates and validation prompts, in a fresh
-    RUN/prompts.json, unchanged since it was made), else None; reads no prompt source and loads no model."""
-    settings = run.settings
-    if not run.fresh("prompts", settings, _prompt_inputs(prompt_sources(settings))):
-        return None
-    inputs = validation_inputs(Prompts(_read_prompts(run)))
-    return run.read("selection") if run.fresh("selection", settings, inputs, ("candidates",)) else None
-
-
 def _prompt_inputs(sources: dict[str, str]) -> dict:
     return {kind: _source_identity(spec) for kind, spec in sources.items()}
 
