@@ -21,12 +21,12 @@ import re
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from refusal.activations import mean_activations
-from refusal.data import load_builtin, load_prompts
-from refusal.interventions import ablate
-from refusal.model import ChatModel, wrap_model
-from refusal.organism import build_tokenizer
-from refusal.scoring import kl_divergence
+from refusal.data.prompt_sets import load_builtin, load_prompts
+from refusal.model.chat import ChatModel, wrap_model
+from refusal.model.organism import build_tokenizer
+from refusal.residual.activations import mean_activations
+from refusal.residual.interventions import ablate
+from refusal.residual.scoring import kl_divergence
 
 FAMILIES = ("gemma2", "gemma3_text", "olmo2", "llama")
 
@@ -81,7 +81,7 @@ def main() -> None:
     harmful, harmless = load_builtin("harmful")[:64], load_builtin("harmless")[:64]
     models = [(family, tiny(family, tokenizer), harmful, harmless) for family in FAMILIES]
     if args.organism:
-        from refusal.models import load_model, packaged_prompts
+        from refusal.model.packaged import load_model, packaged_prompts
 
         chat = load_model("organism", device="cpu")
         files = packaged_prompts("organism") or {}

@@ -18,10 +18,10 @@ import json
 from pathlib import Path
 
 from _stages import Stages
-from refusal.analyze import analyze
-from refusal.attack_run import attack
-from refusal.parsing import duration, int_list
-from refusal.pipeline import run
+from refusal.commands.analyze import analyze
+from refusal.commands.attack import attack
+from refusal.commands.run import run
+from refusal.common.parsing import duration, int_list
 from refusal.settings import Settings
 
 

@@ -17,11 +17,11 @@ import time
 
 import torch
 
-from refusal.data import load_builtin
-from refusal.generation import HFEngine
-from refusal.judges import is_refusal
-from refusal.models import load_model
-from refusal.progress import set_quiet
+from refusal.common.progress import set_quiet
+from refusal.data.prompt_sets import load_builtin
+from refusal.engines.hf import HFEngine
+from refusal.measure.judges import is_refusal
+from refusal.model.packaged import load_model
 
 
 def plain_generate(chat, groups: list[list[str]], max_new_tokens: int) -> tuple[int, float]:

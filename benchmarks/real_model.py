@@ -19,18 +19,18 @@ from pathlib import Path
 import torch
 
 from _stages import Stages, peak_rss_gb
-from refusal.assess import evaluate_run
-from refusal.cli import join_negative_lists
-from refusal.edits import Orthogonalization
-from refusal.generation import generate
-from refusal.interventions import ablate, add
-from refusal.judges import refusal_rate
-from refusal.parsing import int_list
-from refusal.pipeline import candidates, export, selection
-from refusal.progress import set_quiet
+from refusal.cli.main import join_negative_lists
+from refusal.commands.evaluate import evaluate_run
+from refusal.commands.run import candidates, export, selection
+from refusal.common.parsing import int_list
+from refusal.common.progress import set_quiet
+from refusal.edit.edits import Orthogonalization
+from refusal.engines.hf import generate
+from refusal.measure.judges import refusal_rate
+from refusal.measure.stats import format_rate
+from refusal.residual.interventions import ablate, add
+from refusal.run.workspace import start
 from refusal.settings import Settings
-from refusal.stats import format_rate
-from refusal.workspace import start
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
 
 Builds a random-init checkpoint from ``--config`` (a transformers config.json, e.g. the default
 model's or a 7B-class one) with the tokenizer of ``--tokenizer``, saved in shards of
-``--shard-size``, so no hub access is needed; then loads it with ``refusal.loading.load_checkpoint``
+``--shard-size``, so no hub access is needed; then loads it with ``refusal.model.loading.load_checkpoint``
 and times, on the built-in prompts:
 
 - extract: residual means over every layer for --n-extract harmful + harmless prompts (prompt tokens/s);
@@ -12,7 +12,7 @@ and times, on the built-in prompts:
   teacher-forced scoring of --n-score + --n-score prompts, revert);
 - generate: greedy generation of --n-generate prompts, --new-tokens tokens each (random weights never
   emit EOS early, so every sequence runs to the limit; new tokens/s);
-- export: ``refusal.export.export_model`` of the paper's edit, fidelity check included (seconds,
+- export: ``refusal.checkpoint.export.export_model`` of the paper's edit, fidelity check included (seconds,
   peak RSS, peak GPU memory).
 
 Random weights make the refusal numbers meaningless; only times and memory are read. Not a test.
@@ -30,15 +30,15 @@ from pathlib import Path
 import torch
 
 from _stages import Stages, peak_rss_gb
-from refusal.activations import mean_activations
-from refusal.data import load_builtin
-from refusal.edits import Editor, EditParams, Kernel, KernelEdit, Orthogonalization
+from refusal.checkpoint.export import export_model
+from refusal.common.progress import set_quiet
+from refusal.data.prompt_sets import load_builtin
+from refusal.edit.edits import Editor, EditParams, Kernel, KernelEdit, Orthogonalization
+from refusal.engines.hf import HFEngine
 from refusal.errors import FidelityError
-from refusal.export import export_model
-from refusal.generation import HFEngine
-from refusal.loading import load_checkpoint
-from refusal.progress import set_quiet
-from refusal.search import Objectives
+from refusal.model.loading import load_checkpoint
+from refusal.residual.activations import mean_activations
+from refusal.search.trials import Objectives
 from refusal.settings import SearchSettings
 
 
@@ -67,8 +67,8 @@ def diagnose_fidelity(chat, unit: torch.Tensor, exported: Path, figures: dict) -
     """Max |Δlogit| between the export, the hooked ablation in the model's dtype, and both in float32."""
     from transformers import AutoModelForCausalLM
 
-    from refusal.export import FIDELITY_PROMPTS
-    from refusal.interventions import ablate
+    from refusal.checkpoint.export import FIDELITY_PROMPTS
+    from refusal.residual.interventions import ablate
 
     batch = chat.batch(list(FIDELITY_PROMPTS))
     mask = batch["attention_mask"].bool()

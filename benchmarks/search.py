@@ -19,7 +19,7 @@ Stages, in one process on one loaded model:
 Prints wall time and peak RSS per stage. Not a test: it only measures.
 
 ``--holdout`` (the final benchmark run only) adds stage 6: the same conditions on the fresh held-out set
-(``refusal.holdout``: 72 + 72 prompts written after the test split had been read while choosing defaults);
+(``refusal.data.holdout``: 72 + 72 prompts written after the test split had been read while choosing defaults);
 the read is logged first, with the date and the commit, in docs/bench/holdout-reads.md and in the output.
 ``--no-kernel`` leaves out stage 3 and ``--no-paper`` the paper's edit on the test split (their figures from an
 earlier run stand in; docs/bench).
@@ -39,22 +39,22 @@ from pathlib import Path
 import torch
 
 from _stages import Stages, peak_rss_gb
-from refusal.choice import confirm_point
-from refusal.cli import join_negative_lists
-from refusal.data import load_capability, load_corpus
-from refusal.edits import Editor, EditParams, KernelEdit, Orthogonalization
-from refusal.evaluation import Condition, EvalSettings, evaluate
-from refusal.generation import HFEngine
-from refusal.holdout import load_holdout
-from refusal.judges import REFUSAL_PHRASES
-from refusal.parsing import duration, int_list
-from refusal.pipeline import candidate_inputs, candidates, protection, selection, selection_inputs
-from refusal.printing import confirmed_counts
-from refusal.progress import set_quiet
-from refusal.search_run import study
+from refusal.cli.main import join_negative_lists
+from refusal.cli.printing import confirmed_counts
+from refusal.commands.run import candidate_inputs, candidates, protection, selection, selection_inputs
+from refusal.commands.search import study
+from refusal.common.parsing import duration, int_list
+from refusal.common.progress import set_quiet
+from refusal.data.holdout import load_holdout
+from refusal.data.prompt_sets import load_capability, load_corpus
+from refusal.edit.edits import Editor, EditParams, KernelEdit, Orthogonalization
+from refusal.engines.hf import HFEngine
+from refusal.measure.evaluation import Condition, EvalSettings, evaluate
+from refusal.measure.judges import REFUSAL_PHRASES
+from refusal.measure.stats import format_rate
+from refusal.run.workspace import start
+from refusal.search.choice import confirm_point
 from refusal.settings import Settings
-from refusal.stats import format_rate
-from refusal.workspace import start
 
 
 def print_front(name: str, result: dict) -> None:
@@ -105,7 +105,7 @@ def commit() -> str:
 
 
 def evaluate_holdout(conditions: list[Condition], settings: Settings) -> dict:
-    """Stage 6 (``--holdout``): the conditions on the fresh held-out set, read once here and logged (refusal.holdout)."""
+    """Stage 6 (``--holdout``): the conditions on the fresh held-out set, read once here and logged (refusal.data.holdout)."""
     version = commit()
     prompts = load_holdout(HOLDOUT_LOG, "benchmarks/search.py --holdout", version)
     e = settings.evaluation

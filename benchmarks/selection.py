@@ -21,16 +21,16 @@ from pathlib import Path
 import torch
 
 from _stages import Stages
-from refusal.activations import mean_activations
-from refusal.cli import join_negative_lists
-from refusal.data import load_builtin
-from refusal.directions import Candidates, compute_candidates
-from refusal.interventions import ablate, add
-from refusal.models import load_model
-from refusal.parsing import int_list
-from refusal.progress import set_quiet
-from refusal.scoring import kl_divergence, last_logits, prepare_batches, refusal_score
-from refusal.selection import score_candidates
+from refusal.cli.main import join_negative_lists
+from refusal.common.parsing import int_list
+from refusal.common.progress import set_quiet
+from refusal.data.prompt_sets import load_builtin
+from refusal.direction.selection import score_candidates
+from refusal.model.packaged import load_model
+from refusal.residual.activations import mean_activations
+from refusal.residual.directions import Candidates, compute_candidates
+from refusal.residual.interventions import ablate, add
+from refusal.residual.scoring import kl_divergence, last_logits, prepare_batches, refusal_score
 from refusal.settings import SelectionSettings
 
 

@@ -9,10 +9,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
-from refusal.data import load_builtin
-from refusal.model import ChatModel, wrap_model
-from refusal.organism import CHAT_TEMPLATE as CHATML
-from refusal.organism import build_tokenizer as build_word_tokenizer
+from refusal.data.prompt_sets import load_builtin
+from refusal.model.chat import ChatModel, wrap_model
+from refusal.model.organism import CHAT_TEMPLATE as CHATML
+from refusal.model.organism import build_tokenizer as build_word_tokenizer
 
 hf_logging.disable_progress_bar()  # keep captured stderr to what refusal prints
 
@@ -88,8 +88,8 @@ def llama_chat(tokenizer) -> ChatModel:
 
 @pytest.fixture(scope="session")
 def organism_dir():
-    """The trained model organism (refusal.organism): trained once per machine (~40 s), then cached."""
-    from refusal.organism import build_organism
+    """The trained model organism (refusal.model.organism): trained once per machine (~40 s), then cached."""
+    from refusal.model.organism import build_organism
 
     return build_organism(log=lambda *a: None)
 
@@ -97,8 +97,8 @@ def organism_dir():
 @pytest.fixture(scope="session")
 def robust_organism_dir():
     """The organism trained to ignore random trailing words (``--model organism-robust``): the attack's model organism."""
-    from refusal.models import ORGANISMS
-    from refusal.organism import build_organism
+    from refusal.model.organism import build_organism
+    from refusal.model.packaged import ORGANISMS
 
     return build_organism(ORGANISMS["organism-robust"][0], log=lambda *a: None)
 
@@ -129,7 +129,7 @@ def organism_args(organism_dir) -> list[str]:
 
 def error_line(capsys, argv) -> str:
     """Run the command line ``argv``: it must fail with exit code 1 and one line on stderr, which is returned."""
-    from refusal.cli import main
+    from refusal.cli.main import main
 
     capsys.readouterr()
     code = main(argv)

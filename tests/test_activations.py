@@ -1,7 +1,7 @@
 import torch
 
-from refusal.activations import collect_activations, mean_activations
-from refusal.data import load_builtin
+from refusal.data.prompt_sets import load_builtin
+from refusal.residual.activations import collect_activations, mean_activations
 
 PROMPTS = load_builtin("harmless", "val")[:7]
 

@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import build_model
-from refusal.attack import AttackState, optimize_suffix, relaxed_loss, roundtrip_ok, sample_candidates, suffix_gradient
-from refusal.data import load_builtin
+from refusal.attack.gcg import AttackState, optimize_suffix, relaxed_loss, roundtrip_ok, sample_candidates, suffix_gradient
+from refusal.attack.suffix_scoring import CandidateScorer, Objective
+from refusal.data.prompt_sets import load_builtin
+from refusal.data.suffixes import SuffixedPrompt, allowed_tokens, random_suffix, split_prompt
 from refusal.errors import RefusalError
-from refusal.judges import is_refusal
-from refusal.model import ChatModel, wrap_model
-from refusal.scoring import refusal_score
-from refusal.suffix_scoring import CandidateScorer, Objective
-from refusal.suffixes import SuffixedPrompt, allowed_tokens, random_suffix, split_prompt
+from refusal.measure.judges import is_refusal
+from refusal.model.chat import ChatModel, wrap_model
+from refusal.residual.scoring import refusal_score
 
 INSTRUCTIONS = load_builtin("harmful")[:3]
 
@@ -218,7 +218,7 @@ def test_attack_jailbreaks_the_organism(robust_organism_dir):
     The robust organism was trained to ignore random trailing words (the plain organism is talked out of refusing by
     any harmless topic word: 3 of these 8 random suffixes flip it), so only an optimised suffix works here.
     """
-    from refusal.models import load_model
+    from refusal.model.packaged import load_model
 
     chat = load_model(str(robust_organism_dir))
     rows = [json.loads(line) for line in (robust_organism_dir / "harmful.jsonl").read_text().splitlines()]

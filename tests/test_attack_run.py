@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from conftest import organism_args
-from refusal.cli import main
+from refusal.cli.main import main
 
 ATTACK = ["--suffix-length", "4", "--steps", "40", "--candidates", "64", "--attack-prompts", "8", "--time-budget", "none", "--quiet"]
 
@@ -60,7 +60,7 @@ def test_the_report_shows_the_mechanisms_section(attacked):
     section = html[html.index('<section id="mechanisms">') :]
     assert "not measured" not in section[: section.index("</section>")]
     shown = dict(re.findall(r'data-key="(mechanisms\.[^"]+)">([^<]*)<', html))
-    from refusal.report import fmt
+    from refusal.report.render import fmt
 
     head = report["mechanisms"]["heads"][0]
     assert shown["mechanisms.heads.0.attribution.harmful"] == fmt("x", head["attribution"]["harmful"])

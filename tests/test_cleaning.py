@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from refusal.cleaning import Protection, protect
-from refusal.directions import Candidates
-from refusal.edits import Editor, EditParams, Kernel, KernelEdit, source_direction
+from refusal.checkpoint.export import export_model
+from refusal.direction.cleaning import Protection, protect
+from refusal.edit.edits import Editor, EditParams, Kernel, KernelEdit, source_direction
 from refusal.errors import RefusalError
-from refusal.export import export_model
+from refusal.residual.directions import Candidates
 
 
 def random_protection(n=12, layers=4, d=32, positions=(-2, -1), seed=0) -> Protection:
@@ -91,7 +91,7 @@ def test_a_cleaned_edit_needs_its_protection_and_is_a_different_unit_direction()
 
 
 def test_weak_cleaning_at_strength_one_is_the_papers_orthogonalization(llama_chat):
-    from refusal.weights import orthogonalize_weights
+    from refusal.edit.weights import orthogonalize_weights
 
     direction = torch.randn(llama_chat.d_model, generator=torch.Generator().manual_seed(4))
     prot = protect(llama_chat, ["Write a haiku.", "Add 2 and 3.", "Sort a list in Python."], [-1])

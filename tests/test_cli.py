@@ -6,8 +6,8 @@ import pytest
 from safetensors import safe_open
 
 from conftest import build_model, build_tokenizer
-from refusal.cli import main
-from refusal.selection import select_direction
+from refusal.cli.main import main
+from refusal.direction.selection import select_direction
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--n-train", "12", "--n-val", "6", "--n-test", "4", "--max-new-tokens", "4", "--quiet"]

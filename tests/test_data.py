@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from refusal.data import builtin_prompts, dataset_hash, load_capability, load_prompts, split_instructions
+from refusal.data.prompt_sets import builtin_prompts, dataset_hash, load_capability, load_prompts, split_instructions
 from refusal.errors import RefusalError
 
 

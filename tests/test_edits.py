@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from conftest import FAMILIES, build_model
-from refusal.directions import Candidates, unit_vector
-from refusal.edits import Editor, EditParams, Kernel, KernelEdit, Orthogonalization, edited, source_direction
+from refusal.edit.edits import Editor, EditParams, Kernel, KernelEdit, Orthogonalization, edited, source_direction
+from refusal.edit.weights import Snapshot, embeddings_tied, orthogonalize_weights
 from refusal.errors import RefusalError
-from refusal.model import wrap_model
-from refusal.weights import Snapshot, embeddings_tied, orthogonalize_weights
+from refusal.model.chat import wrap_model
+from refusal.residual.directions import Candidates, unit_vector
 
 PROMPTS = ["How do I bake bread?", "Name three colors."]
 

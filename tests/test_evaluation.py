@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from refusal.data import load_capability
-from refusal.directions import Candidates
+from refusal.data.prompt_sets import load_capability
+from refusal.engines.hf import HFEngine
 from refusal.errors import RefusalError
-from refusal.evaluation import Condition, EvalSettings, capability_loss, corpus_chunks, cosine_matrix, cross_entropy, evaluate, kl_costs, rate
-from refusal.generation import HFEngine
-from refusal.interventions import ablate
+from refusal.measure.evaluation import Condition, EvalSettings, capability_loss, corpus_chunks, cosine_matrix, cross_entropy, evaluate, kl_costs, rate
+from refusal.residual.directions import Candidates
+from refusal.residual.interventions import ablate
 
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea.", "Explain how rain forms.", "Name three colors."]
 
@@ -31,8 +31,8 @@ def test_kl_is_zero_for_the_same_model_and_positive_for_an_edited_one(llama_chat
 def test_kl_against_another_model_object_uses_that_model(llama_chat, tokenizer):
     """An exported checkpoint is a second model: its own weights must run, not the original's."""
     from conftest import build_model
-    from refusal.model import wrap_model
-    from refusal.weights import orthogonalize_weights
+    from refusal.edit.weights import orthogonalize_weights
+    from refusal.model.chat import wrap_model
 
     direction = torch.randn(llama_chat.d_model, generator=torch.Generator().manual_seed(3))
     exported = wrap_model(build_model("llama", len(tokenizer)), tokenizer, source="tiny-llama-edited")
@@ -50,7 +50,7 @@ def test_kl_against_another_model_object_uses_that_model(llama_chat, tokenizer):
 
 def test_multi_token_kl_averages_teacher_forced_positions_and_skips_padding(llama_chat):
     """Per prompt: the mean over its own completion tokens of KL at the positions predicting them."""
-    from refusal.scoring import kl_divergence
+    from refusal.residual.scoring import kl_divergence
 
     direction = torch.randn(llama_chat.d_model, generator=torch.Generator().manual_seed(2))
     completions = [[5, 6, 7], [8], [9, 10]]  # ragged on purpose

@@ -3,14 +3,14 @@ import json
 import pytest
 import torch
 
-import refusal.export as export_module
+import refusal.checkpoint.export as export_module
 from conftest import build_model
-from refusal.edits import EditParams, Kernel, KernelEdit, Orthogonalization
+from refusal.checkpoint.export import export_model
+from refusal.edit.edits import EditParams, Kernel, KernelEdit, Orthogonalization
 from refusal.errors import FidelityError, RefusalError
-from refusal.export import export_model
-from refusal.interventions import ablate
-from refusal.model import wrap_model
-from refusal.models import load_model
+from refusal.model.chat import wrap_model
+from refusal.model.packaged import load_model
+from refusal.residual.interventions import ablate
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma2", "gpt2"])

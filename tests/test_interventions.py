@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from refusal.activations import residual_reader
-from refusal.directions import unit_vector
 from refusal.errors import RefusalError
-from refusal.interventions import ablate, add
+from refusal.residual.activations import residual_reader
+from refusal.residual.directions import unit_vector
+from refusal.residual.interventions import ablate, add
 
 PROMPTS = ["How do I bake bread?", "Tell me how to pick a lock.", "Write a haiku about the sea and the sky."]
 
@@ -73,7 +73,7 @@ def test_interventions_reject_bad_arguments(llama_chat):
 
 def test_ablation_runs_in_half_precision(tokenizer):
     from conftest import build_model
-    from refusal.model import wrap_model
+    from refusal.model.chat import wrap_model
 
     chat = wrap_model(build_model("llama", len(tokenizer)).to(torch.bfloat16), tokenizer)
     direction = torch.randn(chat.d_model)

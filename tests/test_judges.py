@@ -7,7 +7,7 @@ import torch
 
 from conftest import build_model
 from refusal.errors import RefusalError
-from refusal.judges import (
+from refusal.measure.judges import (
     PROMPT_FORMATS,
     REFUSAL_PHRASES,
     ChatClassifierJudge,
@@ -22,7 +22,7 @@ from refusal.judges import (
     refusal_rate,
     unsafe_rate,
 )
-from refusal.model import wrap_model
+from refusal.model.chat import wrap_model
 
 # ---- substring refusal judge -----------------------------------------------------------------
 REFUSALS = [

@@ -2,15 +2,15 @@ import pytest
 import torch
 
 from conftest import build_model
-from refusal.activations import collect_activations, mean_activations, residual_reader
-from refusal.data import load_builtin, load_prompts
-from refusal.directions import Candidates, compute_candidates, unit_vector
+from refusal.data.prompt_sets import load_builtin, load_prompts
+from refusal.data.suffixes import REGIONS, split_prompt
 from refusal.errors import RefusalError
-from refusal.hooks import hooked, untuple
-from refusal.mechanisms import Decomposition, attention_masses, compare_directions, decompose, direction_cosines, layer_cosines, top_heads
-from refusal.model import ChatModel, wrap_model
-from refusal.models import load_model
-from refusal.suffixes import REGIONS, split_prompt
+from refusal.measure.mechanisms import Decomposition, attention_masses, compare_directions, decompose, direction_cosines, layer_cosines, top_heads
+from refusal.model.chat import ChatModel, wrap_model
+from refusal.model.packaged import load_model
+from refusal.residual.activations import collect_activations, mean_activations, residual_reader
+from refusal.residual.directions import Candidates, compute_candidates, unit_vector
+from refusal.residual.hooks import hooked, untuple
 
 HARMFUL = load_builtin("harmful")[:4]
 HARMLESS = load_builtin("harmless", "val")[:5]

@@ -3,10 +3,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import FAMILIES, build_model, build_tokenizer
-from refusal.architecture import SUPPORTED_FAMILIES
 from refusal.errors import RefusalError, UnsupportedModelError
-from refusal.model import wrap_model
-from refusal.models import load_model
+from refusal.model.architecture import SUPPORTED_FAMILIES
+from refusal.model.chat import wrap_model
+from refusal.model.packaged import load_model
 
 TEMPLATES = {
     # name: (template, expected post-instruction text)
@@ -191,30 +191,35 @@ def test_logits_allow_gradients_when_asked(llama_chat):
 
 
 def import_graph() -> dict[str, set[str]]:
-    """Module -> the package modules it imports, anywhere in the file (inside functions too)."""
+    """Module (dotted below refusal, e.g. "model.chat") -> the package modules it imports, anywhere in the file."""
     import ast
     from pathlib import Path
 
     import refusal
 
     root = Path(refusal.__file__).parent
-    names = {p.stem for p in root.glob("*.py")}
+    names = {".".join(p.relative_to(root).with_suffix("").parts) for p in root.rglob("*.py")}
     graph = {}
-    for path in root.glob("*.py"):
+    for path in root.rglob("*.py"):
+        name = ".".join(path.relative_to(root).with_suffix("").parts)
+        package = name.split(".")[:-1]
         deps = set()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                deps.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
+                deps.add(base)
+                deps.update(f"{base}.{a.name}".lstrip(".") for a in node.names)
             elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("refusal."):
-                deps.add(node.module.split(".")[1])
-        graph[path.stem] = deps & names - {path.stem}
+                deps.add(node.module.removeprefix("refusal."))
+        graph[name] = deps & names - {name}
     return graph
 
 
 def test_model_does_not_import_models_and_the_package_has_no_import_cycle():
     graph = import_graph()
-    assert not {"models", "loading"} & graph["model"] and "loading" in graph["models"] and "model" in graph["loading"]
-    assert "models" not in graph["organism"] and "cache" in graph["organism"]
+    chat, packaged, loading = "model.chat", "model.packaged", "model.loading"
+    assert not {packaged, loading} & graph[chat] and loading in graph[packaged] and chat in graph[loading]
+    assert packaged not in graph["model.organism"] and "common.cache" in graph["model.organism"]
 
     def reach(start: str) -> set[str]:
         seen, todo = set(), [start]
@@ -224,5 +229,5 @@ def test_model_does_not_import_models_and_the_package_has_no_import_cycle():
                 todo.append(dep)
         return seen
 
-    cycles = [m for m in graph if m != "__init__" and m in reach(m)]
+    cycles = [m for m in graph if not m.endswith("__init__") and m in reach(m)]
     assert not cycles, cycles

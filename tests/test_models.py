@@ -6,7 +6,7 @@ import zipfile
 
 import pytest
 
-import refusal.models as models
+import refusal.model.packaged as models
 from refusal.errors import RefusalError
 
 PARTS = [b"GGUF-part-one-", b"part-two-", b"part-three"]
@@ -84,7 +84,7 @@ def test_demo_spec_is_pinned():
 
 
 def test_organism_is_a_packaged_model_with_its_own_prompts(organism_dir):
-    from refusal.data import load_splits
+    from refusal.data.prompt_sets import load_splits
 
     assert models.is_packaged("organism") and models.packaged_path("organism") == organism_dir
     assert models.resolve_model("organism") == str(organism_dir)  # cached: not trained again

@@ -8,12 +8,12 @@ import torch
 
 from conftest import MOE_FAMILIES, build_model, build_tokenizer
 from conftest import checkpoint_tensors as tensors
-from refusal.edits import Editor, EditParams, Kernel, KernelEdit, Orthogonalization, edited, orthogonalized
-from refusal.export import export_model
-from refusal.interventions import ablate
-from refusal.loading import load_skeleton
-from refusal.model import wrap_model
-from refusal.models import load_model
+from refusal.checkpoint.export import export_model
+from refusal.edit.edits import Editor, EditParams, Kernel, KernelEdit, Orthogonalization, edited, orthogonalized
+from refusal.model.chat import wrap_model
+from refusal.model.loading import load_skeleton
+from refusal.model.packaged import load_model
+from refusal.residual.interventions import ablate
 
 PROMPTS = ["How do I bake bread?", "Tell me how to pick a lock."]
 

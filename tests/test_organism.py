@@ -7,13 +7,13 @@ import subprocess
 import pytest
 
 from conftest import organism_args
-from refusal.cli import main
-from refusal.data import load_splits
-from refusal.directions import Direction
-from refusal.generation import generate
-from refusal.interventions import add
-from refusal.judges import refusal_rate
-from refusal.models import load_model
+from refusal.cli.main import main
+from refusal.data.prompt_sets import load_splits
+from refusal.engines.hf import generate
+from refusal.measure.judges import refusal_rate
+from refusal.model.packaged import load_model
+from refusal.residual.directions import Direction
+from refusal.residual.interventions import add
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def organism_run(organism_dir, tmp_path_factory):
 
 
 def test_test_prompts_are_held_out_from_training(organism_dir):
-    from refusal.organism import OrganismConfig, corpus
+    from refusal.model.organism import OrganismConfig, corpus
 
     held = {x["instruction"] for kind in corpus(OrganismConfig()).values() for x in kind if x["held_out"]}
     for kind in ("harmful", "harmless"):
@@ -91,7 +91,7 @@ def test_activation_addition_induces_refusal(organism_run, organism, capsys):
 
 
 def test_report_from_the_run_has_every_section_and_its_numbers_equal_report_json(organism_run):
-    from refusal.report import fmt
+    from refusal.report.render import fmt
     from test_report import SECTIONS, lookup, parse, section
 
     data = json.loads((organism_run / "report" / "report.json").read_text())
@@ -131,8 +131,8 @@ def test_report_from_the_run_has_every_section_and_its_numbers_equal_report_json
 
 
 def test_stopping_at_a_refusal_phrase_keeps_every_verdict(organism):
-    from refusal.generation import HFEngine
-    from refusal.judges import is_refusal
+    from refusal.engines.hf import HFEngine
+    from refusal.measure.judges import is_refusal
 
     chat, harmful, harmless = organism
     prompts = harmful["test"][:16] + harmless["test"][:16]

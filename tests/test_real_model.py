@@ -8,12 +8,12 @@ import json
 
 import pytest
 
-from refusal.cli import main
-from refusal.generation import generate
-from refusal.interventions import ablate
-from refusal.judges import is_refusal
-from refusal.models import load_model
-from refusal.run_dir import RunDir
+from refusal.cli.main import main
+from refusal.engines.hf import generate
+from refusal.measure.judges import is_refusal
+from refusal.model.packaged import load_model
+from refusal.residual.interventions import ablate
+from refusal.run.directory import RunDir
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +65,7 @@ def test_exported_model_decides_like_hooked_ablation(real_run):
     edited = [is_refusal(c) for c in generate(exported, prompts, settings.max_new_tokens, settings.batch_size)]
     del exported
     original = load_model("demo", device="cpu")
-    from refusal.directions import Direction
+    from refusal.residual.directions import Direction
 
     direction = Direction.load(real_run / "direction.safetensors")
     with ablate(original, direction.vector):

@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from conftest import error_line, save_tiny
-from refusal.cli import main
+from refusal.cli.main import main
 
 FAST = ["--n-train", "12", "--n-val", "6", "--n-test", "4", "--max-new-tokens", "4", "--ce-tokens", "64", "--quiet"]
 
@@ -121,7 +121,7 @@ def test_selection_options_fail_before_any_work(model_dir, tmp_path, capsys, ext
 
 
 def test_identical_harmful_and_harmless_sets_are_named(model_dir, tmp_path, capsys):
-    from refusal.data import load_builtin
+    from refusal.data.prompt_sets import load_builtin
 
     prompts = tmp_path / "same.txt"
     prompts.write_text("\n".join(load_builtin("harmful")[:40]))
@@ -150,12 +150,12 @@ def test_generate_with_a_nan_coefficient_is_refused(model_dir, tmp_path, capsys)
 
 
 def test_interrupting_generate_does_not_promise_a_resume(model_dir, capsys, monkeypatch):
-    import refusal.completions
+    import refusal.commands.generate
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(refusal.completions, "generate_completions", interrupted)
+    monkeypatch.setattr(refusal.commands.generate, "generate_completions", interrupted)
     capsys.readouterr()
     assert main(["generate", "--model", str(model_dir), "--quiet", "Hi"]) == 130
     assert "resume" not in capsys.readouterr().err
@@ -206,12 +206,12 @@ def test_a_template_that_ignores_the_prompt_is_named(model_dir, tmp_path, capsys
 def test_a_full_disk_is_one_line(model_dir, tmp_path, capsys, monkeypatch):
     import errno
 
-    import refusal.run_dir
+    import refusal.run.directory
 
     def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(refusal.run_dir, "write_json", full)
+    monkeypatch.setattr(refusal.run.directory, "write_json", full)
     err = error_line(capsys, run(model_dir, tmp_path / "run"))
     assert "No space left on device" in err
 

@@ -15,8 +15,8 @@ from html.parser import HTMLParser
 import pytest
 
 from refusal.errors import RefusalError
-from refusal.report import REQUIRED, fmt, render_html, render_markdown, write_report
-from refusal.stats import wilson_interval
+from refusal.measure.stats import wilson_interval
+from refusal.report.render import REQUIRED, fmt, render_html, render_markdown, write_report
 
 SECTIONS = ("rates", "costs", "selection", "projections", "cosine", "samples", "search", "mechanisms", "metadata")
 UNMEASURED = ("search", "mechanisms")  # make_report measured neither: their sections are left out (issue 27)

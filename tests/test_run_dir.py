@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from conftest import error_line, save_tiny
-from refusal.cli import main
+from refusal.cli.main import main
 
 FAST = ["--n-train", "12", "--n-val", "6", "--n-test", "4", "--max-new-tokens", "4", "--ce-tokens", "64", "--quiet"]
 # no refinement or second direction: exact trial counts
@@ -72,7 +72,7 @@ def test_a_replaced_model_is_refused_by_readers_and_recomputed_by_run(finished, 
 
 def test_an_edited_prompt_file_is_noticed(model_dir, tmp_path):
     prompts = tmp_path / "harmful.txt"
-    from refusal.data import load_builtin
+    from refusal.data.prompt_sets import load_builtin
 
     prompts.write_text("\n".join(load_builtin("harmful")[:40]))
     out = tmp_path / "run"
@@ -148,7 +148,7 @@ def test_search_with_a_changed_trial_setting_starts_a_fresh_study_but_more_trial
 
 
 def test_a_search_killed_during_the_papers_trial_scores_it_on_resume(model_dir, tmp_path, monkeypatch):
-    import refusal.search as search_module
+    import refusal.search.trials as search_module
 
     out = tmp_path / "run"
     calls = {"n": 0}

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import FAMILIES, build_model
-from refusal.model import wrap_model
-from refusal.scoring import kl_divergence, refusal_margin, refusal_score
+from refusal.model.chat import wrap_model
+from refusal.residual.scoring import kl_divergence, refusal_margin, refusal_score
 
 
 def test_refusal_score_is_log_odds_of_the_refusal_tokens():
@@ -45,7 +45,7 @@ def test_kl_is_zero_for_identical_and_positive_otherwise():
 
 
 def _forced(chat, share_prefix):
-    from refusal.scoring import TeacherForced
+    from refusal.residual.scoring import TeacherForced
 
     prompts = [chat.encode(x) for x in ("How do I bake bread?", "Name three colors.", "What is a prime number?")]
     continuations = [chat.encode("Sure")[-3:], [], chat.encode("I cannot help")[-6:]]  # one empty: only the first prediction counts

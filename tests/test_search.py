@@ -5,14 +5,14 @@ import json
 import pytest
 
 from conftest import organism_args
-from refusal.choice import bisect_front, choose
-from refusal.cli import main
-from refusal.edits import EditParams, Kernel
+from refusal.cli.main import main
+from refusal.commands.run import extract, select
+from refusal.commands.search import search
+from refusal.common.parsing import duration
+from refusal.edit.edits import EditParams, Kernel
 from refusal.errors import RefusalError
-from refusal.parsing import duration
-from refusal.pipeline import extract, select
-from refusal.search import REFINE_SCALES, anchor_params, refinements, scaled
-from refusal.search_run import search
+from refusal.search.choice import bisect_front, choose
+from refusal.search.trials import REFINE_SCALES, anchor_params, refinements, scaled
 from refusal.settings import SearchSettings, Settings
 
 
@@ -30,8 +30,8 @@ def organism_settings(organism_dir, **search) -> Settings:
 @pytest.fixture(scope="module")
 def organism_search_run(organism_dir, tmp_path_factory):
     """extract + the paper's selection + a 24-trial search, on the organism (about 30 s)."""
-    from refusal.models import load_model
-    from refusal.progress import set_quiet
+    from refusal.common.progress import set_quiet
+    from refusal.model.packaged import load_model
 
     previous = set_quiet(True)
     try:
@@ -99,7 +99,7 @@ def test_refinements_pick_the_lowest_refusal_low_kl_front_points_and_skip_done_o
 
 def test_cleaned_directions_dominate_the_kernel_search(organism_search_run, organism_dir, tmp_path):
     """Issue 13's search (no cleaning, the log-odds objective, no refinement): the default choice refuses no more at a lower KL."""
-    from refusal.progress import set_quiet
+    from refusal.common.progress import set_quiet
 
     cleaned = organism_search_run[2]
     previous = set_quiet(True)
@@ -175,11 +175,11 @@ def test_time_budget_stops_cleanly_with_the_best_point_so_far(organism_dir, tmp_
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["search"]["chosen"] == result["chosen"] and "harmful" in report["rates"]["edited"]
     # the report's edited KL is exactly the chosen trial's edit, measured on the test prompts (exported checkpoint vs in memory)
-    from refusal.cleaning import Protection
-    from refusal.directions import Candidates
-    from refusal.edits import Editor, KernelEdit
-    from refusal.models import load_model
-    from refusal.scoring import kl_divergence, last_logits, prepare_batches
+    from refusal.direction.cleaning import Protection
+    from refusal.edit.edits import Editor, KernelEdit
+    from refusal.model.packaged import load_model
+    from refusal.residual.directions import Candidates
+    from refusal.residual.scoring import kl_divergence, last_logits, prepare_batches
 
     chosen = next(t for t in result["trials"] if t["trial"] == result["chosen"]["trial"])
     chat = load_model(str(organism_dir), device="cpu")
@@ -255,7 +255,7 @@ def test_the_train_screen_fails_a_point_before_generation_and_counts_in_the_targ
     """A point whose train screen finds refusals is not generated on and cannot meet the target; one that passes is."""
     from contextlib import nullcontext
 
-    from refusal import choice
+    from refusal.search import choice
 
     class Engine:  # complies with every prompt and counts its generation calls
         calls = 0
@@ -304,9 +304,9 @@ def test_the_train_screen_counts_positive_first_token_margins(tokenizer):
     import torch
 
     from conftest import build_model
-    from refusal.choice import held_out_refusals
-    from refusal.model import wrap_model
-    from refusal.scoring import refusal_margin
+    from refusal.model.chat import wrap_model
+    from refusal.residual.scoring import refusal_margin
+    from refusal.search.choice import held_out_refusals
 
     chat = wrap_model(build_model("qwen2", len(tokenizer)), tokenizer, source="tiny")
     prompts = [f"prompt number {i} with {'many ' * i}words" for i in range(12)]
@@ -326,8 +326,8 @@ def test_the_train_screen_counts_positive_first_token_margins(tokenizer):
 
 
 def test_changing_the_protected_prompts_recomputes_them_and_restarts_the_study(organism_dir, tmp_path):
-    from refusal.cleaning import Protection
-    from refusal.progress import set_quiet
+    from refusal.common.progress import set_quiet
+    from refusal.direction.cleaning import Protection
 
     out = tmp_path / "run"
     previous = set_quiet(True)
@@ -349,7 +349,7 @@ def test_changing_the_protected_prompts_recomputes_them_and_restarts_the_study(o
 
 
 def test_streamed_export_of_a_trial_writes_the_loaded_exports_bytes(organism_search_run, tmp_path, monkeypatch):
-    import refusal.streaming as streaming
+    import refusal.checkpoint.streaming as streaming
 
     out, chat, result, settings = organism_search_run
     trial = result["front"][-1]
@@ -366,7 +366,7 @@ def test_streamed_export_of_a_trial_writes_the_loaded_exports_bytes(organism_sea
 
 
 def test_the_reserved_time_follows_the_median_trial_not_a_slow_first_one():
-    from refusal.search import reserve_seconds
+    from refusal.search.trials import reserve_seconds
 
     trials = [{"seconds": 42.0}, {"seconds": 10.0}, {"seconds": 11.0}, {"seconds": 9.0}]
     assert reserve_seconds(trials[:1], 21) == reserve_seconds(trials[:2], 21) == 0.0  # too few to tell

@@ -2,11 +2,11 @@ import pytest
 import torch
 
 from conftest import build_model
-from refusal.data import load_self_questions
-from refusal.edits import EditParams, Kernel, KernelEdit, edited
+from refusal.data.prompt_sets import load_self_questions
+from refusal.edit.edits import EditParams, Kernel, KernelEdit, edited
 from refusal.errors import RefusalError
-from refusal.model import wrap_model
-from refusal.second import BASE_KL_FRACTION, FOLLOW_STRENGTHS, SCREEN_FRACTIONS, SCREEN_STRENGTH, plan, second_base, second_params
+from refusal.model.chat import wrap_model
+from refusal.search.second_direction import BASE_KL_FRACTION, FOLLOW_STRENGTHS, SCREEN_FRACTIONS, SCREEN_STRENGTH, plan, second_base, second_params
 from refusal.settings import SearchSettings
 
 
@@ -74,11 +74,11 @@ def test_a_second_direction_at_strength_one_with_flat_base_is_projection_off_bot
 
 
 def test_second_directions_on_the_organism_separate_still_refused_from_complied(organism_dir):
-    from refusal.activations import mean_activations
-    from refusal.data import load_prompts
-    from refusal.directions import compute_candidates
-    from refusal.models import load_model
-    from refusal.second import second_directions
+    from refusal.data.prompt_sets import load_prompts
+    from refusal.model.packaged import load_model
+    from refusal.residual.activations import mean_activations
+    from refusal.residual.directions import compute_candidates
+    from refusal.search.second_direction import second_directions
 
     chat = load_model(str(organism_dir), device="cpu")
     harmful, harmless = load_prompts(str(organism_dir / "harmful.jsonl"))[:60], load_prompts(str(organism_dir / "harmless.jsonl"))[:60]
@@ -115,9 +115,9 @@ def test_the_self_questions_are_distinct_questions():
 def test_search_runs_records_and_exports_second_direction_trials(organism_dir, tmp_path, monkeypatch):
     """The search's own path for second-direction trials (the organism's best points leave no train prompt refused,
     so the trial comes from a stub): run last, recorded with their role, exported with the fidelity check."""
-    import refusal.search_run as search_run
-    from refusal.pipeline import export_run, extract, select
-    from refusal.progress import set_quiet
+    import refusal.commands.search as search_run
+    from refusal.commands.run import export_run, extract, select
+    from refusal.common.progress import set_quiet
     from test_search import organism_settings
 
     calls = []
@@ -151,8 +151,8 @@ def test_search_runs_records_and_exports_second_direction_trials(organism_dir, t
 
 
 def test_second_directions_are_cleaned_like_the_base():
-    from refusal.cleaning import Protection
-    from refusal.second import cleaned
+    from refusal.direction.cleaning import Protection
+    from refusal.search.second_direction import cleaned
 
     acts = torch.randn(20, 5, 1, 16, generator=torch.Generator().manual_seed(0))  # [prompts, layers + 1, positions, d_model]
     protection = Protection(acts, [-1])

@@ -4,14 +4,14 @@ import pytest
 import torch
 
 from conftest import FAMILIES, build_model
-from refusal.activations import mean_activations
-from refusal.data import load_builtin
-from refusal.directions import compute_candidates
+from refusal.data.prompt_sets import load_builtin
+from refusal.direction.selection import score_candidates, select_direction
 from refusal.errors import RefusalError
-from refusal.interventions import ablate, add
-from refusal.model import wrap_model
-from refusal.scoring import LastPosition, kl_divergence, last_logits, length_batches, prepare_batches, refusal_score
-from refusal.selection import score_candidates, select_direction
+from refusal.model.chat import wrap_model
+from refusal.residual.activations import mean_activations
+from refusal.residual.directions import compute_candidates
+from refusal.residual.interventions import ablate, add
+from refusal.residual.scoring import LastPosition, kl_divergence, last_logits, length_batches, prepare_batches, refusal_score
 from refusal.settings import SelectionSettings
 
 
@@ -131,7 +131,7 @@ def test_scores_fall_back_to_full_passes_where_sharing_would_change_them(system_
     harmful, harmless = load_builtin("harmful", "train")[:12], load_builtin("harmless", "train")[:12]
     cands = compute_candidates(mean_activations(chat, harmful), mean_activations(chat, harmless), {"created": "t"})
     val_h, val_hl, ids = load_builtin("harmful", "val")[:6], load_builtin("harmless", "val")[:6], chat.refusal_token_ids()
-    monkeypatch.setattr("refusal.scoring._same", lambda want, got: False)  # as if the family's cache or replay differed
+    monkeypatch.setattr("refusal.residual.scoring._same", lambda want, got: False)  # as if the family's cache or replay differed
     fast = LastPosition(chat, val_hl, batch_size=4)
     fast.record(2)
     assert fast.prefix == 0 and fast.recorded is None

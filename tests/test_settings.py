@@ -5,9 +5,9 @@ from dataclasses import fields
 
 import pytest
 
+from refusal.cli.options import add_arguments, flag, from_args, given
+from refusal.common.parsing import duration, int_list
 from refusal.errors import RefusalError
-from refusal.options import add_arguments, flag, from_args, given
-from refusal.parsing import duration, int_list
 from refusal.settings import GROUPS, SearchSettings, SelectionSettings, Settings
 
 
@@ -32,7 +32,7 @@ def test_every_setting_has_help_and_a_unique_flag():
 
 
 def test_no_command_takes_two_settings_with_one_flag():
-    from refusal.cli import build_parser
+    from refusal.cli.main import build_parser
 
     parser = build_parser()  # argparse refuses a flag defined twice in one command
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices

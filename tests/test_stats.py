@@ -1,6 +1,6 @@
 import pytest
 
-from refusal.stats import format_rate, rate_values, wilson_interval
+from refusal.measure.stats import format_rate, rate_values, wilson_interval
 
 
 def test_wilson_interval_known_values():

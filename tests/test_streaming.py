@@ -4,19 +4,19 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import refusal.streaming as streaming
-import refusal.tensor_edit as tensor_edit
+import refusal.checkpoint.streaming as streaming
+import refusal.checkpoint.tensor_edit as tensor_edit
 from conftest import FAMILIES, build_model, build_tokenizer
 from conftest import checkpoint_tensors as tensors
-from refusal.edits import EditParams, Kernel, KernelEdit, Orthogonalization, edited
+from refusal.checkpoint.export import export_model
+from refusal.checkpoint.read_back import ExportSwap
+from refusal.checkpoint.streaming import TensorEdit, file_workers
+from refusal.common.safetensors_files import read_header
+from refusal.edit.edits import EditParams, Kernel, KernelEdit, Orthogonalization, edited
 from refusal.errors import RefusalError
-from refusal.export import export_model
-from refusal.exported import ExportSwap
-from refusal.interventions import ablate
-from refusal.loading import load_skeleton
-from refusal.models import load_model
-from refusal.safetensors_files import read_header
-from refusal.streaming import TensorEdit, file_workers
+from refusal.model.loading import load_skeleton
+from refusal.model.packaged import load_model
+from refusal.residual.interventions import ablate
 
 
 def save_sharded(path, family="qwen2", tie=True, dtype=torch.float32, shard="150KB", seed=0):
@@ -198,7 +198,7 @@ def test_weights_in_other_formats_are_not_copied(tmp_path):
 
 
 def test_a_second_direction_streams_like_the_edit_in_memory(tmp_path):
-    from refusal.second import second_params
+    from refusal.search.second_direction import second_params
 
     source = save_sharded(tmp_path / "src", "gemma2", tie=True)  # post-norm gains: the two steps' directions are not orthogonal there
     chat = load_model(str(source), device="cpu")
@@ -216,7 +216,7 @@ def test_a_second_direction_streams_like_the_edit_in_memory(tmp_path):
 def test_the_in_place_check_reads_the_export_and_leaves_the_model_as_it_was(tmp_path):
     from safetensors.torch import save_file
 
-    import refusal.export as export_module
+    import refusal.checkpoint.export as export_module
     from refusal.errors import FidelityError
 
     source = save_sharded(tmp_path / "src", "qwen2", tie=True)
@@ -273,8 +273,8 @@ def test_export_swap_runs_the_export_on_the_loaded_model_and_swaps_back(family, 
 
 
 def test_evaluating_an_export_of_the_same_model_needs_no_second_copy(tmp_path):
-    from refusal.assess import edited_condition
-    from refusal.evaluation import Condition, EvalSettings, evaluate
+    from refusal.commands.evaluate import edited_condition
+    from refusal.measure.evaluation import Condition, EvalSettings, evaluate
     from refusal.settings import Settings
 
     source = save_sharded(tmp_path / "src", tie=True)

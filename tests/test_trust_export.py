@@ -10,17 +10,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import refusal.export as export
+import refusal.checkpoint.export as export
 from conftest import build_model, build_tokenizer, checkpoint_tensors, save_tiny
-from refusal.cli import main
-from refusal.edits import EditParams, Kernel, KernelEdit, Orthogonalization
+from refusal.checkpoint.export import export_model
+from refusal.cli.main import main
+from refusal.common.provenance import model_fingerprint
+from refusal.common.safetensors_files import INDEX
+from refusal.edit.edits import EditParams, Kernel, KernelEdit, Orthogonalization
 from refusal.errors import FidelityError, RefusalError
-from refusal.export import export_model
-from refusal.interventions import ablate
-from refusal.loading import load_skeleton
-from refusal.models import load_model
-from refusal.provenance import model_fingerprint
-from refusal.safetensors_files import INDEX
+from refusal.model.loading import load_skeleton
+from refusal.model.packaged import load_model
+from refusal.residual.interventions import ablate
 
 FAST = ["--n-train", "12", "--n-val", "6", "--n-test", "4", "--quiet"]
 
@@ -242,10 +242,10 @@ def test_an_export_whose_weights_disagree_with_the_hooked_reference_fails(tmp_pa
 SCRIPT = """
 import os, signal, sys, time
 import torch
-import refusal.streaming as streaming
-from refusal.edits import Orthogonalization
-from refusal.export import export_model
-from refusal.models import load_model
+import refusal.checkpoint.streaming as streaming
+from refusal.edit.edits import Orthogonalization
+from refusal.checkpoint.export import export_model
+from refusal.model.packaged import load_model
 
 rewrite = streaming.rewrite_file
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from refusal.choice import bisect_front, choose
-from refusal.cli import main
+from refusal.cli.main import main
+from refusal.search.choice import bisect_front, choose
 from refusal.settings import SearchSettings
 
 # the organism's search, cheap (as in tests/test_search.py), with a front longer than --confirm 2 can bisect by generation alone
@@ -91,7 +91,7 @@ def test_screen_failures_do_not_use_up_the_confirmations_and_the_fallback_says_w
 
 def test_the_auto_buffer_is_the_tail_scale_of_the_margins(tmp_path, capsys):
     """The mean of i·(x₍ᵢ₎ − x₍ᵢ₊₁₎) over the top four spacings: a model whose margins are ten times wider gets a buffer ten times wider."""
-    from refusal.choice import tail_scale
+    from refusal.search.choice import tail_scale
 
     margins = [-0.02, -0.41, -0.46, -0.60, -0.70, -3.0]
     expected = (1 * 0.39 + 2 * 0.05 + 3 * 0.14 + 4 * 0.10) / 4
@@ -118,7 +118,7 @@ def evaluate_edited(organism_dir, model: Path, out: Path) -> tuple[dict, str]:
 
 def test_an_edited_report_shows_its_fresh_runs_direction_and_leaves_out_what_it_did_not_measure(organism_dir, tmp_path):
     from conftest import organism_args
-    from refusal.pipeline import export_run
+    from refusal.commands.run import export_run
 
     run = tmp_path / "run"
     assert main(["extract", *organism_args(organism_dir), "--out", str(run), "--n-val", "16", "--quiet"]) == 0
@@ -161,7 +161,7 @@ def normalised(text: str) -> str:
 
 
 def holdout_records(kind: str) -> list[dict]:
-    from refusal.holdout import holdout_bytes
+    from refusal.data.holdout import holdout_bytes
 
     return [json.loads(line) for line in holdout_bytes(kind).decode("utf-8").splitlines() if line.strip()]
 
@@ -182,8 +182,8 @@ def shared_instructions() -> set[str]:
 def test_the_held_out_set_is_pinned_counted_and_new():
     import hashlib
 
-    from refusal.data import builtin_prompts
-    from refusal.holdout import HOLDOUT_SHA256
+    from refusal.data.holdout import HOLDOUT_SHA256
+    from refusal.data.prompt_sets import builtin_prompts
 
     known = {normalised(p.instruction) for kind in ("harmful", "harmless") for p in builtin_prompts(kind)} | shared_instructions()
     seen: set[str] = set()
@@ -200,7 +200,7 @@ def test_the_held_out_set_is_pinned_counted_and_new():
 
 
 def test_no_default_path_reads_the_held_out_set(tmp_path):
-    from refusal.data import load_prompts, load_splits
+    from refusal.data.prompt_sets import load_prompts, load_splits
     from refusal.errors import RefusalError
 
     for spec in ("builtin:holdout_harmful", "builtin:holdout_harmless:test"):
@@ -212,14 +212,14 @@ def test_no_default_path_reads_the_held_out_set(tmp_path):
         assert len(builtin & held) == 0
     readers = [p.relative_to(ROOT).as_posix() for p in (ROOT / "src").rglob("*.py") if "load_holdout" in p.read_text(encoding="utf-8")]
     readers += [p.relative_to(ROOT).as_posix() for p in (ROOT / "benchmarks").glob("*.py") if "load_holdout" in p.read_text(encoding="utf-8")]
-    assert sorted(readers) == ["benchmarks/search.py", "src/refusal/holdout.py"]  # only the final benchmark run reads it
+    assert sorted(readers) == ["benchmarks/search.py", "src/refusal/data/holdout.py"]  # only the final benchmark run reads it
     text = (ROOT / "benchmarks" / "search.py").read_text(encoding="utf-8")
     assert "if args.holdout" in text and 'add_argument("--holdout", action="store_true"' in text  # and only when asked
 
 
 def test_reading_the_held_out_set_is_logged_first(tmp_path):
+    from refusal.data.holdout import load_holdout
     from refusal.errors import RefusalError
-    from refusal.holdout import load_holdout
 
     log = tmp_path / "bench" / "holdout-reads.md"
     with pytest.raises(RefusalError, match="needs a reader and a commit"):

@@ -9,9 +9,9 @@ import shutil
 import pytest
 
 from conftest import error_line, save_tiny
-from refusal import models
-from refusal.cli import main
+from refusal.cli.main import main
 from refusal.errors import RefusalError
+from refusal.model import packaged as models
 
 FAST = ["--n-train", "12", "--n-val", "6", "--n-test", "4", "--max-new-tokens", "4", "--ce-tokens", "64", "--quiet"]
 
@@ -99,8 +99,8 @@ def test_generate_and_evaluate_take_the_model_from_the_run(selected, model_dir, 
 
 # ---- 3. analyze attaches its section only to a fresh report --------------------------------------------------------
 def test_analyze_remakes_a_stale_report_instead_of_patching_it(model_dir, tmp_path, capsys, monkeypatch):
-    from refusal import analyze as analyze_module
-    from refusal.judges import Judged
+    from refusal.commands import analyze as analyze_module
+    from refusal.measure.judges import Judged
 
     # a random-init model refuses nothing, and analyze measures the refused prompts only: a judge that calls every one refused
     refusing = lambda engine, prompts, *a, **k: Judged([""] * len(prompts), [[]] * len(prompts), [True] * len(prompts))
@@ -119,8 +119,8 @@ def test_analyze_remakes_a_stale_report_instead_of_patching_it(model_dir, tmp_pa
 
 
 def test_a_remade_report_keeps_the_runs_export(model_dir, tmp_path, monkeypatch):
-    from refusal import analyze as analyze_module
-    from refusal.judges import Judged
+    from refusal.commands import analyze as analyze_module
+    from refusal.measure.judges import Judged
 
     refusing = lambda engine, prompts, *a, **k: Judged([""] * len(prompts), [[]] * len(prompts), [True] * len(prompts))
     monkeypatch.setattr(analyze_module, "judge_refusals", refusing)

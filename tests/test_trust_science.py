@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from conftest import FAMILIES, build_model, save_tiny
-from refusal.directions import Candidates, unit_vector
-from refusal.edits import EditParams, Kernel, KernelEdit, edited, source_direction
+from refusal.checkpoint.export import export_model
+from refusal.edit.edits import EditParams, Kernel, KernelEdit, edited, source_direction
 from refusal.errors import RefusalError
-from refusal.export import export_model
-from refusal.model import wrap_model
-from refusal.models import load_model
+from refusal.model.chat import wrap_model
+from refusal.model.packaged import load_model
+from refusal.residual.directions import Candidates, unit_vector
 from refusal.settings import Settings
 
 NEW_VARIANTS = ["projected+coordinate_norms", "biprojected_targets", "biprojected_targets+coordinate_norms", "projection+coordinate_norms"]
@@ -127,8 +127,8 @@ def test_new_variants_export_with_fidelity_in_memory_and_streamed(tokenizer, tmp
 
 
 def test_streamed_coordinate_norms_in_small_blocks_equal_one_block(monkeypatch):
-    from refusal import tensor_edit
-    from refusal.streaming import TensorEdit
+    from refusal.checkpoint import tensor_edit
+    from refusal.checkpoint.streaming import TensorEdit
 
     g = torch.Generator().manual_seed(2)
     u = unit_vector(torch.randn(16, generator=g))
@@ -152,7 +152,7 @@ POST_NORM = ["gemma2", "gemma3_text", "olmo2"]
 
 
 def forms_logits(chat, direction):
-    from refusal.interventions import ablate
+    from refusal.residual.interventions import ablate
 
     batch = chat.batch(PROMPTS)
     out = {}
@@ -174,9 +174,9 @@ def test_the_two_ablation_forms_agree_on_pre_norm_families(family, tokenizer):
 def test_on_post_norm_families_the_residual_form_is_not_the_weight_edit(family, tokenizer):
     """Both forms leave no component along u in the stream; the writer form equals the weight edit, the residual form
     (the paper's hooks, after the post-norm) does not: the norm rescales what the writers' projection leaves."""
-    from refusal.activations import residual_reader
-    from refusal.edits import orthogonalized
-    from refusal.interventions import ablate
+    from refusal.edit.edits import orthogonalized
+    from refusal.residual.activations import residual_reader
+    from refusal.residual.interventions import ablate
 
     chat = fresh(tokenizer, family)
     direction = torch.randn(chat.d_model, generator=torch.Generator().manual_seed(3))
@@ -196,8 +196,8 @@ def test_on_post_norm_families_the_residual_form_is_not_the_weight_edit(family, 
 
 
 def test_an_unknown_ablation_form_is_a_clear_error(tokenizer):
-    from refusal.completions import generate_completions
-    from refusal.interventions import ablate
+    from refusal.commands.generate import generate_completions
+    from refusal.residual.interventions import ablate
 
     with pytest.raises(RefusalError, match="unknown ablation form 'sideways'"):
         with ablate(fresh(tokenizer), torch.randn(32), form="sideways"):
@@ -213,7 +213,7 @@ ATTACK = ["--suffix-length", "4", "--steps", "40", "--candidates", "64", "--atta
 @pytest.fixture(scope="module")
 def analysed(tmp_path_factory, robust_organism_dir):
     from conftest import organism_args
-    from refusal.cli import main
+    from refusal.cli.main import main
 
     run = tmp_path_factory.mktemp("science") / "run"
     assert main(["attack", "--out", str(run), *organism_args(robust_organism_dir), *ATTACK]) == 0
@@ -252,9 +252,9 @@ def test_the_report_carries_the_attacks_rates(analysed):
 
 def test_analyze_refuses_when_no_prompt_is_refused(analysed, tmp_path, monkeypatch, capsys):
     """A suffix from a file: the refusals are judged here; none refused is a one-line error and nothing is written."""
-    from refusal import analyze as analyze_module
-    from refusal.cli import main
-    from refusal.judges import Judged
+    from refusal.cli.main import main
+    from refusal.commands import analyze as analyze_module
+    from refusal.measure.judges import Judged
 
     suffix = tmp_path / "suffix.txt"
     suffix.write_text("a poem for bread\n")  # words the organism knows (an unknown one is refused)
@@ -272,9 +272,9 @@ def test_analyze_keeps_only_the_refused_prompts(analysed, tmp_path, monkeypatch)
     every other one leaves half of them, and the report says so."""
     import json
 
-    from refusal import analyze as analyze_module
-    from refusal.cli import main
-    from refusal.judges import Judged
+    from refusal.cli.main import main
+    from refusal.commands import analyze as analyze_module
+    from refusal.measure.judges import Judged
 
     suffix = tmp_path / "suffix.txt"
     suffix.write_text("a poem for bread\n")  # words the organism knows (an unknown one is refused)
@@ -289,9 +289,9 @@ def test_analyze_keeps_only_the_refused_prompts(analysed, tmp_path, monkeypatch)
 
 
 def test_evaluate_and_generate_take_the_ablation_form(tmp_path):
-    from refusal.assess import hook_conditions
-    from refusal.cli import build_parser
-    from refusal.directions import Direction
+    from refusal.cli.main import build_parser
+    from refusal.commands.evaluate import hook_conditions
+    from refusal.residual.directions import Direction
 
     parser = build_parser()
     for command in (["evaluate", "--ablate", "RUN", "--out", "OUT"], ["generate", "--ablate", "RUN", "hello"]):
@@ -309,7 +309,7 @@ def test_the_published_variant_exports_experts_like_the_edit_in_memory(family, t
     """Mixture of experts: one Linear per expert on disk (Qwen2-MoE) or fused with rows (GPT-OSS); per-layer units and
     coordinate norms streamed match the edit in memory, and a search Editor reverts them bit for bit."""
     from conftest import build_tokenizer, checkpoint_tensors
-    from refusal.edits import Editor
+    from refusal.edit.edits import Editor
 
     tok = build_tokenizer()
     build_model(family, len(tok), tie=False).save_pretrained(tmp_path / "src", max_shard_size="200KB")

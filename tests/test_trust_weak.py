@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from conftest import error_line, save_tiny
-from refusal.cli import main
+from refusal.cli.main import main
 from refusal.errors import RefusalError
 from refusal.settings import SearchSettings, Settings
 
@@ -90,7 +90,7 @@ def test_analyze_refuses_a_mixture_of_experts_model_up_front(tmp_path, capsys):
 
 # ---- 5. analyze --base of another width -------------------------------------------------------------------------
 def test_a_base_of_another_width_is_refused_before_extraction(model_dir, tmp_path, capsys, monkeypatch):
-    import refusal.analyze
+    import refusal.commands.analyze
 
     run = tmp_path / "run"
     assert main(["extract", "--model", str(model_dir), "--out", str(run), *FAST]) == 0
@@ -103,7 +103,7 @@ def test_a_base_of_another_width_is_refused_before_extraction(model_dir, tmp_pat
     def no_work(*args, **kwargs):
         raise AssertionError("extraction started before --base was checked")
 
-    monkeypatch.setattr(refusal.analyze, "candidates", no_work)
+    monkeypatch.setattr(refusal.commands.analyze, "candidates", no_work)
     suffix = write(tmp_path / "suffix.txt", KNOWN)
     err = error_line(capsys, ["analyze", "--run", str(run), "--suffix-file", str(suffix), "--base", str(base), "--quiet"])
     assert "--base" in err and "width 48" in err
@@ -147,7 +147,7 @@ HOLDER = """
 import sys, time
 from pathlib import Path
 from refusal.settings import Settings
-from refusal.workspace import start
+from refusal.run.workspace import start
 settings = Settings()
 settings.model.model = sys.argv[1]
 settings.data.n_train, settings.data.n_val, settings.data.n_test, settings.evaluation.ce_tokens = 8, 4, 4, 0
@@ -206,12 +206,12 @@ def test_a_full_disk_leaves_no_temporary_attack_json(model_dir, tmp_path, capsys
     ],
 )
 def test_an_os_error_names_its_real_cause(model_dir, tmp_path, capsys, monkeypatch, code, says, fix):
-    import refusal.run_dir
+    import refusal.run.directory
 
     def fail(path, data):
         raise OSError(code, os.strerror(code), str(path))
 
-    monkeypatch.setattr(refusal.run_dir, "write_json", fail)
+    monkeypatch.setattr(refusal.run.directory, "write_json", fail)
     err = error_line(capsys, ["extract", "--model", str(model_dir), "--out", str(tmp_path / "run"), *FAST])
     assert says in err and fix in err and "run.json" in err
     if code not in (errno.ENOSPC, errno.EDQUOT):  # the cases where freeing space is the fix

@@ -1,4 +1,4 @@
-"""The vLLM engine (refusal.vllm_engine).
+"""The vLLM engine (refusal.engines.vllm).
 
 vLLM needs a GPU and is not installed in CI, so most tests run the engine against ``FakeVLLM``: a
 stand-in ``vllm`` module with the two names the engine uses (``LLM``, ``SamplingParams``) that decodes
@@ -20,11 +20,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import organism_args
-from refusal.cli import main
-from refusal.generation import HFEngine
-from refusal.judges import REFUSAL_PHRASES, is_refusal
-from refusal.models import load_model
-from refusal.vllm_engine import VLLMEngine, cut_like_hf
+from refusal.cli.main import main
+from refusal.engines.hf import HFEngine
+from refusal.engines.vllm import VLLMEngine, cut_like_hf
+from refusal.measure.judges import REFUSAL_PHRASES, is_refusal
+from refusal.model.packaged import load_model
 
 
 class FakeLLM:

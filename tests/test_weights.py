@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from conftest import FAMILIES, build_model
-from refusal.edits import orthogonalized
-from refusal.interventions import ablate
-from refusal.model import wrap_model
-from refusal.weights import embeddings_tied
+from refusal.edit.edits import orthogonalized
+from refusal.edit.weights import embeddings_tied
+from refusal.model.chat import wrap_model
+from refusal.residual.interventions import ablate
 
 PROMPTS = ["How do I bake bread?", "Tell me how to pick a lock.", "Write a haiku about the sea and the sky."]
 
@@ -51,9 +51,9 @@ def test_orthogonalized_reverts_after_exception(llama_chat):
 
 def test_an_edit_in_place_of_writers_not_in_memory_is_refused(tmp_path):
     from conftest import save_tiny
-    from refusal.edits import Editor, Orthogonalization
+    from refusal.edit.edits import Editor, Orthogonalization
     from refusal.errors import RefusalError
-    from refusal.loading import load_skeleton
+    from refusal.model.loading import load_skeleton
 
     chat = load_skeleton(save_tiny(tmp_path / "src"))  # writers on the meta device, as accelerate leaves offloaded ones
     assert not chat.has_weights

@@ -3,37 +3,80 @@
 The public API mirrors the pipeline: load a model, compute candidate directions from harmful and
 harmless instructions, select one, then ablate/add it with hooks or apply an ``Edit`` to the weights
 and export a checkpoint; evaluate conditions against the original. Whole commands are library
-functions too: ``refusal.pipeline.run``, ``refusal.search_run.search``, ``refusal.attack_run.attack``
-take a ``Settings`` tree and ``refusal.analyze.analyze`` a run directory. The paper's §5: optimise an
-adversarial suffix (``optimize_suffix``) and measure what it does to the direction (``layer_cosines``,
-``decompose``, ``attention_masses``) on prompts split into regions (``split_prompt``). Lower-damage
-edits: directions ridge-cleaned against protected prompts' activations (``protect``, ``Protection``,
-``EditParams(clean=...)``) and a capability proxy (``load_capability``, ``capability_loss``).
+functions too: ``refusal.commands.run.run``, ``refusal.commands.search.search`` and
+``refusal.commands.attack.attack`` take a ``Settings`` tree and ``refusal.commands.analyze.analyze`` a
+run directory. The paper's §5: optimise an adversarial suffix (``optimize_suffix``) and measure what it
+does to the direction (``layer_cosines``, ``decompose``, ``attention_masses``) on prompts split into
+regions (``split_prompt``). Lower-damage edits: directions ridge-cleaned against protected prompts'
+activations (``protect``, ``Protection``, ``EditParams(clean=...)``) and a capability proxy
+(``load_capability``, ``capability_loss``).
+
+Importing the package loads nothing heavy: each name is imported from its module on first use, so
+``import refusal`` and ``refusal --version`` never load torch.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .activations import collect_activations, mean_activations
-from .attack import AttackState, optimize_suffix
-from .cleaning import Protection, protect
-from .data import load_builtin, load_capability, load_prompts
-from .directions import Candidates, Direction, compute_candidates
-from .edits import Edit, Editor, EditParams, Kernel, KernelEdit, Orthogonalization, edited, orthogonalized
-from .errors import FidelityError, RefusalError, UnsupportedModelError
-from .evaluation import Condition, EvalSettings, capability_loss, evaluate
-from .export import export_model, fidelity_check
-from .generation import Engine, HFEngine, generate
-from .interventions import ablate, add
-from .judges import is_refusal
-from .mechanisms import Decomposition, attention_masses, decompose, layer_cosines, top_heads
-from .model import ChatModel, wrap_model
-from .models import load_model
-from .scoring import kl_divergence, refusal_score
-from .selection import score_candidates, select_direction
-from .settings import Settings
-from .suffix_scoring import Objective
-from .suffixes import SuffixedPrompt, split_prompt
-from .weights import orthogonalize_weights
+# Each public name and the module (below refusal) that defines it.
+_API = {
+    "ablate": "residual.interventions",
+    "add": "residual.interventions",
+    "AttackState": "attack.gcg",
+    "attention_masses": "measure.mechanisms",
+    "Candidates": "residual.directions",
+    "capability_loss": "measure.evaluation",
+    "ChatModel": "model.chat",
+    "collect_activations": "residual.activations",
+    "compute_candidates": "residual.directions",
+    "Condition": "measure.evaluation",
+    "decompose": "measure.mechanisms",
+    "Decomposition": "measure.mechanisms",
+    "Direction": "residual.directions",
+    "Edit": "edit.edits",
+    "edited": "edit.edits",
+    "Editor": "edit.edits",
+    "EditParams": "edit.edits",
+    "Engine": "engines.hf",
+    "EvalSettings": "measure.evaluation",
+    "evaluate": "measure.evaluation",
+    "export_model": "checkpoint.export",
+    "fidelity_check": "checkpoint.export",
+    "FidelityError": "errors",
+    "generate": "engines.hf",
+    "HFEngine": "engines.hf",
+    "is_refusal": "measure.judges",
+    "Kernel": "edit.edits",
+    "KernelEdit": "edit.edits",
+    "kl_divergence": "residual.scoring",
+    "layer_cosines": "measure.mechanisms",
+    "load_builtin": "data.prompt_sets",
+    "load_capability": "data.prompt_sets",
+    "load_model": "model.packaged",
+    "load_prompts": "data.prompt_sets",
+    "mean_activations": "residual.activations",
+    "Objective": "attack.suffix_scoring",
+    "optimize_suffix": "attack.gcg",
+    "Orthogonalization": "edit.edits",
+    "orthogonalize_weights": "edit.weights",
+    "orthogonalized": "edit.edits",
+    "protect": "direction.cleaning",
+    "Protection": "direction.cleaning",
+    "refusal_score": "residual.scoring",
+    "RefusalError": "errors",
+    "score_candidates": "direction.selection",
+    "select_direction": "direction.selection",
+    "Settings": "settings",
+    "split_prompt": "data.suffixes",
+    "SuffixedPrompt": "data.suffixes",
+    "top_heads": "measure.mechanisms",
+    "UnsupportedModelError": "errors",
+    "wrap_model": "model.chat",
+}
 
 __all__ = [
     "AttackState",
@@ -89,3 +132,41 @@ __all__ = [
     "top_heads",
     "wrap_model",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name from its module the first time it is asked for (PEP 562)."""
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))
+
+
+if TYPE_CHECKING:  # the same names, for type checkers and editors
+    from .attack.gcg import AttackState, optimize_suffix
+    from .attack.suffix_scoring import Objective
+    from .checkpoint.export import export_model, fidelity_check
+    from .data.prompt_sets import load_builtin, load_capability, load_prompts
+    from .data.suffixes import SuffixedPrompt, split_prompt
+    from .direction.cleaning import Protection, protect
+    from .direction.selection import score_candidates, select_direction
+    from .edit.edits import Edit, Editor, EditParams, Kernel, KernelEdit, Orthogonalization, edited, orthogonalized
+    from .edit.weights import orthogonalize_weights
+    from .engines.hf import Engine, HFEngine, generate
+    from .errors import FidelityError, RefusalError, UnsupportedModelError
+    from .measure.evaluation import Condition, EvalSettings, capability_loss, evaluate
+    from .measure.judges import is_refusal
+    from .measure.mechanisms import Decomposition, attention_masses, decompose, layer_cosines, top_heads
+    from .model.chat import ChatModel, wrap_model
+    from .model.packaged import load_model
+    from .residual.activations import collect_activations, mean_activations
+    from .residual.directions import Candidates, Direction, compute_candidates
+    from .residual.interventions import ablate, add
+    from .residual.scoring import kl_divergence, refusal_score
+    from .settings import Settings

@@ -23,9 +23,9 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .common.parsing import auto_or_number, duration, int_list, local_path, word_list
+from .common.study_url import check_url
 from .errors import RefusalError
-from .parsing import auto_or_number, duration, int_list, local_path, word_list
-from .study_storage import check_url
 
 REFUSAL_WORDS = ("I", "As", "Sorry", "I'm", "Unfortunately", "Apologies")
 # Edit variants (docs/search.md): a direction form, optionally "+" a norm choice. The default search space, named

@@ -1,0 +1,64 @@
+"""The command line generated from the settings tree: one option per setting, with its help and parser.
+
+``add_arguments`` adds a group's options to a subcommand (defaults stay None so ``from_args`` can
+tell what was given); ``from_args`` applies the given options to defaults or to a run's saved tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import typing
+from dataclasses import MISSING, fields
+from typing import Any
+
+from ..settings import Settings, group_types
+
+
+def flag(f) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...]) -> None:
+    """One option per setting of ``groups``; defaults stay None so ``from_args`` can tell what was given."""
+    hints = {name: typing.get_type_hints(group_type) for name, group_type in group_types().items()}
+    for group_name in groups:
+        group = parser.add_argument_group(f"{group_name} settings")
+        for f in fields(group_types()[group_name]):
+            meta, default = f.metadata, (f.default if f.default is not MISSING else f.default_factory())  # type: ignore[misc,operator]
+            shown = ",".join(map(str, default)) if isinstance(default, list) else default
+            help_text = f"{meta['help']} (default: {shown})"
+            if hints[group_name][f.name] is bool:
+                action = argparse.BooleanOptionalAction if default else "store_true"  # an on-by-default switch: --no-NAME turns it off
+                group.add_argument(flag(f), dest=f"{group_name}.{f.name}", action=action, default=None, help=help_text)
+                continue
+            parse = meta["parse"] or _scalar_parser(hints[group_name][f.name])
+            group.add_argument(
+                flag(f),
+                dest=f"{group_name}.{f.name}",
+                type=parse,
+                default=None,
+                choices=meta["choices"],
+                metavar=meta["metavar"] or (None if meta["choices"] else f.name.upper()),
+                help=help_text,
+            )
+
+
+def _scalar_parser(hint) -> Any:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if args else hint
+    return {int: int, float: float, str: str}.get(base, str)
+
+
+def from_args(args: argparse.Namespace, base: Settings | None = None) -> Settings:
+    """``base`` (defaults, or a run's saved tree) with every option given on the command line applied."""
+    settings = Settings.from_dict(base.to_dict()) if base is not None else Settings()
+    for key, value in vars(args).items():
+        if "." in key and value is not None:
+            group_name, name = key.split(".", 1)
+            setattr(getattr(settings, group_name), name, value)
+    return settings
+
+
+def given(args: argparse.Namespace, group: str) -> dict:
+    """The options of ``group`` that were given on the command line."""
+    return {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith(group + ".") and v is not None}

@@ -1,0 +1,1 @@
+"""Each command as a library function: run, evaluate, generate, search, attack, analyze."""

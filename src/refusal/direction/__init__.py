@@ -1,0 +1,1 @@
+"""Finding the direction: the paper's candidate selection and cleaning against protected prompts."""

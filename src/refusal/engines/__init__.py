@@ -1,0 +1,1 @@
+"""Text generation behind one protocol: transformers (HFEngine) and vLLM."""

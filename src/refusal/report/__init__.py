@@ -1,0 +1,1 @@
+"""Reports: the report.json schema, figures, HTML and Markdown renderers."""
