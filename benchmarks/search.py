@@ -34,6 +34,7 @@ import argparse
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -109,7 +110,7 @@ def evaluate_holdout(conditions: list[Condition], settings: Settings) -> dict:
     version = commit()
     prompts = load_holdout(HOLDOUT_LOG, "benchmarks/search.py --holdout", version)
     e = settings.evaluation
-    result = evaluate(conditions, prompts, EvalSettings(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, kl_tokens=16, ce_max_tokens=0))
+    result = evaluate(conditions, prompts, replace(EvalSettings.from_settings(e, []), kl_tokens=16, ce_tokens=0))
     return {**result, "read": f"read at commit {version}, logged in {HOLDOUT_LOG.relative_to(ROOT)}"}
 
 
@@ -213,7 +214,7 @@ def main() -> None:
         lambda: evaluate(
             conditions,
             {"harmful": ctx.prompts.get("harmful", "test"), "harmless": ctx.prompts.get("harmless", "test")},
-            EvalSettings(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, kl_tokens=16, ce_max_tokens=e.ce_tokens),
+            replace(EvalSettings.from_settings(e, []), kl_tokens=16),
             corpus=load_corpus(),
             capability=load_capability("test"),
         ),

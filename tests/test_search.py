@@ -12,8 +12,10 @@ from refusal.common.parsing import duration
 from refusal.edit.edits import EditParams, Kernel
 from refusal.errors import RefusalError
 from refusal.search.choice import bisect_front, choose
-from refusal.search.trials import REFINE_SCALES, anchor_params, refinements, scaled
+from refusal.search.trials import anchor_params, refinements, scaled
 from refusal.settings import SearchSettings, Settings
+
+SCALES = SearchSettings().refine_scales  # the refinement trials' strength factors
 
 
 def organism_settings(organism_dir, **search) -> Settings:
@@ -72,7 +74,7 @@ def test_refinement_trials_are_stronger_copies_of_low_kl_front_points(organism_s
     out, chat, result, settings = organism_search_run
     trials = {t["trial"]: t for t in result["trials"]}
     refined = [t for t in result["trials"] if t["role"] == "refine"]
-    assert refined and len(refined) <= settings.search.refine * len(REFINE_SCALES)
+    assert refined and len(refined) <= settings.search.refine * len(SCALES)
     assert min(t["trial"] for t in refined) > max(t["trial"] for t in sampled(result))  # they come last
     for t in refined:
         base = trials[t["base"]]
@@ -87,13 +89,13 @@ def test_refinements_pick_the_lowest_refusal_low_kl_front_points_and_skip_done_o
     point = lambda n, refusal, kl, role="sampled": {"trial": n, "refusal": refusal, "kl": kl, "params": params, "role": role}
     records = [point(0, -2.0, 0.5), point(1, -0.2, 0.01), point(2, -0.6, 0.08), point(3, -0.9, 0.15)]
     todo = refinements(records, config)
-    assert [(base, factor) for base, factor, _ in todo] == [(2, f) for f in REFINE_SCALES]
-    assert todo[-1][2].attn.peak == pytest.approx(0.8 * REFINE_SCALES[-1]) and todo[-1][2].attn.floor == pytest.approx(0.2 * REFINE_SCALES[-1])
-    assert todo[-1][2].attn.centre == 2.0 and todo[-1][2].layer == 3.0 and todo[-1][2].mlp.peak == pytest.approx(REFINE_SCALES[-1])
-    done = {**point(4, -0.7, 0.09, "refine"), "base": 2, "scale": REFINE_SCALES[0]}
-    assert [(b, f) for b, f, _ in refinements(records + [done], config)] == [(2, f) for f in REFINE_SCALES[1:]]
-    better = {**point(5, -1.5, 0.05, "refine"), "base": 2, "scale": REFINE_SCALES[1]}  # dominates its base: the base stays
-    assert [(b, f) for b, f, _ in refinements(records + [done, better], config)] == [(2, f) for f in REFINE_SCALES[2:]]
+    assert [(base, factor) for base, factor, _ in todo] == [(2, f) for f in SCALES]
+    assert todo[-1][2].attn.peak == pytest.approx(0.8 * SCALES[-1]) and todo[-1][2].attn.floor == pytest.approx(0.2 * SCALES[-1])
+    assert todo[-1][2].attn.centre == 2.0 and todo[-1][2].layer == 3.0 and todo[-1][2].mlp.peak == pytest.approx(SCALES[-1])
+    done = {**point(4, -0.7, 0.09, "refine"), "base": 2, "scale": SCALES[0]}
+    assert [(b, f) for b, f, _ in refinements(records + [done], config)] == [(2, f) for f in SCALES[1:]]
+    better = {**point(5, -1.5, 0.05, "refine"), "base": 2, "scale": SCALES[1]}  # dominates its base: the base stays
+    assert [(b, f) for b, f, _ in refinements(records + [done, better], config)] == [(2, f) for f in SCALES[2:]]
     assert refinements(records, SearchSettings(refine=0)) == []
 
 

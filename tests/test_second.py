@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -6,8 +8,17 @@ from refusal.data.prompt_sets import load_self_questions
 from refusal.edit.edits import EditParams, Kernel, KernelEdit, edited
 from refusal.errors import RefusalError
 from refusal.model.chat import wrap_model
-from refusal.search.second_direction import BASE_KL_FRACTION, FOLLOW_STRENGTHS, SCREEN_FRACTIONS, SCREEN_STRENGTH, plan, second_base, second_params
+from refusal.search.second_direction import plan, second_base, second_params
 from refusal.settings import SearchSettings
+
+DEFAULTS = SearchSettings()
+SCREEN_FRACTIONS, SCREEN_STRENGTH = DEFAULTS.second_fractions, DEFAULTS.second_screen_strength
+FOLLOW_STRENGTHS, BASE_KL_FRACTION = DEFAULTS.second_strengths, DEFAULTS.second_base_kl_fraction
+
+
+def trials(n: int, max_kl: float = math.inf) -> SearchSettings:
+    """The default plan's settings with ``n`` second-direction trials and a KL cap (none by default)."""
+    return SearchSettings(second=n, max_kl=max_kl)
 
 
 def point(trial, refusal, kl, role="sampled"):
@@ -17,32 +28,32 @@ def point(trial, refusal, kl, role="sampled"):
 def test_the_plan_screens_layers_then_follows_the_best_one():
     screen = [(f, SCREEN_STRENGTH) for f in SCREEN_FRACTIONS]
     n = len(screen)
-    assert n >= 2 and plan([], 8) == screen and plan([], 1) == screen[:1] and plan([], 0) == []
+    assert n >= 2 and plan([], trials(8)) == screen and plan([], trials(1)) == screen[:1] and plan([], trials(0)) == []
     best_index = n - 1
     done = [{**point(10 + k, -1.0 - (k == best_index), 0.1, "second"), "fraction": f, "strength": s} for k, (f, s) in enumerate(screen)]
-    assert plan(done[:1], 8) == screen[1:]  # the screen first
+    assert plan(done[:1], trials(8)) == screen[1:]  # the screen first
     best = SCREEN_FRACTIONS[best_index]  # the lowest refusal score
-    assert plan(done, 8) == [(best, s) for s in FOLLOW_STRENGTHS]
-    assert plan(done, n + 1) == [(best, FOLLOW_STRENGTHS[0])] and plan(done, n) == []
+    assert plan(done, trials(8)) == [(best, s) for s in FOLLOW_STRENGTHS]
+    assert plan(done, trials(n + 1)) == [(best, FOLLOW_STRENGTHS[0])] and plan(done, trials(n)) == []
     followed = {**point(20, -1.5, 0.1, "second"), "fraction": best, "strength": FOLLOW_STRENGTHS[0]}
-    assert plan([*done, followed], 8) == [(best, s) for s in FOLLOW_STRENGTHS[1:]]  # done ones are not repeated
+    assert plan([*done, followed], trials(8)) == [(best, s) for s in FOLLOW_STRENGTHS[1:]]  # done ones are not repeated
 
 
 def test_the_plan_counts_only_the_trials_on_its_base():
     screen = [(f, SCREEN_STRENGTH) for f in SCREEN_FRACTIONS]
     done = [{**point(10 + k, -1.0, 0.1, "second"), "fraction": f, "strength": s, "base": 3} for k, (f, s) in enumerate(screen)]
-    assert plan(done, 8, base=3)[0][1] == FOLLOW_STRENGTHS[0]  # the screen on base 3 is done
-    assert plan(done, 8, base=5) == screen  # a resumed study whose base changed screens again
-    assert plan(done, 8) == plan(done, 8, base=3)  # no base given: every second-direction trial counts
+    assert plan(done, trials(8), base=3)[0][1] == FOLLOW_STRENGTHS[0]  # the screen on base 3 is done
+    assert plan(done, trials(8), base=5) == screen  # a resumed study whose base changed screens again
+    assert plan(done, trials(8)) == plan(done, trials(8), base=3)  # no base given: every second-direction trial counts
 
 
 def test_the_plan_follows_the_best_layer_within_the_kl_cap():
     screen = [(f, SCREEN_STRENGTH) for f in SCREEN_FRACTIONS]
     kls = [0.15, 0.3]  # the deeper layer refuses less but costs more than the cap
     done = [{**point(10 + k, -1.0 - 0.1 * k, kls[k], "second"), "fraction": f, "strength": s} for k, (f, s) in enumerate(screen)]
-    assert plan(done, 8, max_kl=0.2) == [(SCREEN_FRACTIONS[0], s) for s in FOLLOW_STRENGTHS]
-    assert plan(done, 8)[0][0] == SCREEN_FRACTIONS[1]  # no cap: the lowest refusal score
-    assert plan(done, 8, max_kl=0.1)[0][0] == SCREEN_FRACTIONS[0]  # none within: the lowest KL
+    assert plan(done, trials(8, 0.2)) == [(SCREEN_FRACTIONS[0], s) for s in FOLLOW_STRENGTHS]
+    assert plan(done, trials(8))[0][0] == SCREEN_FRACTIONS[1]  # no cap: the lowest refusal score
+    assert plan(done, trials(8, 0.1))[0][0] == SCREEN_FRACTIONS[0]  # none within: the lowest KL
 
 
 def test_the_base_is_the_lowest_refusal_low_kl_front_point_above_the_floor():

@@ -203,7 +203,7 @@ def test_an_unknown_ablation_form_is_a_clear_error(tokenizer):
         with ablate(fresh(tokenizer), torch.randn(32), form="sideways"):
             pass
     with pytest.raises(RefusalError, match="unknown ablation form 'sideways'"):
-        generate_completions(Settings(), ["hello"], 4, ablation_form="sideways")  # before any model is loaded
+        generate_completions(Settings(), ["hello"], ablation_form="sideways")  # before any model is loaded
 
 
 # ---- 3. analyze on the refused prompts, the attack's rates in the report ---------------------------

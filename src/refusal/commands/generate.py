@@ -6,7 +6,6 @@ model is loaded; the prompts with ``max_new_tokens`` must fit the model's contex
 
 from __future__ import annotations
 
-import math
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -22,21 +21,20 @@ from ..settings import Settings
 def generate_completions(
     settings: Settings,
     prompts: list[str],
-    max_new_tokens: int,
     ablate_run: Path | None = None,
     add_run: Path | None = None,
-    coeff: float = 1.0,
     model_options: dict | None = None,
     ablation_form: str = "writers",
 ) -> list[str]:
     """``refusal generate``: greedy completions, with a run's direction ablated (in ``ablation_form``) or added (hooks) if asked (the run's
-    model unless ``model_options``, the model options given on the command line, name the same one)."""
+    model unless ``model_options``, the model options given on the command line, name the same one). The tree gives the
+    tokens generated (``evaluation.max_new_tokens``) and the scale of an added direction (``hooks.coeff``)."""
+    max_new_tokens, coeff = settings.evaluation.max_new_tokens, settings.hooks.coeff
     if ablation_form not in ABLATION_FORMS:
         raise RefusalError(f"unknown ablation form {ablation_form!r}; choose one of {', '.join(ABLATION_FORMS)}")
     if not 1 <= max_new_tokens <= 4096:
         raise RefusalError(f"--max-new-tokens must be between 1 and 4096 (got {max_new_tokens})")
-    if not math.isfinite(coeff):
-        raise RefusalError(f"--coeff must be a finite number (got {coeff})")
+    settings.hooks.validate()
     direction = None
     if ablate_run or add_run:  # the run's model (or the same one), and its direction while fresh: before anything is loaded
         run = RunDir.open(ablate_run or add_run)  # type: ignore[arg-type]

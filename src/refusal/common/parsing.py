@@ -25,6 +25,14 @@ def int_list(text: str) -> list[int]:
     return out
 
 
+def float_list(text: str) -> list[float]:
+    """'1.1,1.2' -> [1.1, 1.2]."""
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of numbers like '0.5,0.7'") from None
+
+
 def word_list(text: str) -> list[str]:
     words = [w.strip() for w in text.split(",") if w.strip()]
     if not words:

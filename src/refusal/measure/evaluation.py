@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, cast
 
 import torch
@@ -37,6 +37,7 @@ from ..model.chat import ChatModel
 from ..residual.activations import batches, collect_activations
 from ..residual.directions import Candidates, Direction, unit_vector
 from ..residual.scoring import TeacherForced, kl_divergence, refusal_score
+from ..settings import EvaluationSettings, tree_field
 from .judges import REFUSAL_PHRASES, Judged, SafetyJudge, judge_refusals
 from .stats import wilson_interval
 
@@ -56,16 +57,25 @@ class Condition:
 
 @dataclass
 class EvalSettings:
-    max_new_tokens: int = 32
-    batch_size: int = 16
-    kl_tokens: int = 16
-    early_stop: bool = True
-    phrases: tuple[str, ...] = REFUSAL_PHRASES
-    ce_max_tokens: int = 2048  # corpus tokens scored per condition (0: skip cross-entropy)
-    ce_max_length: int = 256
-    capability_items: int = 24  # built-in code/math problems scored per condition (0: skip the capability proxy)
-    samples_per_kind: int = 4
-    refusal_ids: list[int] = field(default_factory=list)
+    """What ``evaluate`` needs: the tree's evaluation settings (defaults and help in ``settings.EvaluationSettings``)
+    plus what is resolved from them for a model: the refusal phrases read and the refusal tokens' ids."""
+
+    max_new_tokens: int = tree_field("evaluation.max_new_tokens")
+    batch_size: int = tree_field("evaluation.batch_size")
+    kl_tokens: int = tree_field("evaluation.kl_tokens")
+    early_stop: bool = tree_field("evaluation.early_stop")
+    ce_tokens: int = tree_field("evaluation.ce_tokens")  # corpus tokens scored per condition (0: skip cross-entropy)
+    ce_max_length: int = tree_field("evaluation.ce_max_length")
+    capability_items: int = tree_field("evaluation.capability_items")  # built-in code/math problems (0: skip the proxy)
+    samples_per_kind: int = tree_field("evaluation.samples_per_kind")
+    phrases: tuple[str, ...] = REFUSAL_PHRASES  # the substring judge's phrases (the tree names a file of them)
+    refusal_ids: list[int] = field(default_factory=list)  # token ids of the tree's refusal_tokens for one tokenizer (none: no logit scores)
+
+    @classmethod
+    def from_settings(cls, evaluation: EvaluationSettings, refusal_ids: list[int], phrases: Sequence[str] = REFUSAL_PHRASES) -> EvalSettings:
+        """The tree's evaluation group with the phrases and refusal token ids resolved for a model."""
+        taken = {f.name: getattr(evaluation, f.metadata["tree"].partition(".")[2]) for f in fields(cls) if "tree" in f.metadata}
+        return cls(**taken, phrases=tuple(phrases), refusal_ids=list(refusal_ids))
 
 
 def rate(refused: int, total: int) -> dict:
@@ -250,8 +260,8 @@ def evaluate(
     if original_ids and edits:
         for condition in edits:
             result["kl"][condition.name] = kl_costs(original, condition, prompts["harmless"], original_ids, settings.batch_size)
-    if corpus and settings.ce_max_tokens > 0:
-        chunks = corpus_chunks(original.chat, corpus, settings.ce_max_tokens, settings.ce_max_length)
+    if corpus and settings.ce_tokens > 0:
+        chunks = corpus_chunks(original.chat, corpus, settings.ce_tokens, settings.ce_max_length)
         losses = {c.name: cross_entropy(c, chunks) for c in [original, *edits]}
         result["ce_loss"] = {"loss": {k: v["loss"] for k, v in losses.items()}, "tokens": losses[original.name]["tokens"], "corpus": corpus_name}
     if capability and settings.capability_items > 0:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import RefusalError, UnsupportedModelError
-from ..settings import REFUSAL_WORDS
+from ..settings import REFUSAL_WORDS, tree_field
 from .architecture import HFModel, Tokenizer, Writer, find_decoder_layers, find_embeddings, find_writers
 
 
@@ -28,9 +28,9 @@ class ChatModel:
     layers: nn.ModuleList
     embeddings: list[Writer]  # component "embed": token embedding, then learned positions
     writers: list[Writer]  # component "attn" / "mlp", in layer order
-    chat_template: str | None = None
+    chat_template: str | None = tree_field("model.chat_template")  # as loaded
     path: str = ""  # the resolved location a reload uses (local directory or hub id); defaults to source
-    trust_remote_code: bool = False
+    trust_remote_code: bool = tree_field("model.trust_remote_code")  # as loaded
     template_kwargs: dict = field(default_factory=lambda: {"enable_thinking": False})
     _post_ids: list[int] | None = None
 

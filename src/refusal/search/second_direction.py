@@ -7,7 +7,7 @@ disclaimer rather than an apology. The refusal direction does not carry that beh
 direction does:
 
 1. the *base*: the front point with the lowest refusal score among those with first-token KL at most
-   ``BASE_KL_FRACTION`` of ``max_kl`` that still score above the floor (a third: the second direction
+   ``second_base_kl_fraction`` of ``max_kl`` that still score above the floor (a third: the second direction
    buys refusals for less KL than a stronger base, and a base above strength 1.2 costs capability);
 2. with the base applied, the harmful *train* prompts are scored at their last position (the refusal
    margin); with fewer than ``MIN_REFUSING`` still refused (margin > 0) there is nothing to do;
@@ -23,8 +23,8 @@ direction does:
    protected activations at its own layer (``cleaning.Protection.clean``);
 5. trials: the base edit plus r2, made orthogonal to the base's direction, removed from every writer
    with one strength s2: W <- W - s2 u2 u2^T W after the base's own edit. First a screen of the
-   layers ``SCREEN_FRACTIONS`` (fractions of the depth) at ``SCREEN_STRENGTH``, then the screened
-   layer with the lowest refusal score within ``max_kl`` at ``FOLLOW_STRENGTHS`` (``plan``).
+   layers ``second_fractions`` (fractions of the depth) at ``second_screen_strength``, then the screened
+   layer with the lowest refusal score within ``max_kl`` at ``second_strengths`` (``plan``; all in ``SearchSettings``).
 
 The harmful-vs-harmless difference of the *edited* model does not work instead: removing it raised
 the refusals (docs/search.md).
@@ -33,7 +33,6 @@ the refusals (docs/search.md).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
@@ -49,22 +48,19 @@ from ..residual.scoring import LastPosition, refusal_margin
 from ..settings import SECOND_SOURCES, SearchSettings
 from .trials import pareto_front
 
-SCREEN_FRACTIONS = (0.625, 0.75)  # depth fractions whose difference of means is screened
-SCREEN_STRENGTH = 0.3  # flat strength of the second direction in the screen
-FOLLOW_STRENGTHS = (0.5, 0.7, 0.9)  # strengths tried on the screen's best layer: above the screen's, up towards --max-kl
-BASE_KL_FRACTION = 1 / 3  # the base's first-token KL is at most this fraction of --max-kl
 COMPLY_BELOW = -1.0  # source "refused": a train prompt complied with has a refusal margin below this under the base edit
 MAX_COMPLYING = 64  # source "refused": complying prompts averaged (the first ones; the mean needs no more)
 MAX_HARMLESS = 96  # source "disclaimer": harmless train prompts averaged against the self questions
 MIN_REFUSING = 2  # fewer still-refused train prompts than this: no second direction
 
 
-def plan(records: list[dict], n: int, max_kl: float = math.inf, base: int | None = None) -> list[tuple[float, float]]:
-    """The (depth fraction, strength) pairs of the second-direction trials to run next, at most ``n`` in all:
-    the screen first; once it is done, the best screened layer (the lowest refusal score among those with
-    first-token KL at most ``max_kl``, else the lowest KL) at the follow strengths. Only trials on ``base``
-    count as done (a resumed study whose base changed plans afresh); None: every second-direction trial."""
-    screen = [(f, SCREEN_STRENGTH) for f in SCREEN_FRACTIONS][:n]
+def plan(records: list[dict], config: SearchSettings, base: int | None = None) -> list[tuple[float, float]]:
+    """The (depth fraction, strength) pairs of the second-direction trials to run next, at most ``config.second`` in
+    all: the screen first; once it is done, the best screened layer (the lowest refusal score among those with
+    first-token KL at most ``config.max_kl``, else the lowest KL) at ``config.second_strengths``. Only trials on
+    ``base`` count as done (a resumed study whose base changed plans afresh); None: every second-direction trial."""
+    n, max_kl = config.second, config.max_kl
+    screen = [(f, config.second_screen_strength) for f in config.second_fractions][:n]
     ours = [r for r in records if r["role"] == "second" and (base is None or r.get("base") == base)]
     done = {(r["fraction"], r["strength"]): r for r in ours}
     todo = [pair for pair in screen if pair not in done]
@@ -73,7 +69,7 @@ def plan(records: list[dict], n: int, max_kl: float = math.inf, base: int | None
     screened = [done[pair] for pair in screen]
     within = [r for r in screened if r["kl"] <= max_kl]
     best = min(within, key=lambda r: r["refusal"]) if within else min(screened, key=lambda r: r["kl"])
-    follow = [(best["fraction"], s) for s in FOLLOW_STRENGTHS][: max(0, n - len(screen))]
+    follow = [(best["fraction"], s) for s in config.second_strengths][: max(0, n - len(screen))]
     return [pair for pair in follow if pair not in done]
 
 
@@ -129,9 +125,9 @@ def cleaned(directions: dict[float, torch.Tensor], base: EditParams, protection:
 
 def second_base(records: list[dict], config: SearchSettings) -> dict | None:
     """The front point (sampled and refinement trials) with the lowest refusal score among those with
-    first-token KL at most ``BASE_KL_FRACTION * max_kl`` still scoring above the floor, or None."""
+    first-token KL at most ``second_base_kl_fraction * max_kl`` still scoring above the floor, or None."""
     front = pareto_front([r for r in records if r["role"] != "second"])
-    low = [p for p in front if p["kl"] <= BASE_KL_FRACTION * config.max_kl and p["refusal"] > config.floor]
+    low = [p for p in front if p["kl"] <= config.second_base_kl_fraction * config.max_kl and p["refusal"] > config.floor]
     return min(low, key=lambda p: p["refusal"]) if low else None
 
 
@@ -153,7 +149,7 @@ def second_trials(
     base = second_base(records, config)
     if base is None:
         return []
-    todo = plan(records, config.second, config.max_kl, base["trial"])
+    todo = plan(records, config, base["trial"])
     if not todo:
         return []
     params = EditParams.from_dict(base["params"])
@@ -162,7 +158,7 @@ def second_trials(
         edit = KernelEdit.from_candidates(candidates, params, protection)
         cache["base"] = base["trial"]
         cache["directions"], cache["counts"] = second_directions(
-            chat, edit, harmful_train, refusal_ids, batch_size, list(SCREEN_FRACTIONS), config.second_source, harmless_train
+            chat, edit, harmful_train, refusal_ids, batch_size, list(config.second_fractions), config.second_source, harmless_train
         )
     directions = cleaned(cache["directions"], params, protection, chat.n_layers)
     return [

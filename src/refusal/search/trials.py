@@ -137,7 +137,6 @@ def _as_optuna(params: EditParams, n_layers: int) -> dict:
     return out
 
 
-REFINE_SCALES = (1.1, 1.2, 1.3, 1.4)  # strength factors of the refinement trials (docs/search.md)
 SECOND_OVERHEAD_TRIALS = 5  # trial times kept for finding the second direction (scoring and reading the train prompts)
 
 
@@ -154,7 +153,8 @@ def refinements(records: list[dict], config: SearchSettings) -> list[tuple[int, 
     """The refinement trials still to run, as (base trial, factor, params).
 
     The bases are the ``config.refine`` points of the sampled trials' front with the lowest refusal
-    scores among those with first-token KL at most ``max_kl / 2`` that still score above the floor.
+    scores among those with first-token KL at most ``max_kl / 2`` that still score above the floor;
+    each is scaled by each of ``config.refine_scales``.
     The sampler rarely lands on the steep part of the front just above them, where a slightly
     stronger copy of a low-KL point removes its last refusals for less KL than the sampler's points
     there cost (docs/search.md, "Refinement").
@@ -166,7 +166,7 @@ def refinements(records: list[dict], config: SearchSettings) -> list[tuple[int, 
     return [
         (b["trial"], factor, scaled(EditParams.from_dict(b["params"]), factor))
         for b in bases
-        for factor in REFINE_SCALES
+        for factor in config.refine_scales
         if (b["trial"], factor) not in done
     ]
 
@@ -257,7 +257,7 @@ def run_trials(
             if on_trial:
                 on_trial(trial.number, values)  # Optuna's number: the one search.json, the front and `export --trial` use
 
-        later = config.refine * len(REFINE_SCALES) + (config.second + SECOND_OVERHEAD_TRIALS if second is not None and config.second else 0)
+        later = config.refine * len(config.refine_scales) + (config.second + SECOND_OVERHEAD_TRIALS if second is not None and config.second else 0)
         while True:
             done = records(study)
             live = (state.COMPLETE, state.RUNNING) if shared else (state.COMPLETE,)  # other workers' running trials count
