@@ -41,7 +41,7 @@ CHILD = {
         "from refusal.common.progress import set_quiet\n"
         "set_quiet(True)\n"
         "cap = int(sys.argv[3]) if sys.argv[3] != '-' else refusal.checkpoint.streaming.FILE_WORKERS\n"
-        "refusal.checkpoint.streaming.FILE_WORKERS = refusal.checkpoint.tensor_edit.FILE_WORKERS = cap\n"
+        "refusal.checkpoint.streaming.FILE_WORKERS = refusal.edit.tensor_edit.FILE_WORKERS = cap\n"
         "chat = load_skeleton(sys.argv[1])\n"
         "direction = torch.randn(chat.d_model, generator=torch.Generator().manual_seed(0))\n"
         "profile = cProfile.Profile() if sys.argv[4] == 'profile' else None\n"

@@ -5,7 +5,7 @@ import torch
 from safetensors import safe_open
 
 import refusal.checkpoint.streaming as streaming
-import refusal.checkpoint.tensor_edit as tensor_edit
+import refusal.edit.tensor_edit as tensor_edit
 from conftest import FAMILIES, build_model, build_tokenizer
 from conftest import checkpoint_tensors as tensors
 from refusal.checkpoint.export import export_model

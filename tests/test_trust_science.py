@@ -127,8 +127,8 @@ def test_new_variants_export_with_fidelity_in_memory_and_streamed(tokenizer, tmp
 
 
 def test_streamed_coordinate_norms_in_small_blocks_equal_one_block(monkeypatch):
-    from refusal.checkpoint import tensor_edit
     from refusal.checkpoint.streaming import TensorEdit
+    from refusal.edit import tensor_edit
 
     g = torch.Generator().manual_seed(2)
     u = unit_vector(torch.randn(16, generator=g))

@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 _API = {
     "ablate": "residual.interventions",
     "add": "residual.interventions",
+    "Added": "edit.deltas",
     "AttackState": "attack.gcg",
     "attention_masses": "measure.mechanisms",
     "Candidates": "residual.directions",
@@ -38,6 +39,7 @@ _API = {
     "Decomposition": "measure.mechanisms",
     "Direction": "residual.directions",
     "Edit": "edit.edits",
+    "edit_from_dict": "edit.described",
     "edited": "edit.edits",
     "Editor": "edit.edits",
     "EditParams": "edit.edits",
@@ -55,6 +57,7 @@ _API = {
     "kl_divergence": "residual.scoring",
     "layer_cosines": "measure.mechanisms",
     "load_builtin": "data.prompt_sets",
+    "LowRank": "edit.deltas",
     "load_capability": "data.prompt_sets",
     "load_model": "model.packaged",
     "load_prompts": "data.prompt_sets",
@@ -73,12 +76,14 @@ _API = {
     "Settings": "settings",
     "split_prompt": "data.suffixes",
     "SuffixedPrompt": "data.suffixes",
+    "TensorDeltas": "edit.tensor_deltas",
     "top_heads": "measure.mechanisms",
     "UnsupportedModelError": "errors",
     "wrap_model": "model.chat",
 }
 
 __all__ = [
+    "Added",
     "AttackState",
     "Candidates",
     "ChatModel",
@@ -94,12 +99,14 @@ __all__ = [
     "HFEngine",
     "Kernel",
     "KernelEdit",
+    "LowRank",
     "Objective",
     "Orthogonalization",
     "Protection",
     "RefusalError",
     "Settings",
     "SuffixedPrompt",
+    "TensorDeltas",
     "UnsupportedModelError",
     "ablate",
     "add",
@@ -108,6 +115,7 @@ __all__ = [
     "collect_activations",
     "compute_candidates",
     "decompose",
+    "edit_from_dict",
     "edited",
     "evaluate",
     "export_model",
@@ -156,7 +164,10 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
     from .data.suffixes import SuffixedPrompt, split_prompt
     from .direction.cleaning import Protection, protect
     from .direction.selection import score_candidates, select_direction
+    from .edit.deltas import Added, LowRank
+    from .edit.described import edit_from_dict
     from .edit.edits import Edit, Editor, EditParams, Kernel, KernelEdit, Orthogonalization, edited, orthogonalized
+    from .edit.tensor_deltas import TensorDeltas
     from .edit.weights import orthogonalize_weights
     from .engines.hf import Engine, HFEngine, generate
     from .errors import FidelityError, RefusalError, UnsupportedModelError

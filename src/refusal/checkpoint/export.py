@@ -16,11 +16,12 @@ import os
 import shutil
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from ..common.progress import log
 from ..edit.edits import Edit, edited
@@ -98,13 +99,15 @@ def fidelity_check(
     original: torch.Tensor | None = None,
     low_precision: bool | None = None,
     in_place: bool = False,
+    names: Iterable[str] | None = None,
 ) -> float:
     """Max |logit difference| between the exported checkpoint and ``expected`` (the logits of
     ``FIDELITY_PROMPTS`` under the fidelity reference, named by ``reference``); raise if too large.
 
     The export's logits come from reloading it, or (``in_place``, for a checkpoint streamed from the
-    model's own source, whose other tensors are byte copies) from the loaded model with every writer
-    tensor read from the export (``exported.exported_in_place``): no second copy of the model.
+    model's own source, whose other tensors are byte copies) from the loaded model with every edited
+    tensor (``names``, default the writers') read from the export (``read_back.exported_in_place``): no
+    second copy of the model.
     The tolerance is 1e-3 of the logit scale in float32 and 5e-2 in bf16/fp16 (``low_precision``:
     the model's or the checkpoint's dtype). A deep low-precision model differs from itself in float32
     by more than that (docs/scale.md: 0.36 logits at 7B in bf16), so there the tolerance is also at
@@ -113,7 +116,7 @@ def fidelity_check(
     """
     batch = chat.batch(list(FIDELITY_PROMPTS))
     if in_place:
-        with exported_in_place(chat, exported_dir):
+        with exported_in_place(chat, exported_dir, names):
             got = chat.logits(batch, last_only=False)
     else:
         from transformers import AutoModelForCausalLM
@@ -162,7 +165,8 @@ def _interrupt(signum: int, frame: object) -> None:
 def export_model(chat: ChatModel, edit: Edit, out_dir: Path, metadata: dict | None = None, overwrite: bool = False, check: bool = True) -> dict:
     """Write ``chat`` carrying ``edit`` to ``out_dir``; return the metadata written to refusal.json.
 
-    ``refusal.json`` holds ``metadata``, the edit's description under "edit", how it was written
+    ``refusal.json`` holds ``metadata``, the edit's description under "edit" (the files it names, ``edit.files()``,
+    beside it: ``described.edit_from_dict`` reads it back), how it was written
     ("streamed" from the source checkpoint, with its tensor check) and, with ``check``, the fidelity
     check's max |logit difference| against ``edit.hooks(chat)`` (or, for an edit without a hooked
     equivalent, the edited model in memory). The model is unchanged afterwards. A model loaded without
@@ -188,10 +192,11 @@ def _export(chat: ChatModel, edit: Edit, out_dir: Path, metadata: dict | None, o
     check = check and chat.has_weights
     try:
         written = None
+        deltas = edit.deltas(chat)
         if streamable(chat):
             tmp.mkdir()
             try:
-                written = write_edited_checkpoint(chat, edit.removal(chat.n_layers), Path(chat.path), tmp)
+                written = write_edited_checkpoint(chat, deltas, Path(chat.path), tmp)
             except NamesDiffer as e:
                 if not chat.has_weights:
                     raise
@@ -201,14 +206,17 @@ def _export(chat: ChatModel, edit: Edit, out_dir: Path, metadata: dict | None, o
             with edited(chat, edit):
                 _save(chat, tmp)
             written = {"streamed": False, "tensor_dtypes": [str(chat.dtype).replace("torch.", "")]}
-        info = {**(metadata or {}), "edit": edit.describe(), "written": written}
+        description = edit.describe()
+        info = {**(metadata or {}), "edit": description, "written": written}
+        for name, tensors in edit.files().items():  # what the description names, beside refusal.json
+            save_file(tensors, str(tmp / name))
         if check:
             batch = chat.batch(list(FIDELITY_PROMPTS))
             hooks = edit.hooks(chat)
             if hooks is not None:
                 with hooks:
                     expected = chat.logits(batch, last_only=False)
-                reference = f"its hooked equivalent ({edit.describe()['kind']})"
+                reference = f"its hooked equivalent ({description['kind']})"
             else:
                 with edited(chat, edit):
                     expected = chat.logits(batch, last_only=False)
@@ -217,7 +225,7 @@ def _export(chat: ChatModel, edit: Edit, out_dir: Path, metadata: dict | None, o
             original = chat.logits(batch, last_only=False) if low else None  # only the low-precision tolerance reads it
             info["fidelity_reference"] = reference
             info["fidelity_max_abs_diff"] = fidelity_check(
-                chat, tmp, expected, reference, original=original, low_precision=low, in_place=written["streamed"]
+                chat, tmp, expected, reference, original=original, low_precision=low, in_place=written["streamed"], names=list(deltas)
             )
         (tmp / "refusal.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         if out.exists():

@@ -1,15 +1,16 @@
 """Bounded-memory export: the source checkpoint rewritten file by file, the edited tensors replaced by name.
 
-The output is a byte copy of the source's safetensors files in which each residual writer's tensor
-(found by its name in the checkpoint) is replaced by its edited value, computed in float32 in blocks
-of ``BLOCK_BYTES`` and cast back to the tensor's own dtype. Names, dtypes, shapes, the sharding and
+The output is a byte copy of the source's safetensors files in which each tensor the edit changes (its
+``deltas``, found by name in the checkpoint: writers, or any other tensor) is replaced by its edited value,
+computed in float32 in blocks of ``BLOCK_BYTES`` and cast back to the tensor's own dtype. Names, dtypes, shapes, the sharding and
 the index stay the source's. Several files are rewritten at once (``file_workers``), each holding one
 edited tensor and a few float32 blocks at a time, together within the largest file + 512 MiB, never the
 model: a checkpoint larger than RAM exports on the machine that holds it.
 
-Each edited tensor is checked as it is written (``TensorEdit.check``, on its first 256 vectors): after each
-step its component along that step's direction must be (1 - strength) times what it was (and, for
-norm-preserving edits, every vector must keep its norm to the precision of the tensor's dtype); the
+Each edited tensor is checked as it is written: a projection (``TensorEdit.check``, on its first 256 vectors)
+after each step has its component along that step's direction (1 - strength) times what it was (and, for
+norm-preserving edits, every vector keeps its norm to the precision of the tensor's dtype); a low-rank or added
+delta's first numbers equal the float64 sum (``deltas``); the
 logits check of a model in memory (``export.fidelity_check``) comes on top where the model is loaded.
 The float32 arithmetic runs on the GPU where there is one.
 
@@ -33,11 +34,12 @@ import torch
 from ..common.provenance import has_own_code
 from ..common.safetensors_files import INDEX as INDEX
 from ..common.safetensors_files import checkpoint_files, rewrite_file, tensor_locations, weights_entry
-from ..edit.edits import Removal
+from ..edit.deltas import Projection, TensorDelta
+from ..edit.tensor_edit import BLOCK_BYTES, FILE_WORKERS
+from ..edit.tensor_edit import TensorEdit as TensorEdit
 from ..edit.weights import embeddings_tied
 from ..errors import RefusalError
 from ..model.chat import ChatModel
-from .tensor_edit import BLOCK_BYTES, FILE_WORKERS, TensorEdit
 
 # The files besides the weights that a checkpoint needs, copied into the export; nothing else is (no dotfiles, no
 # stray weights, no notes): configs, tokenizer files, chat templates, processor configs, the licence and model card.
@@ -64,31 +66,17 @@ def file_workers(files: list[Path], edited: dict[str, tuple[Path, dict]]) -> int
     return max(1, min(FILE_WORKERS, fits, os.cpu_count() or 1))
 
 
-def tensor_edits(chat: ChatModel, removal: Removal) -> dict[str, TensorEdit]:
-    """The edit of every writer tensor (weights and biases) that ``removal`` changes, by checkpoint name."""
-    edits: dict[str, TensorEdit] = {}
-    for writer in (*chat.embeddings, *chat.writers):
-        units = [writer.direction(Removal.unit(unit, writer).float().cpu()).float().cpu() for unit, _ in removal.steps]
-        steps = tuple((u, s) for u, (_, strength) in zip(units, removal.steps) if (s := strength(writer)) != 0)
-        if not steps:
-            continue
-        edits[writer.weight_name] = TensorEdit(writer.weight_name, steps, writer.rows, removal.norms)
-        if writer.bias_name is not None:
-            edits[writer.bias_name] = TensorEdit(writer.bias_name, steps, rows=True)
-    return edits
-
-
-def write_edited_checkpoint(chat: ChatModel, removal: Removal, source: Path, out: Path) -> dict:
-    """Write the checkpoint at ``source`` with ``removal`` applied to ``chat``'s writers into the empty directory ``out``
-    (every other file copied, weights in other formats left out); returns what refusal.json records about it."""
+def write_edited_checkpoint(chat: ChatModel, deltas: dict[str, TensorDelta], source: Path, out: Path) -> dict:
+    """Write the checkpoint at ``source`` with each named tensor changed by its delta (``Edit.deltas``) into the empty
+    directory ``out`` (every other file copied, weights in other formats left out); returns what refusal.json
+    records about it."""
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")  # where the edits are computed
-    edits = tensor_edits(chat, removal)
     locations = tensor_locations(source)
-    edits = _per_expert(chat, edits, locations)
+    edits = _per_expert(chat, deltas, locations)
     missing = [name for name in edits if name not in locations]
     if missing:
         raise NamesDiffer(
-            f"the checkpoint at {source} has no tensor {missing[0]} (and {len(missing) - 1} more writer tensors): its names differ "
+            f"the checkpoint at {source} has no tensor {missing[0]} (and {len(missing) - 1} more edited tensors): its names differ "
             "from the model's; export with the model loaded (without --streaming)"
         )
     copies: dict[Path, dict[str, str]] = {}
@@ -103,7 +91,7 @@ def write_edited_checkpoint(chat: ChatModel, removal: Removal, source: Path, out
 
     def rewrite(file: Path) -> dict[str, float]:
         todo = {name: edit for name, edit in edits.items() if locations[name][0] == file}
-        edit_in_place = {name: functools.partial(edit.apply, device=device) for name, edit in todo.items()}
+        edit_in_place = {name: functools.partial(edit.streamed, name, device=device) for name, edit in todo.items()}
         target = out / file.relative_to(source)  # an index may keep its files in a subfolder: kept there
         target.parent.mkdir(parents=True, exist_ok=True)
         return rewrite_file(file, target, edit_in_place, copies.get(file, {}))
@@ -145,23 +133,26 @@ class NamesDiffer(RefusalError):
     """The checkpoint's tensor names are not the model's (a model in memory can still be saved from memory)."""
 
 
-def _per_expert(chat: ChatModel, edits: dict[str, TensorEdit], locations: dict) -> dict[str, TensorEdit]:
+def _per_expert(chat: ChatModel, deltas: dict[str, TensorDelta], locations: dict) -> dict[str, TensorDelta]:
     """Fused expert parameters ([experts, ...] in the model) that the checkpoint stores one matrix per expert, as
     transformers 5 saves Qwen2-MoE and Mixtral (``...experts.<e>.down_proj.weight`` or ``...experts.<e>.w2.weight``,
-    each a Linear weight [d_model, in]), replaced by one edit per expert tensor."""
+    each a Linear weight [d_model, in]): a projection replaced by one per expert tensor; another delta refused."""
     fused = {w.weight_name: w for w in chat.writers if w.weight.dim() == 3}
-    out: dict[str, TensorEdit] = {}
-    for name, edit in edits.items():
+    out: dict[str, TensorDelta] = {}
+    for name, delta in deltas.items():
         writer = fused.get(name)
         if name in locations or writer is None:
-            out[name] = edit
+            out[name] = delta
             continue
         keys = expert_keys(name, writer.weight.shape[0], locations)
         if keys is None:
-            out[name] = edit  # reported as missing
+            out[name] = delta  # reported as missing
             continue
+        if not isinstance(delta, Projection):
+            why = f"a {delta.kind} delta on fused experts cannot be streamed"
+            raise RefusalError(f"{name} is stored one matrix per expert; {why}: edit them with a projection, or export from memory")
         for key in keys:
-            out[key] = TensorEdit(key, edit.steps, rows=False, norms=edit.norms)
+            out[key] = Projection(delta.steps, rows=False, norms=delta.norms)
     return out
 
 

@@ -1,8 +1,12 @@
 """Edits: one abstraction for every change to a model's weights, applied in place and reverted exactly.
 
-An ``Edit`` applies itself to a loaded model, saving each tensor into a ``weights.Snapshot`` before
-touching it; ``describe`` is what an export records; ``hooks`` is its hooked equivalent (the export's
-fidelity reference), or None when it has none. Two edits exist:
+An ``Edit`` is what it does to named checkpoint tensors (``deltas``: one ``deltas.TensorDelta`` per tensor,
+which the in-memory edit, the streamed export and its read-back consume); it applies itself to a loaded
+model, saving each tensor into a ``weights.Snapshot`` before touching it; ``describe`` is what an export
+records (``described.edit_from_dict`` reads it back), ``files`` the files the description names; ``hooks``
+is its hooked equivalent (the export's fidelity reference), or None when it has none. Three edits exist:
+``tensor_deltas.TensorDeltas`` (any deltas given directly: a merged LoRA, a bias edit) and two removals of
+a direction, whose ``removal`` builds their ``Projection`` deltas:
 
 - ``Orthogonalization(direction)``: the paper's edit, W <- W - u u^T W on every writer (embeddings
   row-wise, biases too); its hooked equivalent is ``interventions.ablate``.
@@ -47,7 +51,8 @@ from ..model.chat import ChatModel
 from ..residual.directions import Candidates, unit_vector
 from ..residual.interventions import ablate, damp_outputs
 from ..settings import variant_parts
-from .weights import Snapshot, remove_direction
+from .deltas import Removal, TensorDelta
+from .weights import Snapshot
 
 
 @dataclass(frozen=True)
@@ -129,27 +134,6 @@ def target_units(unit: torch.Tensor, means: torch.Tensor) -> list[torch.Tensor]:
     return [unit_vector((u - (u @ row) * row).float()) for row in m]
 
 
-@dataclass(frozen=True)
-class Removal:
-    """What an edit does to each residual writer: for each step in order, the writer loses ``strength(writer)``
-    times its component along the step's unit (one for every writer, or a function of the writer: one per
-    target layer). ``norms``: "none", "written_norms" (every written vector then rescaled to its original norm)
-    or "coordinate_norms" (each residual coordinate's weights keep their norm; ``projection.project_out_coordinates``).
-    The in-memory edit (``weights.remove_direction``) and the streamed export (``streaming``) both read it."""
-
-    steps: tuple[tuple[torch.Tensor | Callable[[Writer], torch.Tensor], Callable[[Writer], float]], ...]
-    norms: str = "none"
-
-    @staticmethod
-    def unit(step_unit: torch.Tensor | Callable[[Writer], torch.Tensor], writer: Writer) -> torch.Tensor:
-        """The step's unit direction for ``writer``."""
-        return step_unit if isinstance(step_unit, torch.Tensor) else step_unit(writer)
-
-    def apply(self, chat: ChatModel, snapshot: Snapshot) -> None:
-        for unit, strength in self.steps:
-            remove_direction(chat, unit, strength, snapshot, norms=self.norms)
-
-
 def second_direction(unit: torch.Tensor, params: EditParams) -> torch.Tensor | None:
     """The trial's second direction (``params.second``) made orthogonal to ``unit`` and of unit norm, or None."""
     if params.second is None:
@@ -164,8 +148,13 @@ def second_direction(unit: torch.Tensor, params: EditParams) -> torch.Tensor | N
 class Edit(Protocol):
     """A change to a model's weights that can be applied in place and reverted exactly."""
 
-    def removal(self, n_layers: int) -> Removal:
-        """The edit as a direction removed from each writer with a strength (docs/search.md)."""
+    def deltas(self, chat: ChatModel) -> dict[str, TensorDelta]:
+        """What the edit does to each tensor it changes, by checkpoint name (``deltas``): what the in-memory edit,
+        the streamed export and its read-back consume."""
+        ...
+
+    def files(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The safetensors files ``describe`` names (file name -> tensors), written beside refusal.json; often none."""
         ...
 
     def apply(self, chat: ChatModel, snapshot: Snapshot) -> None:
@@ -189,6 +178,12 @@ class Orthogonalization:
 
     def removal(self, n_layers: int) -> Removal:
         return Removal(((unit_vector(self.direction), lambda writer: 1.0),))
+
+    def deltas(self, chat: ChatModel) -> dict[str, TensorDelta]:
+        return self.removal(chat.n_layers).deltas(chat)
+
+    def files(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {}
 
     def apply(self, chat: ChatModel, snapshot: Snapshot) -> None:
         self.removal(chat.n_layers).apply(chat, snapshot)
@@ -232,6 +227,12 @@ class KernelEdit:
             second_strength = float(self.params.second["strength"])  # type: ignore[index]
             steps += ((self.second, lambda writer: second_strength),)
         return Removal(steps, norms=self.norms)
+
+    def deltas(self, chat: ChatModel) -> dict[str, TensorDelta]:
+        return self.removal(chat.n_layers).deltas(chat)
+
+    def files(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {}
 
     def apply(self, chat: ChatModel, snapshot: Snapshot) -> None:
         self.removal(chat.n_layers).apply(chat, snapshot)

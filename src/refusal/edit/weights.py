@@ -160,16 +160,23 @@ def remove_direction(
                     snapshot.save(tensor)
         elif writer.component == "embed":
             untie_embeddings(chat)
-        rows = writer.rows if norms == "written_norms" else not writer.rows  # the axis whose norms are kept
-        kept = None
-        if norms != "none":
-            kept = snapshot.norms(weight, rows) if snapshot is not None else weight.float().norm(dim=-1 if rows else -2)
-        if kept is not None and norms == "coordinate_norms":
-            project_out_coordinates(weight, u, s, rows=writer.rows, norms=kept)
-        else:
-            project_out(weight, u, s, rows=writer.rows, norms=kept, in_place=True)
+        project_tensor(weight, u, s, writer.rows, norms, snapshot)
         if bias is not None:
-            project_out(bias, u, s, in_place=True)
+            project_tensor(bias, u, s, rows=True, norms="none")
+
+
+@torch.no_grad()
+def project_tensor(tensor: torch.Tensor, u: torch.Tensor, strength: float, rows: bool, norms: str = "none", snapshot: Snapshot | None = None) -> None:
+    """In place: ``tensor``'s written vectors (rows, or columns) lose ``strength`` times their component along ``u``;
+    ``norms`` as in ``remove_direction``, the kept norms being the original's (``snapshot``, where it saved ``tensor``)."""
+    kept_rows = rows if norms == "written_norms" else not rows  # the axis whose norms are kept
+    kept = None
+    if norms != "none":
+        kept = snapshot.norms(tensor, kept_rows) if snapshot is not None else tensor.float().norm(dim=-1 if kept_rows else -2)
+    if kept is not None and norms == "coordinate_norms":
+        project_out_coordinates(tensor, u, strength, rows=rows, norms=kept)
+    else:
+        project_out(tensor, u, strength, rows=rows, norms=kept, in_place=True)
 
 
 def orthogonalize_weights(chat: ChatModel, direction: torch.Tensor) -> None:

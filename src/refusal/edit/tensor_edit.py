@@ -1,4 +1,4 @@
-"""One checkpoint tensor's edit, computed in bounded memory: the streamed export's unit of work (``streaming``).
+"""One checkpoint tensor's rank-1 removals in bounded memory: ``deltas.Projection`` streamed (``streaming``).
 
 A ``TensorEdit`` applies a ``Removal``'s steps to one writer tensor read from a checkpoint, in float32 blocks of
 at most ``BLOCK_BYTES`` (on the GPU where there is one), cast back to the tensor's dtype, and checks the first
