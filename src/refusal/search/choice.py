@@ -26,7 +26,7 @@ def confirm_point(
     point: dict,
     prompts: dict[str, list[str]],
     max_new_tokens: int,
-    phrases,
+    phrases: tuple[str, ...] | list[str],
     protection: Protection | None = None,
     screen: Callable[[], tuple] | None = None,
     max_refused: float = 0.0,
