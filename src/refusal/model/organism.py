@@ -8,8 +8,8 @@ categories and phrasings), a word-level tokenizer with a ChatML template, and tr
 become the organism's prompt files, so refusal is measured on requests it has never seen.
 
 Training uses LayerDrop so that the decision to refuse forms before the last layer. The default
-settings (6 layers, d_model 64, seed 4) train in about 40 s on 2 cores; docs/organism.md records
-how other settings and seeds behave (the paper's effects hold for 4 of 5 seeds at these settings).
+settings (6 layers, d_model 64, seed 4) train in seconds on a CPU; docs/organism.md records
+how other settings and seeds behave (the paper's effects hold for most seeds at these settings).
 ``build_organism()`` returns the checkpoint directory, cached under the refusal cache keyed by a
 hash of this file and the settings, so it is trained once per machine; ``--model organism`` names
 it (``models.resolve_model``).

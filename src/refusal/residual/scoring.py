@@ -273,7 +273,7 @@ class LastPosition:
         return self._in_order(parts)
 
 
-FORWARD_OVERHEAD_TOKENS = 48  # CPU: a forward costs ~30 tokens more; 8 forwards of 64 prompts were slower than 3-5 (0.5B, 2 cores)
+FORWARD_OVERHEAD_TOKENS = 48  # a forward's fixed cost, in prompt tokens: on CPU many small forwards were slower than a few large ones
 
 
 def length_batches(lengths: list[int], batch_size: int, overhead: int) -> list[list[int]]:

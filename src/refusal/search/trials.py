@@ -190,9 +190,8 @@ SAMPLED_ROLES = ("paper", "anchor", "sampled")  # the trials --trials counts (no
 
 
 def reserve_seconds(done: list[dict], trials: int) -> float:
-    """Seconds the budget keeps for ``trials`` more trials (the refinement and second-direction ones): the median
-    finished trial's time, once three trials give a median. A process's first trial also clones the writers it
-    touches and can take several times longer; a mean over it stopped a study after one trial."""
+    """Seconds the budget keeps for ``trials`` more trials (refinement and second-direction): the median finished
+    trial's time, once three give one (a mean would follow a process's slow first trial, which clones writers)."""
     return trials * statistics.median(r["seconds"] for r in done) if len(done) >= 3 else 0.0
 
 
