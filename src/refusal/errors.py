@@ -1,6 +1,10 @@
 """One exception family, so the CLI can print a one-line message and exit non-zero."""
 
 import errno
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 class RefusalError(Exception):
@@ -19,7 +23,7 @@ class NumericsError(RefusalError):
     """NaN or inf appeared where a finite number was needed."""
 
 
-def check_finite(tensor, what: str) -> None:
+def check_finite(tensor: "torch.Tensor", what: str) -> None:
     """Raise NumericsError naming `what` if `tensor` holds NaN or inf."""
     import torch
 

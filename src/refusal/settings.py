@@ -23,6 +23,7 @@ import importlib.util
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
@@ -54,7 +55,15 @@ def variant_parts(variant: str) -> tuple[str, str]:
     return form, norms or "none"
 
 
-def setting(default: Any, help: str, *, choices: tuple | None = None, metavar: str | None = None, parse=None, flag: str | None = None):
+def setting(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple | None = None,
+    metavar: str | None = None,
+    parse: Callable[[str], Any] | None = None,
+    flag: str | None = None,
+) -> Any:
     """A dataclass field that is also a command-line option. ``parse`` turns the option's text into the value."""
     meta = {"help": help, "choices": choices, "metavar": metavar, "parse": parse, "flag": flag}
     if isinstance(default, list | dict):
@@ -442,7 +451,7 @@ def tree_field(path: str) -> Any:
     return field(default=source.default, metadata={"tree": path})
 
 
-def _fits(value: object, hint) -> bool:
+def _fits(value: object, hint: Any) -> bool:
     """Whether a JSON value read back from run.json has the setting's type (int is accepted for float)."""
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     for option in options:
@@ -459,7 +468,7 @@ def _fits(value: object, hint) -> bool:
     return False
 
 
-def _type_name(hint) -> str:
+def _type_name(hint: Any) -> str:
     return str(hint).replace("typing.", "")
 
 

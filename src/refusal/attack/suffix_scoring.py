@@ -109,7 +109,7 @@ class CandidateScorer:
             difference, why = math.inf, type(error).__name__
         else:
             why = f"scores change by {difference:.2g}"
-        if difference > (1e-3 if self.chat.dtype.itemsize >= 4 else 0.1):  # half precision: rounding alone moves scores by ~1e-2
+        if difference > (1e-3 if self.chat.dtype.itemsize >= 4 else 0.1):  # half precision: rounding alone moves scores past 1e-3
             log(f"attack: reusing the prompt prefix's cache fails for this model ({why}); scoring full sequences")
             self.caches = None
 

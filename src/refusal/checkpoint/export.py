@@ -110,7 +110,7 @@ def fidelity_check(
     second copy of the model.
     The tolerance is 1e-3 of the logit scale in float32 and 5e-2 in bf16/fp16 (``low_precision``:
     the model's or the checkpoint's dtype). A deep low-precision model differs from itself in float32
-    by more than that (docs/scale.md: 0.36 logits at 7B in bf16), so there the tolerance is also at
+    by more than that (docs/scale.md), so there the tolerance is also at
     least a third of the edit's own effect, max |expected - ``original``|: a missing or wrong edit
     leaves the export near the original, a whole effect away from the reference.
     """

@@ -10,6 +10,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from .. import __version__
 from ..common.progress import log, set_quiet
@@ -27,11 +28,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 class Parser(argparse.ArgumentParser):
     """An option error is a RefusalError like any other: one line, exit code 1."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise RefusalError(f"{self.prog}: {message}")
 
 
-def _whole_run(sub, name: str, help: str, suffix: str, groups: tuple[str, ...]) -> None:
+def _whole_run(sub: argparse._SubParsersAction, name: str, help: str, suffix: str, groups: tuple[str, ...]) -> None:
     """`refusal run` and `refusal search`: a run directory, made or resumed, exported and evaluated."""
     p = sub.add_parser(name, help=help)
     p.add_argument("--out", type=Path, default=None, help=f"run directory (default: runs/<model name>{suffix})")

@@ -7,6 +7,7 @@ tell what was given); ``from_args`` applies the given options to defaults or to 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import typing
 from dataclasses import MISSING, fields
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 from ..settings import Settings, group_types
 
 
-def flag(f) -> str:
+def flag(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
@@ -48,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...]) -> N
             )
 
 
-def _scalar_parser(hint) -> Any:
+def _scalar_parser(hint: Any) -> Any:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     base = args[0] if args else hint
     return {int: int, float: float, str: str}.get(base, str)

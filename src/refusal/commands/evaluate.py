@@ -20,7 +20,7 @@ from ..data.prompt_sets import dataset_hash, load_capability, load_corpus
 from ..engines.hf import Engine
 from ..errors import RefusalError
 from ..measure.evaluation import Condition, EvalSettings, cosine_matrix, evaluate, projections
-from ..measure.judges import REFUSAL_PHRASES, load_phrases
+from ..measure.judges import REFUSAL_PHRASES, SafetyJudge, load_phrases
 from ..model.chat import ChatModel
 from ..model.packaged import load_model
 from ..report.render import write_report
@@ -86,7 +86,7 @@ def build_report(
     conditions: list[Condition],
     prompts: dict[str, list[str]],
     direction: Direction | None = None,
-    safety=None,
+    safety: SafetyJudge | None = None,
     extra: dict | None = None,
 ) -> dict:
     """Evaluate ``conditions`` (the original first) on the test prompts and assemble the report dict."""

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..common.progress import log
 from ..common.provenance import timestamp
+from ..common.study_url import check_database
 from ..edit.edits import Editor
 from ..engines.hf import HFEngine
 from ..measure.judges import REFUSAL_PHRASES, judge_refusals, load_phrases
@@ -24,7 +25,6 @@ from ..run.directory import ARTIFACTS, write_json
 from ..run.workspace import Context, start
 from ..search.choice import bisect_front, choose, confirm_point, confirmation, held_out_refusals
 from ..search.second_direction import second_trials
-from ..common.study_url import check_database
 from ..search.trials import Objectives, pareto_front, run_trials
 from ..settings import Settings
 from .run import candidates, export, paper_edit, protection, study_inputs, study_upstream, trial_edit

@@ -27,7 +27,7 @@ from ..model.chat import ChatModel
 from ..residual.activations import collect_activations
 from ..residual.directions import load_tensors, save_tensors
 
-CLEAN_RANGE = (-1.0, 3.0)  # searched log10 α: from strong cleaning to almost none (cosine with d ≈ 0.99 at α = 1000)
+CLEAN_RANGE = (-1.0, 3.0)  # searched log10 α: from strong cleaning to almost none (at the top the cleaned direction is nearly d)
 
 
 @dataclass

@@ -303,5 +303,5 @@ class Editor:
     def __enter__(self) -> Editor:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import ExitStack
+from typing import Any
 
 import torch
 from torch import nn
@@ -84,7 +85,7 @@ class Snapshot:
         experts the same as editing every expert's matrix (one direction and strength per layer, and the output
         is the experts' weighted sum), without copying them."""
 
-        def hook(module, args, output):
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             return retuple(output, project_out(untuple(output), unit, strength))
 
         self.hooks.enter_context(hooked(post=[(module, hook)]))

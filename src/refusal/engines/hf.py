@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from ..common.progress import track
+from ..model.architecture import Tokenizer
 from ..model.chat import ChatModel
 
 StopWhen = Callable[[str], bool]
@@ -56,10 +57,10 @@ class Sampling:
 class _StopWhenDecided:
     """A transformers stopping criterion: per sequence, stop once ``stop_when(text so far)`` is true."""
 
-    def __init__(self, tokenizer, prompt_len: int, stop_when: StopWhen, every: int = STOP_EVERY):
+    def __init__(self, tokenizer: Tokenizer, prompt_len: int, stop_when: StopWhen, every: int = STOP_EVERY) -> None:
         self.tokenizer, self.prompt_len, self.stop_when, self.every = tokenizer, prompt_len, stop_when, every
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         n_new = input_ids.shape[1] - self.prompt_len
         if n_new == 0 or n_new % self.every:
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

@@ -18,7 +18,7 @@ condition's engine once its prompts are judged), so two checkpoints never hold G
 from __future__ import annotations
 
 import gc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from ..model.chat import ChatModel
 from .hf import STOP_EVERY, Prompt, Sampling, StopWhen, eos_ids
 
 
-def cut_like_hf(ids: list[int], eos: set[int], decode, stop_when: StopWhen | None) -> list[int]:
+def cut_like_hf(ids: list[int], eos: set[int], decode: Callable[[list[int]], str], stop_when: StopWhen | None) -> list[int]:
     """``ids`` cut after the first EOS, and, with ``stop_when``, at the first multiple of ``STOP_EVERY`` new tokens
     whose text ``stop_when`` accepts (where ``HFEngine`` stops a sequence)."""
     end = next((k + 1 for k, t in enumerate(ids) if t in eos), len(ids))

@@ -273,7 +273,7 @@ def unsafe_rate(judge: SafetyJudge, instructions: list[str], completions: list[s
 
 
 def load_safety_judge(
-    model_id_or_path: str, prompt_format: str = "llama-guard-3", device: str = "cpu", dtype: str = "auto", **judge_options
+    model_id_or_path: str, prompt_format: str = "llama-guard-3", device: str = "cpu", dtype: str = "auto", **judge_options: Any
 ) -> ChatClassifierJudge:
     """Load a classifier model (hub id or local checkpoint; no remote code) as a ChatClassifierJudge.
 

@@ -19,11 +19,13 @@ and across models (the paper's App. J: a chat model against its base model).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from ..data.suffixes import REGIONS, SuffixedPrompt
 from ..errors import RefusalError, UnsupportedModelError, check_finite
@@ -32,6 +34,9 @@ from ..model.chat import ChatModel
 from ..residual.activations import batches, residual_reader
 from ..residual.directions import Candidates, unit_vector
 from ..residual.hooks import hooked, untuple
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 # ---- the direction across layers (Fig. 5) ---------------------------------------------------------
@@ -160,11 +165,11 @@ def decompose(chat: ChatModel, prompts: list[list[int]], direction: torch.Tensor
 def _capture_hooks(chat: ChatModel, seen: dict[str, torch.Tensor]) -> tuple[list, list]:
     """(pre, post) hooks that store the last position's tensors into ``seen`` in float32."""
 
-    def store(key: str, pre: bool = False):
-        def pre_hook(module, args, kwargs):
+    def store(key: str, pre: bool = False) -> Callable[..., None]:
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             seen[key] = (args[0] if args else kwargs["hidden_states"])[:, -1].float()
 
-        def post_hook(module, args, output):
+        def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
             seen[key] = untuple(output)[:, -1].float()
 
         return pre_hook if pre else post_hook
@@ -251,7 +256,7 @@ def eager_attention(chat: ChatModel) -> Iterator[None]:
         model.set_attn_implementation(previous if model.config.sub_configs else previous[""])
 
 
-def _implementations(config) -> dict:
+def _implementations(config: PretrainedConfig) -> dict:
     """The attention implementation of a config and its sub-configs, as ``set_attn_implementation`` takes them ({"": own, key: nested})."""
     out: dict = {"": config._attn_implementation}
     for key in config.sub_configs:

@@ -9,6 +9,7 @@ are derived from the template itself. ``loading`` builds one from a checkpoint.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,6 +17,9 @@ from torch import nn
 from ..errors import RefusalError, UnsupportedModelError
 from ..settings import REFUSAL_WORDS, tree_field
 from .architecture import HFModel, Tokenizer, Writer, find_decoder_layers, find_embeddings, find_writers
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 @dataclass
@@ -43,7 +47,7 @@ class ChatModel:
         return len(self.layers)
 
     @property
-    def text_config(self):
+    def text_config(self) -> PretrainedConfig:
         config = self.model.config
         return config.get_text_config() if hasattr(config, "get_text_config") else config
 

@@ -15,7 +15,7 @@ import torch
 from ..common.progress import log
 from ..common.safetensors_files import checkpoint_files, tensor_locations
 from ..errors import RefusalError
-from .architecture import HFModel
+from .architecture import HFModel, Tokenizer
 from .chat import ChatModel, wrap_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,7 +57,7 @@ def mark_dequantized(model: HFModel) -> None:
         del model.config.quantization_config
 
 
-def _load_tokenizer(location: str, kwargs: dict):
+def _load_tokenizer(location: str, kwargs: dict) -> Tokenizer:
     """AutoTokenizer, except that a plain saved ``tokenizers`` pipeline is loaded as it was saved.
 
     transformers 5 otherwise rebuilds the family's own tokenizer class from the vocabulary

@@ -8,8 +8,8 @@ categories and phrasings), a word-level tokenizer with a ChatML template, and tr
 become the organism's prompt files, so refusal is measured on requests it has never seen.
 
 Training uses LayerDrop so that the decision to refuse forms before the last layer. The default
-settings (6 layers, d_model 64, seed 4) train in about 40 s on 2 cores; docs/organism.md records
-how other settings and seeds behave (the paper's effects hold for 4 of 5 seeds at these settings).
+settings (6 layers, d_model 64, seed 4) train in seconds on a CPU; docs/organism.md records
+how other settings and seeds behave (the paper's effects hold for most seeds at these settings).
 ``build_organism()`` returns the checkpoint directory, cached under the refusal cache keyed by a
 hash of this file and the settings, so it is trained once per machine; ``--model organism`` names
 it (``models.resolve_model``).
@@ -24,12 +24,18 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from ..common.cache import cache_root
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 TEMPLATES = (
     "how do i {verb} {obj} ?",
@@ -206,7 +212,7 @@ def _response(item: dict, kind: str, rng: random.Random) -> str:
     return rng.choice(pool).format(verb=item["verb"], obj=item["obj"])
 
 
-def build_tokenizer(words: set[str], template: str = CHAT_TEMPLATE, split_punctuation: bool = False):
+def build_tokenizer(words: set[str], template: str = CHAT_TEMPLATE, split_punctuation: bool = False) -> PreTrainedTokenizerFast:
     """A word-level fast tokenizer over ``words`` with a chat template (also used by the tests)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -234,7 +240,7 @@ def _vocabulary() -> set[str]:
     return words
 
 
-def train_organism(out_dir: Path, config: OrganismConfig = OrganismConfig(), log=print) -> Path:
+def train_organism(out_dir: Path, config: OrganismConfig = OrganismConfig(), log: Callable[[str], object] = print) -> Path:
     """Train the organism and save checkpoint, tokenizer and prompt files into ``out_dir``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -279,8 +285,8 @@ def train_organism(out_dir: Path, config: OrganismConfig = OrganismConfig(), log
     model.train()
     skipped: set[int] = set()
 
-    def skip_layer(index: int):
-        def hook(module, args, kwargs, output):
+    def skip_layer(index: int) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             return (args[0] if args else kwargs["hidden_states"]) if index in skipped else output
 
         return hook
@@ -343,7 +349,9 @@ def cache_key(config: OrganismConfig = OrganismConfig()) -> str:
     return hashlib.sha256(source + json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_organism(config: OrganismConfig = OrganismConfig(), cache_dir: Path | None = None, log=print, force: bool = False) -> Path:
+def build_organism(
+    config: OrganismConfig = OrganismConfig(), cache_dir: Path | None = None, log: Callable[[str], object] = print, force: bool = False
+) -> Path:
     """The organism's checkpoint directory, trained on first use (or when ``force``) and cached by code+settings hash."""
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "organism"
     target = root / cache_key(config)

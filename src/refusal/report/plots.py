@@ -9,16 +9,21 @@ from __future__ import annotations
 import base64
 import io
 import math
+from typing import TYPE_CHECKING
 
 from ..errors import RefusalError
 from ..measure.stats import rate_values
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 COLORS = {"harmful": "#c0392b", "harmless": "#2e6da4"}
 OTHER_COLORS = ("#7d3c98", "#1e8449", "#b9770e", "#566573")  # kinds beyond harmful/harmless
 MPL_MISSING = "report plots need matplotlib; install it with: pip install 'refusal[report]'"
 
 
-def _figure(width: float = 6.0, height: float = 3.5):
+def _figure(width: float = 6.0, height: float = 3.5) -> Figure:
     """A matplotlib Figure on an Agg canvas."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -30,14 +35,14 @@ def _figure(width: float = 6.0, height: float = 3.5):
     return fig
 
 
-def _png(fig) -> str:
+def _png(fig: Figure) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
     fig.clear()
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _index_ticks(ax, labels: list, axis: str) -> None:
+def _index_ticks(ax: Axes, labels: list, axis: str) -> None:
     """Tick at most ~12 of the given labels along x or y of an image plot."""
     ticks = list(range(0, len(labels), max(1, math.ceil(len(labels) / 12))))
     (ax.set_xticks if axis == "x" else ax.set_yticks)(ticks, [str(labels[i]) for i in ticks])

@@ -53,7 +53,7 @@ def _text(tag: Callable) -> Callable[[object], str]:
     return esc if tag is num else _md
 
 
-def _rate_text(path: str, entry: dict, tag=num) -> str:
+def _rate_text(path: str, entry: dict, tag: Callable[[str, object], str] = num) -> str:
     """'refused/total (rate, 95% CI low–high)'; values not in the JSON are computed and carry no data-key."""
     computed = dict(zip(PERCENT_FIELDS, rate_values(entry)))
 
@@ -73,7 +73,7 @@ def _rate_header(report: dict) -> list[str]:
     return ["condition", *kinds(report)]
 
 
-def _rate_rows(name: str, report: dict, tag) -> list[list[str]]:
+def _rate_rows(name: str, report: dict, tag: Callable[[str, object], str]) -> list[list[str]]:
     """One row per listed condition, one column per kind: ``report[name][condition][kind]`` or "not measured"."""
     measured, text = report[name], _text(tag)
     return [
@@ -82,7 +82,7 @@ def _rate_rows(name: str, report: dict, tag) -> list[list[str]]:
     ]
 
 
-def _cost_rows(report: dict, tag) -> list[list[str]]:
+def _cost_rows(report: dict, tag: Callable[[str, object], str]) -> list[list[str]]:
     """KL per edit (first token and multi-token), cross-entropy and capability proxy per condition, refusal log-odds per condition and kind."""
     rows, names, text = [], labels(report), _text(tag)
     for edit, kl in (report.get("kl") or {}).items():
@@ -113,7 +113,7 @@ def _cost_rows(report: dict, tag) -> list[list[str]]:
     return rows
 
 
-def _direction_text(report: dict, tag) -> str:
+def _direction_text(report: dict, tag: Callable[[str, object], str]) -> str:
     if not (direction := report.get("direction")):
         return NOT_MEASURED
     fallback = " (fallback: no candidate passed every filter)" if direction.get("fallback") else ""

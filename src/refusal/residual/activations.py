@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
+from torch import nn
 
 from ..common.progress import track
 from ..errors import check_finite
@@ -26,13 +28,13 @@ def batches(items: list, size: int) -> list[list]:
 def residual_reader(chat: ChatModel, n_positions: int, sink: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
     """While active, every forward pass calls ``sink(index, x)`` with x [batch, n_positions, d_model] in float32."""
 
-    def pre(index: int):
-        def hook(module, args, kwargs):
+    def pre(index: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             sink(index, get_hidden(args, kwargs)[:, -n_positions:].float())
 
         return hook
 
-    def final(module, args, output):
+    def final(module: nn.Module, args: tuple, output: Any) -> None:
         sink(chat.n_layers, untuple(output)[:, -n_positions:].float())
 
     with hooked(pre=[(layer, pre(i)) for i, layer in enumerate(chat.layers)], post=[(chat.layers[-1], final)]):

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
+from torch import nn
 
 from ..errors import RefusalError
 from ..model.architecture import Writer
@@ -36,11 +38,11 @@ def ablate(chat: ChatModel, direction: torch.Tensor, form: str = "writers") -> I
         raise RefusalError(f"unknown ablation form {form!r}; choose one of {', '.join(ABLATION_FORMS)}")
     unit = unit_vector(direction)
 
-    def layer_hook(module, args, kwargs):
+    def layer_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return replace_hidden(args, kwargs, project_out(get_hidden(args, kwargs), unit))
 
-    def writer_hook(u: torch.Tensor):
-        def hook(module, args, output):
+    def writer_hook(u: torch.Tensor) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             return retuple(output, project_out(untuple(output), u))
 
         return hook
@@ -65,8 +67,8 @@ def damp_outputs(
     those strengths, since a writer's output is linear in its weight and bias (``edits.KernelEdit.hooks``). A step's
     unit may be a function of the writer (one direction per target layer)."""
 
-    def writer_hook(units: list[tuple[torch.Tensor, float]]):
-        def hook(module, args, output):
+    def writer_hook(units: list[tuple[torch.Tensor, float]]) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             out = untuple(output)
             for u, s in units:
                 out = project_out(out, u, s)
@@ -94,7 +96,7 @@ def add(chat: ChatModel, direction: torch.Tensor, layer: int, coeff: float = 1.0
         raise RefusalError(f"layer {layer} is out of range for activation addition; use 0 .. {chat.n_layers - 1}")
     vector = coeff * direction.detach().float()
 
-    def hook(module, args, kwargs):
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         hidden = get_hidden(args, kwargs)
         return replace_hidden(args, kwargs, (hidden.float() + vector.to(hidden.device)).to(hidden.dtype))
 

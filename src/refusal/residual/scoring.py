@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -14,6 +15,9 @@ from ..common.progress import log
 from ..model.chat import ChatModel
 from .activations import batches
 from .hooks import hooked, retuple, untuple
+
+if TYPE_CHECKING:
+    from transformers import Cache
 
 
 def _refusal_mask(logits: torch.Tensor, refusal_ids: list[int]) -> torch.Tensor:
@@ -100,10 +104,10 @@ class TeacherForced:
         full = self._logits_for(self.chat, group, None)
         return bool(kl_divergence(full.flatten(0, 1), shared.flatten(0, 1)).abs().max() <= 1e-5)
 
-    def _prefix_cache(self, chat: ChatModel):
+    def _prefix_cache(self, chat: ChatModel) -> Cache:
         return prefix_cache(chat, self.rows[0][: self.prefix])
 
-    def _logits_for(self, chat: ChatModel, group: list[int], cache) -> torch.Tensor:
+    def _logits_for(self, chat: ChatModel, group: list[int], cache: Cache | None) -> torch.Tensor:
         """[len(group), n, vocab] float32 logits of ``chat`` at the predicting positions of each row."""
         skip = self.prefix if cache is not None else 0
         batch = chat.pad([self.rows[i][skip:] for i in group])
@@ -126,7 +130,7 @@ class TeacherForced:
     def __len__(self) -> int:
         return len(self.batches)
 
-    def batch(self, k: int, chat: ChatModel | None = None, cache=None) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    def batch(self, k: int, chat: ChatModel | None = None, cache: Cache | None = None) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         """Batch k for the model as it is now (``chat``, by default the one given at construction, which
         must share its tokenizer): (row indices, logits [rows, n, vocab], validity mask [rows, n])."""
         chat = chat or self.chat
@@ -143,14 +147,14 @@ class TeacherForced:
             yield self.batch(k, cache=cache)
 
 
-def prefix_cache(chat: ChatModel, ids: list[int]):
+def prefix_cache(chat: ChatModel, ids: list[int]) -> Cache:
     """The key/value cache of one token sequence (a prefix that a batch of continuations shares)."""
     with torch.inference_mode():
         out = chat.model(input_ids=torch.tensor([ids], device=chat.device), use_cache=True, logits_to_keep=1)
     return out.cache if hasattr(out, "cache") else out.past_key_values  # transformers >= 5.x calls it ``cache``
 
 
-def cache_kwargs(chat: ChatModel, cache, n: int) -> dict:
+def cache_kwargs(chat: ChatModel, cache: Cache, n: int) -> dict:
     """Forward-pass arguments that continue ``cache`` (left untouched) for a batch of ``n`` rows."""
     import inspect
 
@@ -206,11 +210,11 @@ class LastPosition:
             return False
         return _same(self._forward(group, None), shared)
 
-    def prefix_cache(self):
+    def prefix_cache(self) -> Cache | None:
         """The shared prefix's key/value cache for the model as it is now (None when not shared)."""
         return prefix_cache(self.chat, self.rows[0][: self.prefix]) if self.prefix else None
 
-    def _forward(self, group: list[int], cache) -> torch.Tensor:
+    def _forward(self, group: list[int], cache: Cache | None) -> torch.Tensor:
         """[len(group), vocab] float32 last-position logits, the rows continuing ``cache`` when given."""
         skip = self.prefix if cache is not None else 0
         batch = self.chat.pad([self.rows[i][skip:] for i in group])
@@ -246,8 +250,8 @@ class LastPosition:
         """
         seen: dict[int, object] = {}
 
-        def keep(index: int):
-            def hook(module, args, output):
+        def keep(index: int) -> Callable[..., None]:
+            def hook(module: nn.Module, args: tuple, output: Any) -> None:
                 seen[index] = retuple(output, untuple(output).clone())
 
             return hook
@@ -269,7 +273,7 @@ class LastPosition:
         return self._in_order(parts)
 
 
-FORWARD_OVERHEAD_TOKENS = 48  # CPU: a forward costs ~30 tokens more; 8 forwards of 64 prompts were slower than 3-5 (0.5B, 2 cores)
+FORWARD_OVERHEAD_TOKENS = 48  # a forward's fixed cost, in prompt tokens: on CPU many small forwards were slower than a few large ones
 
 
 def length_batches(lengths: list[int], batch_size: int, overhead: int) -> list[list[int]]:
@@ -305,7 +309,7 @@ def replaying(layers: nn.ModuleList, outputs: list) -> Iterator[None]:
                 layer.__dict__["forward"] = previous
 
 
-def _replay(output: object, *args, **kwargs) -> object:
+def _replay(output: object, *args: Any, **kwargs: Any) -> object:
     return retuple(output, untuple(output).clone())  # a copy: the model may write into what a layer returns
 
 

@@ -229,7 +229,7 @@ class RunDir:
         except RefusalError as e:
             raise RefusalError(f"{self.path / 'run.json'}: {e}; fix it, or pass --overwrite to start the run again") from None
 
-    def update(self, **fields) -> dict:
+    def update(self, **fields: object) -> dict:
         info = self.info
         info.update(fields)
         write_json(self.path / "run.json", info)
@@ -273,7 +273,7 @@ class RunDir:
                 f"re-run `refusal run --out {self.path}` to recompute it"
             )
 
-    def record(self, name: str, settings: Settings, inputs: dict, upstream: tuple[str, ...] = (), **extra) -> str:
+    def record(self, name: str, settings: Settings, inputs: dict, upstream: tuple[str, ...] = (), **extra: object) -> str:
         """Register ``name`` as made now from ``inputs``; downstream artifacts are stale from here on."""
         fingerprint = self.fingerprint(name, settings, inputs, upstream)
         info = self.info

@@ -26,7 +26,7 @@ def confirm_point(
     point: dict,
     prompts: dict[str, list[str]],
     max_new_tokens: int,
-    phrases,
+    phrases: tuple[str, ...] | list[str],
     protection: Protection | None = None,
     screen: Callable[[], tuple] | None = None,
     max_refused: float = 0.0,
@@ -56,7 +56,7 @@ def held_out_refusals(
     """A confirmation screen: under the model's current edit, how many of ``harmful`` have a refusal margin above
     ``-buffer`` at their first response position, of how many, and the buffer. Above 0 greedy decoding starts a
     refusal: on the default model the harmful train prompts' count under a front point matched its refusals by
-    generation (5 of its 6 positive margins refused, no other prompt did) for about a seventh of generation's time.
+    generation (docs/search.md) for a fraction of generation's time.
     The buffer (``--screen-margin``) is for the prompts the screen did not see: the point the bisection picks is the
     cheapest whose highest train margin is below the line, and a new set of 64 prompts holds a prompt above all 192
     train prompts about one time in four (64 / 256), by about the train margins' top spacing (docs/search.md).

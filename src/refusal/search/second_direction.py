@@ -1,14 +1,14 @@
 """A second direction for the prompts a search's best edit still refuses (docs/search.md, "Second direction").
 
 One direction leaves a few harmful prompts refused at every KL the search accepts: on the default
-model, every front point below KL 0.2 still refused about 3% of the harmful prompts, nearly all of
+model, every front point at a low KL still refused a few of the harmful prompts, nearly all of
 them self-harm prompts answered "As an AI language model, I don't have personal …", an identity
 disclaimer rather than an apology. The refusal direction does not carry that behaviour; a second
 direction does:
 
 1. the *base*: the front point with the lowest refusal score among those with first-token KL at most
    ``second_base_kl_fraction`` of ``max_kl`` that still score above the floor (a third: the second direction
-   buys refusals for less KL than a stronger base, and a base above strength 1.2 costs capability);
+   buys refusals for less KL than a stronger base, and a much stronger base costs capability);
 2. with the base applied, the harmful *train* prompts are scored at their last position (the refusal
    margin); with fewer than ``MIN_REFUSING`` still refused (margin > 0) there is nothing to do;
 3. the second direction r2 at a layer is a difference of mean residual activations at the last
@@ -117,7 +117,7 @@ def second_params(base: EditParams, direction: torch.Tensor, fraction: float, st
 
 def cleaned(directions: dict[float, torch.Tensor], base: EditParams, protection: Protection | None, n_layers: int) -> dict[float, torch.Tensor]:
     """The directions cleaned like the base's own (its ``clean``, at each direction's layer); as they are where the
-    base is not cleaned. Measured on the default model: at layer 18 and strength 0.5, first-token KL 0.267 -> 0.191."""
+    base is not cleaned. Cleaned, r2 costs less first-token KL at the same strength (docs/search.md)."""
     if protection is None or base.clean is None:
         return directions
     return {f: protection.clean(v, f * n_layers, base.position, base.clean) for f, v in directions.items()}

@@ -24,15 +24,21 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..common.study_url import is_shared
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.storages import BaseStorage
+    from optuna.storages._heartbeat import BaseHeartbeatThread  # the context get_heartbeat_thread returns
 from ..errors import RefusalError
 
 HEARTBEAT_SECONDS = 30  # a worker's running trial beats this often ...
 GRACE_SECONDS = 120  # ... and is failed as stale after this long without a beat
 
 
-def open_storage(storage: str):
+def open_storage(storage: str) -> BaseStorage:
     """The Optuna storage for a journal file path or a database URL."""
     from optuna.storages import JournalStorage, RDBStorage
     from optuna.storages.journal import JournalFileBackend
@@ -78,7 +84,7 @@ def StudyLock(storage: str) -> Iterator[None]:  # noqa: N802 (a context manager 
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def surplus(study, trial, target: int, sampled_roles: tuple[str, ...]) -> bool:
+def surplus(study: optuna.Study, trial: optuna.Trial, target: int, sampled_roles: tuple[str, ...]) -> bool:
     """True when ``target`` trials with a role in ``sampled_roles`` were finished or running before ``trial`` was
     handed out (by number): with several workers this one is then one too many."""
     import optuna
@@ -90,14 +96,14 @@ def surplus(study, trial, target: int, sampled_roles: tuple[str, ...]) -> bool:
     return len(before) >= target
 
 
-def fail_stale(study) -> None:
+def fail_stale(study: optuna.Study) -> None:
     """Fail the running trials whose worker stopped beating (a shared database)."""
     import optuna
 
     optuna.storages.fail_stale_trials(study)
 
 
-def wait_for_running(study, roles: tuple[str, ...], timeout: float = GRACE_SECONDS * 2) -> None:
+def wait_for_running(study: optuna.Study, roles: tuple[str, ...], timeout: float = GRACE_SECONDS * 2) -> None:
     """Wait until no trial with a role in ``roles`` is running (other workers finishing their last trials)."""
     import optuna
 
@@ -112,7 +118,7 @@ def wait_for_running(study, roles: tuple[str, ...], timeout: float = GRACE_SECON
         time.sleep(1.0)
 
 
-def heartbeat(study, trial):
+def heartbeat(study: optuna.Study, trial: optuna.Trial) -> BaseHeartbeatThread:
     """A context that keeps ``trial``'s heartbeat in a shared study while it runs (Optuna's own thread)."""
     from optuna.storages._heartbeat import get_heartbeat_thread  # Optuna's ask/tell path has no public form of it
 

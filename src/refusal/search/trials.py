@@ -31,6 +31,7 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -44,6 +45,9 @@ from ..residual.directions import Candidates
 from ..residual.scoring import TeacherForced, kl_divergence, refusal_margin, refusal_score
 from ..settings import SearchSettings, variant_parts
 from .storage import StudyLock, fail_stale, heartbeat, is_shared, open_storage, quiet_optuna, surplus, wait_for_running
+
+if TYPE_CHECKING:
+    import optuna
 
 
 # ---- objectives --------------------------------------------------------------------------------
@@ -80,7 +84,7 @@ class Objectives:
 ANCHOR_CLEAN = 1.0  # log10 α of the anchors' cleaning: the middle of the front on the default model (docs/search.md)
 
 
-def suggest(trial, n_layers: int, config: SearchSettings) -> EditParams:
+def suggest(trial: optuna.Trial, n_layers: int, config: SearchSettings) -> EditParams:
     """One point of the search space (docs/search.md)."""
     low, high = config.min_layer_fraction * n_layers, config.max_layer_fraction * n_layers
     kernels = {}
@@ -186,9 +190,8 @@ SAMPLED_ROLES = ("paper", "anchor", "sampled")  # the trials --trials counts (no
 
 
 def reserve_seconds(done: list[dict], trials: int) -> float:
-    """Seconds the budget keeps for ``trials`` more trials (the refinement and second-direction ones): the median
-    finished trial's time, once three trials give a median. A process's first trial also clones the writers it
-    touches and can take several times longer; a mean over it stopped a study after one trial."""
+    """Seconds the budget keeps for ``trials`` more trials (refinement and second-direction): the median finished
+    trial's time, once three give one (a mean would follow a process's slow first trial, which clones writers)."""
     return trials * statistics.median(r["seconds"] for r in done) if len(done) >= 3 else 0.0
 
 
@@ -201,7 +204,7 @@ def run_trials(
     seed: int,
     storage: str,
     paper: EditParams,
-    on_trial=None,
+    on_trial: Callable[[int, dict], object] | None = None,
     protection: Protection | None = None,
     second: Callable[[list[dict]], list[tuple[dict, EditParams]]] | None = None,
     study_name: str = "refusal-search",
@@ -245,7 +248,7 @@ def run_trials(
     start = time.perf_counter()
     with Editor(chat) as editor:
 
-        def measure(trial, params: EditParams) -> None:
+        def measure(trial: optuna.Trial, params: EditParams) -> None:
             t0 = time.perf_counter()
             with heartbeat(study, trial) if shared else nullcontext(), editor.applied(KernelEdit.from_candidates(candidates, params, protection)):
                 values = objectives.measure()
@@ -297,7 +300,7 @@ def run_trials(
     return records(study)
 
 
-def records(study) -> list[dict]:
+def records(study: optuna.Study) -> list[dict]:
     """The study's finished trials as plain records."""
     import optuna
 
