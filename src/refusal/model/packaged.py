@@ -56,7 +56,7 @@ ORGANISM = "organism"
 ORGANISMS = {
     ORGANISM: (
         organism.OrganismConfig(),
-        "the model organism: a tiny Llama (6 layers, d_model 64) trained here on first use (~40 s), with its own prompts",
+        "the model organism: a tiny Llama (6 layers, d_model 64) trained here on first use (seconds on a CPU), with its own prompts",
     ),
     "organism-robust": (
         organism.OrganismConfig(noise_suffix=0.15),
