@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("prompt", nargs="+")
     add_arguments(p, ("model",))
+    add_arguments(p, ("evaluation",), only=("batch_size", "engine", "tensor_parallel", "vllm_memory"))
 
     p = sub.add_parser("evaluate", help="compare the original model with an edit on the test split -> REPORT/report.{json,md,html}")
     group = p.add_mutually_exclusive_group(required=True)

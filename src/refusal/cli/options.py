@@ -18,12 +18,15 @@ def flag(f) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...]) -> None:
-    """One option per setting of ``groups``; defaults stay None so ``from_args`` can tell what was given."""
+def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...], only: tuple[str, ...] | None = None) -> None:
+    """One option per setting of ``groups`` (or only the settings named in ``only``); defaults stay None so
+    ``from_args`` can tell what was given."""
     hints = {name: typing.get_type_hints(group_type) for name, group_type in group_types().items()}
     for group_name in groups:
         group = parser.add_argument_group(f"{group_name} settings")
         for f in fields(group_types()[group_name]):
+            if only is not None and f.name not in only:
+                continue
             meta, default = f.metadata, (f.default if f.default is not MISSING else f.default_factory())  # type: ignore[misc,operator]
             shown = ",".join(map(str, default)) if isinstance(default, list) else default
             help_text = f"{meta['help']} (default: {shown})"
