@@ -49,8 +49,10 @@ _API = {
     "export_model": "checkpoint.export",
     "fidelity_check": "checkpoint.export",
     "FidelityError": "errors",
+    "Forward": "engines.forward",
     "generate": "engines.hf",
     "HFEngine": "engines.hf",
+    "HFForward": "engines.forward",
     "is_refusal": "measure.judges",
     "Kernel": "edit.edits",
     "KernelEdit": "edit.edits",
@@ -61,6 +63,8 @@ _API = {
     "load_capability": "data.prompt_sets",
     "load_model": "model.packaged",
     "load_prompts": "data.prompt_sets",
+    "make_engine": "engines.factory",
+    "make_forward": "engines.factory",
     "mean_activations": "residual.activations",
     "Objective": "attack.suffix_scoring",
     "optimize_suffix": "attack.gcg",
@@ -96,7 +100,9 @@ __all__ = [
     "Engine",
     "EvalSettings",
     "FidelityError",
+    "Forward",
     "HFEngine",
+    "HFForward",
     "Kernel",
     "KernelEdit",
     "LowRank",
@@ -128,6 +134,8 @@ __all__ = [
     "load_capability",
     "load_model",
     "load_prompts",
+    "make_engine",
+    "make_forward",
     "mean_activations",
     "optimize_suffix",
     "orthogonalize_weights",
@@ -169,6 +177,8 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
     from .edit.edits import Edit, Editor, EditParams, Kernel, KernelEdit, Orthogonalization, edited, orthogonalized
     from .edit.tensor_deltas import TensorDeltas
     from .edit.weights import orthogonalize_weights
+    from .engines.factory import make_engine, make_forward
+    from .engines.forward import Forward, HFForward
     from .engines.hf import Engine, HFEngine, generate
     from .errors import FidelityError, RefusalError, UnsupportedModelError
     from .measure.evaluation import Condition, EvalSettings, capability_loss, evaluate

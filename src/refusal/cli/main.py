@@ -103,7 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--add", type=Path, metavar="RUN", help="add RUN's direction at its layer")
     add_ablation_form(p)
     p.add_argument("prompt", nargs="+")
-    add_arguments(p, ("model", "evaluation.max_new_tokens", "hooks"))
+    add_arguments(
+        p,
+        (
+            "model",
+            "evaluation.max_new_tokens",
+            "evaluation.batch_size",
+            "evaluation.engine",
+            "evaluation.tensor_parallel",
+            "evaluation.vllm_memory",
+            "hooks",
+        ),
+    )
 
     p = sub.add_parser("evaluate", help="compare the original model with an edit on the test split -> REPORT/report.{json,md,html}")
     group = p.add_mutually_exclusive_group(required=True)

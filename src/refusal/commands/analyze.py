@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from ..common.progress import log
 from ..common.provenance import model_fingerprint, timestamp
 from ..data.suffixes import REGIONS, SuffixedPrompt, random_suffix, read_suffix_file, split_prompt
 from ..edit.edits import Orthogonalization
-from ..engines.hf import HFEngine
+from ..engines.factory import make_engine
 from ..errors import RefusalError
 from ..measure.judges import REFUSAL_PHRASES, judge_refusals, load_phrases
 from ..measure.mechanisms import attention_masses, check_decomposable, compare_directions, decompose, direction_cosines, layer_cosines, top_heads
@@ -204,9 +205,9 @@ def refused_prompts(ctx: Context, attack: dict | None) -> dict:
     if done is not None and [c.get("instruction") for c in done] == test:
         flags, judge = [bool(c.get("refused")) for c in done], "attack.json: substring judge on greedy generations without a suffix"
     else:
-        engine = HFEngine(ctx.chat, e.batch_size, description="analyze: which harmful test prompts are refused")
         phrases = load_phrases(e.refusal_phrases) if e.refusal_phrases else REFUSAL_PHRASES
-        flags = judge_refusals(engine, [split_prompt(ctx.chat, x).ids for x in test], e.max_new_tokens, phrases).refused
+        with closing(make_engine(ctx.chat, ctx.settings, None, "analyze: which harmful test prompts are refused")) as engine:
+            flags = judge_refusals(engine, [split_prompt(ctx.chat, x).ids for x in test], e.max_new_tokens, phrases).refused
         judge = "substring judge on greedy generations without a suffix"
     indices = [i for i, r in enumerate(flags) if r]
     if not indices:

@@ -15,6 +15,7 @@ again. ``attack.json`` is fingerprinted by the suffix it evaluates and the evalu
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,13 +27,13 @@ from ..common.progress import log
 from ..common.provenance import digest, timestamp
 from ..data.prompt_sets import Prompts
 from ..data.suffixes import SuffixedPrompt, random_suffix, read_suffix_file, split_prompt, suffix_from_text
-from ..engines.hf import HFEngine
+from ..engines.factory import make_engine, make_forward
+from ..engines.forward import Forward
 from ..errors import RefusalError
 from ..measure.evaluation import rate
 from ..measure.judges import REFUSAL_PHRASES, judge_refusals, load_phrases
 from ..model.chat import ChatModel
-from ..residual.activations import batches
-from ..residual.scoring import last_logits, refusal_score
+from ..residual.scoring import refusal_score
 from ..run.directory import ARTIFACTS, RunDir, read_json, write_json
 from ..run.given import check_run_model, run_model
 from ..run.workspace import Context, start
@@ -134,22 +135,22 @@ def held_out(ctx: Context, suffixes: dict[str, list[int]]) -> dict:
     phrases = load_phrases(e.refusal_phrases) if e.refusal_phrases else REFUSAL_PHRASES
     refusal_ids = chat.refusal_token_ids(e.refusal_tokens)
     test = ctx.prompts.get("harmful", "test")
-    engine = HFEngine(chat, e.batch_size, description="attack: generating")
+    forward = make_forward(chat, ctx.settings)
     out: dict = {"refusal": {}, "refusal_score": {}, "completions": {}}
-    for name, ids in suffixes.items():
-        prompts = [split_prompt(chat, x, ids) for x in test]
-        judged = judge_refusals(engine, [p.ids for p in prompts], e.max_new_tokens, phrases)
-        out["refusal"][name] = rate(*judged.count)
-        out["refusal_score"][name] = float(first_token_scores(ctx, prompts, refusal_ids).mean())
-        out["completions"][name] = [{"instruction": x, "completion": t, "refused": r} for x, t, r in zip(test, judged.texts, judged.refused)]
-        log(f"attack: {CONDITIONS[name]}: {judged.count[0]}/{len(test)} refused")
+    with closing(make_engine(chat, ctx.settings, None, "attack: generating")) as engine:
+        for name, ids in suffixes.items():
+            prompts = [split_prompt(chat, x, ids) for x in test]
+            judged = judge_refusals(engine, [p.ids for p in prompts], e.max_new_tokens, phrases)
+            out["refusal"][name] = rate(*judged.count)
+            out["refusal_score"][name] = float(first_token_scores(forward, prompts, refusal_ids).mean())
+            out["completions"][name] = [{"instruction": x, "completion": t, "refused": r} for x, t, r in zip(test, judged.texts, judged.refused)]
+            log(f"attack: {CONDITIONS[name]}: {judged.count[0]}/{len(test)} refused")
     return out
 
 
-def first_token_scores(ctx: Context, prompts: list[SuffixedPrompt], refusal_ids: list[int]) -> torch.Tensor:
+def first_token_scores(forward: Forward, prompts: list[SuffixedPrompt], refusal_ids: list[int]) -> torch.Tensor:
     """[n] refusal log-odds at the last prompt position."""
-    prepared = [ctx.chat.pad([p.ids for p in group]) for group in batches(prompts, ctx.settings.evaluation.batch_size)]
-    return refusal_score(last_logits(ctx.chat, prepared), refusal_ids)
+    return refusal_score(forward.logits_at([p.ids for p in prompts], [-1])[:, 0], refusal_ids)
 
 
 # ---- the command ---------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from ..checkpoint.streaming import NamesDiffer
 from ..common.progress import log
 from ..common.provenance import digest, environment, timestamp
 from ..data.prompt_sets import dataset_hash, load_capability, load_corpus
+from ..engines.factory import make_engine
 from ..engines.hf import Engine
 from ..errors import RefusalError
 from ..measure.evaluation import Condition, EvalSettings, cosine_matrix, evaluate, projections
@@ -69,14 +70,9 @@ def edited_condition(settings: Settings, chat: ChatModel, path: Path, same_model
 
 
 def checkpoint_engine(settings: Settings, chat: ChatModel, path: str | Path) -> Engine | None:
-    """The generation engine of a checkpoint on disk: vLLM with ``--engine vllm`` (built when first used, freed after
-    its condition), else None (the transformers engine of the loaded model)."""
-    e = settings.evaluation
-    if e.engine != "vllm":
-        return None
-    from ..engines.vllm import VLLMEngine
-
-    return VLLMEngine(chat, path, e.tensor_parallel, e.vllm_memory, settings.model.dtype, seed=settings.data.seed)
+    """The generation engine of a checkpoint on disk: ``make_engine``'s vLLM engine with ``--engine vllm`` (built when
+    first used, freed after its condition), else None (the evaluation makes a transformers engine per prompt kind)."""
+    return make_engine(chat, settings, path) if settings.evaluation.engine == "vllm" else None
 
 
 def build_report(

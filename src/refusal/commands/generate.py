@@ -1,15 +1,16 @@
 """``refusal generate``: greedy completions of a few prompts, with a run's direction ablated or added by hooks.
 
 The run's model is used (``given_run.run_model``) and its direction only while fresh, both checked before any
-model is loaded; the prompts with ``max_new_tokens`` must fit the model's context.
+model is loaded; the prompts with ``max_new_tokens`` must fit the model's context. The engine is the
+evaluation group's (``--batch-size``, ``--engine``): vLLM serves the model without hooks only.
 """
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, closing, nullcontext
 from pathlib import Path
 
-from ..engines.hf import HFEngine
+from ..engines.factory import make_engine
 from ..errors import RefusalError
 from ..residual.interventions import ABLATION_FORMS, ablate, add
 from ..run.directory import RunDir
@@ -35,6 +36,7 @@ def generate_completions(
     if not 1 <= max_new_tokens <= 4096:
         raise RefusalError(f"--max-new-tokens must be between 1 and 4096 (got {max_new_tokens})")
     settings.hooks.validate()
+    settings.evaluation.validate()
     direction = None
     if ablate_run or add_run:  # the run's model (or the same one), and its direction while fresh: before anything is loaded
         run = RunDir.open(ablate_run or add_run)  # type: ignore[arg-type]
@@ -50,5 +52,6 @@ def generate_completions(
     context: AbstractContextManager = nullcontext()
     if direction is not None:
         context = ablate(chat, direction.vector, ablation_form) if ablate_run else add(chat, direction.vector, direction.layer, coeff)
-    with context:
-        return HFEngine(chat, 8).generate(prompts, max_new_tokens)
+    path = chat.path if direction is None else None  # hooks: transformers (vLLM would not run them)
+    with closing(make_engine(chat, settings, path)) as engine, context:
+        return engine.generate(prompts, max_new_tokens)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from ..common.progress import log
 from ..common.provenance import timestamp
 from ..common.study_url import check_database
 from ..edit.edits import Editor
-from ..engines.hf import HFEngine
+from ..engines.factory import make_engine
+from ..engines.hf import Engine
 from ..measure.judges import REFUSAL_PHRASES, judge_refusals, load_phrases
 from ..residual.directions import Candidates
 from ..run.directory import ARTIFACTS, write_json
@@ -45,6 +47,12 @@ class SearchResult:
 
 def study(ctx: Context, cands: Candidates) -> dict:
     """Trials (resumed while fresh), confirmation and choice -> search.json; returns its content."""
+    with closing(make_engine(ctx.chat, ctx.settings, None, "original outputs")) as engine:  # no path: trials edit in place
+        return study_with(ctx, cands, engine)
+
+
+def study_with(ctx: Context, cands: Candidates, engine: Engine) -> dict:
+    """``study`` generating with ``engine`` (the original outputs, the confirmation of edits applied in place)."""
     s, run = ctx.settings, ctx.run
     paper, paper_note, paper_upstream = paper_edit(ctx, cands)
     cleaner = protection(ctx)
@@ -54,7 +62,6 @@ def study(ctx: Context, cands: Candidates) -> dict:
     run.record("search", s, inputs, upstream)  # before the first trial: an interrupted study resumes under this fingerprint
     timings: dict = {}
     harmful, harmless = ctx.prompts.get("harmful", "val"), ctx.prompts.get("harmless", "val")
-    engine = HFEngine(ctx.chat, s.evaluation.batch_size, description="original outputs")
     phrases = load_phrases(s.evaluation.refusal_phrases) if s.evaluation.refusal_phrases else REFUSAL_PHRASES
     refusal_ids = ctx.chat.refusal_token_ids(s.evaluation.refusal_tokens)
 

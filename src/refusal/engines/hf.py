@@ -7,7 +7,8 @@ order. ``stop_when`` ends a sequence as soon as a judge can decide from its text
 phrase has appeared), which saves most of the tokens of refused prompts; leave it out to read full
 completions. ``vllm_engine.VLLMEngine`` implements ``Engine`` with vLLM for checkpoints on disk (the
 original, an export): it serves edits baked into weights only, not hooks. Everything that
-generates (evaluation, the search's confirmation and original prefixes) takes an ``Engine``. A prompt
+generates (evaluation, the search's confirmation and original prefixes) takes an ``Engine``, made by
+``factory.make_engine`` and closed when done (``close`` frees a vLLM model). A prompt
 is an instruction (chat-formatted here) or a list of token ids already formatted (a prompt with an
 adversarial suffix, ``suffixes.SuffixedPrompt.ids``).
 """
@@ -42,6 +43,10 @@ class Engine(Protocol):
 
     def generate(self, instructions: Sequence[Prompt], max_new_tokens: int, stop_when: StopWhen | None = None) -> list[str]:
         """Completions of chat-formatted ``instructions``, in input order, without special tokens."""
+        ...
+
+    def close(self) -> None:
+        """Free what the engine holds (a vLLM model's GPU memory); a later call may build it again."""
         ...
 
 
@@ -120,6 +125,9 @@ class HFEngine:
     def generate(self, instructions: Sequence[Prompt], max_new_tokens: int, stop_when: StopWhen | None = None) -> list[str]:
         """Completions in input order, without special tokens."""
         return self.decode(self.generate_ids(instructions, max_new_tokens, stop_when))
+
+    def close(self) -> None:
+        """Nothing to free: the model belongs to ``chat``."""
 
 
 def eos_ids(chat: ChatModel) -> list[int]:

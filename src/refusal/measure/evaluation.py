@@ -31,7 +31,8 @@ from typing import Any, cast
 import torch
 
 from ..common.progress import track
-from ..engines.hf import Engine, HFEngine
+from ..engines.factory import make_engine
+from ..engines.hf import Engine
 from ..errors import RefusalError, check_finite
 from ..model.chat import ChatModel
 from ..residual.activations import batches, collect_activations
@@ -52,7 +53,7 @@ class Condition:
     context: Callable[[], AbstractContextManager] = nullcontext  # hooks, or an in-place edit applied and reverted
     kinds: tuple[str, ...] = ("harmful", "harmless")  # which prompt sets to judge
     costs: bool = True  # measure KL and cross-entropy against the original (False for activation addition)
-    engine: Engine | None = None  # generation backend; None -> HFEngine(chat, settings.batch_size)
+    engine: Engine | None = None  # generation backend (closed once judged); None -> make_engine: HFEngine(chat, settings.batch_size)
 
 
 @dataclass
@@ -201,9 +202,13 @@ def cosine_matrix(candidates: Candidates, position: int) -> dict:
 # ---- the whole evaluation ----------------------------------------------------------------------
 def judged(condition: Condition, kind: str, prompts: list[str], settings: EvalSettings, full: bool = False) -> Judged:
     """``condition``'s completions of ``prompts`` (its engine, inside its context), judged by substring."""
-    engine = condition.engine or HFEngine(condition.chat, settings.batch_size, description=f"{kind} ({condition.name})")
-    with condition.context():
-        return judge_refusals(engine, prompts, settings.max_new_tokens, settings.phrases, full=full or not settings.early_stop)
+    engine = condition.engine or make_engine(condition.chat, EvaluationSettings(batch_size=settings.batch_size), None, f"{kind} ({condition.name})")
+    try:
+        with condition.context():
+            return judge_refusals(engine, prompts, settings.max_new_tokens, settings.phrases, full=full or not settings.early_stop)
+    finally:
+        if condition.engine is None:  # made here; the condition's own engine is closed once all its kinds are judged
+            engine.close()
 
 
 def evaluate(
@@ -253,9 +258,8 @@ def evaluate(
                 unsafe = safety.unsafe(prompts[kind], out.texts)
                 result["safety"] = result["safety"] or {"judge": safety.name}
                 result["safety"].setdefault(condition.name, {})[kind] = rate(sum(unsafe), len(unsafe))
-        close = getattr(condition.engine, "close", None)
-        if close is not None:  # a vLLM engine frees its GPU memory before the next condition's starts
-            close()
+        if condition.engine is not None:  # a vLLM engine frees its GPU memory before the next condition's starts
+            condition.engine.close()
     edits = [c for c in conditions[1:] if c.costs]
     if original_ids and edits:
         for condition in edits:
