@@ -163,7 +163,7 @@ def test_evaluation_closes_the_engines_it_makes_and_each_conditions_own_once(lla
     own = Closing(llama_chat, 2, description="own")
     conditions = [Condition("original", "original", llama_chat), Condition("trial", "trial", llama_chat, engine=own)]
     prompts = {"harmful": PROMPTS[:2], "harmless": PROMPTS[2:4]}
-    evaluate(conditions, prompts, EvalSettings(max_new_tokens=2, batch_size=2, kl_tokens=2, ce_max_tokens=0, capability_items=0))
+    evaluate(conditions, prompts, EvalSettings(max_new_tokens=2, batch_size=2, kl_tokens=2, ce_tokens=0, capability_items=0))
     assert closed == ["harmful (original)", "harmless (original)", "own"]
 
 
