@@ -55,7 +55,7 @@ def main() -> None:
     ctx = stage("load model", lambda: start(settings, out, overwrite=True))
     chat = ctx.chat
     cands = stage("extract", lambda: candidates(ctx))
-    chosen_record, direction = stage("select", lambda: selection(ctx, cands))
+    chosen_record, direction = stage("select", lambda: selection(ctx))
     stage("export + fidelity", lambda: export(ctx, Orthogonalization(direction.vector), out / "model", "selection"))
     report = stage("evaluate (report)", lambda: evaluate_run(ctx, cands, chosen_record, direction, edited=True))
 

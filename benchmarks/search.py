@@ -42,7 +42,7 @@ import torch
 from _stages import Stages, peak_rss_gb
 from refusal.cli.main import join_negative_lists
 from refusal.cli.printing import confirmed_counts
-from refusal.commands.run import candidate_inputs, candidates, protection, selection, selection_inputs
+from refusal.commands.run import candidates, protection, selection
 from refusal.commands.search import study
 from refusal.common.parsing import duration, int_list
 from refusal.common.progress import set_quiet
@@ -165,12 +165,12 @@ def main() -> None:
     ctx = stage("load model", lambda: start(settings, out, overwrite=not args.reuse))
     chat = ctx.chat
     fresh = {
-        "extraction": lambda: ctx.run.fresh("candidates", settings, candidate_inputs(ctx)),
-        "paper selection": lambda: ctx.run.fresh("selection", settings, selection_inputs(ctx), ("candidates",)),
+        "extraction": lambda: ctx.fresh("candidates"),
+        "paper selection": lambda: ctx.fresh("selection"),
     }
     reused = [name for name, is_fresh in fresh.items() if args.reuse and is_fresh()]
     cands = stage("extract", lambda: candidates(ctx))
-    _, direction = stage("paper selection", lambda: selection(ctx, cands))
+    _, direction = stage("paper selection", lambda: selection(ctx))
     if reused:
         print(f"  (reused from {out}: {', '.join(reused)}; their fingerprints match these settings)")
     for name in ("search.json", "search.journal"):

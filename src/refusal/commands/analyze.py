@@ -24,6 +24,7 @@ import time
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,7 +40,9 @@ from ..model.packaged import load_model, resolve_model
 from ..report.render import write_report
 from ..residual.activations import mean_activations
 from ..residual.directions import Candidates, Direction, compute_candidates
-from ..run.directory import ARTIFACTS, RunDir, write_json
+from ..run.artifacts import ARTIFACTS
+from ..run.directory import RunDir
+from ..run.files import write_json
 from ..run.workspace import Context, reopen
 from .attack import CONDITIONS, fresh_attack
 from .evaluate import evaluate_run, fresh_report
@@ -248,36 +251,32 @@ def analyze(path: Path, options: dict) -> AnalyzeResult:
     check_base(ctx)
     refused = refused_prompts(ctx, attack)  # so does a model that refuses none of the prompts
     cands = candidates(ctx)
-    chosen, direction = selection(ctx, cands)
+    chosen, direction = selection(ctx)
     base_id = model_fingerprint(resolve_model(ctx.settings.analysis.base))["sha256"] if ctx.settings.analysis.base else None
-    inputs = {
-        "model": ctx.model_id,
-        "test": [ctx.prompts.hash(k, "test") for k in ("harmful", "harmless")],
+    given: dict[str, Any] = {
         "suffix": suffix,
         "random": baseline,
         "base": base_id or ctx.settings.analysis.base,
         "refused": refused,
         "attack": attack_rates(attack),
     }
-    upstream = ("candidates", "selection")
-    if run.fresh("analysis", ctx.settings, inputs, upstream):
-        mechanisms = run.read("analysis")["mechanisms"]
-    else:
-        start = time.perf_counter()
+
+    def make(*_: object) -> dict:
         mechanisms = measure(ctx, cands, direction, suffix, baseline, base_candidates(ctx), refused)
         mechanisms["suffix"]["source"] = source
-        mechanisms["attack"] = inputs["attack"]
-        run.remove("analysis", quiet=True)  # only now: a failed analysis leaves the previous one
-        write_json(run.file("analysis"), {"format_version": ARTIFACTS["analysis"].format_version, "mechanisms": mechanisms})
+        mechanisms["attack"] = given["attack"]
+        data = {"format_version": ARTIFACTS["analysis"].format_version, "mechanisms": mechanisms}
+        write_json(run.file("analysis"), data)
         run.update(settings=settings.to_dict())  # the analysis options are kept once they worked (a bad --base changes nothing)
-        run.record("analysis", ctx.settings, inputs, upstream, selection=run.entry("selection").get("fingerprint"), test=inputs["test"])
-        ctx.timed("analyze", start)
+        return data
+
+    mechanisms = ctx.get("analysis", make=make, **given)["mechanisms"]
     report = fresh_report(ctx)  # a stale report (another selection, model or test split) is made again, not patched
     if report is not None:
         report["mechanisms"] = mechanisms
         write_report(report, run.file("report"))
     else:  # with the run's export while it is made from this direction, as `refusal run` reports it
-        exported = run.fresh("model", ctx.settings, {"edit": Orthogonalization(direction.vector).describe()}, ("selection",))
+        exported = ctx.fresh("model", edit=Orthogonalization(direction.vector).describe(), source="selection")
         evaluate_run(ctx, cands, chosen, direction, edited=exported)
     ctx.timed("analyze_total", begin)
     return AnalyzeResult(ctx.run.path, mechanisms, ctx.run.info.get("timings", {}))

@@ -34,7 +34,9 @@ from ..measure.evaluation import rate
 from ..measure.judges import REFUSAL_PHRASES, judge_refusals, load_phrases
 from ..model.chat import ChatModel
 from ..residual.scoring import refusal_score
-from ..run.directory import ARTIFACTS, RunDir, read_json, write_json
+from ..run.artifacts import ARTIFACTS
+from ..run.directory import RunDir
+from ..run.files import read_json, write_json
 from ..run.given import check_run_model, run_model
 from ..run.workspace import Context, start
 from ..settings import Settings
@@ -192,30 +194,31 @@ def attack(settings: Settings, out: Path, overwrite: bool = False, inherit: tupl
         ids, source = state.best_suffix, "optimised"
         text = chat.tokenizer.decode(ids)
     baseline = random_suffix(chat, len(ids), ctx.settings.data.seed)
-    inputs = attack_inputs(ctx, ids, baseline, source)
-    if run.fresh("attack", ctx.settings, inputs) and _same_optimisation(run.read("attack").get("optimisation"), _optimisation(state, train)):
+    given = {"suffix": ids, "random": baseline, "source": source}
+    if ctx.fresh("attack", **given) and _same_optimisation(run.read("attack").get("optimisation"), _optimisation(state, train)):
         return AttackResult(run.path, run.read("attack"), run.info.get("timings", {}))
-    eval_start = time.perf_counter()
-    results = held_out(ctx, {"none": [], "suffix": ids, "random": baseline})
-    ctx.timed("attack_evaluation", eval_start)
-    result = {
-        "format_version": ARTIFACTS["attack"].format_version,
-        "created": timestamp(),
-        "model": run.info.get("model", {}),
-        "suffix": text,
-        "suffix_ids": ids,
-        "suffix_tokens": chat.tokenizer.convert_ids_to_tokens(ids),
-        "source": source,
-        "random_suffix": chat.tokenizer.decode(baseline),
-        "random_suffix_ids": baseline,
-        "conditions": CONDITIONS,
-        "n_test": len(ctx.prompts.get("harmful", "test")),
-        "optimisation": _optimisation(state, train),
-        "settings": ctx.settings.to_dict()["attack"],
-        **results,
-    }
-    write_json(run.file("attack"), result)
-    run.record("attack", ctx.settings, inputs)
+
+    def make(*_: object) -> dict:
+        result = {
+            "format_version": ARTIFACTS["attack"].format_version,
+            "created": timestamp(),
+            "model": run.info.get("model", {}),
+            "suffix": text,
+            "suffix_ids": ids,
+            "suffix_tokens": chat.tokenizer.convert_ids_to_tokens(ids),
+            "source": source,
+            "random_suffix": chat.tokenizer.decode(baseline),
+            "random_suffix_ids": baseline,
+            "conditions": CONDITIONS,
+            "n_test": len(ctx.prompts.get("harmful", "test")),
+            "optimisation": _optimisation(state, train),
+            "settings": ctx.settings.to_dict()["attack"],
+            **held_out(ctx, {"none": [], "suffix": ids, "random": baseline}),
+        }
+        write_json(run.file("attack"), result)
+        return result
+
+    result = ctx.get("attack", make=make, remake=True, **given)  # the optimisation's state (its own fingerprint) is kept
     ctx.timed("attack_total", begin)
     return AttackResult(run.path, result, run.info.get("timings", {}))
 
@@ -240,11 +243,6 @@ def _same_optimisation(saved: dict | None, now: dict | None) -> bool:
     return all(saved.get(k) == now.get(k) for k in keys)
 
 
-def attack_inputs(ctx: Context, suffix: list[int], baseline: list[int], source: str) -> dict:
-    """What RUN/attack.json is made from besides its settings: the model, the held-out prompts and the two suffixes."""
-    return {"model": ctx.model_id, "harmful_test": ctx.prompts.hash("harmful", "test"), "suffix": suffix, "random": baseline, "source": source}
-
-
 def fresh_attack(ctx: Context) -> dict:
     """RUN/attack.json for ``refusal analyze``: a one-line error if it is missing or was made from other inputs."""
     run = ctx.run
@@ -254,9 +252,4 @@ def fresh_attack(ctx: Context) -> dict:
     ids, baseline = data.get("suffix_ids"), data.get("random_suffix_ids")
     if not isinstance(ids, list) or not ids or not isinstance(baseline, list) or not isinstance(data.get("source"), str):
         raise RefusalError(f"{run.file('attack')} has the wrong shape; re-run `refusal attack --out {run.path}`")
-    inputs = attack_inputs(ctx, ids, baseline, data["source"])
-    if not run.fresh("attack", ctx.settings, inputs):
-        raise RefusalError(
-            f"{run.file('attack')} is stale: the model, prompts or settings changed since it was made; re-run `refusal attack --out {run.path}`"
-        )
-    return data
+    return ctx.require("attack", suffix=ids, random=baseline, source=data["source"])

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..checkpoint.read_back import ExportSwap
 from ..checkpoint.streaming import NamesDiffer
 from ..common.progress import log
-from ..common.provenance import digest, environment, timestamp
+from ..common.provenance import environment, timestamp
 from ..data.prompt_sets import dataset_hash, load_capability, load_corpus
 from ..engines.factory import make_engine
 from ..engines.hf import Engine
@@ -133,37 +133,30 @@ def evaluate_run(
 ) -> dict:
     """RUN/report: original, the direction ablated and added (when the run has one), and RUN/model when ``edited``.
     Reused while fresh (same test prompts, evaluation settings, direction, export and search summary)."""
-    begin = time.perf_counter()
-    chat, run = ctx.chat, ctx.run
     upstream = tuple(u for u in ("selection" if selection else "", "search" if search else "", "model" if edited else "") if u)
-    inputs = report_inputs(ctx, search)
-    test = inputs["test"]
-    if run.fresh("report", ctx.settings, inputs, upstream):
-        return run.read("report")
-    conditions = [Condition("original", LABELS["original"], chat, engine=checkpoint_engine(ctx.settings, chat, chat.path))]
-    if direction is not None:
-        conditions += hook_conditions(chat, direction)
-    if edited:
-        conditions.append(edited_condition(ctx.settings, chat, run.file("model"), same_model=True))
-    prompts = {k: ctx.prompts.get(k, "test") for k in ("harmful", "harmless")}
-    extra: dict = {"search": search}
-    if selection is not None:
-        extra["selection"] = {"chosen": selection["chosen"], "candidates": selection["candidates"]}
-    if direction is not None:
-        extra["cosine"] = cosine_matrix(cands, direction.position)
-    report = build_report(ctx.settings, chat, run.info.get("model", {}), conditions, prompts, direction, extra=extra)
-    ctx.timed("evaluate", begin)
-    report["timings"] = run.info.get("timings", {})
-    report["mechanisms"] = current_mechanisms(run, test)
-    run.remove("report", quiet=True)
-    write_report(report, run.file("report"))
-    run.record("report", ctx.settings, inputs, upstream)
-    return report
 
+    def make(*_: object) -> dict:
+        begin = time.perf_counter()
+        chat, run = ctx.chat, ctx.run
+        conditions = [Condition("original", LABELS["original"], chat, engine=checkpoint_engine(ctx.settings, chat, chat.path))]
+        if direction is not None:
+            conditions += hook_conditions(chat, direction)
+        if edited:
+            conditions.append(edited_condition(ctx.settings, chat, run.file("model"), same_model=True))
+        prompts = {k: ctx.prompts.get(k, "test") for k in ("harmful", "harmless")}
+        extra: dict = {"search": search}
+        if selection is not None:
+            extra["selection"] = {"chosen": selection["chosen"], "candidates": selection["candidates"]}
+        if direction is not None:
+            extra["cosine"] = cosine_matrix(cands, direction.position)
+        report = build_report(ctx.settings, chat, run.info.get("model", {}), conditions, prompts, direction, extra=extra)
+        ctx.timed("evaluate", begin)
+        report["timings"] = run.info.get("timings", {})
+        report["mechanisms"] = current_mechanisms(run, [ctx.prompts.hash(k, "test") for k in ("harmful", "harmless")])
+        write_report(report, run.file("report"))
+        return report
 
-def report_inputs(ctx: Context, search: dict | None) -> dict:
-    """What RUN/report is made from besides its settings and upstream artifacts: the test splits, the search's summary."""
-    return {"test": [ctx.prompts.hash(k, "test") for k in ("harmful", "harmless")], "search": digest(search) if search else None}
+    return ctx.get("report", make=make, search=search, upstream=upstream)
 
 
 def fresh_report(ctx: Context) -> dict | None:
@@ -174,7 +167,7 @@ def fresh_report(ctx: Context) -> dict | None:
         return None
     report = run.read("report")
     upstream = tuple(run.entry("report").get("upstream", []))
-    return report if run.fresh("report", ctx.settings, report_inputs(ctx, report.get("search")), upstream) else None
+    return report if ctx.fresh("report", search=report.get("search"), upstream=upstream) else None
 
 
 def current_mechanisms(run: RunDir, test: list[str]) -> dict | None:

@@ -18,18 +18,20 @@ from pathlib import Path
 from ..common.progress import log
 from ..common.provenance import timestamp
 from ..common.study_url import check_database
-from ..edit.edits import Editor
+from ..direction.cleaning import Protection
+from ..edit.edits import Editor, EditParams
 from ..engines.factory import make_engine
 from ..engines.hf import Engine
 from ..measure.judges import REFUSAL_PHRASES, judge_refusals, load_phrases
 from ..residual.directions import Candidates
-from ..run.directory import ARTIFACTS, write_json
+from ..run.artifacts import ARTIFACTS
+from ..run.files import write_json
 from ..run.workspace import Context, start
 from ..search.choice import bisect_front, choose, confirm_point, confirmation, held_out_refusals
 from ..search.second_direction import second_trials
 from ..search.trials import Objectives, pareto_front, run_trials
 from ..settings import Settings
-from .run import candidates, export, paper_edit, protection, study_inputs, study_upstream, trial_edit
+from .run import candidates, export, paper_edit, trial_edit
 
 
 @dataclass
@@ -47,19 +49,19 @@ class SearchResult:
 
 def study(ctx: Context, cands: Candidates) -> dict:
     """Trials (resumed while fresh), confirmation and choice -> search.json; returns its content."""
+    paper, paper_note = paper_edit(ctx, cands)
+    # the protection (when the search cleans its directions) is an upstream artifact, made first;
+    # recorded before the first trial (a resumable artifact): an interrupted study resumes under this fingerprint
     with closing(make_engine(ctx.chat, ctx.settings, None, "original outputs")) as engine:  # no path: trials edit in place
-        return study_with(ctx, cands, engine)
+        return ctx.get(
+            "search", make=lambda _, upstream, fingerprint: trials(ctx, cands, paper, paper_note, upstream.get("protection"), fingerprint, engine)
+        )
 
 
-def study_with(ctx: Context, cands: Candidates, engine: Engine) -> dict:
-    """``study`` generating with ``engine`` (the original outputs, the confirmation of edits applied in place)."""
+def trials(ctx: Context, cands: Candidates, paper: EditParams, paper_note: str, cleaner: Protection | None, fingerprint: str, engine: Engine) -> dict:
+    """The study's trials (resumed from its journal), its front confirmed by generation, the choice -> search.json;
+    ``engine`` generates the original outputs and the confirmation of edits applied in place."""
     s, run = ctx.settings, ctx.run
-    paper, paper_note, paper_upstream = paper_edit(ctx, cands)
-    cleaner = protection(ctx)
-    upstream, inputs = study_upstream(ctx, paper_upstream), study_inputs(ctx)
-    if not run.fresh("search", s, inputs, upstream, require_file=False):
-        run.remove("search")
-    run.record("search", s, inputs, upstream)  # before the first trial: an interrupted study resumes under this fingerprint
     timings: dict = {}
     harmful, harmless = ctx.prompts.get("harmful", "val"), ctx.prompts.get("harmless", "val")
     phrases = load_phrases(s.evaluation.refusal_phrases) if s.evaluation.refusal_phrases else REFUSAL_PHRASES
@@ -85,7 +87,7 @@ def study_with(ctx: Context, cands: Candidates, engine: Engine) -> dict:
 
     storage, name = str(run.file("search", 1)), "refusal-search"  # the run's journal, or a database shared by workers:
     if s.search.storage:  # the study's name is the search's fingerprint, so workers with the same inputs meet in it
-        storage, name = s.search.storage, "refusal-search-" + run.fingerprint("search", s, inputs, upstream)[:16]
+        storage, name = s.search.storage, "refusal-search-" + fingerprint[:16]
     records = run_trials(ctx.chat, cands, objectives, s.search, s.data.seed, storage, paper, progress, cleaner, second, name)
     timings["trials"] = round(time.perf_counter() - begin, 2)
     begin = time.perf_counter()
@@ -152,8 +154,7 @@ def search(settings: Settings, out: Path, overwrite: bool = False, export_model_
     report = None
     if export_model_dir:
         edit, extra = trial_edit(ctx, cands, result["chosen"]["trial"], result)
-        if not ctx.run.fresh("model", settings, {"edit": edit.describe()}, ("search",)):
-            export(ctx, edit, ctx.run.file("model"), "search", extra=extra, inputs={"edit": edit.describe()})
+        export(ctx, edit, ctx.run.file("model"), "search", extra=extra, reuse=True)
         report = evaluate_run(ctx, cands, None, None, edited=True, search=search_summary(result))
     ctx.timed("total", begin)
     return SearchResult(ctx.run.path, result, report)

@@ -1,4 +1,5 @@
-"""The run directory: one registry of artifacts, each fingerprinted by the inputs and settings that made it.
+"""The run directory: its run.json, and the artifacts declared in ``run.artifacts``, each fingerprinted by the inputs
+and settings that made it (``run.store`` checks, makes and refuses them).
 
     RUN/run.json                  format version, the settings tree, environment, model identity, datasets, timings,
                                   and for every artifact: its format version and fingerprint
@@ -21,117 +22,21 @@ removes every registered artifact. Paths inside artifacts are relative to the ru
 
 from __future__ import annotations
 
-import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..checkpoint.export import remove_dead_partials
 from ..common.progress import log
 from ..common.provenance import digest, environment, timestamp
 from ..errors import RefusalError
-from ..report.schema import FORMAT_VERSION as REPORT_FORMAT
 from ..settings import Settings
+from .artifacts import ARTIFACTS
+from .files import check_version, read_json, write_json
 
 RUN_FORMAT = "2"
 
 
-@dataclass(frozen=True)
-class Artifact:
-    name: str
-    files: tuple[str, ...]  # relative to the run directory; the first is the one that proves the artifact exists
-    stage: str  # the command that makes it
-    format_version: str
-    settings: tuple[str, ...]  # dotted paths into the settings tree: a group ("selection") or one setting ("evaluation.refusal_tokens")
-
-
-ARTIFACTS = {
-    a.name: a
-    for a in (
-        Artifact("prompts", ("prompts.json",), "extract", "1", ("data",)),
-        Artifact("candidates", ("candidates.safetensors",), "extract", "1", ("model.dtype", "model.chat_template")),
-        Artifact(
-            "selection",
-            ("selection.json", "direction.safetensors", "selection.partial.jsonl"),
-            "select",
-            "1",
-            ("selection", "evaluation.refusal_tokens"),
-        ),
-        # The study: what changes a trial's values (its stopping rule, confirmation and choice are redone on every call).
-        Artifact(
-            "search",
-            ("search.json", "search.journal"),
-            "search",
-            "1",
-            tuple(
-                f"search.{k}"
-                for k in (
-                    "variants",
-                    "refusal_measure",
-                    "refusal_positions",
-                    "refusal_floor",
-                    "search_kl_tokens",
-                    "source_positions",
-                    "min_layer_fraction",
-                    "max_layer_fraction",
-                    "anchors",
-                    "protect_prompts",
-                    "score_prompts",
-                )
-            )
-            + ("data.seed", "evaluation.refusal_tokens"),
-        ),
-        Artifact("protection", ("protection.safetensors",), "search", "1", ("model.dtype", "model.chat_template", "search.source_positions")),
-        Artifact("model", ("model",), "export", "1", ()),
-        Artifact("report", ("report",), "evaluate", REPORT_FORMAT, ("evaluation",)),
-        # The suffix's evaluation on held-out prompts; the optimisation resumes from attack.state.json (its own fingerprint).
-        Artifact(
-            "attack",
-            ("attack.json", "attack.state.json"),
-            "attack",
-            "1",
-            ("evaluation.max_new_tokens", "evaluation.refusal_phrases", "evaluation.refusal_tokens", "evaluation.batch_size", "data.seed"),
-        ),
-        Artifact(
-            "analysis",
-            ("analysis.json",),
-            "analyze",
-            "1",
-            ("analysis.base", "analysis.top_heads", "analysis.analysis_prompts", "evaluation.batch_size"),
-        ),
-    )
-}
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        tmp.replace(path)
-    finally:  # after a failed write (a full disk, an interrupt) no half-written temporary file is left behind
-        tmp.unlink(missing_ok=True)
-
-
-def read_json(path: Path, fix: str) -> dict:
-    """A JSON object from ``path``; a one-line error naming the file and ``fix`` if it is missing or not an object."""
-    if not path.is_file():
-        raise RefusalError(f"{path} does not exist; {fix}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RefusalError(f"{path} is not valid JSON ({getattr(e, 'msg', e)}); {fix}") from None
-    if not isinstance(data, dict):
-        raise RefusalError(f"{path} holds a JSON {type(data).__name__}, not an object; {fix}")
-    return data
-
-
-def check_version(found: object, expected: str, what: Path | str, fix: str) -> None:
-    if found != expected:
-        raise RefusalError(f"{what} has format version {found!r}, this refusal reads version {expected!r}; {fix}")
-
-
-def _settings_part(settings: Settings, paths: tuple[str, ...]) -> dict:
+def settings_part(settings: Settings, paths: tuple[str, ...]) -> dict:
     tree = settings.to_dict()
     out = {}
     for path in paths:
@@ -250,7 +155,7 @@ class RunDir:
         recorded = self.info.get("artifacts", {})
         ups = {u: recorded.get(u, {}).get("fingerprint") for u in upstream}
         return digest(
-            {"format_version": artifact.format_version, "settings": _settings_part(settings, artifact.settings), "inputs": inputs, "upstream": ups}
+            {"format_version": artifact.format_version, "settings": settings_part(settings, artifact.settings), "inputs": inputs, "upstream": ups}
         )
 
     def fresh(self, name: str, settings: Settings, inputs: dict, upstream: tuple[str, ...] = (), require_file: bool = True) -> bool:
@@ -261,17 +166,6 @@ class RunDir:
         if entry.get("format_version") != ARTIFACTS[name].format_version or list(entry.get("upstream", [])) != list(upstream):
             return False
         return entry.get("fingerprint") == self.fingerprint(name, settings, inputs, upstream)
-
-    def ensure_fresh(self, name: str, settings: Settings, inputs: dict, upstream: tuple[str, ...] = ()) -> None:
-        """For commands that only read ``name``: a one-line error if it is missing or stale."""
-        artifact = ARTIFACTS[name]
-        if not self.file(name).exists():
-            raise RefusalError(f"{self.file(name)} does not exist; run `refusal {artifact.stage}` (or `refusal run`) on {self.path} first")
-        if not self.fresh(name, settings, inputs, upstream):
-            raise RefusalError(
-                f"{self.file(name)} is stale: the model, prompts or settings changed since it was made; "
-                f"re-run `refusal run --out {self.path}` to recompute it"
-            )
 
     def record(self, name: str, settings: Settings, inputs: dict, upstream: tuple[str, ...] = (), **extra: object) -> str:
         """Register ``name`` as made now from ``inputs``; downstream artifacts are stale from here on."""
@@ -298,10 +192,10 @@ class RunDir:
     def entry(self, name: str) -> dict:
         return self.info.get("artifacts", {}).get(name, {})
 
-    def remove(self, name: str, quiet: bool = False) -> None:
-        """Delete ``name``'s files and its record (it is about to be recomputed)."""
+    def remove(self, name: str, quiet: bool = False, keep: tuple[str, ...] = ()) -> None:
+        """Delete ``name``'s files (but those in ``keep``) and its record (it is about to be recomputed)."""
         existed = False
-        for relative in ARTIFACTS[name].files:
+        for relative in (f for f in ARTIFACTS[name].files if f not in keep):
             target = self.path / relative
             if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)

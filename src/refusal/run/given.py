@@ -13,19 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..common.provenance import model_fingerprint
-from ..data.prompt_sets import Prompts
 from ..errors import RefusalError
 from ..model.packaged import is_packaged, packaged_path
 from ..residual.directions import Direction
 from ..settings import Settings
-from .directory import RunDir, read_json
-from .workspace import run_prompts, validation_inputs
-
-
-# ---- what the run's direction is made from --------------------------------------------------------------
-def candidate_inputs(model_id: str, prompts: Prompts) -> dict:
-    """The candidates' external inputs: the model's content hash and the train splits."""
-    return {"model": model_id, "harmful_train": prompts.hash("harmful", "train"), "harmless_train": prompts.hash("harmless", "train")}
+from .directory import RunDir
+from .files import read_json
+from .known import Reading
+from .store import require
+from .workspace import run_prompts
 
 
 # ---- which model --------------------------------------------------------------------------------------------
@@ -111,10 +107,8 @@ def fresh_direction(run: RunDir, location: str | None = None) -> Direction:
     settings, recorded = run.settings, run.info.get("model", {})
     location = location or recorded.get("path") or model_location(settings.model.model)
     model_id = model_fingerprint(location, recorded.get("fingerprint"))["sha256"] or location
-    prompts = run_prompts(run, settings)
-    run.ensure_fresh("candidates", settings, candidate_inputs(model_id, prompts))
-    run.ensure_fresh("selection", settings, validation_inputs(prompts), ("candidates",))
-    return Direction.load(run.file("selection", 1))
+    _, direction = require(run, Reading(settings, run_prompts(run, settings), model_id), "selection")  # and its candidates
+    return direction
 
 
 def export_direction(edited: Path, info: dict) -> tuple[Direction | None, str | None]:

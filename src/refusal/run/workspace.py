@@ -12,17 +12,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..checkpoint.export import check_overlap, check_target
-from ..common.provenance import model_fingerprint, source_fingerprint
-from ..data.prompt_sets import Prompts, builtin_hash, resolve_source
-from ..errors import RefusalError
+from ..common.provenance import model_fingerprint
+from ..data.prompt_sets import Prompts
 from ..model.chat import ChatModel
 from ..model.loading import load_skeleton
-from ..model.packaged import load_model, packaged_prompts, resolve_model
+from ..model.packaged import load_model, resolve_model
 from ..settings import EvaluationSettings, Settings
-from .directory import ARTIFACTS, RunDir, write_json
+from . import store
+from .directory import RunDir
+from .known import Reading
 from .lock import lock_run
+from .makers import prompt_sources
 
 
 @dataclass
@@ -40,52 +43,31 @@ class Context:
         self.timings[stage] = round(time.perf_counter() - start, 2)
         self.run.record_time(stage, time.perf_counter() - start)
 
+    # ---- the run's artifacts (declared in run.artifacts) ------------------------------------------
+    def get(self, name: str, make: store.Maker | None = None, remake: bool = False, **given: Any) -> Any:
+        """Artifact ``name``: read back while fresh, else made (upstream first), recorded and timed. ``make``: the
+        maker of an artifact made above the run layer; ``given``: the inputs the caller knows (``Artifact.needs``)."""
+        return store.get(self, name, make, remake, given)
+
+    def require(self, name: str, **given: Any) -> Any:
+        """Artifact ``name`` for a command that only reads it: a one-line error if it is missing, stale or foreign."""
+        return store.require(self.run, self, name, given)
+
+    def fresh(self, name: str, **given: Any) -> bool:
+        return store.is_fresh(self.run, self, name, given)
+
+    def fingerprint(self, name: str, **given: Any) -> str:
+        return store.fingerprint(self.run, self, name, given)
+
 
 # ---- inputs ---------------------------------------------------------------------------------------
-def prompt_sources(settings: Settings) -> dict[str, str]:
-    packaged = packaged_prompts(settings.model.model)
-    return {kind: resolve_source(getattr(settings.data, kind), kind, packaged) for kind in ("harmful", "harmless")}
-
-
-def _source_identity(spec: str) -> str:
-    return "builtin:" + builtin_hash() if spec == "builtin" else source_fingerprint(spec)
-
-
 def run_prompts(run: RunDir | None, settings: Settings) -> Prompts:
     """The run's prompt lists: from RUN/prompts.json while its sources and data settings are unchanged,
     otherwise read (or fetched) from the sources."""
-    sources = prompt_sources(settings)
-    if run is not None and run.fresh("prompts", settings, _prompt_inputs(sources)):
-        return Prompts(_read_prompts(run))
+    if run is not None and store.is_fresh(run, Reading(settings, Prompts({})), "prompts"):
+        return store.require(run, Reading(settings, Prompts({})), "prompts")
     caps = {"train": settings.data.n_train, "val": settings.data.n_val, "test": settings.data.n_test}
-    return Prompts.load(sources, settings.data.seed, caps)
-
-
-def save_prompts(run: RunDir, settings: Settings, prompts: Prompts) -> None:
-    """Write RUN/prompts.json (unless it is fresh), so a resume or a re-evaluation reads no source again."""
-    sources = prompt_sources(settings)
-    inputs = _prompt_inputs(sources)
-    if not run.fresh("prompts", settings, inputs):
-        write_json(run.file("prompts"), {"format_version": ARTIFACTS["prompts"].format_version, "sources": sources, "prompts": prompts.lists})
-        run.record("prompts", settings, inputs)
-    run.update(datasets=prompts.summary())
-
-
-def validation_inputs(prompts: Prompts) -> dict:
-    """What the paper's selection reads besides the candidates: the validation prompts' hashes."""
-    return {"harmful_val": prompts.hash("harmful", "val"), "harmless_val": prompts.hash("harmless", "val")}
-
-
-def _prompt_inputs(sources: dict[str, str]) -> dict:
-    return {kind: _source_identity(spec) for kind, spec in sources.items()}
-
-
-def _read_prompts(run: RunDir) -> dict:
-    data = run.read("prompts")
-    lists = data.get("prompts")
-    if not isinstance(lists, dict) or any(not isinstance(lists.get(k), dict) for k in ("harmful", "harmless")):
-        raise RefusalError(f"{run.file('prompts')} has the wrong shape; delete it and re-run `refusal run --out {run.path}`")
-    return lists
+    return Prompts.load(prompt_sources(settings), settings.data.seed, caps)
 
 
 def model_identity(chat: ChatModel, run: RunDir | None) -> tuple[str, dict]:
@@ -146,10 +128,11 @@ def start(
         check(chat, prompts)
     lock_run(out)
     run = RunDir.create(out, settings, overwrite)
-    save_prompts(run, settings, prompts)
     identity, record = model_identity(chat, run)
-    run.update(model=record)
-    return Context(run, settings, chat, prompts, identity)
+    ctx = Context(run, settings, chat, prompts, identity)
+    ctx.get("prompts")  # RUN/prompts.json, so a resume or a re-evaluation reads no source again
+    run.update(datasets=prompts.summary(), model=record)
+    return ctx
 
 
 def check_prompt_context(chat: ChatModel, prompts: Prompts, e: EvaluationSettings, splits: tuple[str, ...] = ("train", "val", "test")) -> None:
