@@ -154,16 +154,16 @@ def test_generate_runs_with_the_tree_s_token_count(monkeypatch, capsys):
     asked = []
 
     class Engine:
-        def __init__(self, chat, batch_size):
-            pass
-
         def generate(self, prompts, max_new_tokens):
             asked.append(max_new_tokens)
             return ["ok" for _ in prompts]
 
-    chat = types.SimpleNamespace(max_positions=None, check_context=lambda prompts, n: None)
+        def close(self):
+            pass
+
+    chat = types.SimpleNamespace(max_positions=None, check_context=lambda prompts, n: None, path="x")
     monkeypatch.setattr(generate, "load", lambda settings: chat)
-    monkeypatch.setattr(generate, "HFEngine", Engine)
+    monkeypatch.setattr(generate, "make_engine", lambda chat, settings, path: Engine())
     assert main(["generate", "--json", "hello"]) == 0
     assert json.loads(capsys.readouterr().out)["completions"] == [{"prompt": "hello", "completion": "ok"}]
     assert asked == [EvaluationSettings().max_new_tokens]
