@@ -1,7 +1,7 @@
 """The before/after evaluation of a run or of one edit, as a report (RUN/report or ``refusal evaluate --out``).
 
 The conditions are data: the original model, the direction ablated or added with hooks, an exported
-checkpoint. ``evaluation.evaluate`` measures them; this module chooses them, adds what the run
+checkpoint. ``measure.evaluation.evaluate`` measures them; this module chooses them, adds what the run
 knows (selection, projections per layer, cosine between layers, the search's front) and writes the
 report (report.json, report.md, report.html).
 """
@@ -252,7 +252,7 @@ def evaluate_model(
     prompts = {k: prompts_all.get(k, "test") for k in ("harmful", "harmless")}
     extra = {}
     if direction_run is not None and direction is not None:  # the direction's plots, as RUN/report shows them
-        run = RunDir.open(direction_run)  # fresh: ``given_run.fresh_direction`` checked its candidates and selection
+        run = RunDir.open(direction_run)  # fresh: ``run.given.fresh_direction`` checked its candidates and selection
         selection = run.read("selection")
         extra["selection"] = {"chosen": selection["chosen"], "candidates": selection["candidates"]}
         extra["cosine"] = cosine_matrix(Candidates.load(run.file("candidates")), direction.position)

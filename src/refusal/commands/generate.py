@@ -1,6 +1,6 @@
 """``refusal generate``: greedy completions of a few prompts, with a run's direction ablated or added by hooks.
 
-The run's model is used (``given_run.run_model``) and its direction only while fresh, both checked before any
+The run's model is used (``run.given.run_model``) and its direction only while fresh, both checked before any
 model is loaded; the prompts with ``max_new_tokens`` must fit the model's context. The engine is the
 evaluation group's (``--batch-size``, ``--engine``): vLLM serves the model without hooks only.
 """

@@ -7,7 +7,7 @@ same model, prompts and settings, else made again; the artifacts are declared in
     candidates(ctx)               difference-in-means directions        -> candidates.safetensors
     selection(ctx)                the paper's scores and choice         -> selection.json, direction.safetensors
     export(ctx, edit, ...)        orthogonalized weights, fidelity check -> RUN/model
-    assess.evaluate_run(ctx, ...) original vs edits on the test split   -> RUN/report
+    evaluate_run(ctx, ...)        original vs edits on the test split   -> RUN/report (commands.evaluate)
 """
 
 from __future__ import annotations

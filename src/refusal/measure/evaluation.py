@@ -146,7 +146,7 @@ def cross_entropy(condition: Condition, chunks: list[list[int]], batch_size: int
 def capability_loss(condition: Condition, items: Sequence[Any], batch_size: int = 8) -> dict:
     """Mean next-token cross-entropy (nats/token) of each reference solution given its chat-formatted prompt,
     overall and per kind: a proxy for the skills (code, math) an edit could damage. ``items`` have ``kind``,
-    ``prompt`` and ``solution`` (``data.load_capability``); only solution tokens count, padding changes nothing."""
+    ``prompt`` and ``solution`` (``data.prompt_sets.load_capability``); only solution tokens count, padding changes nothing."""
     if not items:
         raise RefusalError("the capability proxy has no problems; raise --capability-items, or set it to 0 to skip the proxy")
     chat, tokenizer = condition.chat, cast(Any, condition.chat.tokenizer)

@@ -1,6 +1,6 @@
 """Load a chat model from a checkpoint: a hub id, a local directory or a ``.gguf`` file.
 
-``models.load_model`` (which also takes packaged names like ``demo``) is the entry point; this
+``model.packaged.load_model`` (which also takes packaged names like ``demo``) is the entry point; this
 module resolves device and dtype, loads tokenizer and weights, and wraps them in a ``ChatModel``
 that remembers where it came from (``path``) and how (``trust_remote_code``), so a reload matches.
 """
@@ -95,7 +95,7 @@ def load_checkpoint(
     chat_template: str | Path | None = None,
     source: str | None = None,
 ) -> ChatModel:
-    """Load a chat model from a hub id, a local directory or a ``.gguf`` file (``models.load_model`` also takes packaged names).
+    """Load a chat model from a hub id, a local directory or a ``.gguf`` file (``model.packaged.load_model`` also takes packaged names).
 
     ``source`` is the name the user gave (default: ``location``), kept as ``ChatModel.source``.
     ``dtype='auto'`` means float32 on CPU (bf16 matmuls are slow there) and the checkpoint's own

@@ -12,7 +12,7 @@ settings (6 layers, d_model 64, seed 4) train in seconds on a CPU; docs/organism
 how other settings and seeds behave (the paper's effects hold for most seeds at these settings).
 ``build_organism()`` returns the checkpoint directory, cached under the refusal cache keyed by a
 hash of this file and the settings, so it is trained once per machine; ``--model organism`` names
-it (``models.resolve_model``).
+it (``model.packaged.resolve_model``).
 """
 
 from __future__ import annotations

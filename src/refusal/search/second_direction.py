@@ -14,7 +14,7 @@ direction does:
 3. the second direction r2 at a layer is a difference of mean residual activations at the last
    position, under the base, of one of two ``--second-source`` pairs:
    - ``disclaimer`` (the default): the built-in questions about the assistant itself
-     (``data.load_self_questions``: "What is your favorite color?"), which the model answers with
+     (``data.prompt_sets.load_self_questions``: "What is your favorite color?"), which the model answers with
      the identity disclaimer, minus the first ``MAX_HARMLESS`` harmless train prompts. 48 prompts
      that all show the behaviour make a direction that holds out of sample;
    - ``refused``: the train prompts still refused minus those clearly complied with (margin below

@@ -212,7 +212,7 @@ def run_trials(
     """Run (or resume) the study in ``storage`` (a journal file, or a database URL that several workers share:
     ``study_storage``) until ``config.trials`` trials exist or the budget ends, then the refinement trials
     (``refinements``) and the second-direction trials that ``second(records)`` returns
-    (``second.second_trials``); the budget keeps time for both.
+    (``second_direction.second_trials``); the budget keeps time for both.
 
     The enqueued trials (the paper's edit, then the anchors) carry their role in a user attribute, so a
     trial left RUNNING by a killed process is failed and enqueued again with its role on resume (with a
