@@ -12,7 +12,7 @@ the command line is generated from it (``add_arguments`` / ``from_args``).
     ├── safety      the LLM safety judge (``refusal evaluate``)
     └── hooks       activation addition by hooks (``refusal generate --add``)
 
-A run saves the whole tree in ``run.json``; ``run_dir`` fingerprints the parts each artifact
+A run saves the whole tree in ``run.json``; ``run.artifacts`` fingerprints the parts each artifact
 depends on. No module but this one holds a default for a user-facing setting: a dataclass elsewhere
 that carries one takes it with ``tree_field`` (tests/test_settings_tree.py checks it).
 """
@@ -138,7 +138,7 @@ class SelectionSettings:
 
 @dataclass
 class EvaluationSettings:
-    max_new_tokens: int = setting(32, "tokens generated per completion at most (see --early-stop)")
+    max_new_tokens: int = setting(32, "tokens generated per completion at most")
     batch_size: int = setting(32, "prompts per forward pass or generation batch")
     refusal_tokens: list[str] = setting(
         list(REFUSAL_WORDS), "comma-separated words whose first token counts as a refusal (logit scores)", parse=word_list
@@ -147,7 +147,7 @@ class EvaluationSettings:
         None, "file of refusal phrases, one per line, for the substring judge (default: the built-in list)", metavar="FILE", parse=local_path
     )
     early_stop: bool = setting(
-        True, "stop a completion once a refusal phrase appears (the substring verdict cannot change); --no-early-stop generates them in full"
+        True, "stop a completion once a refusal phrase appears (the verdict cannot change); --no-early-stop: reports' and attacks' in full"
     )
     kl_tokens: int = setting(16, "KL on harmless prompts is also averaged over this many tokens of the original model's greedy completion")
     corpus: str = setting("builtin", "plain-text file for the cross-entropy check ('builtin': a sample written for this project)", parse=local_path)

@@ -1,7 +1,7 @@
 """``refusal attack``: an adversarial suffix for the run's model, and how often it stops refusal -> RUN/attack.json.
 
     workspace.start(...)            validate, load the model and the prompts, open or create the run directory
-    suffix(ctx)                     optimise one (``attack.optimize_suffix``, resumable) or read --suffix-file
+    suffix(ctx)                     optimise one (``attack.gcg.optimize_suffix``, resumable) or read --suffix-file
     held_out(ctx, suffix)           harmful test prompts with no suffix, the suffix, a random suffix of the same
                                     length: refusal log-odds and generation + substring judge (Wilson intervals)
     RUN/attack.json                 the suffix (text, ids, tokens), the loss curve, the settings, the results
@@ -142,7 +142,7 @@ def held_out(ctx: Context, suffixes: dict[str, list[int]]) -> dict:
     with closing(make_engine(chat, ctx.settings, None, "attack: generating")) as engine:
         for name, ids in suffixes.items():
             prompts = [split_prompt(chat, x, ids) for x in test]
-            judged = judge_refusals(engine, [p.ids for p in prompts], e.max_new_tokens, phrases)
+            judged = judge_refusals(engine, [p.ids for p in prompts], e.max_new_tokens, phrases, full=not e.early_stop)
             out["refusal"][name] = rate(*judged.count)
             out["refusal_score"][name] = float(first_token_scores(forward, prompts, refusal_ids).mean())
             out["completions"][name] = [{"instruction": x, "completion": t, "refused": r} for x, t, r in zip(test, judged.texts, judged.refused)]

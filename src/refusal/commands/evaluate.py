@@ -56,7 +56,7 @@ def load_edited(settings: Settings, path: Path) -> ChatModel:
 def edited_condition(settings: Settings, chat: ChatModel, path: Path, same_model: bool) -> Condition:
     """The "edited" condition of an exported checkpoint. An export of ``chat``'s own checkpoint (``same_model``:
     this tool wrote it from the same model) runs on ``chat`` with the export's writer tensors swapped in
-    (``exported.ExportSwap``: no second copy of the model); any other checkpoint, or a model whose writers are not
+    (``checkpoint.read_back.ExportSwap``: no second copy of the model); any other checkpoint, or a model whose writers are not
     all in memory, is loaded as a model of its own."""
     if same_model and chat.has_weights:
         try:
@@ -204,7 +204,7 @@ def evaluate_model(
     """``refusal evaluate``: the original model against one edit (hooks from a run, or an exported checkpoint) -> OUT/report.*
 
     ``model_options``: the model options given on the command line; with a run or an export the model is then the
-    run's (or the export's source) with these applied (``given_run``). None: ``settings.model`` as it is, checked.
+    run's (or the export's source) with these applied (``run.given``). None: ``settings.model`` as it is, checked.
     ``settings.safety.safety_judge``: also count the completions an LLM judge calls unsafe."""
     settings.validate()
     if ablation_form not in ABLATION_FORMS:

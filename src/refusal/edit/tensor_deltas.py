@@ -85,6 +85,8 @@ class TensorDeltas:
 
             stored = load_file(str(path))
         deltas: dict[str, TensorDelta] = {}
+        if not isinstance(data.get("tensors"), dict):
+            raise RefusalError("this tensor-deltas description names no tensors; it is not one refusal wrote: re-export the edit")
         for name, record in data["tensors"].items():
             numbers = {k: v for k, v in record.items() if k not in ("delta", "tensors")}
             parts = record.get("tensors")

@@ -5,7 +5,7 @@ active, so the same engine serves the unedited model, a model inside ``ablate``/
 exported checkpoint. Prompts are batched by token length (less padding) and returned in input
 order. ``stop_when`` ends a sequence as soon as a judge can decide from its text so far (a refusal
 phrase has appeared), which saves most of the tokens of refused prompts; leave it out to read full
-completions. ``vllm_engine.VLLMEngine`` implements ``Engine`` with vLLM for checkpoints on disk (the
+completions. ``engines.vllm.VLLMEngine`` implements ``Engine`` with vLLM for checkpoints on disk (the
 original, an export): it serves edits baked into weights only, not hooks. Everything that
 generates (evaluation, the search's confirmation and original prefixes) takes an ``Engine``, made by
 ``factory.make_engine`` and closed when done (``close`` frees a vLLM model). A prompt

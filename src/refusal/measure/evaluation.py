@@ -244,22 +244,24 @@ def evaluate(
     }
     original_ids: list[list[int]] = []
     for condition in conditions:
-        for kind in condition.kinds:
-            reference = condition is original and kind == "harmless"  # its full completions are the KL continuations
-            out = judged(condition, kind, prompts[kind], settings, full=safety is not None or reference)
-            if reference:
-                original_ids = [x[: settings.kl_tokens] for x in out.ids]
-            result["rates"].setdefault(condition.name, {})[kind] = rate(*out.count)
-            result["completions"].setdefault(condition.name, {})[kind] = out.texts
-            if settings.refusal_ids:
-                score = refusal_logodds(condition, prompts[kind], settings.refusal_ids, settings.batch_size)
-                result["refusal_score"].setdefault(condition.name, {})[kind] = score
-            if safety is not None:
-                unsafe = safety.unsafe(prompts[kind], out.texts)
-                result["safety"] = result["safety"] or {"judge": safety.name}
-                result["safety"].setdefault(condition.name, {})[kind] = rate(sum(unsafe), len(unsafe))
-        if condition.engine is not None:  # a vLLM engine frees its GPU memory before the next condition's starts
-            condition.engine.close()
+        try:
+            for kind in condition.kinds:
+                reference = condition is original and kind == "harmless"  # its full completions are the KL continuations
+                out = judged(condition, kind, prompts[kind], settings, full=safety is not None or reference)
+                if reference:
+                    original_ids = [x[: settings.kl_tokens] for x in out.ids]
+                result["rates"].setdefault(condition.name, {})[kind] = rate(*out.count)
+                result["completions"].setdefault(condition.name, {})[kind] = out.texts
+                if settings.refusal_ids:
+                    score = refusal_logodds(condition, prompts[kind], settings.refusal_ids, settings.batch_size)
+                    result["refusal_score"].setdefault(condition.name, {})[kind] = score
+                if safety is not None:
+                    unsafe = safety.unsafe(prompts[kind], out.texts)
+                    result["safety"] = result["safety"] or {"judge": safety.name}
+                    result["safety"].setdefault(condition.name, {})[kind] = rate(sum(unsafe), len(unsafe))
+        finally:
+            if condition.engine is not None:  # a vLLM engine frees its GPU memory before the next condition's starts
+                condition.engine.close()
     edits = [c for c in conditions[1:] if c.costs]
     if original_ids and edits:
         for condition in edits:

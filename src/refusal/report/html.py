@@ -2,7 +2,7 @@
 
 Every JSON value on the page goes through ``num``: an element whose ``data-key`` is the value's JSON
 path and whose text is ``fmt(path, value)``, so tests can compare the page with report.json. Free
-text is escaped with ``esc``; plots arrive as base64 PNG (``report_plots``) and are inlined by ``img``.
+text is escaped with ``esc``; plots arrive as base64 PNG (``report.plots``) and are inlined by ``img``.
 """
 
 from __future__ import annotations

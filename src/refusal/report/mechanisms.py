@@ -2,9 +2,9 @@
 
 Reads ``report["mechanisms"]`` (written by ``analyze``): the per-layer cosine of four prompt groups
 (the paper's Fig. 5), the top heads' direct attribution and attention (Fig. 6), the decomposition
-check and the direction across layers. HTML figures come from ``report_plots``; every number sits
+check and the direction across layers. HTML figures come from ``report.plots``; every number sits
 in a ``num`` element with its JSON path, as everywhere in the report. ``mechanisms_tables`` is shared
-with the Markdown summary (``report.render_markdown``).
+with the Markdown summary (``report.render.render_markdown``).
 """
 
 from __future__ import annotations

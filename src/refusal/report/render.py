@@ -5,8 +5,8 @@ in an element whose ``data-key`` is the number's JSON path and whose text is ``f
 so the page can be checked against report.json. The sections of what only some reports measure
 (selection, projections, cosine, search, mechanisms) are left out where the report has none; a value
 missing inside a shown section says "not measured". Conditions, their labels and the prompt kinds come
-from the report itself (``report_schema``), so a new condition renders without a change here.
-Figures: ``report_plots``.
+from the report itself (``report.schema``), so a new condition renders without a change here.
+Figures: ``report.plots``.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def _direction_text(report: dict, tag: Callable[[str, object], str]) -> str:
     return f"layer {layer}, position {position}{fallback}"
 
 
-# ---- HTML (building blocks and the page-only sections: report_html) ---------------------------
+# ---- HTML (building blocks and the page-only sections: report.html) ---------------------------
 def _rates_html(report: dict) -> str:
     rates, safety, conditions, found = report["rates"], report.get("safety"), list(labels(report).items()), kinds(report)
     header = _rate_header(report)

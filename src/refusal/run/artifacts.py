@@ -51,10 +51,6 @@ def _none(known: Known, given: Given, fresh: IsFresh) -> tuple[str, ...]:
     return ()
 
 
-def _read(name: str) -> Callable[[RunFiles], Any]:
-    return lambda run: run.read(name)
-
-
 @dataclass(frozen=True)
 class Artifact:
     name: str

@@ -56,6 +56,8 @@ def is_fresh(run: RunDir, known: Known, name: str, given: Given = NO_GIVEN) -> b
 def _why(run: RunDir, known: Known, a: Artifact, given: Given) -> str:
     """Which input changed since ``a`` was made, where run.json recorded enough to tell; else the usual suspects."""
     entry = run.entry(a.name)
+    if not entry:
+        return "run.json has no record of it (it was not made by this run)"
     if entry.get("format_version") != a.format_version:
         return f"it has format version {entry.get('format_version')!r}, this refusal makes {a.format_version!r}"
     old, now = entry.get("input_digests"), {k: digest(v) for k, v in a.inputs(known, given).items()}
@@ -116,7 +118,7 @@ def get(ctx: Stage, name: str, make: Maker | None = None, remake: bool = False, 
     if fresh and not a.resumable:
         return a.read(run)
     if not fresh:
-        run.remove(name, keep=a.scratch)
+        run.remove(name, quiet=remake, keep=a.scratch)  # remade on request: nothing changed, nothing to announce
     start = time.perf_counter()
     if a.resumable:  # an interrupted make resumes under this fingerprint
         _record(run, ctx, a, given, ups)

@@ -2,8 +2,8 @@
 
 ``start`` validates everything before anything is written (settings, run directory, prompt files,
 corpus, model, export target), then opens or creates the run directory; ``reopen`` loads an existing
-run with its saved settings. The returned ``Context`` is what the stages (``pipeline``, ``search_run``,
-``assess``) take.
+run with its saved settings. The returned ``Context`` is what the commands (``commands.run``, ``commands.search``,
+``commands.evaluate``) take.
 """
 
 from __future__ import annotations

@@ -210,7 +210,7 @@ def run_trials(
     study_name: str = "refusal-search",
 ) -> list[dict]:
     """Run (or resume) the study in ``storage`` (a journal file, or a database URL that several workers share:
-    ``study_storage``) until ``config.trials`` trials exist or the budget ends, then the refinement trials
+    ``search.storage``) until ``config.trials`` trials exist or the budget ends, then the refinement trials
     (``refinements``) and the second-direction trials that ``second(records)`` returns
     (``second_direction.second_trials``); the budget keeps time for both.
 
