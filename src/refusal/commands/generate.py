@@ -10,6 +10,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager, closing, nullcontext
 from pathlib import Path
 
+from ..common.progress import log
 from ..engines.factory import make_engine
 from ..errors import RefusalError
 from ..residual.interventions import ABLATION_FORMS, ablate, add
@@ -53,5 +54,7 @@ def generate_completions(
     if direction is not None:
         context = ablate(chat, direction.vector, ablation_form) if ablate_run else add(chat, direction.vector, direction.layer, coeff)
     path = chat.path if direction is None else None  # hooks: transformers (vLLM would not run them)
+    if path is None and settings.evaluation.engine == "vllm":
+        log("--engine vllm serves a checkpoint as it is; with --ablate or --add (hooks) transformers generates")
     with closing(make_engine(chat, settings, path)) as engine, context:
         return engine.generate(prompts, max_new_tokens)
