@@ -9,7 +9,8 @@ run directory. The paper's §5: optimise an adversarial suffix (``optimize_suffi
 does to the direction (``layer_cosines``, ``decompose``, ``attention_masses``) on prompts split into
 regions (``split_prompt``). Lower-damage edits: directions ridge-cleaned against protected prompts'
 activations (``protect``, ``Protection``, ``EditParams(clean=...)``) and a capability proxy
-(``load_capability``, ``capability_loss``).
+(``load_capability``, ``capability_loss``). A monitor that flags harmful requests from activations before
+generation (``Monitor``, ``monitored``, ``fit_monitor``; ``auroc``).
 
 Importing the package loads nothing heavy: each name is imported from its module on first use, so
 ``import refusal`` and ``refusal --version`` never load torch.
@@ -55,6 +56,10 @@ _API = {
     "HFForward": "engines.forward",
     "is_refusal": "measure.judges",
     "Kernel": "edit.edits",
+    "Monitor": "measure.monitor",
+    "monitored": "measure.monitor",
+    "fit_monitor": "measure.monitor",
+    "auroc": "measure.detection",
     "KernelEdit": "edit.edits",
     "kl_divergence": "residual.scoring",
     "layer_cosines": "measure.mechanisms",
@@ -106,6 +111,7 @@ __all__ = [
     "Kernel",
     "KernelEdit",
     "LowRank",
+    "Monitor",
     "Objective",
     "Orthogonalization",
     "Protection",
@@ -130,6 +136,9 @@ __all__ = [
     "is_refusal",
     "kl_divergence",
     "layer_cosines",
+    "monitored",
+    "fit_monitor",
+    "auroc",
     "load_builtin",
     "load_capability",
     "load_model",
@@ -181,9 +190,11 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
     from .engines.forward import Forward, HFForward
     from .engines.hf import Engine, HFEngine, generate
     from .errors import FidelityError, RefusalError, UnsupportedModelError
+    from .measure.detection import auroc
     from .measure.evaluation import Condition, EvalSettings, capability_loss, evaluate
     from .measure.judges import is_refusal
     from .measure.mechanisms import Decomposition, attention_masses, decompose, layer_cosines, top_heads
+    from .measure.monitor import Monitor, fit_monitor, monitored
     from .model.chat import ChatModel, wrap_model
     from .model.packaged import load_model
     from .residual.activations import collect_activations, mean_activations

@@ -17,7 +17,7 @@ from ..common.progress import log, set_quiet
 from ..errors import RefusalError, os_error_line
 from ..settings import Settings
 from .options import add_arguments, from_args, given
-from .printing import print_analysis, print_attack, print_report, print_search
+from .printing import print_analysis, print_attack, print_monitor, print_report, print_search
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="how the suffix suppresses the direction (paper §5) -> RUN/analysis.json and the report")
     p.add_argument("--run", required=True, type=Path)
     add_arguments(p, ("analysis",))
+
+    p = sub.add_parser("monitor", help="flag harmful requests from activations, suffix attacks included -> RUN/monitor.json and the report")
+    p.add_argument("--run", required=True, type=Path)
 
     p = sub.add_parser("export", help="orthogonalize the weights along RUN's direction (or a search trial's edit) and save a checkpoint")
     p.add_argument("--run", required=True, type=Path)
@@ -195,6 +198,15 @@ def cmd_analyze(args: argparse.Namespace) -> dict:
     return result.summary()
 
 
+def cmd_monitor(args: argparse.Namespace) -> dict:
+    from ..commands.monitor import monitor
+
+    result = monitor(args.run)
+    if not args.quiet and not args.json:
+        print_monitor(result.monitor)
+    return result.summary()
+
+
 def cmd_export(args: argparse.Namespace) -> dict:
     from ..commands.run import export_run
 
@@ -250,6 +262,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], dict]] = {
     "select": cmd_select,
     "attack": cmd_attack,
     "analyze": cmd_analyze,
+    "monitor": cmd_monitor,
     "export": cmd_export,
     "generate": cmd_generate,
     "models": cmd_models,

@@ -1,4 +1,4 @@
-"""What the commands print on the console: the report's rates and costs, the search front, the attack, the analysis."""
+"""What the commands print on the console: the report's rates and costs, the search front, the attack, the analysis, the monitor."""
 
 from __future__ import annotations
 
@@ -81,3 +81,19 @@ def print_analysis(m: dict) -> None:
         console.print(f"  {m['groups'][group]}: closes {gap['mean_from_direction_layer']:.0%} of the harmful-harmless cosine gap", highlight=False)
     heads = ", ".join(f"L{h['layer']}H{h['head']} {h['attribution']['harmful']:+.2f}->{h['attribution']['harmful_suffix']:+.2f}" for h in m["heads"])
     console.print(f"  top heads (attribution without -> with the suffix): {heads}", highlight=False)
+
+
+def print_monitor(m: dict) -> None:
+    targets = list(m.get("fpr_targets") or {})
+    console.print(
+        f"\n[bold]monitor[/] (test split vs harmless; thresholds from harmless validation prompts; * = default score, {m['score']})",
+        highlight=False,
+    )
+    console.print(f"  {'condition':30s} {'score':12s} {'AUROC':>6s}  " + "  ".join(f"TPR@{t} (FPR)" for t in targets), highlight=False)
+    for name, label in m["conditions"].items():
+        for score, e in (m["test"].get(name) or {}).items():
+            rates = "  ".join(f"{e[f'tpr@{t}']:5.1%} ({e[f'fpr@{t}']:.1%})" for t in targets)
+            mark = "*" if score == m["score"] else " "
+            console.print(f"  {label:30s} {score + mark:12s} {e['auroc']:6.3f}  {rates}", highlight=False)
+    if m.get("missing"):
+        console.print(f"  {m['missing']}", highlight=False)

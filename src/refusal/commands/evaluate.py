@@ -152,7 +152,8 @@ def evaluate_run(
         report = build_report(ctx.settings, chat, run.info.get("model", {}), conditions, prompts, direction, extra=extra)
         ctx.timed("evaluate", begin)
         report["timings"] = run.info.get("timings", {})
-        report["mechanisms"] = current_mechanisms(run, [ctx.prompts.hash(k, "test") for k in ("harmful", "harmless")])
+        test = [ctx.prompts.hash(k, "test") for k in ("harmful", "harmless")]
+        report["mechanisms"], report["monitor"] = current_mechanisms(run, test), current_monitor(run, test)
         write_report(report, run.file("report"))
         return report
 
@@ -179,6 +180,17 @@ def current_mechanisms(run: RunDir, test: list[str]) -> dict | None:
     if not run.file("analysis").is_file():
         return None
     return run.read("analysis").get("mechanisms")
+
+
+def current_monitor(run: RunDir, test: list[str]) -> dict | None:
+    """RUN/monitor.json while it was made from the run's current direction and ``test`` split hashes (the report's
+    "Monitor" section), without its format version."""
+    entry, chosen = run.entry("monitor"), run.entry("selection")
+    if not entry or not chosen or entry.get("selection") != chosen.get("fingerprint") or entry.get("test") != test:
+        return None
+    if not run.file("monitor").is_file():
+        return None
+    return {k: v for k, v in run.read("monitor").items() if k != "format_version"}
 
 
 @dataclass

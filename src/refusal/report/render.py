@@ -3,7 +3,7 @@
 The HTML is self-contained (inline CSS, plots as base64 PNG, no scripts) and every number in it sits
 in an element whose ``data-key`` is the number's JSON path and whose text is ``fmt(path, value)``,
 so the page can be checked against report.json. The sections of what only some reports measure
-(selection, projections, cosine, search, mechanisms) are left out where the report has none; a value
+(selection, projections, cosine, search, mechanisms, monitor) are left out where the report has none; a value
 missing inside a shown section says "not measured". Conditions, their labels and the prompt kinds come
 from the report itself (``report.schema``), so a new condition renders without a change here.
 Figures: ``report.plots``.
@@ -35,6 +35,7 @@ from .html import (
     table,
 )
 from .mechanisms import mechanisms_html, mechanisms_tables, refused_sentence
+from .monitor import monitor_html, monitor_rows, monitor_sentences
 from .schema import FORMAT_VERSION, REQUIRED, fmt, kinds, labels, validate_report
 
 __all__ = ["FORMAT_VERSION", "REQUIRED", "fmt", "render_html", "render_markdown", "validate_report", "write_report"]
@@ -183,6 +184,8 @@ def render_html(report: dict) -> str:
         sections.append(section("search", "Search: refusal score vs KL", search_section(report)))
     if report.get("mechanisms"):
         sections.append(section("mechanisms", "Mechanisms: how a suffix suppresses the direction", mechanisms_html(report)))
+    if report.get("monitor"):
+        sections.append(section("monitor", "Monitor: flagging harmful requests from activations", monitor_html(report)))
     sections.append(section("metadata", "Metadata", metadata_section(report)))
     return (
         f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>Refusal report: {source}</title>\n'
@@ -248,6 +251,9 @@ def render_markdown(report: dict, samples_per_kind: int = 2, max_chars: int = 16
         for header, rows in mechanisms_tables(m, _plain, _md).values():
             if rows:  # a table with no rows (e.g. no attack rates for a suffix from a file) is left out
                 lines += ["", *_md_table(header, rows)]
+    if mon := report.get("monitor"):
+        lines += ["", "## Monitor (refusal monitor)", "", *(_md(line) for line in monitor_sentences(mon))]
+        lines += ["", *_md_table(*monitor_rows(mon, _plain, _md))]
     if timings := report.get("timings"):
         rows = [[_md(k), _plain(f"timings.{k}", v)] for k, v in timings.items()]
         lines += ["", "## Timings", "", *_md_table(["stage", "seconds"], rows)]

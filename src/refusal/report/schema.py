@@ -116,6 +116,7 @@ def validate_report(report: dict) -> None:
             if len(proj.get(key) or []) != n:
                 raise RefusalError(f"report projections.{key} must have one value per layer ({n}); regenerate the report")
     validate_mechanisms(report.get("mechanisms"))
+    validate_monitor(report.get("monitor"))
     if cos := report.get("cosine"):
         n = len(cos.get("layers", []))
         if len(cos.get("matrix", [])) != n or any(len(row) != n for row in cos["matrix"]):
@@ -136,6 +137,19 @@ def validate_mechanisms(m: object) -> None:
         entry = m["cosine"].get(group) or {}
         if len(entry.get("mean") or []) != n or len(entry.get("std") or []) != n:
             raise RefusalError(f"report mechanisms.cosine.{group} needs a mean and a std per layer ({n}); regenerate it with `refusal analyze`")
+
+
+def validate_monitor(m: object) -> None:
+    """The shape the "Monitor" section relies on; a one-line error naming the key otherwise."""
+    if m is None:
+        return
+    if not isinstance(m, dict):
+        raise RefusalError("report 'monitor' must be an object or null; regenerate it with `refusal monitor`")
+    for key in ("conditions", "test", "direction", "harm_layer", "score"):
+        if key not in m:
+            raise RefusalError(f"report monitor.{key} is missing; regenerate it with `refusal monitor`")
+    if not isinstance(m["test"], dict) or any(v is not None and not isinstance(v, dict) for v in m["test"].values()):
+        raise RefusalError("report monitor.test must map each condition to its scores' metrics or null; regenerate it with `refusal monitor`")
 
 
 # ---- the one formatter -------------------------------------------------------------------------

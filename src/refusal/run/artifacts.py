@@ -5,7 +5,7 @@ on (dotted paths into the settings tree), ``inputs`` (the content hashes of its 
 splits, ...), ``upstream`` (the artifacts it is made from), ``make`` and ``load``. From these the machinery
 (``run.store``; ``Context.get`` / ``Context.require``) fingerprints it, reuses it while fresh, remakes it when stale
 and refuses it to readers otherwise. The makers of prompts, candidates, selection and protection are in
-``run.makers``; search, model, report, attack and analysis are made by the commands above this layer, which pass
+``run.makers``; search, model, report, attack, analysis and monitor are made by the commands above this layer, which pass
 their maker to ``Context.get``. A new artifact is one more declaration here.
 
 ``inputs`` and ``upstream`` take the run's ``Known`` (settings, prompts, model hash) and ``given``: what the caller
@@ -111,6 +111,14 @@ def analysis_inputs(known: Known, given: Given) -> dict:
     """The model, the test splits, the suffixes, the base model, the refused prompts and the attack's rates."""
     test = [known.prompts.hash(k, "test") for k in ("harmful", "harmless")]
     return {"model": known.model_id, "test": test, **{k: given[k] for k in ("suffix", "random", "base", "refused", "attack")}}
+
+
+def monitor_inputs(known: Known, given: Given) -> dict:
+    """The model, every split it is trained, calibrated and measured on, and the suffixes (``given["suffix"]``: the
+    attack's, None without one; ``given["random"]``: the random suffix of the same length)."""
+    p = known.prompts
+    splits = {f"{k}_{s}": p.hash(k, s) for k in ("harmful", "harmless") for s in ("train", "val", "test")}
+    return {"model": known.model_id, **splits, "suffix": given["suffix"], "random": given["random"]}
 
 
 ARTIFACTS = {
@@ -230,6 +238,19 @@ ARTIFACTS = {
             needs=("suffix", "random", "base", "refused", "attack"),
             command="refusal analyze --run {run}",
             noted=lambda inputs, ups: {"selection": ups["selection"], "test": inputs["test"]},
+        ),
+        # The monitor's directions, probe and thresholds (safetensors) and its figures on the test split (json).
+        Artifact(
+            "monitor",
+            ("monitor.json", "monitor.safetensors"),
+            "monitor",
+            "1",
+            ("data.seed", "model.dtype", "model.chat_template"),
+            monitor_inputs,
+            lambda known, given, fresh: ("selection", "attack") if given["suffix"] is not None else ("selection",),
+            needs=("suffix", "random"),
+            command="refusal monitor --run {run}",
+            noted=lambda inputs, ups: {"selection": ups["selection"], "test": [inputs["harmful_test"], inputs["harmless_test"]]},
         ),
     )
 }
