@@ -136,3 +136,19 @@ def test_a_run_without_a_direction_gets_one_line_and_nothing_is_written(tmp_path
     err = capsys.readouterr().err.strip()
     assert "no refusal direction" in err and len(err.splitlines()) == 1
     assert sorted(p.name for p in run.iterdir()) == before and (run / "run.json").read_text() == journal
+
+
+def test_without_an_attack_the_attacked_row_is_one_missing_line(tmp_path, robust_organism_dir, capsys):
+    run = tmp_path / "run"
+    assert main(["run", "--out", str(run), *organism_args(robust_organism_dir), "--no-export", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["monitor", "--run", str(run)]) == 0
+    captured = capsys.readouterr()
+    out = captured.out + captured.err  # the console's table (wherever rich writes it)
+    m = json.loads((run / "monitor.json").read_text())
+    assert m["test"]["harmful_suffix"] is None and m["suffix"]["ids"] is None and "no attack.json" in m["missing"]
+    assert m["test"]["harmful"] is not None and m["test"]["harmful_random"] is not None and len(m["suffix"]["random_ids"]) == 20
+    assert " ".join(out.split()).count("no attack.json") == 1
+    assert json.loads((run / "run.json").read_text())["artifacts"]["monitor"]["upstream"] == ["selection"]
+    report = json.loads((run / "report" / "report.json").read_text())
+    assert report["monitor"]["test"]["harmful_suffix"] is None and "not measured" in (run / "report" / "report.md").read_text()
