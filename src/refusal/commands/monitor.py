@@ -5,8 +5,9 @@
                                      suffix of --suffix-length tokens, and the attacked row is not measured)
     measure.monitor.fit_monitor      harmfulness directions and the probe from train prompts; the harmfulness layer,
                                      the thresholds (1% and 5% FPR) and the default score from validation prompts
-    measure.monitor.measure_monitor  AUROC, TPR and achieved FPR on the test split: harmful, harmful + the suffix,
-                                     harmful + a random suffix, each against harmless
+    measure.monitor.measure_monitor  AUROC, TPR and achieved FPR on the test split: harmful, harmful + the suffix
+                                     (where the instruction ends known, and as sent: the suffix read as instruction,
+                                     what the hook sees), harmful + a random suffix, each against harmless
     RUN/monitor.json, RUN/monitor.safetensors (``Monitor.load``), and the report's "Monitor" section
 
 Reused while fresh (same model, splits, direction and suffix).
@@ -21,7 +22,7 @@ from typing import Any
 
 from ..common.progress import log
 from ..common.provenance import timestamp
-from ..data.suffixes import random_suffix, split_prompt
+from ..data.suffixes import SuffixedPrompt, random_suffix, split_prompt
 from ..edit.edits import Orthogonalization
 from ..engines.factory import make_forward
 from ..errors import RefusalError
@@ -36,7 +37,12 @@ from .attack import fresh_attack
 from .evaluate import evaluate_run, fresh_report
 from .run import candidates
 
-CONDITIONS = {"harmful": "harmful", "harmful_suffix": "harmful + adversarial suffix", "harmful_random": "harmful + random suffix"}
+CONDITIONS = {
+    "harmful": "harmful",
+    "harmful_suffix": "harmful + adversarial suffix",
+    "harmful_suffix_as_sent": "harmful + adversarial suffix, as sent (suffix read as instruction)",
+    "harmful_random": "harmful + random suffix",
+}
 NO_ATTACK = "harmful + adversarial suffix: not measured (the run has no attack.json; run `refusal attack --out {run}`)"
 
 
@@ -66,6 +72,7 @@ def build_monitor(ctx: Context, direction: Any, suffix: list[int] | None, baseli
     conditions = {
         "harmful": split("harmful", "test"),
         "harmful_suffix": split("harmful", "test", suffix) if suffix is not None else None,
+        "harmful_suffix_as_sent": [as_sent(p) for p in split("harmful", "test", suffix)] if suffix is not None else None,
         "harmful_random": split("harmful", "test", baseline),
     }
     data = {
@@ -89,6 +96,12 @@ def build_monitor(ctx: Context, direction: Any, suffix: list[int] | None, baseli
         "missing": None if suffix is not None else NO_ATTACK.format(run=ctx.run.path),
     }
     return monitor, data
+
+
+def as_sent(prompt: SuffixedPrompt) -> SuffixedPrompt:
+    """``prompt`` as the hook sees a request: nothing marks where the suffix starts, so the harmfulness score reads the
+    last token of the whole user message (the suffix's last) instead of the instruction's."""
+    return SuffixedPrompt(prompt.head, prompt.instruction + prompt.suffix, (), prompt.tail)
 
 
 def monitor(path: Path, options: dict | None = None) -> MonitorResult:
