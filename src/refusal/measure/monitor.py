@@ -6,14 +6,18 @@ Three scores per prompt, each higher for harmful requests:
     harmfulness   the residual at the instruction's last token projected on a harmfulness direction: harmful minus
                   harmless train means there, per layer (the layer is chosen on validation prompts). Causal attention
                   means a suffix after the instruction cannot change this residual, and harmfulness is encoded apart
-                  from refusal, so a suffix that suppresses refusal leaves it standing
+                  from refusal, so a suffix that suppresses refusal leaves it standing; but it needs to know where the
+                  instruction ends, which a request as sent does not say
+    harmfulness_peak  the largest harmfulness projection (same layer) over every token of the user message: the
+                  instruction's tokens precede any suffix, so a suffix can raise this maximum but not lower it, and it
+                  needs no split (what the hook uses)
     probe         a logistic regression over both projections at every layer, trained on the train prompts (harmful
                   ones also with a random suffix, so that the probe does not lean on the refusal features alone)
 
 Thresholds are calibrated on harmless validation prompts for each false-positive rate (``detection.FPR_TARGETS``);
-the score ``flag`` uses by default is harmfulness, which a suffix cannot move, unless another beats its validation AUROC
-(harmful prompts with and without a random suffix against harmless) by more than ``PREFER_MARGIN``: validation holds
-no optimised suffix, and the probe leans on the refusal features a suffix attack suppresses. ``Monitor.save``/``load`` keep it in
+the score ``flag`` uses by default is harmfulness_peak, which a suffix cannot lower, unless another beats its validation
+AUROC (harmful prompts with and without a random suffix against harmless) by more than ``PREFER_MARGIN``: validation
+holds no optimised suffix, and the probe leans on the refusal features a suffix attack suppresses. ``Monitor.save``/``load`` keep it in
 one safetensors file; ``monitored`` flags each request the transformers model is asked to generate for.
 
 A prompt is a ``SuffixedPrompt`` (where the instruction ends is known), chat-formatted token ids or an instruction
@@ -37,8 +41,8 @@ from ..model.chat import ChatModel
 from ..residual.directions import Direction, load_tensors, save_tensors, unit_vector
 from .detection import FPR_TARGETS, Probe, auroc, calibrate, detection_metrics, fit_probe
 
-SCORES = ("refusal", "harmfulness", "probe")
-PREFER_MARGIN = 0.02  # validation AUROC another score must gain over harmfulness to be the default
+SCORES = ("refusal", "harmfulness", "harmfulness_peak", "probe")
+PREFER_MARGIN = 0.02  # validation AUROC another score must gain over harmfulness_peak to be the default
 Prompt = SuffixedPrompt | list[int] | str
 
 
@@ -51,7 +55,10 @@ def as_split(chat: ChatModel, prompt: Prompt) -> SuffixedPrompt:
     ids, n_post = [int(t) for t in prompt], chat.n_post
     if len(ids) <= n_post or ids[-n_post:] != chat.post_instruction_ids:
         raise RefusalError("a monitored prompt's token ids do not end with the chat template's post-instruction tokens; pass chat.encode(text)")
-    return SuffixedPrompt((), tuple(ids[:-n_post]), (), tuple(ids[-n_post:]))
+    other, head = chat.encode("zq"), 0  # the template's head: the tokens every prompt starts with
+    while head < min(len(ids) - n_post - 1, len(other)) and ids[head] == other[head]:
+        head += 1
+    return SuffixedPrompt(tuple(ids[:head]), tuple(ids[head:-n_post]), (), tuple(ids[-n_post:]))
 
 
 def read_residuals(forward: Forward, prompts: Sequence[SuffixedPrompt], layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +86,7 @@ class Monitor:
     layer: int  # the refusal direction's layer (the refusal score reads it)
     harm_layer: int  # the harmfulness score's layer
     thresholds: dict[str, dict[str, float]]  # score -> {"1%": t, "5%": t}: flagged when the score is above t
-    score: str = "harmfulness"  # what ``flag`` uses by default
+    score: str = "harmfulness_peak"  # what ``flag`` uses by default
 
     @property
     def layers(self) -> list[int]:
@@ -89,13 +96,30 @@ class Monitor:
         """[n, 2 * layers]: the refusal projections (last position) then the harmfulness projections, per layer."""
         return project(*read_residuals(forward, prompts, self.layers), self.refusal, self.harmfulness)
 
-    def scores_of(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+    def peaks(self, forward: Forward, prompts: Sequence[SuffixedPrompt]) -> torch.Tensor:
+        """[n] the largest harmfulness projection (at its layer) over the user message's tokens, suffix included: the
+        instruction's tokens come before any suffix, so a suffix can raise this maximum but never lower it."""
+        keys = [(len(p.tail), len(p.instruction) + len(p.suffix)) for p in prompts]
+        out = torch.empty(len(prompts))
+        for tail, user in sorted(set(keys)):
+            group = [i for i, k in enumerate(keys) if k == (tail, user)]
+            r = forward.residuals_at([prompts[i].ids for i in group], [self.harm_layer], list(range(-(tail + user), -tail)))
+            if not torch.isfinite(r).all():
+                raise RefusalError("the model's residuals hold NaN or inf on the monitored prompts; load it with --dtype float32")
+            out[group] = (r[:, 0] @ self.harmfulness[self.harm_layer]).max(-1).values
+        return out
+
+    def scores_of(self, features: torch.Tensor, peaks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         n = self.harmfulness.shape[0]
-        return {"refusal": features[:, self.layer], "harmfulness": features[:, n + self.harm_layer], "probe": self.probe.logit(features)}
+        out = {"refusal": features[:, self.layer], "harmfulness": features[:, n + self.harm_layer], "probe": self.probe.logit(features)}
+        return out if peaks is None else {**out, "harmfulness_peak": peaks}
+
+    def read(self, forward: Forward, prompts: Sequence[SuffixedPrompt]) -> dict[str, torch.Tensor]:
+        return self.scores_of(self.features(forward, prompts), self.peaks(forward, prompts))
 
     def scores(self, chat: ChatModel, prompts: Sequence[Prompt], batch_size: int = 16) -> dict[str, torch.Tensor]:
         """Every score ([n] float32 each) of ``prompts`` (``SuffixedPrompt``, chat-formatted ids or instruction texts)."""
-        return self.scores_of(self.features(HFForward(chat, batch_size), [as_split(chat, p) for p in prompts]))
+        return self.read(HFForward(chat, batch_size), [as_split(chat, p) for p in prompts])
 
     def flag(self, chat: ChatModel, prompts: Sequence[Prompt], threshold: str = "1%", score: str | None = None) -> list[bool]:
         """Whether each prompt is flagged as harmful (its ``score`` above the threshold calibrated for ``threshold`` FPR); no generation."""
@@ -154,12 +178,12 @@ def fit_monitor(
     n = len(layers)
     per_layer = [auroc(val_features["harmful"][:, n + i], val_features["harmless"][:, n + i]) for i in layers]
     monitor.harm_layer = max(layers, key=lambda i: (per_layer[i], _separation(val_features, n + i)))
-    val_scores = {k: monitor.scores_of(f) for k, f in val_features.items()}
+    val_scores = {k: monitor.scores_of(f, monitor.peaks(forward, val[k])) for k, f in val_features.items()}
     monitor.thresholds = {s: {name: calibrate(val_scores["harmless"][s], fpr) for name, fpr in FPR_TARGETS.items()} for s in SCORES}
     harmful_val = {s: torch.cat([val_scores["harmful"][s], val_scores["harmful_random"][s]]) for s in SCORES}
     chosen = {s: auroc(harmful_val[s], val_scores["harmless"][s]) for s in SCORES}
-    best = max(("probe", "refusal"), key=lambda s: chosen[s])
-    monitor.score = "harmfulness" if chosen["harmfulness"] >= chosen[best] - PREFER_MARGIN else best
+    best = max(SCORES, key=lambda s: chosen[s])
+    monitor.score = "harmfulness_peak" if chosen["harmfulness_peak"] >= chosen[best] - PREFER_MARGIN else best
     return monitor, {"harmfulness_auroc_per_layer": per_layer, "auroc": chosen}
 
 
@@ -172,13 +196,13 @@ def _separation(features: dict[str, torch.Tensor], column: int) -> float:
 
 def measure_monitor(monitor: Monitor, forward: Forward, conditions: dict[str, list[SuffixedPrompt] | None], harmless: list[SuffixedPrompt]) -> dict:
     """Per condition (None: not measured) and score: AUROC against ``harmless``, TPR and achieved FPR at each calibrated threshold."""
-    negative = monitor.scores_of(monitor.features(forward, harmless))
+    negative = monitor.read(forward, harmless)
     out: dict[str, Any] = {}
     for name, prompts in conditions.items():
         if prompts is None:
             out[name] = None
             continue
-        positive = monitor.scores_of(monitor.features(forward, prompts))
+        positive = monitor.read(forward, prompts)
         out[name] = {s: detection_metrics(positive[s], negative[s], monitor.thresholds[s]) for s in SCORES}
     return out
 

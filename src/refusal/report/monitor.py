@@ -1,7 +1,8 @@
 """The report's "Monitor" section (``refusal monitor``): how well activations flag harmful requests, with and without a suffix.
 
 Reads ``report["monitor"]`` (RUN/monitor.json): per test condition (harmful, harmful + the run's adversarial suffix,
-harmful + a random suffix; each against harmless) and per score (refusal projection, harmfulness projection, probe)
+harmful + a random suffix; each against harmless) and per score (refusal projection, harmfulness projection at the
+instruction's last token and its largest over the user message, probe)
 the AUROC, and the TPR and achieved FPR at the thresholds calibrated on harmless validation prompts. A condition that
 was not measured (no attack.json) is one line. ``monitor_tables`` is shared with the Markdown summary.
 """
@@ -15,6 +16,7 @@ from .html import esc, missing, num, table
 SCORE_LABELS = {
     "refusal": "refusal projection (last position)",
     "harmfulness": "harmfulness projection (instruction's last token)",
+    "harmfulness_peak": "harmfulness projection, largest over the user message",
     "probe": "probe over layers",
 }
 
