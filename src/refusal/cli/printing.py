@@ -89,11 +89,11 @@ def print_monitor(m: dict) -> None:
         f"\n[bold]monitor[/] (test split vs harmless; thresholds from harmless validation prompts; * = default score, {m['score']})",
         highlight=False,
     )
-    console.print(f"  {'condition':30s} {'score':17s} {'AUROC':>6s}  " + "  ".join(f"TPR@{t} (FPR)" for t in targets), highlight=False)
+    console.print(f"  {'condition':38s} {'score':17s} {'AUROC':>6s}  " + "  ".join(f"TPR@{t} (FPR)" for t in targets), highlight=False)
     for name, label in m["conditions"].items():
         for score, e in (m["test"].get(name) or {}).items():
             rates = "  ".join(f"{e[f'tpr@{t}']:5.1%} ({e[f'fpr@{t}']:.1%})" for t in targets)
             mark = "*" if score == m["score"] else " "
-            console.print(f"  {label:30s} {score + mark:17s} {e['auroc']:6.3f}  {rates}", highlight=False)
+            console.print(f"  {label:38s} {score + mark:17s} {e['auroc']:6.3f}  {rates}", highlight=False)
     if m.get("missing"):
         console.print(f"  {m['missing']}", highlight=False)

@@ -40,7 +40,7 @@ from .run import candidates
 CONDITIONS = {
     "harmful": "harmful",
     "harmful_suffix": "harmful + adversarial suffix",
-    "harmful_suffix_as_sent": "harmful + adversarial suffix, as sent (suffix read as instruction)",
+    "harmful_suffix_as_sent": "harmful + adversarial suffix, as sent",  # no split: the suffix is read as instruction
     "harmful_random": "harmful + random suffix",
 }
 NO_ATTACK = "harmful + adversarial suffix: not measured (the run has no attack.json; run `refusal attack --out {run}`)"

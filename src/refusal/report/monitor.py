@@ -47,7 +47,8 @@ def monitor_sentences(m: dict) -> list[str]:
     lines = [
         f"Refusal direction at layer {m['direction']['layer']}; harmfulness direction read at layer {m['harm_layer']} "
         f"(best validation AUROC); * = the score the monitor flags with by default ({m['score']}). Thresholds calibrated "
-        "on harmless validation prompts; figures on the test split."
+        'on harmless validation prompts; figures on the test split. "As sent": the request as the hook sees it, nothing '
+        "marking where the suffix starts (the instruction's last token is then the suffix's last)."
     ]
     if m.get("missing"):
         lines.append(m["missing"])

@@ -166,6 +166,8 @@ def fmt(path: str, value: object) -> str:
         return "yes" if value else "no"
     if isinstance(value, (int, float)) and parts[0] in ("rates", "safety") and parts[-1] in PERCENT_FIELDS:
         return f"{100 * value:.1f}%"
+    if isinstance(value, float) and parts[0] == "monitor" and parts[-1][:4] in ("tpr@", "fpr@"):
+        return f"{100 * value:.1f}%"
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
