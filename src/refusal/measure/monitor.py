@@ -1,6 +1,6 @@
 """A refusal monitor: flags a harmful request from its activations before anything is generated.
 
-Three scores per prompt, each higher for harmful requests:
+Four scores per prompt, each higher for harmful requests:
 
     refusal       the last position's residual projected on the run's refusal direction (unit), at its layer
     harmfulness   the residual at the instruction's last token projected on a harmfulness direction: harmful minus
