@@ -170,14 +170,11 @@ class Edit(Protocol):
         ...
 
 
-class Orthogonalization:
-    """The paper's edit: no writer can add a component along ``direction``; equals ``ablate`` exactly."""
-
-    def __init__(self, direction: torch.Tensor):
-        self.direction = direction
+class RemovalEdit:
+    """An edit that is a ``Removal``: its deltas and its in-place form both come from ``removal``; no extra files."""
 
     def removal(self, n_layers: int) -> Removal:
-        return Removal(((unit_vector(self.direction), lambda writer: 1.0),))
+        raise NotImplementedError
 
     def deltas(self, chat: ChatModel) -> dict[str, TensorDelta]:
         return self.removal(chat.n_layers).deltas(chat)
@@ -188,6 +185,16 @@ class Orthogonalization:
     def apply(self, chat: ChatModel, snapshot: Snapshot) -> None:
         self.removal(chat.n_layers).apply(chat, snapshot)
 
+
+class Orthogonalization(RemovalEdit):
+    """The paper's edit: no writer can add a component along ``direction``; equals ``ablate`` exactly."""
+
+    def __init__(self, direction: torch.Tensor):
+        self.direction = direction
+
+    def removal(self, n_layers: int) -> Removal:
+        return Removal(((unit_vector(self.direction), lambda writer: 1.0),))
+
     def describe(self) -> dict:
         return {"kind": "orthogonalization"}
 
@@ -195,7 +202,7 @@ class Orthogonalization:
         return ablate(chat, self.direction)
 
 
-class KernelEdit:
+class KernelEdit(RemovalEdit):
     """A search trial: ``unit`` removed with the per-layer strengths and the variant of ``params``; the
     ``biprojected_targets`` form needs ``means``, the harmless mean per layer at the source position [layers, d_model]."""
 
@@ -227,15 +234,6 @@ class KernelEdit:
             second_strength = float(self.params.second["strength"])  # type: ignore[index]
             steps += ((self.second, lambda writer: second_strength),)
         return Removal(steps, norms=self.norms)
-
-    def deltas(self, chat: ChatModel) -> dict[str, TensorDelta]:
-        return self.removal(chat.n_layers).deltas(chat)
-
-    def files(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {}
-
-    def apply(self, chat: ChatModel, snapshot: Snapshot) -> None:
-        self.removal(chat.n_layers).apply(chat, snapshot)
 
     def describe(self) -> dict:
         return {"kind": "kernel", "params": self.params.to_dict()}

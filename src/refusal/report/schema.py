@@ -123,15 +123,23 @@ def validate_report(report: dict) -> None:
             raise RefusalError(f"report cosine.matrix must be {n} x {n} (one row and column per layer)")
 
 
-def validate_mechanisms(m: object) -> None:
-    """The shape the renderers rely on; a one-line error naming the key otherwise."""
+def _section(m: object, name: str, keys: tuple[str, ...], command: str) -> dict | None:
+    """An optional section: None, or an object holding ``keys``; a one-line error naming the key and the command otherwise."""
     if m is None:
-        return
+        return None
     if not isinstance(m, dict):
-        raise RefusalError("report 'mechanisms' must be an object or null; regenerate it with `refusal analyze`")
-    for key in ("layers", "groups", "cosine", "gap_closed", "heads", "decomposition", "direction", "direction_across_layers"):
+        raise RefusalError(f"report '{name}' must be an object or null; regenerate it with `{command}`")
+    for key in keys:
         if key not in m:
-            raise RefusalError(f"report mechanisms.{key} is missing; regenerate it with `refusal analyze`")
+            raise RefusalError(f"report {name}.{key} is missing; regenerate it with `{command}`")
+    return m
+
+
+def validate_mechanisms(section: object) -> None:
+    """The shape the renderers rely on; a one-line error naming the key otherwise."""
+    keys = ("layers", "groups", "cosine", "gap_closed", "heads", "decomposition", "direction", "direction_across_layers")
+    if (m := _section(section, "mechanisms", keys, "refusal analyze")) is None:
+        return
     n = len(m["layers"])
     for group in m["groups"]:
         entry = m["cosine"].get(group) or {}
@@ -139,15 +147,10 @@ def validate_mechanisms(m: object) -> None:
             raise RefusalError(f"report mechanisms.cosine.{group} needs a mean and a std per layer ({n}); regenerate it with `refusal analyze`")
 
 
-def validate_monitor(m: object) -> None:
+def validate_monitor(section: object) -> None:
     """The shape the "Monitor" section relies on; a one-line error naming the key otherwise."""
-    if m is None:
+    if (m := _section(section, "monitor", ("conditions", "test", "direction", "harm_layer", "score"), "refusal monitor")) is None:
         return
-    if not isinstance(m, dict):
-        raise RefusalError("report 'monitor' must be an object or null; regenerate it with `refusal monitor`")
-    for key in ("conditions", "test", "direction", "harm_layer", "score"):
-        if key not in m:
-            raise RefusalError(f"report monitor.{key} is missing; regenerate it with `refusal monitor`")
     if not isinstance(m["test"], dict) or any(v is not None and not isinstance(v, dict) for v in m["test"].values()):
         raise RefusalError("report monitor.test must map each condition to its scores' metrics or null; regenerate it with `refusal monitor`")
 
