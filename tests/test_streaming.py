@@ -293,3 +293,21 @@ def test_evaluating_an_export_of_the_same_model_needs_no_second_copy(tmp_path):
     assert results[0]["kl"]["edited"]["first_token"]["mean"] == pytest.approx(results[1]["kl"]["edited"]["first_token"]["mean"], abs=1e-6)
     assert results[0]["kl"]["edited"]["first_token"]["mean"] > 1e-5  # the edit does something (random weights: little)
     assert results[0]["ce_loss"]["loss"] == pytest.approx(results[1]["ce_loss"]["loss"], abs=1e-6)
+
+
+def test_an_interrupt_while_the_workers_finish_still_waits_for_them_then_is_raised():
+    import pytest
+
+    from refusal.checkpoint.streaming import wait_for
+
+    class Pool:  # the first shutdown is interrupted by a second Ctrl-C or SIGTERM, as two workers' signals can do
+        calls = 0
+
+        def shutdown(self, wait: bool, cancel_futures: bool) -> None:
+            Pool.calls += 1
+            if Pool.calls == 1:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        wait_for(Pool())  # type: ignore[arg-type]
+    assert Pool.calls == 2  # waited again for the files under way before the interrupt went on

@@ -102,8 +102,8 @@ def write_edited_checkpoint(chat: ChatModel, deltas: dict[str, TensorDelta], sou
     try:
         for found in (pool.map if workers > 1 else map)(rewrite, files):
             residuals.update(found)
-    finally:  # interrupted: the files not begun are not written
-        pool.shutdown(wait=True, cancel_futures=True)
+    finally:  # interrupted: the files not begun are not written, those under way are finished first
+        wait_for(pool)
     worst = max(residuals.values(), default=0.0)
     if not worst <= 1.0:  # also NaN
         name = max(residuals, key=lambda k: residuals[k])
@@ -163,6 +163,20 @@ def expert_keys(name: str, n_experts: int, locations: dict) -> list[str] | None:
     pattern = re.compile(rf"^{re.escape(layer)}\.[A-Za-z_]+\.experts\.(\d+)\.(down_proj|w2|fc2)\.weight$")
     found = {int(m[1]): key for key in locations if (m := pattern.match(key))}
     return [found[e] for e in range(n_experts)] if sorted(found) == list(range(n_experts)) else None
+
+
+def wait_for(pool: ThreadPoolExecutor) -> None:
+    """Shut ``pool`` down once its files under way are written, even through a further Ctrl-C or SIGTERM (raised
+    again afterwards): returning earlier would let a worker write into a partial export its caller has removed."""
+    interrupted: KeyboardInterrupt | None = None
+    while True:
+        try:
+            pool.shutdown(wait=True, cancel_futures=True)
+            break
+        except KeyboardInterrupt as e:
+            interrupted = e
+    if interrupted is not None:
+        raise interrupted
 
 
 def checkpoint_extras(source: Path) -> list[Path]:
