@@ -10,7 +10,8 @@ does to the direction (``layer_cosines``, ``decompose``, ``attention_masses``) o
 regions (``split_prompt``). Lower-damage edits: directions ridge-cleaned against protected prompts'
 activations (``protect``, ``Protection``, ``EditParams(clean=...)``) and a capability proxy
 (``load_capability``, ``capability_loss``). A monitor that flags harmful requests from activations before
-generation (``Monitor``, ``monitored``, ``fit_monitor``; ``auroc``).
+generation (``Monitor``, ``monitored``, ``fit_monitor``; ``auroc``). Hardening: a peft LoRA trained in the model
+(``lora_attached``, ``Adapter``: its merge as ``LowRank`` tensor deltas), ``refusal.commands.harden.harden``.
 
 Importing the package loads nothing heavy: each name is imported from its module on first use, so
 ``import refusal`` and ``refusal --version`` never load torch.
@@ -65,6 +66,8 @@ _API = {
     "layer_cosines": "measure.mechanisms",
     "load_builtin": "data.prompt_sets",
     "LowRank": "edit.deltas",
+    "lora_attached": "harden.lora",
+    "Adapter": "harden.lora",
     "load_capability": "data.prompt_sets",
     "load_model": "model.packaged",
     "load_prompts": "data.prompt_sets",
@@ -92,6 +95,7 @@ _API = {
 }
 
 __all__ = [
+    "Adapter",
     "Added",
     "AttackState",
     "Candidates",
@@ -143,6 +147,7 @@ __all__ = [
     "load_capability",
     "load_model",
     "load_prompts",
+    "lora_attached",
     "make_engine",
     "make_forward",
     "mean_activations",
@@ -189,6 +194,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
     from .engines.factory import make_engine, make_forward
     from .engines.forward import Forward, HFForward
     from .engines.hf import Engine, HFEngine, generate
+    from .harden.lora import Adapter, lora_attached
     from .errors import FidelityError, RefusalError, UnsupportedModelError
     from .measure.detection import auroc
     from .measure.evaluation import Condition, EvalSettings, capability_loss, evaluate

@@ -10,7 +10,8 @@ the command line is generated from it (``add_arguments`` / ``from_args``).
     ├── attack      the adversarial suffix (``refusal attack``)
     ├── analysis    the mechanism analysis (``refusal analyze``)
     ├── safety      the LLM safety judge (``refusal evaluate``)
-    └── hooks       activation addition by hooks (``refusal generate --add``)
+    ├── hooks       activation addition by hooks (``refusal generate --add``)
+    └── harden      the LoRA hardening (``refusal harden``)
 
 A run saves the whole tree in ``run.json``; ``run.artifacts`` fingerprints the parts each artifact
 depends on. No module but this one holds a default for a user-facing setting: a dataclass elsewhere
@@ -42,6 +43,7 @@ REFUSAL_MEASURES = ("margin", "log-odds")
 AUTO = "auto"  # --screen-margin auto: the buffer taken from the train margins themselves (choice.tail_scale)
 SECOND_SOURCES = ("disclaimer", "refused")  # where the search's second direction comes from (refusal.second)
 ENGINES = ("transformers", "vllm")
+LORA_MODULES = ("writers", "all")  # what the hardening's LoRA trains: the blocks' output projections, or every linear layer in them
 REFUSAL_FLOORS = {"margin": -2.0, "log-odds": -5.0}  # a prompt below this no longer refuses (docs/search.md)
 
 
@@ -375,6 +377,42 @@ class HookSettings:
 
 
 @dataclass
+class HardenSettings:
+    lora_rank: int = setting(8, "rank of the LoRA adapter the hardening trains")
+    lora_alpha: float = setting(16.0, "LoRA scale numerator: the merged update is (alpha / rank) · B @ A")
+    lora_modules: str = setting(
+        "writers", "linear layers the adapter trains: the blocks' output projections (writers) or every linear layer in them (all)", choices=LORA_MODULES
+    )
+    harden_steps: int = setting(200, "training steps to reach (a resumed hardening counts its earlier ones)")
+    harden_time_budget: float | None = setting(
+        1800.0, "stop starting steps after this long in total, e.g. 30m, 2h; 'none' for no limit", parse=duration
+    )
+    harden_batch_size: int = setting(8, "harmful and harmless examples per training step (each)")
+    harden_lr: float = setting(5e-4, "the adapter's learning rate (AdamW)")
+    ablate_probability: float = setting(0.5, "probability that a step's harmful batch runs with the refusal direction ablated")
+    kl_weight: float = setting(1.0, "weight of the KL(original || hardened) term on harmless completions")
+    harden_max_kl: float = setting(0.1, "the budget: the adapter kept is the best one whose first-token KL on harmless validation prompts is at most this")
+    refresh_every: int = setting(10, "steps between recomputations of the model's own refusal direction during training")
+    eval_every: int = setting(20, "steps between validation checkpoints (and saved, resumable states)")
+    response_tokens: int = setting(24, "tokens of the model's own responses it is trained on")
+    harden_prompts: int | None = setting(64, "harmful and harmless train prompts used (each; none: the whole train split)")
+
+    def validate(self) -> None:
+        for name in ("lora_rank", "harden_steps", "harden_batch_size", "refresh_every", "eval_every", "response_tokens"):
+            _at_least(name, getattr(self, name), 1)
+        if self.harden_prompts is not None:
+            _at_least("harden_prompts", self.harden_prompts, 1)
+        for name in ("lora_alpha", "harden_lr", "harden_max_kl"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise RefusalError(f"--{name.replace('_', '-')} must be a positive number (got {value:g})")
+        if not 0 <= self.ablate_probability <= 1:
+            raise RefusalError(f"--ablate-probability must be a probability in [0, 1] (got {self.ablate_probability:g})")
+        if not (self.kl_weight >= 0 and math.isfinite(self.kl_weight)):
+            raise RefusalError(f"--kl-weight must be a weight of at least 0 (got {self.kl_weight:g})")
+
+
+@dataclass
 class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
@@ -385,6 +423,7 @@ class Settings:
     analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
     safety: SafetySettings = field(default_factory=SafetySettings)
     hooks: HookSettings = field(default_factory=HookSettings)
+    harden: HardenSettings = field(default_factory=HardenSettings)
 
     def validate(self) -> None:
         """Every check that needs no model: run before anything is loaded or written."""
@@ -395,6 +434,7 @@ class Settings:
         self.attack.validate()
         self.analysis.validate()
         self.hooks.validate()
+        self.harden.validate()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -422,7 +462,7 @@ class Settings:
         return cls(**groups)
 
 
-GROUPS = ("model", "data", "selection", "evaluation", "search", "attack", "analysis", "safety", "hooks")
+GROUPS = ("model", "data", "selection", "evaluation", "search", "attack", "analysis", "safety", "hooks", "harden")
 
 
 def group_types() -> dict[str, type]:
@@ -436,6 +476,7 @@ def group_types() -> dict[str, type]:
         "analysis": AnalysisSettings,
         "safety": SafetySettings,
         "hooks": HookSettings,
+        "harden": HardenSettings,
     }
 
 

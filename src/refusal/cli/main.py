@@ -17,7 +17,7 @@ from ..common.progress import log, set_quiet
 from ..errors import RefusalError, os_error_line
 from ..settings import Settings
 from .options import add_arguments, from_args, given
-from .printing import print_analysis, print_attack, print_monitor, print_report, print_search
+from .printing import print_analysis, print_attack, print_hardening, print_monitor, print_report, print_search
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("monitor", help="flag harmful requests from activations, suffix attacks included -> RUN/monitor.json and the report")
     p.add_argument("--run", required=True, type=Path)
+
+    p = sub.add_parser("harden", help="train a LoRA so that refusal survives the direction's ablation, merge it -> DIR, RUN/harden.json")
+    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="directory for the hardened checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    add_arguments(p, ("harden",))
 
     p = sub.add_parser("export", help="orthogonalize the weights along RUN's direction (or a search trial's edit) and save a checkpoint")
     p.add_argument("--run", required=True, type=Path)
@@ -207,6 +213,15 @@ def cmd_monitor(args: argparse.Namespace) -> dict:
     return result.summary()
 
 
+def cmd_harden(args: argparse.Namespace) -> dict:
+    from ..commands.harden import harden
+
+    result = harden(args.run, args.out, given(args, "harden"), overwrite=args.overwrite)
+    if not args.quiet and not args.json:
+        print_hardening(result.hardening, result.out)
+    return result.summary()
+
+
 def cmd_export(args: argparse.Namespace) -> dict:
     from ..commands.run import export_run
 
@@ -263,6 +278,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], dict]] = {
     "attack": cmd_attack,
     "analyze": cmd_analyze,
     "monitor": cmd_monitor,
+    "harden": cmd_harden,
     "export": cmd_export,
     "generate": cmd_generate,
     "models": cmd_models,
@@ -297,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"refusal: error: {os_error_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        resumable = args.command in ("run", "extract", "select", "search", "attack")
+        resumable = args.command in ("run", "extract", "select", "search", "attack", "harden")
         print(f"refusal: interrupted{'; re-run the same command to resume' if resumable else ''}", file=sys.stderr)
         return 130
     finally:

@@ -97,3 +97,33 @@ def print_monitor(m: dict) -> None:
             console.print(f"  {label:38s} {score + mark:17s} {e['auroc']:6.3f}  {rates}", highlight=False)
     if m.get("missing"):
         console.print(f"  {m['missing']}", highlight=False)
+
+
+HARDENING_ROWS = {
+    "refused": "harmful refused",
+    "refused_ablated": "harmful refused, own direction ablated",
+    "refused_original_direction_ablated": "harmful refused, original's direction ablated",
+    "over_refusal": "harmless refused",
+    "kl": "harmless first-token KL vs original",
+    "capability": "capability proxy loss",
+}
+
+
+def print_hardening(h: dict, out: object) -> None:
+    t, c = h["training"], h["comparison"]
+    kept = t["kept"]
+    console.print(
+        f"\n[bold]hardening[/] {t['steps']} steps ({t['stopped_by']}, {t['seconds']:.0f} s); kept step {kept['step']}: validation refused "
+        f"with the direction ablated {kept['refused_ablated']:.0%}, harmless KL {kept['kl']:.4f} (budget {h['settings']['harden_max_kl']:g})",
+        highlight=False,
+    )
+    n = c["n"]
+    console.print(f"  test split, first-token scores ({n['harmful']} harmful, {n['harmless']} harmless)   original  hardened", highlight=False)
+    for key, label in HARDENING_ROWS.items():
+        cells = []
+        for name in ("original", "hardened"):
+            value = c[name][key]
+            cells.append("       —" if value is None else f"{value:8.1%}" if "refused" in key or key == "over_refusal" else f"{value:8.4f}")
+        console.print(f"  {label:58s} {cells[0]}  {cells[1]}", highlight=False)
+    console.print(f"  cosine of the two models' directions: {c['direction_cosine']:.3f}", highlight=False)
+    console.print(f"  the hardened checkpoint: {out} (measure it end to end: refusal run --model {out}; refusal attack)", highlight=False)

@@ -58,6 +58,23 @@ def ablate(chat: ChatModel, direction: torch.Tensor, form: str = "writers") -> I
 
 
 @contextmanager
+def ablate_between_layers(chat: ChatModel, direction: torch.Tensor) -> Iterator[None]:
+    """Within the block ``direction`` is projected out of the residual stream between decoder layers (every
+    layer's input and the last layer's output), whatever the layers' linear modules are: hooks on the decoder
+    layers themselves, so it also holds while adapters (LoRA) wrap the blocks' output projections."""
+    unit = unit_vector(direction)
+
+    def layer_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return replace_hidden(args, kwargs, project_out(get_hidden(args, kwargs), unit))
+
+    def last_hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        return retuple(output, project_out(untuple(output), unit))
+
+    with hooked(pre=[(layer, layer_hook) for layer in chat.layers], post=[(chat.layers[-1], last_hook)]):
+        yield
+
+
+@contextmanager
 def damp_outputs(
     chat: ChatModel, steps: Sequence[tuple[torch.Tensor | Callable[[Writer], torch.Tensor], Callable[[Writer], float]]]
 ) -> Iterator[None]:

@@ -5,7 +5,7 @@ on (dotted paths into the settings tree), ``inputs`` (the content hashes of its 
 splits, ...), ``upstream`` (the artifacts it is made from), ``make`` and ``load``. From these the machinery
 (``run.store``; ``Context.get`` / ``Context.require``) fingerprints it, reuses it while fresh, remakes it when stale
 and refuses it to readers otherwise. The makers of prompts, candidates, selection and protection are in
-``run.makers``; search, model, report, attack, analysis and monitor are made by the commands above this layer, which pass
+``run.makers``; search, model, report, attack, analysis, monitor and harden are made by the commands above this layer, which pass
 their maker to ``Context.get``. A new artifact is one more declaration here.
 
 ``inputs`` and ``upstream`` take the run's ``Known`` (settings, prompts, model hash) and ``given``: what the caller
@@ -111,6 +111,12 @@ def analysis_inputs(known: Known, given: Given) -> dict:
     """The model, the test splits, the suffixes, the base model, the refused prompts and the attack's rates."""
     test = [known.prompts.hash(k, "test") for k in ("harmful", "harmless")]
     return {"model": known.model_id, "test": test, **{k: given[k] for k in ("suffix", "random", "base", "refused", "attack")}}
+
+
+def harden_inputs(known: Known, given: Given) -> dict:
+    """The model and every split it is trained, checkpointed and compared on."""
+    p = known.prompts
+    return {"model": known.model_id, **{f"{k}_{s}": p.hash(k, s) for k in ("harmful", "harmless") for s in ("train", "val", "test")}}
 
 
 def monitor_inputs(known: Known, given: Given) -> dict:
@@ -251,6 +257,20 @@ ARTIFACTS = {
             needs=("suffix", "random"),
             command="refusal monitor --run {run}",
             noted=lambda inputs, ups: {"selection": ups["selection"], "test": [inputs["harmful_test"], inputs["harmless_test"]]},
+        ),
+        # The hardening's merged LoRA (tensor deltas) and its comparison with the original; the training resumes from
+        # harden.state.safetensors (its own fingerprint).
+        Artifact(
+            "harden",
+            ("harden.json", "harden.safetensors", "harden.state.safetensors"),
+            "harden",
+            "1",
+            ("harden", "data.seed", "model.dtype", "model.chat_template", "evaluation.refusal_tokens", "evaluation.refusal_phrases")
+            + ("evaluation.capability_items", "evaluation.batch_size"),
+            harden_inputs,
+            lambda known, given, fresh: ("selection",),
+            command="refusal harden --run {run} --out DIR",
+            scratch=("harden.state.safetensors",),
         ),
     )
 }
