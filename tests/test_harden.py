@@ -25,7 +25,7 @@ def test_an_attached_lora_is_removed_on_exit_and_its_deltas_equal_peft_merge(lla
     before = {k: v.clone() for k, v in chat.model.state_dict().items()}
     types = {name: type(m) for name, m in chat.model.named_modules()}
     batch = chat.batch(["hello there", "how do i bake bread ?"])
-    with lora_attached(chat, rank=4, alpha=8.0, modules="all", seed=0) as adapter:
+    with lora_attached(chat, rank=4, alpha=8, modules="all", seed=0) as adapter:
         with torch.no_grad():
             for p in adapter.parameters():
                 p.normal_(0, 0.05)  # B is zero at init: give the adapter something to merge
@@ -104,7 +104,9 @@ def test_the_export_loads_in_plain_transformers_and_equals_the_peft_merge(harden
     names = sorted({k.rsplit(":", 1)[0] for k in stored})
     s = h["settings"]
     base = AutoModelForCausalLM.from_pretrained(organism_dir, dtype=torch.float32)
-    peft_model = get_peft_model(base, LoraConfig(r=s["lora_rank"], lora_alpha=s["lora_alpha"], target_modules=[n.removesuffix(".weight") for n in names]))
+    peft_model = get_peft_model(
+        base, LoraConfig(r=s["lora_rank"], lora_alpha=s["lora_alpha"], target_modules=[n.removesuffix(".weight") for n in names])
+    )
     with torch.no_grad():
         for name, module in peft_model.named_modules():
             key = name.removeprefix("base_model.model.") + ".weight"

@@ -194,8 +194,8 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
     from .engines.factory import make_engine, make_forward
     from .engines.forward import Forward, HFForward
     from .engines.hf import Engine, HFEngine, generate
-    from .harden.lora import Adapter, lora_attached
     from .errors import FidelityError, RefusalError, UnsupportedModelError
+    from .harden.lora import Adapter, lora_attached
     from .measure.detection import auroc
     from .measure.evaluation import Condition, EvalSettings, capability_loss, evaluate
     from .measure.judges import is_refusal

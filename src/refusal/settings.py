@@ -379,9 +379,11 @@ class HookSettings:
 @dataclass
 class HardenSettings:
     lora_rank: int = setting(8, "rank of the LoRA adapter the hardening trains")
-    lora_alpha: float = setting(16.0, "LoRA scale numerator: the merged update is (alpha / rank) · B @ A")
+    lora_alpha: int = setting(16, "LoRA scale numerator: the merged update is (alpha / rank) · B @ A")
     lora_modules: str = setting(
-        "writers", "linear layers the adapter trains: the blocks' output projections (writers) or every linear layer in them (all)", choices=LORA_MODULES
+        "writers",
+        "linear layers the adapter trains: the blocks' output projections (writers) or every linear layer in them (all)",
+        choices=LORA_MODULES,
     )
     harden_steps: int = setting(200, "training steps to reach (a resumed hardening counts its earlier ones)")
     harden_time_budget: float | None = setting(
@@ -391,7 +393,9 @@ class HardenSettings:
     harden_lr: float = setting(5e-4, "the adapter's learning rate (AdamW)")
     ablate_probability: float = setting(0.5, "probability that a step's harmful batch runs with the refusal direction ablated")
     kl_weight: float = setting(1.0, "weight of the KL(original || hardened) term on harmless completions")
-    harden_max_kl: float = setting(0.1, "the budget: the adapter kept is the best one whose first-token KL on harmless validation prompts is at most this")
+    harden_max_kl: float = setting(
+        0.1, "the budget: the adapter kept is the best one whose first-token KL on harmless validation prompts is at most this"
+    )
     refresh_every: int = setting(10, "steps between recomputations of the model's own refusal direction during training")
     eval_every: int = setting(20, "steps between validation checkpoints (and saved, resumable states)")
     response_tokens: int = setting(24, "tokens of the model's own responses it is trained on")
@@ -402,7 +406,8 @@ class HardenSettings:
             _at_least(name, getattr(self, name), 1)
         if self.harden_prompts is not None:
             _at_least("harden_prompts", self.harden_prompts, 1)
-        for name in ("lora_alpha", "harden_lr", "harden_max_kl"):
+        _at_least("lora_alpha", self.lora_alpha, 1)
+        for name in ("harden_lr", "harden_max_kl"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise RefusalError(f"--{name.replace('_', '-')} must be a positive number (got {value:g})")

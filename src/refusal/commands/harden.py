@@ -139,9 +139,7 @@ def build_hardening(ctx: Context, direction: Direction) -> dict:
     test = {k: [chat.encode(x) for x in ctx.prompts.get(k, "test")] for k in ("harmful", "harmless")}
     train_ids = {k: [x.prompt for x in getattr(data, k)] for k in ("harmful", "harmless")}
     capability = load_capability("test")[: s.evaluation.capability_items] if s.evaluation.capability_items > 0 else []
-    comparison = compare(
-        chat, forward, edit, train_ids, test, direction.layer, direction.position, refusal_ids, capability, s.evaluation.batch_size
-    )
+    comparison = compare(chat, forward, edit, train_ids, test, direction.layer, direction.position, refusal_ids, capability, s.evaluation.batch_size)
     ctx.timed("harden_comparison", begin)
     stopped = "steps" if final["step"] >= h.harden_steps else "time budget"
     if kept["step"] == 0:

@@ -11,16 +11,18 @@ through the same in-memory edit, streamed export and read-back as every other ed
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..edit.deltas import LowRank
+from ..edit.deltas import LowRank, TensorDelta
 from ..errors import RefusalError
 from ..model.chat import ChatModel
 from ..settings import LORA_MODULES
+
 ADAPTER = "default"  # peft's adapter name
 
 
@@ -47,21 +49,21 @@ def target_modules(chat: ChatModel, modules: str) -> dict[str, str]:
 class Adapter:
     """The injected LoRA: its trainable parameters, a switch to run the base model, and its merge."""
 
-    peft_model: nn.Module
+    peft_model: Any  # a peft.PeftModel
     weights: dict[str, str]  # module name -> checkpoint weight name
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.peft_model.named_parameters() if "lora_" in name]
 
-    def disabled(self) -> object:
+    def disabled(self) -> AbstractContextManager:
         """Context: the base model alone (the original's outputs, for the KL term)."""
         return self.peft_model.disable_adapter()
 
-    def layers(self) -> dict[str, nn.Module]:
+    def layers(self) -> dict[str, Any]:
         """Module name (in chat.model) -> its peft LoRA layer."""
         from peft.tuners.lora import LoraLayer
 
-        out = {}
+        out: dict[str, Any] = {}
         for name, module in self.peft_model.named_modules():
             if isinstance(module, LoraLayer):
                 out[name.removeprefix("base_model.model.")] = module
@@ -84,9 +86,9 @@ class Adapter:
             for part, linear in (("A", layer.lora_A[ADAPTER]), ("B", layer.lora_B[ADAPTER])):
                 linear.weight.copy_(state[f"{name}:{part}"].to(linear.weight))
 
-    def deltas(self) -> dict[str, LowRank]:
+    def deltas(self) -> dict[str, TensorDelta]:
         """Checkpoint weight name -> W += scale · B @ A, the merge of each LoRA layer (float32 factors)."""
-        out = {}
+        out: dict[str, TensorDelta] = {}
         for name, layer in self.layers().items():
             a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight  # [r, in], [out, r]
             scale = float(layer.scaling[ADAPTER])
@@ -95,7 +97,7 @@ class Adapter:
 
 
 @contextmanager
-def lora_attached(chat: ChatModel, rank: int, alpha: float, modules: str, seed: int) -> Iterator[Adapter]:
+def lora_attached(chat: ChatModel, rank: int, alpha: int, modules: str, seed: int) -> Iterator[Adapter]:
     """peft's LoRA layers (rank ``rank``, scale ``alpha / rank``, B = 0 so the model starts unchanged) in
     ``chat.model``'s ``modules``; always removed on exit (unmerged: the base weights are never changed)."""
     try:

@@ -98,7 +98,7 @@ def refusal_loss(chat: ChatModel, examples: list[Example]) -> torch.Tensor:
 
 def kept_loss(chat: ChatModel, adapter: Adapter, examples: list[Example]) -> torch.Tensor:
     """Mean KL(original || adapted) per completion token: the original's distributions with the adapter disabled."""
-    with adapter.disabled():  # type: ignore[attr-defined]
+    with adapter.disabled():
         reference, _, mask = response_logits(chat, examples, keep_grad=False)
     logits, _, _ = response_logits(chat, examples, keep_grad=True)
     log_p, log_q = torch.log_softmax(reference, -1), torch.log_softmax(logits, -1)
@@ -117,13 +117,15 @@ def refusal_direction(chat: ChatModel, forward: Callable, data: TrainingData, pl
 
 
 @torch.no_grad()
-def checkpoint(chat: ChatModel, adapter: Adapter, logits_at: Callable, data: TrainingData, unit: torch.Tensor, refusal_ids: list[int], step: int) -> Checkpoint:
+def checkpoint(
+    chat: ChatModel, adapter: Adapter, logits_at: Callable, data: TrainingData, unit: torch.Tensor, refusal_ids: list[int], step: int
+) -> Checkpoint:
     """The validation scores at ``step`` (first response token only: no generation)."""
     with ablate_between_layers(chat, unit):
         ablated = logits_at(data.val_harmful, [-1])[:, 0]
     plain = logits_at(data.val_harmful, [-1])[:, 0]
     harmless = logits_at(data.val_harmless, [-1])[:, 0]
-    with adapter.disabled():  # type: ignore[attr-defined]
+    with adapter.disabled():
         original = logits_at(data.val_harmless, [-1])[:, 0]
     kl = kl_divergence(original, harmless)
     check_finite(kl, "the harmless validation KL")
