@@ -16,7 +16,7 @@ from refusal.edit.tensor_deltas import TensorDeltas
 from refusal.errors import RefusalError
 from refusal.harden.lora import lora_attached, target_modules
 
-STEPS = ["--harden-steps", "40", "--harden-lr", "1e-3", "--eval-every", "20", "--harden-prompts", "48", "--harden-max-kl", "0.05"]
+STEPS = ["--harden-steps", "40", "--eval-every", "20", "--harden-prompts", "48", "--harden-max-kl", "0.05"]
 
 
 # ---- the LoRA seam ----------------------------------------------------------------------------------

@@ -381,7 +381,7 @@ class HardenSettings:
     lora_rank: int = setting(8, "rank of the LoRA adapter the hardening trains")
     lora_alpha: int = setting(16, "LoRA scale numerator: the merged update is (alpha / rank) · B @ A")
     lora_modules: str = setting(
-        "writers",
+        "all",
         "linear layers the adapter trains: the blocks' output projections (writers) or every linear layer in them (all)",
         choices=LORA_MODULES,
     )
