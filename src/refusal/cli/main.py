@@ -16,6 +16,7 @@ from .. import __version__
 from ..common.progress import log, set_quiet
 from ..errors import RefusalError, os_error_line
 from ..settings import Settings
+from .audit import add_audit_parser, cmd_audit
 from .options import add_arguments, from_args, given
 from .printing import print_analysis, print_attack, print_monitor, print_report, print_search
 
@@ -87,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("monitor", help="flag harmful requests from activations, suffix attacks included -> RUN/monitor.json and the report")
     p.add_argument("--run", required=True, type=Path)
+
+    add_audit_parser(sub)
 
     p = sub.add_parser("export", help="orthogonalize the weights along RUN's direction (or a search trial's edit) and save a checkpoint")
     p.add_argument("--run", required=True, type=Path)
@@ -263,6 +266,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], dict]] = {
     "attack": cmd_attack,
     "analyze": cmd_analyze,
     "monitor": cmd_monitor,
+    "audit": cmd_audit,
     "export": cmd_export,
     "generate": cmd_generate,
     "models": cmd_models,
@@ -297,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"refusal: error: {os_error_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        resumable = args.command in ("run", "extract", "select", "search", "attack")
+        resumable = args.command in ("run", "extract", "select", "search", "attack", "audit")
         print(f"refusal: interrupted{'; re-run the same command to resume' if resumable else ''}", file=sys.stderr)
         return 130
     finally:

@@ -1,4 +1,4 @@
-"""What the commands print on the console: the report's rates and costs, the search front, the attack, the analysis, the monitor."""
+"""What the commands print on the console: the report's rates and costs, the search front, the attack, the analysis, the monitor, the audit."""
 
 from __future__ import annotations
 
@@ -97,3 +97,21 @@ def print_monitor(m: dict) -> None:
             console.print(f"  {label:38s} {score + mark:17s} {e['auroc']:6.3f}  {rates}", highlight=False)
     if m.get("missing"):
         console.print(f"  {m['missing']}", highlight=False)
+
+
+def print_audit(a: dict) -> None:
+    b = a["brittleness"]
+    score = "undefined" if b["score"] is None else f"{b['score']:.2f} ({b['level']})"
+    detectable = "not measured" if b.get("detectable") is None else f"{b['detectable']:.1%}"
+    console.print(f"\n[bold]brittleness[/] {score}; detectable (monitor TPR@1%FPR on suffix-attacked prompts): {detectable}", highlight=False)
+    console.print("  share of the unedited model's refusals (harmful test prompts) each attack removes:", highlight=False)
+    for name, p in b["parts"].items():
+        if p is None:
+            console.print(f"  {name:9s} not measured: {(a.get('missing') or {}).get(name, '')}", highlight=False)
+            continue
+        removed = "undefined" if p["removed"] is None else f"{p['removed']:6.1%}"
+        beside = f"  (KL {a['edit']['kl']:.4f}, trial {a['edit']['trial']})" if name == "edit" and a.get("edit") else ""
+        counts = f"refused {p['refused_before']}/{p['total']} -> {p['refused_after']}/{p['total']}"
+        console.print(f"  {name:9s} {removed}  {counts}{beside}", highlight=False)
+    if b.get("note"):
+        console.print(f"  {b['note']}", highlight=False)

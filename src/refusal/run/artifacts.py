@@ -5,7 +5,7 @@ on (dotted paths into the settings tree), ``inputs`` (the content hashes of its 
 splits, ...), ``upstream`` (the artifacts it is made from), ``make`` and ``load``. From these the machinery
 (``run.store``; ``Context.get`` / ``Context.require``) fingerprints it, reuses it while fresh, remakes it when stale
 and refuses it to readers otherwise. The makers of prompts, candidates, selection and protection are in
-``run.makers``; search, model, report, attack, analysis and monitor are made by the commands above this layer, which pass
+``run.makers``; search, model, report, attack, analysis, monitor and audit are made by the commands above this layer, which pass
 their maker to ``Context.get``. A new artifact is one more declaration here.
 
 ``inputs`` and ``upstream`` take the run's ``Known`` (settings, prompts, model hash) and ``given``: what the caller
@@ -119,6 +119,17 @@ def monitor_inputs(known: Known, given: Given) -> dict:
     p = known.prompts
     splits = {f"{k}_{s}": p.hash(k, s) for k in ("harmful", "harmless") for s in ("train", "val", "test")}
     return {"model": known.model_id, **splits, "suffix": given["suffix"], "random": given["random"]}
+
+
+def audit_inputs(known: Known, given: Given) -> dict:
+    """The model, the test splits it measures the search's choice on, and the stages left out (``given["skip"]``)."""
+    test = [known.prompts.hash(k, "test") for k in ("harmful", "harmless")]
+    return {"model": known.model_id, "test": test, "skip": list(given["skip"])}
+
+
+def audit_upstream(known: Known, given: Given, fresh: IsFresh) -> tuple[str, ...]:
+    """The direction and the report, and each stage not left out: the search, the attack, the monitor."""
+    return ("selection", "report", *(s for s in ("search", "attack", "monitor") if s not in given["skip"]))
 
 
 ARTIFACTS = {
@@ -251,6 +262,18 @@ ARTIFACTS = {
             needs=("suffix", "random"),
             command="refusal monitor --run {run}",
             noted=lambda inputs, ups: {"selection": ups["selection"], "test": [inputs["harmful_test"], inputs["harmless_test"]]},
+        ),
+        # The brittleness audit: read from the stages' artifacts, with the search's choice measured on the test split.
+        Artifact(
+            "audit",
+            ("audit.json",),
+            "audit",
+            "1",
+            ("evaluation",),
+            audit_inputs,
+            audit_upstream,
+            needs=("skip",),
+            command="refusal audit --out {run}",
         ),
     )
 }
