@@ -170,3 +170,11 @@ def test_bad_input_is_one_line_and_writes_nothing(case, expected, robust_organis
     assert sorted(p.name for p in tmp_path.iterdir()) == ([] if case != "file" else ["run"])
     if case == "file":
         assert out.read_text() == "a file\n"
+
+
+def test_skip_takes_a_list_and_repeats():
+    from refusal.cli.main import build_parser
+
+    args = build_parser().parse_args(["audit", "--out", "x", "--skip", "search,attack", "--skip", "monitor", "--attack-time-budget", "90s"])
+    assert args.skip == ["search", "attack", "monitor"] and getattr(args, "attack.time_budget") == 90.0
+    assert build_parser().parse_args(["audit", "--out", "x"]).skip == []

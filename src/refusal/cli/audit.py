@@ -23,6 +23,7 @@ def add_audit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--skip",
         type=word_list,
+        action="extend",
         default=[],
         metavar="STAGES",
         help="stages to leave out, comma-separated: search, attack, monitor (their parts are null in audit.json)",

@@ -94,13 +94,20 @@ def audit(settings: Settings, out: Path, skip: Iterable[str] = (), overwrite: bo
         write_json(ctx.run.file("audit"), data)
         return data
 
-    data = ctx.get("audit", make=make, skip=skipped)
+    choice = chosen_edit(ctx.run.read("search")) if "search" not in skipped else None
+    data = ctx.get("audit", make=make, skip=skipped, choice=choice)
     report = fresh_report(ctx)
     if report is not None and report.get("audit") != report_section(data):
         report["audit"] = report_section(data)
         write_report(report, ctx.run.file("report"))
     ctx.timed("audit_total", begin)
     return AuditResult(ctx.run.path, data, ctx.run.info.get("timings", {}))
+
+
+def chosen_edit(result: dict) -> dict:
+    """The search's choice (its trial and edit): the choice rule can change it without a new study."""
+    trial = result["chosen"]["trial"]
+    return {"trial": trial, "params": next(t["params"] for t in result["trials"] if t["trial"] == trial)}
 
 
 def study_current(ctx: Context) -> bool:
@@ -131,15 +138,17 @@ def build_audit(ctx: Context, upstream: dict[str, Any], skipped: list[str]) -> d
     attacked_row = (detection or {}).get("rows", {}).get("harmful_suffix")
     summary["detectable"] = attacked_row[f"tpr@{DETECTED_AT}"] if attacked_row else None
     path, model = ctx.run.path, ctx.settings.model.model
+    fill = "skipped (--skip {name}); re-run `refusal audit --model {model} --out {path}` without --skip {name}"
+    missing = {SKIPPABLE[name]: fill.format(name=name, model=model, path=path) for name in skipped}
+    if detection is not None and attacked_row is None:  # the monitor ran without a suffix to measure
+        missing["detectable"] = detection["missing"] or "the monitor has no suffix-attacked row"
     return {
         "format_version": ARTIFACTS["audit"].format_version,
         "created": timestamp(),
         "model": ctx.run.info.get("model", {}),
         "settings": ctx.settings.to_dict(),
         "skipped": skipped,
-        "missing": {
-            SKIPPABLE[name]: f"skipped (--skip {name}); re-run `refusal audit --model {model} --out {path}` without --skip {name}" for name in skipped
-        },
+        "missing": missing,
         "unedited": {"harmful": unedited, "harmless": rates["original"].get("harmless")},
         "ablation": {"harmful": ablated},
         "paper_edit": {"harmful": (rates.get("edited") or {}).get("harmful"), "kl": (report.get("kl") or {}).get("edited")},

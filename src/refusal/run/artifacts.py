@@ -122,9 +122,10 @@ def monitor_inputs(known: Known, given: Given) -> dict:
 
 
 def audit_inputs(known: Known, given: Given) -> dict:
-    """The model, the test splits it measures the search's choice on, and the stages left out (``given["skip"]``)."""
+    """The model, the test splits it measures the search's choice on (``given["choice"]``: its trial and edit, None when
+    the search is left out; the choice rule can change it without a new study), and the stages left out (``given["skip"]``)."""
     test = [known.prompts.hash(k, "test") for k in ("harmful", "harmless")]
-    return {"model": known.model_id, "test": test, "skip": list(given["skip"])}
+    return {"model": known.model_id, "test": test, "skip": list(given["skip"]), "choice": given["choice"]}
 
 
 def audit_upstream(known: Known, given: Given, fresh: IsFresh) -> tuple[str, ...]:
@@ -272,7 +273,7 @@ ARTIFACTS = {
             ("evaluation",),
             audit_inputs,
             audit_upstream,
-            needs=("skip",),
+            needs=("skip", "choice"),
             command="refusal audit --out {run}",
         ),
     )
