@@ -17,7 +17,11 @@ from .printing import print_audit
 
 
 def add_audit_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("audit", help="how brittle the model's refusal is: run, search, attack, monitor -> RUN/audit.json and the report")
+    p = sub.add_parser(
+        "audit",
+        help="how brittle the model's refusal is: run, search, attack, monitor -> RUN/audit.json and the report",
+        description="--time-budget is the search's; the attack's is --attack-time-budget. Every stage is reused while fresh.",
+    )
     p.add_argument("--out", required=True, type=Path, help="run directory (new, or a run to resume: every stage is reused while fresh)")
     p.add_argument("--overwrite", action="store_true", help="start the run directory again")
     p.add_argument(

@@ -171,7 +171,7 @@ def measure_edit(ctx: Context, result: dict) -> dict:
     phrases = load_phrases(e.refusal_phrases) if e.refusal_phrases else REFUSAL_PHRASES
     log(f"audit: the search's choice (trial {chosen['trial']}) on the test prompts")
     out: dict = {"trial": chosen["trial"], "confirmed": chosen.get("confirmed"), "rule": chosen.get("rule"), "params": record["params"]}
-    out.update({"kl": record["kl"], "kl_multi": record.get("kl_multi"), "kl_split": "harmless validation prompts (the search's objective)"})
+    out.update({"kl": record["kl"], "kl_multi": record.get("kl_multi"), "kl_split": "harmless validation prompts, the search's objective"})
     with closing(make_engine(chat, ctx.settings, None, "audit: the search's edit")) as engine, Editor(chat) as editor, editor.applied(edit):
         for kind in ("harmful", "harmless"):
             judged = judge_refusals(engine, ctx.prompts.get(kind, "test"), e.max_new_tokens, phrases, full=not e.early_stop)

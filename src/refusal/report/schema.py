@@ -160,7 +160,8 @@ def validate_monitor(section: object) -> None:
 def fmt(path: str, value: object) -> str:
     """Format a report.json value for display; `path` is its JSON path (e.g. 'rates.original.harmful.rate').
 
-    Rates and their interval bounds become percentages with one decimal, other floats 4 significant
+    Rates and their interval bounds (and the monitor's TPR/FPR, the audit's rates and shares removed) become
+    percentages with one decimal, other floats 4 significant
     digits, integers stay exact, null is a dash, lists and objects are compact JSON.
     """
     parts = path.split(".")
