@@ -10,8 +10,11 @@ does to the direction (``layer_cosines``, ``decompose``, ``attention_masses``) o
 regions (``split_prompt``). Lower-damage edits: directions ridge-cleaned against protected prompts'
 activations (``protect``, ``Protection``, ``EditParams(clean=...)``) and a capability proxy
 (``load_capability``, ``capability_loss``). A monitor that flags harmful requests from activations before
-generation (``Monitor``, ``monitored``, ``fit_monitor``; ``auroc``). Hardening: a peft LoRA trained in the model
-(``lora_attached``, ``Adapter``: its merge as ``LowRank`` tensor deltas), ``refusal.commands.harden.harden``.
+generation (``Monitor``, ``monitored``, ``fit_monitor``; ``auroc``). How brittle a model's refusal is, in one
+call (``audit``, returning an ``AuditResult``; the summary from numbers alone: ``brittleness``). Hardening: a peft
+LoRA trained in the model (``lora_attached``, ``Adapter``: its merge as ``LowRank`` tensor deltas), the command
+``refusal.commands.harden.harden``.
+
 
 Importing the package loads nothing heavy: each name is imported from its module on first use, so
 ``import refusal`` and ``refusal --version`` never load torch.
@@ -61,6 +64,9 @@ _API = {
     "monitored": "measure.monitor",
     "fit_monitor": "measure.monitor",
     "auroc": "measure.detection",
+    "audit": "commands.audit",
+    "AuditResult": "commands.audit",
+    "brittleness": "measure.brittleness",
     "KernelEdit": "edit.edits",
     "kl_divergence": "residual.scoring",
     "layer_cosines": "measure.mechanisms",
@@ -143,6 +149,9 @@ __all__ = [
     "monitored",
     "fit_monitor",
     "auroc",
+    "audit",
+    "AuditResult",
+    "brittleness",
     "load_builtin",
     "load_capability",
     "load_model",
@@ -182,6 +191,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
     from .attack.gcg import AttackState, optimize_suffix
     from .attack.suffix_scoring import Objective
     from .checkpoint.export import export_model, fidelity_check
+    from .commands.audit import AuditResult, audit
     from .data.prompt_sets import load_builtin, load_capability, load_prompts
     from .data.suffixes import SuffixedPrompt, split_prompt
     from .direction.cleaning import Protection, protect
@@ -196,6 +206,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
     from .engines.hf import Engine, HFEngine, generate
     from .errors import FidelityError, RefusalError, UnsupportedModelError
     from .harden.lora import Adapter, lora_attached
+    from .measure.brittleness import brittleness
     from .measure.detection import auroc
     from .measure.evaluation import Condition, EvalSettings, capability_loss, evaluate
     from .measure.judges import is_refusal

@@ -16,8 +16,10 @@ from .. import __version__
 from ..common.progress import log, set_quiet
 from ..errors import RefusalError, os_error_line
 from ..settings import Settings
-from .options import add_arguments, from_args, given
-from .printing import print_analysis, print_attack, print_hardening, print_monitor, print_report, print_search
+from .audit import add_audit_parser, cmd_audit
+from .harden import add_harden_parser, cmd_harden
+from .options import add_arguments, from_args, given, join_negative_lists
+from .printing import print_analysis, print_attack, print_monitor, print_report, print_search
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -88,11 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("monitor", help="flag harmful requests from activations, suffix attacks included -> RUN/monitor.json and the report")
     p.add_argument("--run", required=True, type=Path)
 
-    p = sub.add_parser("harden", help="train a LoRA so that refusal survives the direction's ablation, merge it -> DIR, RUN/harden.json")
-    p.add_argument("--run", required=True, type=Path)
-    p.add_argument("--out", required=True, type=Path, help="directory for the hardened checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    add_arguments(p, ("harden",))
+    add_harden_parser(sub)
+    add_audit_parser(sub)
 
     p = sub.add_parser("export", help="orthogonalize the weights along RUN's direction (or a search trial's edit) and save a checkpoint")
     p.add_argument("--run", required=True, type=Path)
@@ -213,15 +212,6 @@ def cmd_monitor(args: argparse.Namespace) -> dict:
     return result.summary()
 
 
-def cmd_harden(args: argparse.Namespace) -> dict:
-    from ..commands.harden import harden
-
-    result = harden(args.run, args.out, given(args, "harden"), overwrite=args.overwrite)
-    if not args.quiet and not args.json:
-        print_hardening(result.hardening, result.out)
-    return result.summary()
-
-
 def cmd_export(args: argparse.Namespace) -> dict:
     from ..commands.run import export_run
 
@@ -279,6 +269,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], dict]] = {
     "analyze": cmd_analyze,
     "monitor": cmd_monitor,
     "harden": cmd_harden,
+    "audit": cmd_audit,
     "export": cmd_export,
     "generate": cmd_generate,
     "models": cmd_models,
@@ -286,17 +277,6 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], dict]] = {
 
 
 # ---- entry point ----------------------------------------------------------------------------------
-def join_negative_lists(argv: list[str]) -> list[str]:
-    """argparse reads '--positions -1,-2' as two options; pass it on as '--positions=-1,-2'."""
-    out: list[str] = []
-    for arg in argv:
-        if out and out[-1] in ("--positions", "--layers", "--source-positions") and arg[:1] == "-" and arg[1:2].isdigit():
-            out[-1] = f"{out[-1]}={arg}"
-        else:
-            out.append(arg)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(join_negative_lists(sys.argv[1:] if argv is None else list(argv)))
@@ -313,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"refusal: error: {os_error_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        resumable = args.command in ("run", "extract", "select", "search", "attack", "harden")
+        resumable = args.command in ("run", "extract", "select", "search", "attack", "harden", "audit")
         print(f"refusal: interrupted{'; re-run the same command to resume' if resumable else ''}", file=sys.stderr)
         return 130
     finally:

@@ -68,3 +68,14 @@ def from_args(args: argparse.Namespace, base: Settings | None = None) -> Setting
 def given(args: argparse.Namespace, group: str) -> dict:
     """The options of ``group`` that were given on the command line."""
     return {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith(group + ".") and v is not None}
+
+
+def join_negative_lists(argv: list[str]) -> list[str]:
+    """argparse reads '--positions -1,-2' as two options; pass it on as '--positions=-1,-2'."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in ("--positions", "--layers", "--source-positions") and arg[:1] == "-" and arg[1:2].isdigit():
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out

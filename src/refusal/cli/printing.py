@@ -1,4 +1,4 @@
-"""What the commands print on the console: the report's rates and costs, the search front, the attack, the analysis, the monitor."""
+"""What the commands print on the console: the report's rates and costs, the search front, the attack, the analysis, the monitor, the audit."""
 
 from __future__ import annotations
 
@@ -99,31 +99,19 @@ def print_monitor(m: dict) -> None:
         console.print(f"  {m['missing']}", highlight=False)
 
 
-HARDENING_ROWS = {
-    "refused": "harmful refused",
-    "refused_ablated": "harmful refused, own direction ablated",
-    "refused_original_direction_ablated": "harmful refused, original's direction ablated",
-    "over_refusal": "harmless refused",
-    "kl": "harmless first-token KL vs original",
-    "capability": "capability proxy loss",
-}
-
-
-def print_hardening(h: dict, out: object) -> None:
-    t, c = h["training"], h["comparison"]
-    kept = t["kept"]
-    console.print(
-        f"\n[bold]hardening[/] {t['steps']} steps ({t['stopped_by']}, {t['seconds']:.0f} s); kept step {kept['step']}: validation refused "
-        f"with the direction ablated {kept['refused_ablated']:.0%}, harmless KL {kept['kl']:.4f} (budget {h['settings']['harden_max_kl']:g})",
-        highlight=False,
-    )
-    n = c["n"]
-    console.print(f"  test split, first-token scores ({n['harmful']} harmful, {n['harmless']} harmless)   original  hardened", highlight=False)
-    for key, label in HARDENING_ROWS.items():
-        cells = []
-        for name in ("original", "hardened"):
-            value = c[name][key]
-            cells.append("       —" if value is None else f"{value:8.1%}" if "refused" in key or key == "over_refusal" else f"{value:8.4f}")
-        console.print(f"  {label:58s} {cells[0]}  {cells[1]}", highlight=False)
-    console.print(f"  cosine of the two models' directions: {c['direction_cosine']:.3f}", highlight=False)
-    console.print(f"  the hardened checkpoint: {out} (measure it end to end: refusal run --model {out}; refusal attack)", highlight=False)
+def print_audit(a: dict) -> None:
+    b = a["brittleness"]
+    score = "undefined" if b["score"] is None else f"{b['score']:.2f} ({b['level']})"
+    detectable = "not measured" if b.get("detectable") is None else f"{b['detectable']:.1%}"
+    console.print(f"\n[bold]brittleness[/] {score}; detectable (monitor TPR@1%FPR on suffix-attacked prompts): {detectable}", highlight=False)
+    console.print("  share of the unedited model's refusals (harmful test prompts) each attack removes:", highlight=False)
+    for name, p in b["parts"].items():
+        if p is None:
+            console.print(f"  {name:9s} not measured: {(a.get('missing') or {}).get(name, '')}", highlight=False)
+            continue
+        removed = "undefined" if p["removed"] is None else f"{p['removed']:6.1%}"
+        beside = f"  (KL {a['edit']['kl']:.4f}, trial {a['edit']['trial']})" if name == "edit" and a.get("edit") else ""
+        counts = f"refused {p['refused_before']}/{p['total']} -> {p['refused_after']}/{p['total']}"
+        console.print(f"  {name:9s} {removed}  {counts}{beside}", highlight=False)
+    if b.get("note"):
+        console.print(f"  {b['note']}", highlight=False)

@@ -3,7 +3,7 @@
 The HTML is self-contained (inline CSS, plots as base64 PNG, no scripts) and every number in it sits
 in an element whose ``data-key`` is the number's JSON path and whose text is ``fmt(path, value)``,
 so the page can be checked against report.json. The sections of what only some reports measure
-(selection, projections, cosine, search, mechanisms, monitor) are left out where the report has none; a value
+(selection, projections, cosine, search, mechanisms, monitor, audit) are left out where the report has none; a value
 missing inside a shown section says "not measured". Conditions, their labels and the prompt kinds come
 from the report itself (``report.schema``), so a new condition renders without a change here.
 Figures: ``report.plots``.
@@ -20,6 +20,7 @@ from pathlib import Path
 from ..errors import RefusalError
 from ..measure.stats import rate_values
 from . import plots
+from .audit import audit_html, audit_sentences, audit_tables
 from .html import (
     CSS,
     NOT_MEASURED,
@@ -186,6 +187,8 @@ def render_html(report: dict) -> str:
         sections.append(section("mechanisms", "Mechanisms: how a suffix suppresses the direction", mechanisms_html(report)))
     if report.get("monitor"):
         sections.append(section("monitor", "Monitor: flagging harmful requests from activations", monitor_html(report)))
+    if report.get("audit"):
+        sections.append(section("audit", "Audit: how brittle the refusal is", audit_html(report)))
     sections.append(section("metadata", "Metadata", metadata_section(report)))
     return (
         f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>Refusal report: {source}</title>\n'
@@ -254,6 +257,10 @@ def render_markdown(report: dict, samples_per_kind: int = 2, max_chars: int = 16
     if mon := report.get("monitor"):
         lines += ["", "## Monitor (refusal monitor)", "", *(_md(line) for line in monitor_sentences(mon))]
         lines += ["", *_md_table(*monitor_rows(mon, _plain, _md))]
+    if audit := report.get("audit"):
+        lines += ["", "## Audit (refusal audit)", "", *(_md(line) for line in audit_sentences(audit))]
+        for title, (header, rows) in audit_tables(audit, _plain, _md).items():
+            lines += ["", f"### {_md(title)}", "", *_md_table(header, rows)] if rows else []
     if timings := report.get("timings"):
         rows = [[_md(k), _plain(f"timings.{k}", v)] for k, v in timings.items()]
         lines += ["", "## Timings", "", *_md_table(["stage", "seconds"], rows)]

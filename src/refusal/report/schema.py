@@ -117,6 +117,7 @@ def validate_report(report: dict) -> None:
                 raise RefusalError(f"report projections.{key} must have one value per layer ({n}); regenerate the report")
     validate_mechanisms(report.get("mechanisms"))
     validate_monitor(report.get("monitor"))
+    _section(report.get("audit"), "audit", ("brittleness", "unedited", "ablation", "direction", "layers"), "refusal audit")
     if cos := report.get("cosine"):
         n = len(cos.get("layers", []))
         if len(cos.get("matrix", [])) != n or any(len(row) != n for row in cos["matrix"]):
@@ -159,7 +160,8 @@ def validate_monitor(section: object) -> None:
 def fmt(path: str, value: object) -> str:
     """Format a report.json value for display; `path` is its JSON path (e.g. 'rates.original.harmful.rate').
 
-    Rates and their interval bounds become percentages with one decimal, other floats 4 significant
+    Rates and their interval bounds (and the monitor's TPR/FPR, the audit's rates and shares removed) become
+    percentages with one decimal, other floats 4 significant
     digits, integers stay exact, null is a dash, lists and objects are compact JSON.
     """
     parts = path.split(".")
@@ -169,7 +171,9 @@ def fmt(path: str, value: object) -> str:
         return "yes" if value else "no"
     if isinstance(value, (int, float)) and parts[0] in ("rates", "safety") and parts[-1] in PERCENT_FIELDS:
         return f"{100 * value:.1f}%"
-    if isinstance(value, float) and parts[0] == "monitor" and parts[-1][:4] in ("tpr@", "fpr@"):
+    if isinstance(value, float) and parts[0] in ("monitor", "audit") and parts[-1][:4] in ("tpr@", "fpr@"):
+        return f"{100 * value:.1f}%"
+    if isinstance(value, float) and parts[0] == "audit" and parts[-1] in ("rate", "removed", "detectable"):
         return f"{100 * value:.1f}%"
     if isinstance(value, int):
         return str(value)

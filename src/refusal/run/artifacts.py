@@ -5,7 +5,8 @@ on (dotted paths into the settings tree), ``inputs`` (the content hashes of its 
 splits, ...), ``upstream`` (the artifacts it is made from), ``make`` and ``load``. From these the machinery
 (``run.store``; ``Context.get`` / ``Context.require``) fingerprints it, reuses it while fresh, remakes it when stale
 and refuses it to readers otherwise. The makers of prompts, candidates, selection and protection are in
-``run.makers``; search, model, report, attack, analysis, monitor and harden are made by the commands above this layer, which pass
+``run.makers``; search, model, report, attack, analysis, monitor, audit and harden are made by the commands above this
+layer, which pass
 their maker to ``Context.get``. A new artifact is one more declaration here.
 
 ``inputs`` and ``upstream`` take the run's ``Known`` (settings, prompts, model hash) and ``given``: what the caller
@@ -125,6 +126,18 @@ def monitor_inputs(known: Known, given: Given) -> dict:
     p = known.prompts
     splits = {f"{k}_{s}": p.hash(k, s) for k in ("harmful", "harmless") for s in ("train", "val", "test")}
     return {"model": known.model_id, **splits, "suffix": given["suffix"], "random": given["random"]}
+
+
+def audit_inputs(known: Known, given: Given) -> dict:
+    """The model, the test splits it measures the search's choice on (``given["choice"]``: its trial and edit, None when
+    the search is left out; the choice rule can change it without a new study), and the stages left out (``given["skip"]``)."""
+    test = [known.prompts.hash(k, "test") for k in ("harmful", "harmless")]
+    return {"model": known.model_id, "test": test, "skip": list(given["skip"]), "choice": given["choice"]}
+
+
+def audit_upstream(known: Known, given: Given, fresh: IsFresh) -> tuple[str, ...]:
+    """The direction and the report, and each stage not left out: the search, the attack, the monitor."""
+    return ("selection", "report", *(s for s in ("search", "attack", "monitor") if s not in given["skip"]))
 
 
 ARTIFACTS = {
@@ -271,6 +284,18 @@ ARTIFACTS = {
             lambda known, given, fresh: ("selection",),
             command="refusal harden --run {run} --out DIR",
             scratch=("harden.state.safetensors",),
+        ),
+        # The brittleness audit: read from the stages' artifacts, with the search's choice measured on the test split.
+        Artifact(
+            "audit",
+            ("audit.json",),
+            "audit",
+            "1",
+            ("evaluation",),
+            audit_inputs,
+            audit_upstream,
+            needs=("skip", "choice"),
+            command="refusal audit --out {run}",
         ),
     )
 }
