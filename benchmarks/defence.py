@@ -1,13 +1,15 @@
-"""Benchmark: the defence on one model: the monitor, and a hardened model against the original under our own attacks.
+"""Benchmark: the defence on one model: the audit and the monitor, and a hardened model against the original under
+our own attacks.
 
     python benchmarks/defence.py [--model organism-robust] [--out /tmp/bench/defence-organism-robust]
-                                 [--attack-budget 2m] [--harden-steps 40] [--harden-budget 30m] [--harden-lr 1e-3]
+                                 [--attack-budget 2m] [--search-budget 9m] [--skip-search] [--harden-steps 40]
+                                 [--harden-budget 30m] [--harden-lr X] [--harden-prompts N] [--eval-every K]
                                  [--layers 8-18] [--positions -1] [--n-test N] [--no-second-attack]
 
 Stages (each reused while fresh, so an interrupted benchmark resumes):
-  1. `refusal run` (no export) on MODEL                    the direction; refusal unedited and ablated (generation)
-  2. `refusal attack` (--attack-budget)                    the best suffix found; refusal under it
-  3. `refusal monitor`                                     AUROC / TPR at 1% and 5% FPR on the test split
+  1-3. `refusal audit` on MODEL -> OUT/original              run (the direction; refusal unedited and ablated, by
+                                                             generation), search (--search-budget), attack
+                                                             (--attack-budget), monitor (AUROC / TPR at 1% and 5% FPR)
   4. `refusal harden --out OUT/hardened`                   the LoRA, kept within its KL budget; first-token comparison
   5. `refusal run` on OUT/hardened -> OUT/hardened-run      the hardened model's own direction, ablated (generation)
   6. `refusal attack` on OUT/hardened-run                   a suffix optimised against the hardened model, same budget
@@ -22,10 +24,11 @@ from pathlib import Path
 
 from _stages import Stages
 from refusal.commands.attack import attack
+from refusal.commands.audit import audit
 from refusal.commands.harden import harden
-from refusal.commands.monitor import monitor
 from refusal.commands.run import run
 from refusal.common.parsing import duration, int_list
+from refusal.run.directory import RunDir
 from refusal.settings import Settings
 
 
@@ -39,6 +42,7 @@ def settings_for(args: argparse.Namespace, model: str) -> Settings:
     if args.n_test is not None:
         s.data.n_test = args.n_test
     s.attack.time_budget = args.attack_budget
+    s.search.time_budget = args.search_budget
     return s
 
 
@@ -58,6 +62,8 @@ def main() -> None:
     p.add_argument("--model", default="organism-robust")
     p.add_argument("--out", type=Path, default=None, help="default: /tmp/bench/defence-<model>")
     p.add_argument("--attack-budget", type=duration, default=120.0)
+    p.add_argument("--search-budget", type=duration, default=540.0)
+    p.add_argument("--skip-search", action="store_true", help="leave the search out of the audit (its part is then null)")
     p.add_argument("--harden-steps", type=int, default=40)
     p.add_argument("--harden-budget", type=duration, default=1800.0)
     p.add_argument("--harden-lr", type=float, default=None)
@@ -77,9 +83,9 @@ def main() -> None:
     if files is not None:
         settings.data.harmful, settings.data.harmless = files
     stages = Stages()
-    ran = stages.run("refusal run", lambda: run(settings, original, export_model_dir=False))
-    attacked = stages.run("refusal attack", lambda: attack(settings, original, inherit=("model", "data", "evaluation"))).attack
-    monitored = stages.run("refusal monitor", lambda: monitor(original)).monitor
+    audited = stages.run("refusal audit", lambda: audit(settings, original, skip=("search",) if args.skip_search else ())).audit
+    run_dir = RunDir.open(original)
+    report, attacked, monitored = (run_dir.read(name) for name in ("report", "attack", "monitor"))
     options = {"harden_steps": args.harden_steps, "harden_time_budget": args.harden_budget}
     options |= {k: v for k, v in {"harden_lr": args.harden_lr, "harden_prompts": args.harden_prompts, "eval_every": args.eval_every}.items() if v}
     hardened = stages.run("refusal harden", lambda: harden(original, hardened_dir, options, overwrite=True)).hardening
@@ -92,7 +98,14 @@ def main() -> None:
     if not args.no_second_attack:
         attacked_h = stages.run("refusal attack (hardened)", lambda: attack(again, hardened_run, inherit=("model", "data", "evaluation"))).attack
 
-    print(f"\nmodel {args.model}; direction layer {ran.chosen['layer']} position {ran.chosen['position']}")
+    chosen = run_dir.read("selection")["chosen"]
+    print(f"\nmodel {args.model}; direction layer {chosen['layer']} position {chosen['position']}")
+    b = audited["brittleness"]
+    print(f"\naudit: brittleness {b['score']} ({b['level']}); detectable {b.get('detectable')}")
+    for name, part in b["parts"].items():
+        print(f"  {name:9s} {part}")
+    if audited.get("edit"):
+        print(f"  the search's edit: {audited['edit']}")
     print(f"\nmonitor (test split vs harmless; * = default score {monitored['score']}):")
     for name, label in monitored["conditions"].items():
         for score, e in (monitored["test"].get(name) or {}).items():
@@ -106,12 +119,12 @@ def main() -> None:
     fmt = lambda e: f"{e['refused']:3d}/{e['total']} {e['rate']:6.1%}"  # noqa: E731
     c = hardened["comparison"]
     rows = [
-        ("harmful refused (generation)", rate(ran.report, "original"), rate(ran_h.report, "original")),
-        ("harmful refused, own direction ablated (generation)", rate(ran.report, "ablated"), rate(ran_h.report, "ablated")),
+        ("harmful refused (generation)", rate(report, "original"), rate(ran_h.report, "original")),
+        ("harmful refused, own direction ablated (generation)", rate(report, "ablated"), rate(ran_h.report, "ablated")),
     ]
     if attacked_h is not None:
         rows.append(("harmful refused under the best suffix (generation)", attacked["refusal"]["suffix"], attacked_h["refusal"]["suffix"]))
-    rows.append(("harmless refused (generation)", rate(ran.report, "original", "harmless"), rate(ran_h.report, "original", "harmless")))
+    rows.append(("harmless refused (generation)", rate(report, "original", "harmless"), rate(ran_h.report, "original", "harmless")))
     print(f"\n  {'':52s} {'original':>14s}   {'hardened':>14s}")
     for label, a, b in rows:
         print(f"  {label:52s} {fmt(a):>14s}   {fmt(b):>14s}")
