@@ -71,7 +71,8 @@ def test_hardening_keeps_refusal_under_ablation_within_its_kl_budget(hardened):
     assert c["original"]["refused"] >= 0.9 and c["original"]["refused_ablated"] <= 0.2  # the organism is brittle
     assert c["hardened"]["refused_ablated"] >= c["original"]["refused_ablated"] + 0.5  # its own new direction erased
     assert c["hardened"]["refused"] >= 0.9 and c["hardened"]["over_refusal"] <= 0.1
-    assert kept["step"] > 0 and kept["kl"] <= 0.05  # the kept checkpoint is within the budget (validation)
+    within = [p for p in h["training"]["history"] if p["kl"] <= 0.05]  # the budget (validation)
+    assert kept["step"] > 0 and kept == max(within, key=lambda p: (p["refused_ablated"], p["logodds_ablated"]))
     assert c["hardened"]["kl"] <= 0.1  # and stays small on the test split
     assert [p["step"] for p in h["training"]["history"]] == [0, 20, 40]
     meta = json.loads((out / "refusal.json").read_text())
@@ -120,7 +121,8 @@ def test_the_export_loads_in_plain_transformers_and_equals_the_peft_merge(harden
     with torch.no_grad():
         a, b = merged(input_ids=ids).logits, exported(input_ids=ids).logits
     assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
-    assert exported.dtype == torch.float32
+    source_dtypes = {t.dtype for t in load_file(str(organism_dir / "model.safetensors")).values()}
+    assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == source_dtypes  # the source's dtype kept
 
 
 def test_a_second_harden_reuses_the_training_and_more_steps_resume_it(hardened, tmp_path, capsys):
@@ -136,6 +138,13 @@ def test_a_second_harden_reuses_the_training_and_more_steps_resume_it(hardened, 
     assert "resuming after step 40" in err, err
     h = json.loads((copy / "harden.json").read_text())
     assert [p["step"] for p in h["training"]["history"]] == [0, 20, 40, 60] and h["training"]["steps"] == 60
+    assert json.loads((copy / "run.json").read_text())["settings"]["harden"]["harden_steps"] == 60  # kept once it worked
+    assert main(["run", "--out", str(copy), "--quiet", "--no-export"]) == 0  # another command keeps the harden settings
+    assert json.loads((copy / "run.json").read_text())["settings"]["harden"]["harden_steps"] == 60
+    capsys.readouterr()
+    assert main(["harden", "--run", str(copy), "--out", str(tmp_path / "fewer"), *STEPS[2:], "--harden-steps", "20"]) == 0
+    assert "past --harden-steps 20; starting again" in capsys.readouterr().err
+    assert [p["step"] for p in json.loads((copy / "harden.json").read_text())["training"]["history"]] == [0, 20]
 
 
 def _tree(path) -> dict:
@@ -154,5 +163,31 @@ def test_bad_inputs_get_one_line_and_write_nothing(hardened, organism_dir, tmp_p
     bare = tmp_path / "bare"  # candidates only: no direction to harden against
     assert main(["extract", *organism_args(organism_dir), "--out", str(bare), "--quiet"]) == 0
     assert "no refusal direction" in error_line(capsys, ["harden", "--run", str(bare), "--out", new])
-    error_line(capsys, ["harden", "--run", str(tmp_path / "nowhere"), "--out", new])
+    assert "nowhere" in error_line(capsys, ["harden", "--run", str(tmp_path / "nowhere"), "--out", new])
     assert not (tmp_path / "x").exists() and not (tmp_path / "nowhere").exists()
+
+
+def test_options_that_fail_later_leave_the_run_unchanged(hardened, tmp_path, capsys, monkeypatch):
+    import refusal.commands.harden as command
+
+    run, _ = hardened
+    before = (run / "run.json").read_bytes()
+
+    def refuse(*args, **kwargs):
+        raise RefusalError("no refusal to harden (a test's stand-in for a failure after the options were read)")
+
+    monkeypatch.setattr(command, "training_data", refuse)
+    assert "stand-in" in error_line(capsys, ["harden", "--run", str(run), "--out", str(tmp_path / "x"), "--harden-steps", "7"])
+    assert (run / "run.json").read_bytes() == before and not (tmp_path / "x").exists()
+
+
+def test_none_gives_no_limit_and_the_whole_split():
+    from refusal.cli.main import build_parser
+    from refusal.cli.options import from_args, given
+
+    args = build_parser().parse_args(["harden", "--run", "r", "--out", "o", "--harden-time-budget", "none", "--harden-prompts", "none"])
+    assert given(args, "harden") == {"harden_time_budget": None, "harden_prompts": None}
+    settings = from_args(args)
+    assert settings.harden.harden_time_budget is None and settings.harden.harden_prompts is None
+    args = build_parser().parse_args(["audit", "--out", "o", "--attack-time-budget", "none", "--time-budget", "none"])
+    assert from_args(args).attack.time_budget is None and from_args(args).search.time_budget is None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..common.parsing import duration, word_list
 from ..settings import AttackSettings
-from .options import add_arguments, from_args
+from .options import add_arguments, from_args, optional
 from .printing import print_audit
 
 
@@ -37,7 +37,7 @@ def add_audit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--attack-time-budget",
         dest="attack.time_budget",
-        type=duration,
+        type=optional(duration),
         default=None,
         help=f"the attack's --time-budget: stop starting steps after this long in total; 'none': no limit (default: {AttackSettings().time_budget})",
     )

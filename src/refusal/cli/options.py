@@ -15,6 +15,26 @@ from typing import Any
 from ..settings import Settings, group_types
 
 
+class _Null:
+    """An option given as 'none': the setting's None, told apart from an option not given (argparse's None)."""
+
+    def __repr__(self) -> str:
+        return "none"
+
+
+NULL = _Null()
+
+
+def optional(parse: Any) -> Any:
+    """``parse`` for a setting that may be None: 'none' gives ``NULL`` (None once applied), anything else ``parse``."""
+
+    def parse_optional(text: str) -> Any:
+        return NULL if text.strip().lower() == "none" else parse(text)
+
+    parse_optional.__name__ = getattr(parse, "__name__", "value")  # argparse names the parser in its error messages
+    return parse_optional
+
+
 def flag(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
@@ -38,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...]) -> N
                 group.add_argument(flag(f), dest=f"{group_name}.{f.name}", action=action, default=None, help=help_text)
                 continue
             parse = meta["parse"] or _scalar_parser(hints[group_name][f.name])
+            if type(None) in typing.get_args(hints[group_name][f.name]) and not meta["choices"]:
+                parse = optional(parse)
             group.add_argument(
                 flag(f),
                 dest=f"{group_name}.{f.name}",
@@ -61,13 +83,13 @@ def from_args(args: argparse.Namespace, base: Settings | None = None) -> Setting
     for key, value in vars(args).items():
         if "." in key and value is not None:
             group_name, name = key.split(".", 1)
-            setattr(getattr(settings, group_name), name, value)
+            setattr(getattr(settings, group_name), name, None if value is NULL else value)
     return settings
 
 
 def given(args: argparse.Namespace, group: str) -> dict:
     """The options of ``group`` that were given on the command line."""
-    return {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith(group + ".") and v is not None}
+    return {k.split(".", 1)[1]: None if v is NULL else v for k, v in vars(args).items() if k.startswith(group + ".") and v is not None}
 
 
 def join_negative_lists(argv: list[str]) -> list[str]:

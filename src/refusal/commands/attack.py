@@ -180,7 +180,7 @@ def attack(settings: Settings, out: Path, overwrite: bool = False, inherit: tupl
         run_model(settings, RunDir.open(out), model_options, "--out")  # --dtype etc. without --model: the run's model
     elif "model" not in inherit:  # --model given: a run of another model in --out is refused, not switched over
         check_run_model(out, settings, overwrite)
-    ctx = start(settings, out, overwrite, inherit=("selection", "search", "analysis", *inherit), check=check)
+    ctx = start(settings, out, overwrite, inherit=("selection", "search", "analysis", "harden", *inherit), check=check)
     chat, a, run = ctx.chat, ctx.settings.attack, ctx.run
     train = ctx.prompts.get("harmful", "train")[: a.attack_prompts]
     state: AttackState | None = None

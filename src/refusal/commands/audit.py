@@ -25,6 +25,7 @@ from typing import Any
 
 from ..common.progress import log
 from ..common.provenance import timestamp
+from ..common.study_url import check_database
 from ..edit.edits import Editor
 from ..engines.factory import make_engine
 from ..errors import RefusalError
@@ -37,7 +38,7 @@ from ..run.artifacts import ARTIFACTS
 from ..run.files import write_json
 from ..run.workspace import Context, reopen
 from ..settings import Settings
-from .attack import attack
+from .attack import attack, check_attack
 from .evaluate import fresh_report
 from .monitor import monitor
 from .run import candidates, run, trial_edit
@@ -79,7 +80,10 @@ def audit(settings: Settings, out: Path, skip: Iterable[str] = (), overwrite: bo
     """``refusal audit``: run, search, attack, monitor (each reused while fresh) -> RUN/audit.json and the report's section."""
     begin = time.perf_counter()
     skipped = check_skip(skip)
-    run(copy(settings), out, overwrite=overwrite)  # bad settings, model or --out: one line here, before anything is written
+    if "search" not in skipped and settings.search.storage is not None:
+        check_database(settings.search.storage)  # a corrupt file or an unreachable server: before any work
+    check = (lambda chat, prompts: check_attack(chat, prompts, settings)) if "attack" not in skipped else None  # noqa: E731
+    run(copy(settings), out, overwrite=overwrite, check=check)  # bad settings, model, --out or attack options: one line, nothing written
     ctx = reopen(out)
     ctx.settings = copy(settings)  # the audit's own (the run's record keeps the search settings of an earlier search)
     if "search" not in skipped and not study_current(ctx):

@@ -39,7 +39,6 @@ from ..residual.directions import Direction
 from ..run.artifacts import ARTIFACTS
 from ..run.directory import RunDir
 from ..run.files import write_json
-from ..run.lock import lock_run
 from ..run.workspace import Context, reopen
 from ..settings import HardenSettings
 from .run import export
@@ -94,6 +93,7 @@ def training_fingerprint(ctx: Context, prompts: dict) -> str:
             "selection": ctx.run.entry("selection").get("fingerprint"),
             "settings": {k: v for k, v in s.to_dict()["harden"].items() if k not in STOPPING},
             "refusal": [s.evaluation.refusal_tokens, s.evaluation.refusal_phrases],
+            "model_settings": [s.model.dtype, s.model.chat_template],
             "seed": s.data.seed,
         }
     )
@@ -111,6 +111,7 @@ def build_hardening(ctx: Context, direction: Direction) -> dict:
     with closing(make_engine(chat, s.evaluation, None, "own responses")) as engine:
         data, summary = training_data(chat, engine, prompts, h.response_tokens, phrases)
     refusal_ids = chat.refusal_token_ids(s.evaluation.refusal_tokens)
+    capability = load_capability("test")[: s.evaluation.capability_items] if s.evaluation.capability_items > 0 else []
     forward = make_forward(chat, s)
     fingerprint = training_fingerprint(ctx, prompts)
     state_path = run.path / "harden.state.safetensors"
@@ -138,7 +139,6 @@ def build_hardening(ctx: Context, direction: Direction) -> dict:
     begin = time.perf_counter()
     test = {k: [chat.encode(x) for x in ctx.prompts.get(k, "test")] for k in ("harmful", "harmless")}
     train_ids = {k: [x.prompt for x in getattr(data, k)] for k in ("harmful", "harmless")}
-    capability = load_capability("test")[: s.evaluation.capability_items] if s.evaluation.capability_items > 0 else []
     comparison = compare(chat, forward, edit, train_ids, test, direction.layer, direction.position, refusal_ids, capability, s.evaluation.batch_size)
     ctx.timed("harden_comparison", begin)
     stopped = "steps" if final["step"] >= h.harden_steps else "time budget"
@@ -181,19 +181,18 @@ def harden(path: Path, out: Path, options: dict[str, Any] | None = None, overwri
     check_target(out, source, overwrite)
     if Path(out).expanduser().resolve() == run.path.resolve() or run.path.resolve() in Path(out).expanduser().resolve().parents:
         raise RefusalError(f"export target {out} is inside the run directory {path}; choose a directory outside it")
-    if options:
-        lock_run(path)
-        settings = run.settings
-        for name, value in options.items():
-            setattr(settings.harden, name, value)
-        settings.validate()
-        run.update(settings=settings.to_dict())
+    settings = run.settings
+    for name, value in (options or {}).items():
+        setattr(settings.harden, name, value)
+    settings.validate()  # bad options: one line, nothing written
     ctx = reopen(path)
+    ctx.settings = settings
     _, direction = ctx.require("selection")
 
     def make(*_: object) -> dict:
         data = build_hardening(ctx, direction)
         write_json(run.file("harden"), data)
+        run.update(settings=settings.to_dict())  # the options are kept once the hardening worked
         return data
 
     hardening = ctx.get("harden", make=make)

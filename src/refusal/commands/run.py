@@ -28,7 +28,7 @@ from ..residual.directions import Candidates, Direction
 from ..run.directory import RunDir
 from ..run.lock import lock_run
 from ..run.makers import protected_prompts
-from ..run.workspace import Context, reopen, start
+from ..run.workspace import Check, Context, reopen, start
 from ..search.trials import paper_params
 from ..settings import Settings
 
@@ -119,12 +119,14 @@ def trial_edit(ctx: Context, cands: Candidates, trial: int, result: dict | None 
 
 
 # ---- commands ---------------------------------------------------------------------------------------
-def run(settings: Settings, out: Path, overwrite: bool = False, export_model_dir: bool = True) -> RunResult:
-    """``refusal run``: every stage, each reused while fresh, then the report (original, ablated, added, edited)."""
+def run(settings: Settings, out: Path, overwrite: bool = False, export_model_dir: bool = True, check: Check | None = None) -> RunResult:
+    """``refusal run``: every stage, each reused while fresh, then the report (original, ablated, added, edited).
+    ``check(model, prompts)``: a caller's own check, run with the others before anything is written."""
     from .evaluate import evaluate_run
 
     begin = time.perf_counter()
-    ctx = start(settings, out, overwrite, export_to=Path(out) / "model" if export_model_dir else None, inherit=("search",))
+    export_to = Path(out) / "model" if export_model_dir else None
+    ctx = start(settings, out, overwrite, export_to=export_to, inherit=("search", "harden"), check=check)
     cands = candidates(ctx)
     chosen, direction = selection(ctx)
     edit = Orthogonalization(direction.vector)
@@ -144,7 +146,7 @@ def run(settings: Settings, out: Path, overwrite: bool = False, export_model_dir
 
 def extract(settings: Settings, out: Path, overwrite: bool = False) -> RunResult:
     """``refusal extract``: the prompts and the candidates only."""
-    ctx = start(settings, out, overwrite, inherit=("search",))
+    ctx = start(settings, out, overwrite, inherit=("search", "harden"))
     candidates(ctx)
     return RunResult(ctx.run.path, None, None, ctx.run.info.get("timings", {}))
 

@@ -148,7 +148,7 @@ def search(settings: Settings, out: Path, overwrite: bool = False, export_model_
     begin = time.perf_counter()
     if settings.search.storage is not None:
         check_database(settings.search.storage)  # a corrupt file or an unreachable server: before any work
-    ctx = start(settings, out, overwrite, export_to=Path(out) / "model" if export_model_dir else None, inherit=("selection",))
+    ctx = start(settings, out, overwrite, export_to=Path(out) / "model" if export_model_dir else None, inherit=("selection", "harden"))
     cands = candidates(ctx)
     result = study(ctx, cands)
     report = None

@@ -107,11 +107,26 @@ def lora_attached(chat: ChatModel, rank: int, alpha: int, modules: str, seed: in
     weights = target_modules(chat, modules)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=sorted(weights))
     grads = {name: p.requires_grad for name, p in chat.model.named_parameters()}
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(chat.model, config)
+    peft_model = None
     try:
+        with torch.random.fork_rng(devices=[]):  # A's initialisation is seeded without touching the caller's generator
+            torch.manual_seed(seed)
+            peft_model = get_peft_model(chat.model, config)
         yield Adapter(peft_model, weights)
     finally:
-        peft_model.unload()  # the LoRA layers replaced by their base layers again, nothing merged
+        if peft_model is not None:
+            peft_model.unload()  # the LoRA layers replaced by their base layers again, nothing merged
+        else:  # injection failed part-way: put back whatever base layers were already wrapped
+            _unwrap(chat.model)
         for name, p in chat.model.named_parameters():
             p.requires_grad_(grads.get(name, p.requires_grad))
+
+
+def _unwrap(model: nn.Module) -> None:
+    """Replace every peft LoRA layer inside ``model`` by its base layer (after a failed injection)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())

@@ -158,18 +158,27 @@ def train(
         raise RefusalError("hardening needs harmful prompts the model refuses and harmless prompts; the run's train split gives none of one kind")
     params = adapter.parameters()
     optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=0.0)
+    if state.get("step", 0) > plan.steps:
+        log(f"harden: the saved training is at step {state['step']}, past --harden-steps {plan.steps}; starting again")
+        state = {}
     step, elapsed, history = state.get("step", 0), state.get("elapsed", 0.0), list(state.get("history", []))
     if step:
         adapter.load_state(state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
     best = state.get("best")
+
+    def snapshot() -> dict:
+        at = {"step": step, "elapsed": elapsed + time.perf_counter() - begin, "history": history, "best": best}
+        return {**at, "adapter": adapter.state(), "optimizer": optimizer.state_dict()}
+
+    begin = time.perf_counter()
     unit = refusal_direction(chat, residuals_at, data, plan)
     if not history:
         first = checkpoint(chat, adapter, logits_at, data, unit, refusal_ids, 0)
         history.append(asdict(first))
         best = {"checkpoint": asdict(first), "adapter": adapter.state()}
         log(f"harden: step 0  refused with the direction ablated {first.refused_ablated:.2f}  (validation)")
-    begin = time.perf_counter()
+    saved = step
     chat.model.train(False)  # no dropout: the adapter is trained deterministically
     while step < plan.steps:
         if plan.time_budget is not None and elapsed + time.perf_counter() - begin > plan.time_budget:
@@ -201,20 +210,9 @@ def train(
                 f"harden: step {step}/{plan.steps}  loss {loss_refuse.item():.3f} + {loss_keep.item():.4f}  refused ablated "
                 f"{point.refused_ablated:.2f}  harmless KL {point.kl:.4f}{'  (kept)' if kept else ''}"
             )
-            state = {
-                "step": step,
-                "elapsed": elapsed + time.perf_counter() - begin,
-                "history": history,
-                "best": best,
-                "adapter": adapter.state(),
-                "optimizer": optimizer.state_dict(),
-            }
-            save(state)
-    return {
-        "step": step,
-        "elapsed": elapsed + time.perf_counter() - begin,
-        "history": history,
-        "best": best,
-        "adapter": adapter.state(),
-        "optimizer": optimizer.state_dict(),
-    }
+            save(snapshot())
+            saved = step
+    final = snapshot()
+    if step > saved:  # steps after the last checkpoint (a time budget reached) are kept too
+        save(final)
+    return final

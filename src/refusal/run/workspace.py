@@ -89,13 +89,16 @@ def model_identity(chat: ChatModel, run: RunDir | None) -> tuple[str, dict]:
     return identity, record
 
 
+Check = Callable[[ChatModel, Prompts], object]  # a command's own check of the loaded model and prompts, before any write
+
+
 def start(
     settings: Settings,
     out: Path,
     overwrite: bool = False,
     export_to: Path | None = None,
     inherit: tuple[str, ...] = (),
-    check: Callable[[ChatModel, Prompts], object] | None = None,
+    check: Check | None = None,
 ) -> Context:
     """Validate everything (settings, run directory, prompts, corpus, model, export target, and ``check(model, prompts)``,
     e.g. a suffix file) before anything is written; then open or create the run directory. The settings groups
