@@ -125,7 +125,7 @@ def test_the_export_loads_in_plain_transformers_and_equals_the_peft_merge(harden
     assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == source_dtypes  # the source's dtype kept
 
 
-def test_a_second_harden_reuses_the_training_and_more_steps_resume_it(hardened, tmp_path, capsys):
+def test_a_second_harden_reuses_the_training_and_more_steps_resume_it(hardened, organism_dir, tmp_path, capsys):
     run, _ = hardened
     before = (run / "harden.json").stat().st_mtime_ns
     assert main(["harden", "--run", str(run), "--out", str(tmp_path / "again"), "--quiet", *STEPS]) == 0
@@ -139,7 +139,7 @@ def test_a_second_harden_reuses_the_training_and_more_steps_resume_it(hardened, 
     h = json.loads((copy / "harden.json").read_text())
     assert [p["step"] for p in h["training"]["history"]] == [0, 20, 40, 60] and h["training"]["steps"] == 60
     assert json.loads((copy / "run.json").read_text())["settings"]["harden"]["harden_steps"] == 60  # kept once it worked
-    assert main(["run", "--out", str(copy), "--quiet", "--no-export"]) == 0  # another command keeps the harden settings
+    assert main(["run", *organism_args(organism_dir), "--out", str(copy), "--quiet", "--no-export"]) == 0  # keeps the harden settings
     assert json.loads((copy / "run.json").read_text())["settings"]["harden"]["harden_steps"] == 60
     capsys.readouterr()
     assert main(["harden", "--run", str(copy), "--out", str(tmp_path / "fewer"), *STEPS[2:], "--harden-steps", "20"]) == 0
@@ -171,14 +171,15 @@ def test_options_that_fail_later_leave_the_run_unchanged(hardened, tmp_path, cap
     import refusal.commands.harden as command
 
     run, _ = hardened
-    before = (run / "run.json").read_bytes()
+    before = json.loads((run / "run.json").read_text())["settings"]
 
     def refuse(*args, **kwargs):
         raise RefusalError("no refusal to harden (a test's stand-in for a failure after the options were read)")
 
     monkeypatch.setattr(command, "training_data", refuse)
-    assert "stand-in" in error_line(capsys, ["harden", "--run", str(run), "--out", str(tmp_path / "x"), "--harden-steps", "7"])
-    assert (run / "run.json").read_bytes() == before and not (tmp_path / "x").exists()
+    assert "stand-in" in error_line(capsys, ["harden", "--run", str(run), "--out", str(tmp_path / "x"), "--harden-steps", "7", "--quiet"])
+    assert json.loads((run / "run.json").read_text())["settings"] == before and not (tmp_path / "x").exists()
+    assert (run / "harden.state.safetensors").is_file()  # the training's state is kept: the old settings resume from it
 
 
 def test_none_gives_no_limit_and_the_whole_split():
