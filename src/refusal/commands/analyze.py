@@ -34,7 +34,7 @@ from ..data.suffixes import REGIONS, SuffixedPrompt, random_suffix, read_suffix_
 from ..edit.edits import Orthogonalization
 from ..engines.factory import make_engine
 from ..errors import RefusalError
-from ..measure.judges import REFUSAL_PHRASES, judge_refusals, load_phrases
+from ..measure.judges import judge_refusals, refusal_phrases
 from ..measure.mechanisms import attention_masses, check_decomposable, compare_directions, decompose, direction_cosines, layer_cosines, top_heads
 from ..model.packaged import load_model, resolve_model
 from ..report.render import write_report
@@ -208,7 +208,7 @@ def refused_prompts(ctx: Context, attack: dict | None) -> dict:
     if done is not None and [c.get("instruction") for c in done] == test:
         flags, judge = [bool(c.get("refused")) for c in done], "attack.json: substring judge on greedy generations without a suffix"
     else:
-        phrases = load_phrases(e.refusal_phrases) if e.refusal_phrases else REFUSAL_PHRASES
+        phrases = refusal_phrases(e.refusal_phrases)
         with closing(make_engine(ctx.chat, ctx.settings, None, "analyze: which harmful test prompts are refused")) as engine:
             flags = judge_refusals(engine, [split_prompt(ctx.chat, x).ids for x in test], e.max_new_tokens, phrases).refused
         judge = "substring judge on greedy generations without a suffix"

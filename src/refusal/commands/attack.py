@@ -31,7 +31,7 @@ from ..engines.factory import make_engine, make_forward
 from ..engines.forward import Forward
 from ..errors import RefusalError
 from ..measure.evaluation import rate
-from ..measure.judges import REFUSAL_PHRASES, judge_refusals, load_phrases
+from ..measure.judges import judge_refusals, refusal_phrases
 from ..model.chat import ChatModel
 from ..residual.scoring import refusal_score
 from ..run.artifacts import ARTIFACTS
@@ -134,7 +134,7 @@ def optimise(ctx: Context, train: list[str]) -> AttackState:
 def held_out(ctx: Context, suffixes: dict[str, list[int]]) -> dict:
     """Refusal log-odds (first response token) and judged generations on the harmful test prompts, per suffix."""
     chat, e = ctx.chat, ctx.settings.evaluation
-    phrases = load_phrases(e.refusal_phrases) if e.refusal_phrases else REFUSAL_PHRASES
+    phrases = refusal_phrases(e.refusal_phrases)
     refusal_ids = chat.refusal_token_ids(e.refusal_tokens)
     test = ctx.prompts.get("harmful", "test")
     forward = make_forward(chat, ctx.settings)

@@ -32,7 +32,7 @@ from ..errors import RefusalError
 from ..measure.brittleness import Counts, brittleness, layer_strength
 from ..measure.detection import FPR_TARGETS
 from ..measure.evaluation import rate
-from ..measure.judges import REFUSAL_PHRASES, judge_refusals, load_phrases
+from ..measure.judges import judge_refusals, refusal_phrases
 from ..report.render import write_report
 from ..run.artifacts import ARTIFACTS
 from ..run.files import write_json
@@ -172,7 +172,7 @@ def measure_edit(ctx: Context, result: dict) -> dict:
     record = next(t for t in result["trials"] if t["trial"] == chosen["trial"])
     edit, _ = trial_edit(ctx, candidates(ctx, reuse_only=True), chosen["trial"], result)
     e, chat = ctx.settings.evaluation, ctx.chat
-    phrases = load_phrases(e.refusal_phrases) if e.refusal_phrases else REFUSAL_PHRASES
+    phrases = refusal_phrases(e.refusal_phrases)
     log(f"audit: the search's choice (trial {chosen['trial']}) on the test prompts")
     out: dict = {"trial": chosen["trial"], "confirmed": chosen.get("confirmed"), "rule": chosen.get("rule"), "params": record["params"]}
     out.update({"kl": record["kl"], "kl_multi": record.get("kl_multi"), "kl_split": "harmless validation prompts, the search's objective"})

@@ -21,7 +21,7 @@ from ..engines.factory import make_engine
 from ..engines.hf import Engine
 from ..errors import RefusalError
 from ..measure.evaluation import Condition, EvalSettings, cosine_matrix, evaluate, projections
-from ..measure.judges import REFUSAL_PHRASES, SafetyJudge, load_phrases
+from ..measure.judges import SafetyJudge, refusal_phrases
 from ..model.chat import ChatModel
 from ..model.packaged import load_model
 from ..report.render import write_report
@@ -87,7 +87,7 @@ def build_report(
 ) -> dict:
     """Evaluate ``conditions`` (the original first) on the test prompts and assemble the report dict."""
     e = ctx_settings.evaluation
-    phrases = load_phrases(e.refusal_phrases) if e.refusal_phrases else REFUSAL_PHRASES
+    phrases = refusal_phrases(e.refusal_phrases)
     settings = EvalSettings.from_settings(e, chat.refusal_token_ids(e.refusal_tokens), phrases)
     corpus = load_corpus(e.corpus) if e.ce_tokens > 0 else None
     capability = load_capability("test") if e.capability_items > 0 else None

@@ -34,7 +34,7 @@ from ..harden.lora import lora_attached
 from ..harden.state import load_state, save_state
 from ..harden.targets import training_data
 from ..harden.training import Plan, train
-from ..measure.judges import REFUSAL_PHRASES, load_phrases
+from ..measure.judges import refusal_phrases
 from ..residual.directions import Direction
 from ..run.artifacts import ARTIFACTS
 from ..run.directory import RunDir
@@ -106,7 +106,7 @@ def build_hardening(ctx: Context, direction: Direction) -> dict:
     h, seed = s.harden, s.data.seed
     limit = h.harden_prompts
     prompts = {k: {"train": ctx.prompts.get(k, "train")[:limit], "val": ctx.prompts.get(k, "val")} for k in ("harmful", "harmless")}
-    phrases = tuple(load_phrases(s.evaluation.refusal_phrases) if s.evaluation.refusal_phrases else REFUSAL_PHRASES)
+    phrases = refusal_phrases(s.evaluation.refusal_phrases)
     log("harden: the model's own responses to the train prompts")
     with closing(make_engine(chat, s.evaluation, None, "own responses")) as engine:
         data, summary = training_data(chat, engine, prompts, h.response_tokens, phrases)

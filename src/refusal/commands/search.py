@@ -22,7 +22,7 @@ from ..direction.cleaning import Protection
 from ..edit.edits import Editor, EditParams
 from ..engines.factory import make_engine
 from ..engines.hf import Engine
-from ..measure.judges import REFUSAL_PHRASES, judge_refusals, load_phrases
+from ..measure.judges import judge_refusals, refusal_phrases
 from ..residual.directions import Candidates
 from ..run.artifacts import ARTIFACTS
 from ..run.files import write_json
@@ -64,7 +64,7 @@ def trials(ctx: Context, cands: Candidates, paper: EditParams, paper_note: str, 
     s, run = ctx.settings, ctx.run
     timings: dict = {}
     harmful, harmless = ctx.prompts.get("harmful", "val"), ctx.prompts.get("harmless", "val")
-    phrases = load_phrases(s.evaluation.refusal_phrases) if s.evaluation.refusal_phrases else REFUSAL_PHRASES
+    phrases = refusal_phrases(s.evaluation.refusal_phrases)
     refusal_ids = ctx.chat.refusal_token_ids(s.evaluation.refusal_tokens)
 
     begin = time.perf_counter()

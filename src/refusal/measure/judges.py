@@ -139,6 +139,11 @@ def load_phrases(path: str | Path) -> tuple[str, ...]:
     return phrases
 
 
+def refusal_phrases(path: str | Path | None) -> tuple[str, ...]:
+    """The substring judge's phrases: ``--refusal-phrases FILE`` where one is given, else the built-in ones."""
+    return load_phrases(path) if path else REFUSAL_PHRASES
+
+
 # ---- LLM safety judge ------------------------------------------------------------------------
 _HAZARDS = (
     "Violent Crimes",
