@@ -123,7 +123,7 @@ def build_hardening(ctx: Context, direction: Direction) -> dict:
             data,
             plan(h, direction, seed),
             refusal_ids,
-            (forward.residuals_at, forward.logits_at),
+            forward,
             load_state(state_path, fingerprint),
             lambda state: save_state(state_path, state, fingerprint),
         )

@@ -16,7 +16,7 @@ the train prompts: what ``refusal run`` reads there) erased by directional ablat
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -26,26 +26,9 @@ from ..engines.forward import Forward
 from ..errors import check_finite
 from ..measure.evaluation import Condition, capability_loss
 from ..model.chat import ChatModel
-from ..residual.directions import unit_vector
 from ..residual.interventions import ablate
-from ..residual.scoring import kl_divergence, refusal_margin, refusal_score
-
-
-def own_direction(forward: Forward, harmful: list[list[int]], harmless: list[list[int]], layer: int, position: int) -> torch.Tensor:
-    """Unit difference in means (harmful - harmless) of the residual at ``layer`` and ``position``, float32."""
-    mean = lambda prompts: forward.residuals_at(prompts, [layer], [position])[:, 0, 0].double().mean(0)  # noqa: E731
-    direction = (mean(harmful) - mean(harmless)).float()
-    check_finite(direction, "a refusal direction")
-    return unit_vector(direction)
-
-
-def first_token(forward: Forward, prompts: list[list[int]], context: AbstractContextManager | None = None) -> torch.Tensor:
-    with context if context is not None else nullcontext():
-        return forward.logits_at(prompts, [-1])[:, 0]
-
-
-def scores(logits: torch.Tensor, refusal_ids: list[int]) -> dict:
-    return {"refused": float((refusal_margin(logits, refusal_ids) > 0).double().mean()), "logodds": float(refusal_score(logits, refusal_ids).mean())}
+from ..residual.scoring import kl_divergence
+from .training import first_token, own_direction, scores
 
 
 def compare(
@@ -67,16 +50,16 @@ def compare(
     for name in ("original", "hardened"):
         with edited(chat, edit) if name == "hardened" else nullcontext():
             unit = units[name] = own_direction(forward, train["harmful"], train["harmless"], layer, position)
-            plain, harmless = first_token(forward, test["harmful"]), first_token(forward, test["harmless"])
-            own = first_token(forward, test["harmful"], ablate(chat, unit))
+            plain, harmless = scores(first_token(forward, test["harmful"]), refusal_ids), first_token(forward, test["harmless"])
+            own = scores(first_token(forward, test["harmful"], ablate(chat, unit)), refusal_ids)
             theirs = first_token(forward, test["harmful"], ablate(chat, units["original"]))
             kl = kl_divergence(reference, harmless)
             check_finite(kl, f"the {name} model's harmless KL")
             row = {
-                "refused": scores(plain, refusal_ids)["refused"],
-                "logodds": scores(plain, refusal_ids)["logodds"],
-                "refused_ablated": scores(own, refusal_ids)["refused"],
-                "logodds_ablated": scores(own, refusal_ids)["logodds"],
+                "refused": plain["refused"],
+                "logodds": plain["logodds"],
+                "refused_ablated": own["refused"],
+                "logodds_ablated": own["logodds"],
                 "refused_original_direction_ablated": scores(theirs, refusal_ids)["refused"],
                 "over_refusal": scores(harmless, refusal_ids)["refused"],
                 "kl": float(kl.mean()),

@@ -19,12 +19,13 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
 
 from ..common.progress import log
+from ..engines.forward import Forward
 from ..errors import RefusalError, check_finite
 from ..model.chat import ChatModel
 from ..residual.directions import unit_vector
@@ -107,35 +108,41 @@ def kept_loss(chat: ChatModel, adapter: Adapter, examples: list[Example]) -> tor
 
 
 @torch.no_grad()
-def refusal_direction(chat: ChatModel, forward: Callable, data: TrainingData, plan: Plan) -> torch.Tensor:
-    """The adapted model's difference in means (harmful - harmless train prompts) at the run's layer and position, unit float32."""
-    harmful = forward([x.prompt for x in data.harmful], [plan.layer], [plan.position])[:, 0, 0].double().mean(0)
-    harmless = forward([x.prompt for x in data.harmless], [plan.layer], [plan.position])[:, 0, 0].double().mean(0)
-    direction = (harmful - harmless).float()
-    check_finite(direction, "the refreshed refusal direction")
+def own_direction(forward: Forward, harmful: list[list[int]], harmless: list[list[int]], layer: int, position: int) -> torch.Tensor:
+    """Unit difference in means (harmful - harmless) of the residual at ``layer`` and ``position``, float32: the model's own
+    refusal direction where the run found the original's."""
+    mean = lambda prompts: forward.residuals_at(prompts, [layer], [position])[:, 0, 0].double().mean(0)  # noqa: E731
+    direction = (mean(harmful) - mean(harmless)).float()
+    check_finite(direction, "a refusal direction")
     return unit_vector(direction)
+
+
+def first_token(forward: Forward, prompts: list[list[int]], context: AbstractContextManager | None = None) -> torch.Tensor:
+    """[n, vocab] logits of each prompt's first response token, inside ``context`` (hooks) where given."""
+    with context if context is not None else nullcontext():
+        return forward.logits_at(prompts, [-1])[:, 0]
+
+
+def scores(logits: torch.Tensor, refusal_ids: list[int]) -> dict:
+    """The share of prompts whose refusal margin is > 0 (greedy decoding starts a refusal) and their mean log-odds."""
+    return {"refused": float((refusal_margin(logits, refusal_ids) > 0).double().mean()), "logodds": float(refusal_score(logits, refusal_ids).mean())}
 
 
 @torch.no_grad()
 def checkpoint(
-    chat: ChatModel, adapter: Adapter, logits_at: Callable, data: TrainingData, unit: torch.Tensor, refusal_ids: list[int], step: int
+    chat: ChatModel, adapter: Adapter, forward: Forward, data: TrainingData, unit: torch.Tensor, refusal_ids: list[int], step: int
 ) -> Checkpoint:
     """The validation scores at ``step`` (first response token only: no generation)."""
-    with ablate_between_layers(chat, unit):
-        ablated = logits_at(data.val_harmful, [-1])[:, 0]
-    plain = logits_at(data.val_harmful, [-1])[:, 0]
-    harmless = logits_at(data.val_harmless, [-1])[:, 0]
-    with adapter.disabled():
-        original = logits_at(data.val_harmless, [-1])[:, 0]
-    kl = kl_divergence(original, harmless)
+    ablated = scores(first_token(forward, data.val_harmful, ablate_between_layers(chat, unit)), refusal_ids)
+    harmless = first_token(forward, data.val_harmless)
+    kl = kl_divergence(first_token(forward, data.val_harmless, adapter.disabled()), harmless)
     check_finite(kl, "the harmless validation KL")
-    margin = lambda logits: refusal_margin(logits, refusal_ids)  # noqa: E731
     return Checkpoint(
         step,
-        refused_ablated=float((margin(ablated) > 0).double().mean()),
-        logodds_ablated=float(refusal_score(ablated, refusal_ids).mean()),
-        refused=float((margin(plain) > 0).double().mean()),
-        harmless_refused=float((margin(harmless) > 0).double().mean()),
+        refused_ablated=ablated["refused"],
+        logodds_ablated=ablated["logodds"],
+        refused=scores(first_token(forward, data.val_harmful), refusal_ids)["refused"],
+        harmless_refused=scores(harmless, refusal_ids)["refused"],
         kl=float(kl.mean()),
     )
 
@@ -146,14 +153,13 @@ def train(
     data: TrainingData,
     plan: Plan,
     refusal_ids: list[int],
-    forward: tuple[Callable, Callable],
+    forward: Forward,
     state: dict,
     save: Callable[[dict], None],
 ) -> dict:
     """Train ``adapter`` from ``state`` (a resumed one, or {} to start) to ``plan.steps`` or the time budget; ``save``
     is called with the state (the adapter's tensors included) after every checkpoint. Returns the final state:
     ``best`` (the kept checkpoint and its adapter tensors), ``history``, ``step``, ``elapsed``."""
-    residuals_at, logits_at = forward
     if not data.harmful or not data.harmless:
         raise RefusalError("hardening needs harmful prompts the model refuses and harmless prompts; the run's train split gives none of one kind")
     params = adapter.parameters()
@@ -172,9 +178,9 @@ def train(
         return {**at, "adapter": adapter.state(), "optimizer": optimizer.state_dict()}
 
     begin = time.perf_counter()
-    unit = refusal_direction(chat, residuals_at, data, plan)
+    unit = own_direction(forward, [x.prompt for x in data.harmful], [x.prompt for x in data.harmless], plan.layer, plan.position)
     if not history:
-        first = checkpoint(chat, adapter, logits_at, data, unit, refusal_ids, 0)
+        first = checkpoint(chat, adapter, forward, data, unit, refusal_ids, 0)
         history.append(asdict(first))
         best = {"checkpoint": asdict(first), "adapter": adapter.state()}
         log(f"harden: step 0  refused with the direction ablated {first.refused_ablated:.2f}  (validation)")
@@ -186,7 +192,7 @@ def train(
             break
         rng = random.Random(plan.seed * 1_000_003 + step)  # a step's batches depend on the step alone: resumes repeat them
         if step % plan.refresh_every == 0 and step:
-            unit = refusal_direction(chat, residuals_at, data, plan)
+            unit = own_direction(forward, [x.prompt for x in data.harmful], [x.prompt for x in data.harmless], plan.layer, plan.position)
         harmful = [data.harmful[rng.randrange(len(data.harmful))] for _ in range(plan.batch_size)]
         harmless = [data.harmless[rng.randrange(len(data.harmless))] for _ in range(plan.batch_size)]
         with ablate_between_layers(chat, unit) if rng.random() < plan.ablate_probability else nullcontext():
@@ -200,8 +206,8 @@ def train(
         optimizer.step()
         step += 1
         if step % plan.eval_every == 0 or step == plan.steps:
-            unit = refusal_direction(chat, residuals_at, data, plan)
-            point = checkpoint(chat, adapter, logits_at, data, unit, refusal_ids, step)
+            unit = own_direction(forward, [x.prompt for x in data.harmful], [x.prompt for x in data.harmless], plan.layer, plan.position)
+            point = checkpoint(chat, adapter, forward, data, unit, refusal_ids, step)
             history.append(asdict(point))
             kept = point.kl <= plan.max_kl and point.better_than(Checkpoint(**best["checkpoint"]) if best else None)
             if kept:
